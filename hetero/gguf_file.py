@@ -1,0 +1,113 @@
+"""Open a GGUF model (one file or a split set) as metadata plus memory-mapped tensor views.
+
+Nothing here copies weight bytes: every tensor is a uint8 numpy view [rows, row_bytes] into a
+copy-on-write memory map, so pages are read from disk only when a kernel touches them.
+"""
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from gguf import GGMLQuantizationType, GGUFReader
+
+from hetero.errors import HeteroError
+from hetero.quants import row_bytes
+
+SPLIT_NAME = re.compile(r"^(?P<stem>.*)-(?P<no>\d{5})-of-(?P<count>\d{5})\.gguf$")
+GGUF_MAGIC = b"GGUF"
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """One tensor: numpy-order shape (rows are output features), ggml type, raw bytes."""
+
+    name: str
+    qtype: GGMLQuantizationType
+    shape: tuple[int, ...]
+    data: np.ndarray  # uint8 [prod(shape[:-1]), row_bytes], a view into the file
+    file: Path
+
+    @property
+    def nbytes(self) -> int:
+        return self.data.nbytes
+
+    @property
+    def n_values(self) -> int:
+        return int(np.prod(self.shape))
+
+
+class GGUFModelFile:
+    """Metadata and tensors of a GGUF model, merged across its split files."""
+
+    def __init__(self, path: str | Path):
+        paths = split_paths(Path(path))
+        self.paths = paths
+        self.readers = [_open_reader(p) for p in paths]
+        self.metadata = _metadata(self.readers[0])
+        self.tensors: dict[str, TensorInfo] = {}
+        for path_, reader in zip(paths, self.readers):
+            for t in reader.tensors:
+                self.tensors[t.name] = _tensor_info(t, reader, path_)
+        count = self.metadata.get("split.tensors.count")
+        if count is not None and count != len(self.tensors):
+            raise HeteroError(f"{paths[0]}: split set holds {len(self.tensors)} tensors, header says {count}")
+
+    @property
+    def architecture(self) -> str:
+        return str(self.metadata.get("general.architecture", "?"))
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(p.stat().st_size for p in self.paths)
+
+    def get(self, key: str, default=None):
+        return self.metadata.get(key, default)
+
+
+def split_paths(path: Path) -> list[Path]:
+    """All files of a model: [path] for a single file, every split in order for a split set."""
+    if not path.exists():
+        raise HeteroError(f"{path}: no such file")
+    if not path.is_file():
+        raise HeteroError(f"{path}: is not a file")
+    match = SPLIT_NAME.match(path.name)
+    if not match:
+        return [path]
+    count = int(match["count"])
+    paths = [path.with_name(f"{match['stem']}-{i:05d}-of-{count:05d}.gguf") for i in range(1, count + 1)]
+    missing = [p.name for p in paths if not p.is_file()]
+    if missing:
+        raise HeteroError(f"{path}: split set is incomplete, missing {', '.join(missing)}")
+    return paths
+
+
+def _open_reader(path: Path) -> GGUFReader:
+    with open(path, "rb") as f:
+        if f.read(4) != GGUF_MAGIC:
+            raise HeteroError(f"{path}: not a GGUF file (bad magic)")
+    try:
+        reader = GGUFReader(path, "c")
+    except (ValueError, IndexError, KeyError, OverflowError, MemoryError) as e:
+        raise HeteroError(f"{path}: corrupt or truncated GGUF header ({e})") from None
+    return reader
+
+
+def _metadata(reader: GGUFReader) -> dict:
+    meta = {}
+    for name, field in reader.fields.items():
+        if name.startswith("GGUF."):
+            continue
+        meta[name] = field.contents()
+    return meta
+
+
+def _tensor_info(t, reader: GGUFReader, path: Path) -> TensorInfo:
+    shape = tuple(int(d) for d in reversed(t.shape.tolist()))
+    per_row = row_bytes(t.tensor_type, shape[-1], t.name)
+    rows = int(np.prod(shape[:-1])) if len(shape) > 1 else 1
+    start, end = int(t.data_offset), int(t.data_offset) + rows * per_row
+    if end > reader.data.shape[0]:
+        raise HeteroError(f"{path}: truncated, tensor {t.name} ends past the end of the file")
+    data = reader.data[start:end].reshape(rows, per_row)
+    return TensorInfo(t.name, GGMLQuantizationType(t.tensor_type), shape, data, path)

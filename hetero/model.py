@@ -1,0 +1,92 @@
+"""The public model object: load a GGUF, get logits, tokenize, generate."""
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from hetero.config import ModelConfig, config_from_metadata
+from hetero.generate import Step, generate_steps
+from hetero.gguf_file import GGUFModelFile
+from hetero.kv_cache import LatentKVCache
+from hetero.models.deepseek2 import DeepSeek2
+from hetero.models.deepseek2_tensors import validate_tensors
+from hetero.sampling import SamplingParams
+from hetero.tokenizer import Tokenizer
+
+DEFAULT_CTX = 4096
+
+
+class Model:
+    """A loaded deepseek2 model. Weights stay memory-mapped and quantized."""
+
+    def __init__(self, file: GGUFModelFile, device: str = "cpu", n_ctx: int | None = None):
+        self.file = file
+        self.config: ModelConfig = config_from_metadata(file.metadata)
+        self.tied_output = validate_tensors(self.config, {n: t.shape for n, t in file.tensors.items()})
+        self.device = torch.device(device)
+        self.n_ctx = min(n_ctx or DEFAULT_CTX, self.config.n_ctx_train)
+        self.net = DeepSeek2(self.config, file.tensors, self.device)
+        self.tokenizer = Tokenizer(file.paths[0], file.metadata)
+
+    # -- numbers -------------------------------------------------------------------------------
+    def new_cache(self, max_tokens: int | None = None) -> LatentKVCache:
+        return self.net.new_cache(max_tokens or self.n_ctx)
+
+    def forward(self, token_ids, cache: LatentKVCache, last_only: bool = False) -> torch.Tensor:
+        """Append tokens to the cache; returns their logits [T, vocab] float32 (or the last row)."""
+        ids = torch.as_tensor(list(token_ids), dtype=torch.long)
+        if ids.numel() == 0:
+            raise ValueError("no tokens to process")
+        if int(ids.min()) < 0 or int(ids.max()) >= self.config.n_vocab:
+            raise ValueError(f"token id outside the vocabulary of {self.config.n_vocab}")
+        return self.net.forward(ids, cache, last_only)
+
+    def logits(self, token_ids) -> np.ndarray:
+        """Logits float32 [len(token_ids), vocab] from one prefill of a fresh cache."""
+        ids = list(token_ids)
+        return self.forward(ids, self.new_cache(max(len(ids), 1))).cpu().numpy()
+
+    # -- text ----------------------------------------------------------------------------------
+    def tokenize(self, text: str, add_bos: bool | None = None) -> list[int]:
+        return self.tokenizer.tokenize(text, add_bos)
+
+    def detokenize(self, ids) -> str:
+        return self.tokenizer.detokenize(list(ids))
+
+    def chat_prompt(self, messages: list[dict]) -> list[int]:
+        """Token ids of a conversation rendered with the file's chat template."""
+        text = self.tokenizer.apply_chat_template(messages)
+        has_bos = bool(self.tokenizer.bos_text) and text.startswith(self.tokenizer.bos_text)
+        return self.tokenizer.tokenize(text, add_bos=not has_bos and self.tokenizer.add_bos)
+
+    def generate_steps(self, prompt: str | list[int] | list[dict], max_tokens: int = 256, stop=(), **sampling):
+        """Like generate, yielding Step records (token, text, timings) for UIs and benchmarks."""
+        if isinstance(prompt, str):
+            ids = self.tokenize(prompt)
+        elif prompt and isinstance(prompt[0], dict):
+            ids = self.chat_prompt(prompt)
+        else:
+            ids = list(prompt)
+        return generate_steps(self, ids, max_tokens, SamplingParams(**sampling), tuple(stop))
+
+    def generate(self, prompt, max_tokens: int = 256, stop=(), **sampling) -> Iterator[str]:
+        """Stream text pieces. prompt: text, token ids, or chat messages [{role, content}, ...].
+
+        sampling: temperature (0 = greedy), top_k, top_p, min_p, seed.
+        """
+        for step in self.generate_steps(prompt, max_tokens, stop, **sampling):
+            if step.text:
+                yield step.text
+
+
+def load_model(path: str | Path, device: str = "cpu", n_ctx: int | None = None) -> Model:
+    """Open a deepseek2 GGUF (single file, or the first of a split set) for inference.
+
+    device: torch device for the forward pass; n_ctx: maximum tokens per sequence.
+    """
+    return Model(GGUFModelFile(path), device=device, n_ctx=n_ctx)
+
+
+__all__ = ["Model", "Step", "load_model"]

@@ -1,0 +1,185 @@
+"""The deepseek2 forward pass (DeepSeek-V2/V2.5/V3/R1, Kimi-K2), written against small op interfaces.
+
+Shape key: T new tokens, S cached + new tokens, D hidden, H heads, R latent (kv_lora) width,
+N nope dims, P rope dims, V value dims, E experts, A experts used per token.
+"""
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from hetero.config import ModelConfig
+from hetero.gguf_file import TensorInfo
+from hetero.kv_cache import LatentKVCache
+from hetero.ops import Embedding, ExpertBank, QuantLinear, QuantLinear3, vector
+from hetero.rope import apply_rope, attention_scales, rope_tables
+from hetero.routing import route
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight
+
+
+class HeadWeights:
+    """MLA's per-head up-projections from the latent, in the absorbed form the attention uses.
+
+    Current GGUFs store them split (attn_k_b [H, R, N], attn_v_b [H, V, R]); older ones store
+    attn_kv_b [H*(N+V), R]. Both become wk [H, R, N] and wv [H, V, R], dequantized per call.
+    """
+
+    def __init__(self, cfg: ModelConfig, tensors: dict[str, TensorInfo], prefix: str, device):
+        self.cfg = cfg
+        if cfg.split_kv_b:
+            self.k_b = QuantLinear3(tensors[prefix + "attn_k_b.weight"], device)
+            self.v_b = QuantLinear3(tensors[prefix + "attn_v_b.weight"], device)
+        else:
+            self.kv_b = QuantLinear(tensors[prefix + "attn_kv_b.weight"], device)
+
+    def wk_wv(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.cfg.split_kv_b:
+            return self.k_b.all(), self.v_b.all()
+        c = self.cfg
+        kv = self.kv_b.weight_rows(0, self.kv_b.out_features).view(c.n_head, c.qk_nope_dim + c.v_head_dim, -1)
+        return kv[:, : c.qk_nope_dim].transpose(1, 2), kv[:, c.qk_nope_dim :]
+
+
+@dataclass
+class Layer:
+    attn_norm: torch.Tensor
+    q: QuantLinear | None
+    q_a: QuantLinear | None
+    q_a_norm: torch.Tensor | None
+    q_b: QuantLinear | None
+    kv_a: QuantLinear
+    kv_a_norm: torch.Tensor
+    heads: HeadWeights
+    out: QuantLinear
+    ffn_norm: torch.Tensor
+    # dense FFN (leading layers) or shared experts (MoE layers)
+    gate: QuantLinear | None
+    up: QuantLinear | None
+    down: QuantLinear | None
+    router: QuantLinear | None = None
+    router_bias: torch.Tensor | None = None
+    experts: ExpertBank | None = None
+
+
+def build_layers(cfg: ModelConfig, tensors: dict[str, TensorInfo], device) -> list[Layer]:
+    def lin(name):
+        return QuantLinear(tensors[name], device) if name in tensors else None
+
+    def vec(name):
+        return vector(tensors[name], device) if name in tensors else None
+
+    layers = []
+    for i in range(cfg.n_layer):
+        p = f"blk.{i}."
+        moe = cfg.is_moe(i)
+        ffn = "_shexp" if moe else ""
+        layers.append(
+            Layer(
+                attn_norm=vec(p + "attn_norm.weight"),
+                q=lin(p + "attn_q.weight"),
+                q_a=lin(p + "attn_q_a.weight"),
+                q_a_norm=vec(p + "attn_q_a_norm.weight"),
+                q_b=lin(p + "attn_q_b.weight"),
+                kv_a=lin(p + "attn_kv_a_mqa.weight"),
+                kv_a_norm=vec(p + "attn_kv_a_norm.weight"),
+                heads=HeadWeights(cfg, tensors, p, device),
+                out=lin(p + "attn_output.weight"),
+                ffn_norm=vec(p + "ffn_norm.weight"),
+                gate=lin(p + f"ffn_gate{ffn}.weight"),
+                up=lin(p + f"ffn_up{ffn}.weight"),
+                down=lin(p + f"ffn_down{ffn}.weight"),
+                router=lin(p + "ffn_gate_inp.weight") if moe else None,
+                router_bias=vec(p + "exp_probs_b.bias") if moe else None,
+                experts=ExpertBank(*(tensors[p + f"ffn_{w}_exps.weight"] for w in ("gate", "up", "down")), device)
+                if moe
+                else None,
+            )
+        )
+    return layers
+
+
+class DeepSeek2:
+    """Embedding -> layers (MLA attention, dense FFN or MoE) -> norm -> logits."""
+
+    def __init__(self, cfg: ModelConfig, tensors: dict[str, TensorInfo], device: torch.device):
+        self.cfg = cfg
+        self.device = device
+        self.embed = Embedding(tensors["token_embd.weight"], device)
+        self.layers = build_layers(cfg, tensors, device)
+        self.output_norm = vector(tensors["output_norm.weight"], device)
+        self.output = QuantLinear(tensors.get("output.weight") or tensors["token_embd.weight"], device)
+        self.kq_scale = attention_scales(cfg).kq_scale
+
+    def new_cache(self, max_tokens: int) -> LatentKVCache:
+        c = self.cfg
+        return LatentKVCache(c.n_layer, max_tokens, c.kv_lora_rank, c.qk_rope_dim, self.device)
+
+    @torch.inference_mode()
+    def forward(self, ids: torch.Tensor, cache: LatentKVCache, last_only: bool = False) -> torch.Tensor:
+        """ids [T] at positions cache.length.. -> logits [T, vocab] (or [1, vocab] if last_only)."""
+        start = cache.length
+        if start + ids.shape[0] > cache.max_tokens:
+            raise ValueError(f"context full: {start} + {ids.shape[0]} tokens > {cache.max_tokens}")
+        positions = torch.arange(start, start + ids.shape[0])
+        cos, sin = rope_tables(self.cfg, positions, self.device)
+        x = self.embed(ids.to(self.device))  # [T, D]
+        for i, layer in enumerate(self.layers):
+            x = x + self.attention(i, layer, rms_norm(x, layer.attn_norm, self.cfg.rms_eps), cache, start, cos, sin)
+            h = rms_norm(x, layer.ffn_norm, self.cfg.rms_eps)
+            x = x + (self.moe(layer, h) if layer.experts else self.mlp(layer, h))
+        cache.length = start + ids.shape[0]
+        if last_only:
+            x = x[-1:]
+        return self.output(rms_norm(x, self.output_norm, self.cfg.rms_eps))
+
+    def attention(self, i: int, layer: Layer, x: torch.Tensor, cache: LatentKVCache, start: int, cos, sin):
+        """Weight-absorbed MLA: scores and values are computed in the latent space [R]."""
+        c = self.cfg
+        t = x.shape[0]
+        if layer.q_a is not None:
+            q = layer.q_b(rms_norm(layer.q_a(x), layer.q_a_norm, c.rms_eps))
+        else:
+            q = layer.q(x)
+        q = q.view(t, c.n_head, c.qk_head_dim)  # [T, H, N+P]
+        q_nope, q_rope = q[..., : c.qk_nope_dim], apply_rope(q[..., c.qk_nope_dim :], cos, sin)
+        kv = layer.kv_a(x)  # [T, R+P]
+        latent = rms_norm(kv[:, : c.kv_lora_rank], layer.kv_a_norm, c.rms_eps)  # [T, R]
+        k_rope = apply_rope(kv[:, c.kv_lora_rank :], cos, sin)  # [T, P]
+        cache.write(i, start, latent, k_rope)
+        latents, k_ropes = cache.read(i, start + t)  # [S, R], [S, P]
+
+        wk, wv = layer.heads.wk_wv()  # [H, R, N], [H, V, R]
+        q_latent = torch.einsum("thn,hrn->thr", q_nope, wk)  # [T, H, R]
+        scores = torch.einsum("thr,sr->ths", q_latent, latents) + torch.einsum("thp,sp->ths", q_rope, k_ropes)
+        scores = scores * self.kq_scale  # [T, H, S]
+        future = torch.arange(start + t, device=x.device)[None, :] > torch.arange(start, start + t, device=x.device)[:, None]
+        scores = scores.masked_fill(future[:, None, :], float("-inf"))
+        probs = torch.softmax(scores, dim=-1)
+        o = torch.einsum("ths,sr->thr", probs, latents)  # [T, H, R]
+        o = torch.einsum("thr,hvr->thv", o, wv)  # [T, H, V]
+        return layer.out(o.reshape(t, c.n_head * c.v_head_dim))
+
+    @staticmethod
+    def mlp(layer: Layer, x: torch.Tensor) -> torch.Tensor:
+        return layer.down(F.silu(layer.gate(x)) * layer.up(x))
+
+    def moe(self, layer: Layer, x: torch.Tensor) -> torch.Tensor:
+        c = self.cfg
+        ids, weights = route(
+            layer.router(x),  # [T, E]
+            c.n_expert_used,
+            c.gating,
+            layer.router_bias,
+            c.n_group,
+            c.n_group_used,
+            c.norm_topk,
+            c.routed_scale,
+        )  # [T, A], [T, A]
+        out = layer.experts(x, ids, weights)
+        if layer.gate is not None:
+            out = out + self.mlp(layer, x)
+        return out

@@ -1,0 +1,71 @@
+"""The tensor inventory of a deepseek2 GGUF: every name and numpy-order shape a config implies.
+
+One table serves three readers: the loader validates files against it, the synthetic writer
+creates exactly these tensors, and the planner costs them.
+"""
+
+from hetero.config import ModelConfig
+from hetero.errors import HeteroError
+
+
+def expected_tensors(cfg: ModelConfig, tied_output: bool = False) -> dict[str, tuple[int, ...]]:
+    """name -> shape (rows are output features), in file order; optional tensors excluded."""
+    d, h, r = cfg.n_embd, cfg.n_head, cfg.kv_lora_rank
+    nope, rope, v = cfg.qk_nope_dim, cfg.qk_rope_dim, cfg.v_head_dim
+    shapes: dict[str, tuple[int, ...]] = {"token_embd.weight": (cfg.n_vocab, d)}
+    for i in range(cfg.n_layer):
+        p = f"blk.{i}."
+        shapes[p + "attn_norm.weight"] = (d,)
+        if cfg.q_lora_rank:
+            shapes[p + "attn_q_a.weight"] = (cfg.q_lora_rank, d)
+            shapes[p + "attn_q_a_norm.weight"] = (cfg.q_lora_rank,)
+            shapes[p + "attn_q_b.weight"] = (h * (nope + rope), cfg.q_lora_rank)
+        else:
+            shapes[p + "attn_q.weight"] = (h * (nope + rope), d)
+        shapes[p + "attn_kv_a_mqa.weight"] = (r + rope, d)
+        shapes[p + "attn_kv_a_norm.weight"] = (r,)
+        if cfg.split_kv_b:
+            shapes[p + "attn_k_b.weight"] = (h, r, nope)
+            shapes[p + "attn_v_b.weight"] = (h, v, r)
+        else:
+            shapes[p + "attn_kv_b.weight"] = (h * (nope + v), r)
+        shapes[p + "attn_output.weight"] = (d, h * v)
+        shapes[p + "ffn_norm.weight"] = (d,)
+        if not cfg.is_moe(i):
+            shapes[p + "ffn_gate.weight"] = (cfg.n_ff_dense, d)
+            shapes[p + "ffn_up.weight"] = (cfg.n_ff_dense, d)
+            shapes[p + "ffn_down.weight"] = (d, cfg.n_ff_dense)
+            continue
+        e, f = cfg.n_expert, cfg.n_ff_expert
+        shapes[p + "ffn_gate_inp.weight"] = (e, d)
+        shapes[p + "ffn_gate_exps.weight"] = (e, f, d)
+        shapes[p + "ffn_up_exps.weight"] = (e, f, d)
+        shapes[p + "ffn_down_exps.weight"] = (e, d, f)
+        if cfg.n_expert_shared:
+            fs = f * cfg.n_expert_shared
+            shapes[p + "ffn_gate_shexp.weight"] = (fs, d)
+            shapes[p + "ffn_up_shexp.weight"] = (fs, d)
+            shapes[p + "ffn_down_shexp.weight"] = (d, fs)
+    shapes["output_norm.weight"] = (d,)
+    if not tied_output:
+        shapes["output.weight"] = (cfg.n_vocab, d)
+    return shapes
+
+
+def optional_tensors(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Tensors a file may omit: the V3 selection bias per MoE layer."""
+    return {f"blk.{i}.exp_probs_b.bias": (cfg.n_expert,) for i in range(cfg.n_layer) if cfg.is_moe(i)}
+
+
+def validate_tensors(cfg: ModelConfig, present: dict[str, tuple[int, ...]]) -> bool:
+    """Check names and shapes; returns whether the output head is tied to the embedding."""
+    tied = "output.weight" not in present
+    for name, shape in expected_tensors(cfg, tied).items():
+        if name not in present:
+            raise HeteroError(f"missing tensor {name} (expected shape {shape})")
+        if tuple(present[name]) != shape:
+            raise HeteroError(f"tensor {name} has shape {tuple(present[name])}, config implies {shape}")
+    for name, shape in optional_tensors(cfg).items():
+        if name in present and tuple(present[name]) != shape:
+            raise HeteroError(f"tensor {name} has shape {tuple(present[name])}, config implies {shape}")
+    return tied

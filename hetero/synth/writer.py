@@ -1,0 +1,199 @@
+"""Write a synthetic deepseek2 GGUF: real architecture and tokenizer, random weights.
+
+Float files are streamed tensor by tensor (never the whole model in memory); quantized files
+are made from a float16 intermediate by llama.cpp's own quantizer, so block formats and the
+per-tensor type choices (Q4_K_M's mix, fallbacks for odd row lengths) are exactly llama.cpp's.
+"""
+
+import os
+import tempfile
+import zlib
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+from gguf import GGMLQuantizationType, GGUFReader, GGUFWriter
+
+from hetero.config import ModelConfig, config_from_metadata
+from hetero.errors import HeteroError
+from hetero.models.deepseek2_tensors import expected_tensors, optional_tensors
+from hetero.synth.presets import Preset, make_preset
+from hetero.synth.vocab import CHAT_TEMPLATE, PAD, build_vocab
+
+ARCH = "deepseek2"
+FLOAT_TYPES = {"F32": np.float32, "F16": np.float16}
+QUANT_FTYPES = ("Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K_M", "Q4_K_S", "Q4_K_M", "Q5_K_S",
+                "Q5_K_M", "Q6_K", "IQ4_NL", "IQ4_XS", "BF16")  # fmt: skip
+QUANTS = (*FLOAT_TYPES, *QUANT_FTYPES)
+
+
+def write_synthetic(
+    path: str | Path,
+    preset: str = "tiny",
+    quant: str = "F32",
+    seed: int = 0,
+    splits: int = 1,
+    progress: Callable[[int, int], None] | None = None,
+    **overrides,
+) -> list[Path]:
+    """Write the model; returns the file(s) written (several when `splits` > 1)."""
+    if quant not in QUANTS:
+        raise HeteroError(f"unknown quant {quant!r}; choose from {', '.join(QUANTS)}")
+    p = make_preset(preset, **overrides)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if quant in FLOAT_TYPES:
+        return _write_float(path, p, preset, FLOAT_TYPES[quant], seed, splits, progress)
+    with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
+        source = Path(tmp) / "f16.gguf"
+        _write_float(source, p, preset, np.float16, seed, 1, progress)
+        target = Path(tmp) / "q.gguf" if splits > 1 else path
+        _quantize(source, target, quant)
+        return resplit(target, path, splits) if splits > 1 else [path]
+
+
+def preset_config(p: Preset) -> ModelConfig:
+    return config_from_metadata(_metadata(p, "check"))
+
+
+def _metadata(p: Preset, name: str) -> dict:
+    k = f"{ARCH}."
+    mla = {"attention.key_length": p.kv_lora_rank + p.qk_rope_dim, "attention.value_length": p.kv_lora_rank,
+           "attention.key_length_mla": p.qk_nope_dim + p.qk_rope_dim, "attention.value_length_mla": p.v_head_dim,
+           "attention.head_count_kv": 1}  # fmt: skip
+    legacy = {"attention.key_length": p.qk_nope_dim + p.qk_rope_dim, "attention.value_length": p.v_head_dim,
+              "attention.head_count_kv": p.n_head}  # fmt: skip
+    meta = {
+        "general.architecture": ARCH,
+        "general.name": f"hetero synthetic {name}",
+        k + "block_count": p.n_layer, k + "context_length": p.n_ctx, k + "embedding_length": p.n_embd,
+        k + "feed_forward_length": p.n_ff_dense, k + "attention.head_count": p.n_head,
+        k + "rope.freq_base": p.rope_base, k + "attention.layer_norm_rms_epsilon": p.rms_eps,
+        k + "expert_used_count": p.n_expert_used, k + "expert_count": p.n_expert,
+        k + "leading_dense_block_count": p.n_dense_lead, k + "vocab_size": p.n_vocab,
+        k + "attention.q_lora_rank": p.q_lora_rank, k + "attention.kv_lora_rank": p.kv_lora_rank,
+        k + "expert_feed_forward_length": p.n_ff_expert, k + "expert_shared_count": p.n_expert_shared,
+        k + "expert_weights_scale": p.routed_scale, k + "expert_weights_norm": p.norm_topk,
+        k + "expert_gating_func": 2 if p.gating == "sigmoid" else 1,
+        k + "expert_group_count": p.n_group, k + "expert_group_used_count": p.n_group_used,
+        k + "rope.dimension_count": p.qk_rope_dim,
+    }  # fmt: skip
+    meta.update({k + key: v for key, v in (mla if p.split_kv_b else legacy).items()})
+    if p.yarn_factor:
+        meta.update({k + "rope.scaling.type": "yarn", k + "rope.scaling.factor": p.yarn_factor,
+                     k + "rope.scaling.original_context_length": p.yarn_orig_ctx,
+                     k + "rope.scaling.yarn_log_multiplier": 0.1 * p.yarn_mscale_all_dim})  # fmt: skip
+    return meta
+
+
+def _put_metadata(w: GGUFWriter, p: Preset, name: str) -> None:
+    for key, value in _metadata(p, name).items():
+        if key == "general.architecture":
+            continue
+        if isinstance(value, bool):
+            w.add_bool(key, value)
+        elif isinstance(value, int):
+            w.add_uint32(key, value)
+        elif isinstance(value, float):
+            w.add_float32(key, value)
+        else:
+            w.add_string(key, value)
+    vocab = build_vocab(p.n_vocab)
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("deepseek-v3")
+    w.add_token_list(vocab.tokens)
+    w.add_token_types(vocab.types)
+    w.add_token_merges(vocab.merges)
+    w.add_bos_token_id(vocab.bos_id)
+    w.add_eos_token_id(vocab.eos_id)
+    w.add_pad_token_id(vocab.tokens.index(PAD))
+    w.add_add_bos_token(True)
+    w.add_add_eos_token(False)
+    w.add_chat_template(CHAT_TEMPLATE)
+
+
+def _write_float(path, p: Preset, name: str, dtype, seed: int, splits: int, progress) -> list[Path]:
+    cfg = preset_config(p)
+    shapes = expected_tensors(cfg, p.tied_output)
+    if p.selection_bias:
+        shapes.update(optional_tensors(cfg))
+    w = GGUFWriter(path, ARCH, split_max_tensors=-(-len(shapes) // splits) if splits > 1 else 0)
+    _put_metadata(w, p, name)
+    kinds = {}
+    for tname, shape in shapes.items():
+        kinds[tname] = np.float32 if len(shape) == 1 or "ffn_gate_inp" in tname else dtype
+        w.add_tensor_info(tname, shape, np.dtype(kinds[tname]), int(np.prod(shape)) * np.dtype(kinds[tname]).itemsize)
+    files = w.format_shard_names(path)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_ti_data_to_file()
+    total = sum(int(np.prod(s)) for s in shapes.values())
+    done = 0
+    for tname, shape in shapes.items():
+        w.write_tensor_data(_random_tensor(cfg, tname, shape, seed).astype(kinds[tname]))
+        done += int(np.prod(shape))
+        if progress:
+            progress(done, total)
+    w.close()
+    return files
+
+
+def _rng(seed: int, name: str) -> np.random.Generator:
+    return np.random.default_rng([seed, zlib.crc32(name.encode())])
+
+
+def _random_tensor(cfg: ModelConfig, name: str, shape: tuple[int, ...], seed: int) -> np.ndarray:
+    """Weights scaled so activations stay O(1), routers are decisive and logits are not flat."""
+    if name.endswith(("attn_k_b.weight", "attn_v_b.weight")):
+        return _split_kv_b(cfg, name, seed)
+    rng = _rng(seed, name)
+    if name.endswith("norm.weight"):
+        return (1.0 + 0.1 * rng.standard_normal(shape, dtype=np.float32)).astype(np.float32)
+    if name.endswith("exp_probs_b.bias"):
+        return 0.1 * rng.standard_normal(shape, dtype=np.float32)
+    if name == "token_embd.weight":
+        return rng.standard_normal(shape, dtype=np.float32)
+    gain = 4.0 if name == "output.weight" else 3.0 if name.endswith("ffn_gate_inp.weight") else 1.0
+    return rng.standard_normal(shape, dtype=np.float32) * np.float32(gain / np.sqrt(shape[-1]))
+
+
+def _split_kv_b(cfg: ModelConfig, name: str, seed: int) -> np.ndarray:
+    """attn_k_b / attn_v_b cut from the legacy attn_kv_b of the same seed: one model, two layouts."""
+    legacy = name.replace("attn_k_b", "attn_kv_b").replace("attn_v_b", "attn_kv_b")
+    h, n, v, r = cfg.n_head, cfg.qk_nope_dim, cfg.v_head_dim, cfg.kv_lora_rank
+    kv = _random_tensor(cfg, legacy, (h * (n + v), r), seed).reshape(h, n + v, r)
+    if "attn_k_b" in name:
+        return np.ascontiguousarray(kv[:, :n].transpose(0, 2, 1))  # [H, R, N]
+    return np.ascontiguousarray(kv[:, n:])  # [H, V, R]
+
+
+def _quantize(source: Path, target: Path, quant: str) -> None:
+    import llama_cpp
+
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{quant}")
+    params.nthread = os.cpu_count() or 1
+    if llama_cpp.llama_model_quantize(str(source).encode(), str(target).encode(), params) != 0:
+        raise HeteroError(f"llama.cpp could not quantize {source} to {quant}")
+
+
+def resplit(source: Path, target: Path, splits: int) -> list[Path]:
+    """Copy a single-file GGUF into a split set `target-0000i-of-0000n.gguf`, bytes unchanged."""
+    reader = GGUFReader(source)
+    arch = str(reader.fields["general.architecture"].contents())
+    w = GGUFWriter(target, arch, split_max_tensors=-(-len(reader.tensors) // splits))
+    for field in reader.fields.values():
+        if field.name.startswith("GGUF.") or field.name == "general.architecture":
+            continue
+        sub = field.types[-1] if len(field.types) > 1 else None
+        w.add_key_value(field.name, field.contents(), field.types[0], sub_type=sub)
+    for t in reader.tensors:
+        w.add_tensor_info(t.name, t.data.shape, t.data.dtype, t.n_bytes, GGMLQuantizationType(t.tensor_type))
+    files = w.format_shard_names(target)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_ti_data_to_file()
+    for t in reader.tensors:
+        w.write_tensor_data(t.data)
+    w.close()
+    return files

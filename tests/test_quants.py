@@ -1,0 +1,58 @@
+"""Every block format against gguf's numpy dequantization, on fresh random blocks."""
+
+import numpy as np
+import pytest
+import torch
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as T
+from gguf.quants import dequantize as gguf_dequantize
+
+from hetero.errors import HeteroError
+from hetero.quants import BLOCK_FORMATS, dequantize, row_bytes
+
+# Byte offsets of the float16 factors inside each block: random bytes there could spell NaN.
+F16_FIELDS = {
+    T.Q4_0: (0,), T.Q4_1: (0, 2), T.Q5_0: (0,), T.Q5_1: (0, 2), T.Q8_0: (0,), T.IQ4_NL: (0,),
+    T.Q2_K: (80, 82), T.Q3_K: (108,), T.Q4_K: (0, 2), T.Q5_K: (0, 2), T.Q6_K: (208,), T.IQ4_XS: (0,),
+}
+
+
+def random_rows(qtype: T, rows: int, blocks_per_row: int, rng: np.random.Generator) -> np.ndarray:
+    """Random bytes for every field, with finite float factors; with several blocks, the first is zero."""
+    block, size = GGML_QUANT_SIZES[qtype]
+    if qtype in (T.F32, T.F16, T.BF16):
+        values = rng.standard_normal((rows, block * blocks_per_row)).astype(np.float32)
+        if qtype == T.F16:
+            values = values.astype(np.float16)
+        elif qtype == T.BF16:
+            values = (values.view(np.uint32) >> 16).astype(np.uint16)
+        if rows * blocks_per_row > 1:
+            values.reshape(-1)[:block] = 0
+        return values.view(np.uint8).reshape(rows, -1)
+    raw = rng.integers(0, 256, size=(rows * blocks_per_row, size), dtype=np.uint8)
+    for offset in F16_FIELDS[qtype]:
+        halves = (rng.standard_normal(rows * blocks_per_row) * 0.05).astype(np.float16)
+        raw[:, offset : offset + 2] = halves.view(np.uint8).reshape(-1, 2)
+    if rows * blocks_per_row > 1:
+        raw[0] = 0
+    return raw.reshape(rows, blocks_per_row * size)
+
+
+@pytest.mark.parametrize("qtype", list(BLOCK_FORMATS), ids=lambda t: t.name)
+@pytest.mark.parametrize("rows,blocks_per_row", [(1, 1), (5, 3), (3, 7)])
+def test_matches_gguf(qtype, rows, blocks_per_row):
+    rng = np.random.default_rng()
+    raw = random_rows(qtype, rows, blocks_per_row, rng)
+    n = GGML_QUANT_SIZES[qtype][0] * blocks_per_row
+    assert raw.shape[1] == row_bytes(qtype, n)
+    expected = gguf_dequantize(raw, qtype).reshape(rows, n)
+    ours = dequantize(torch.from_numpy(raw), qtype, n).numpy()
+    assert ours.dtype == np.float32 and ours.shape == (rows, n)
+    err = np.abs(ours - expected)
+    worst = np.unravel_index(np.argmax(err), err.shape)
+    assert np.array_equal(ours, expected), f"worst at row {worst[0]}, value {worst[1]}: {err[worst]}"
+    assert np.any(ours != 0)
+
+
+def test_unsupported_type_names_the_tensor():
+    with pytest.raises(HeteroError, match="unsupported quant type IQ2_XXS in tensor blk.3.ffn_up_exps.weight"):
+        row_bytes(T.IQ2_XXS, 256, "blk.3.ffn_up_exps.weight")
