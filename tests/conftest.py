@@ -1,0 +1,53 @@
+"""Shared fixtures: synthetic GGUF files (written once per session) and llama.cpp as the oracle."""
+
+import numpy as np
+import pytest
+
+from hetero.synth.writer import write_synthetic
+from hetero.tokenizer import quiet_stderr
+
+# Routing mechanisms of DeepSeek-V3 on the tiny shapes.
+V3_MECHANISMS = dict(
+    gating="sigmoid", selection_bias=True, norm_topk=True, routed_scale=2.5, q_lora_rank=256,
+    yarn_factor=40.0, yarn_orig_ctx=4096, yarn_mscale_all_dim=1.0,
+)  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def synth(tmp_path_factory):
+    """synth(preset, quant, **overrides) -> path of a synthetic model, cached for the session."""
+    root = tmp_path_factory.mktemp("models")
+    made = {}
+
+    def make(preset="tiny", quant="F32", splits=1, **overrides):
+        key = (preset, quant, splits, tuple(sorted(overrides.items())))
+        if key not in made:
+            name = f"m{len(made)}-{preset}-{quant}.gguf"
+            with quiet_stderr():
+                made[key] = write_synthetic(root / name, preset, quant, splits=splits, **overrides)[0]
+        return made[key]
+
+    return make
+
+
+def random_prompt(n_tokens: int, bos_id: int, vocab_limit: int = 600) -> list[int]:
+    """Fresh random token ids every run, starting with BOS like a real prompt."""
+    rng = np.random.default_rng()
+    return [bos_id, *rng.integers(0, vocab_limit, n_tokens - 1).tolist()]
+
+
+def llama_logits(path, ids: list[int]) -> np.ndarray:
+    """llama.cpp's logits for every position, float32 KV cache, no flash attention."""
+    import llama_cpp
+
+    with quiet_stderr():
+        llm = llama_cpp.Llama(str(path), n_ctx=max(64, len(ids)), logits_all=True, n_threads=2, verbose=False,
+                              type_k=llama_cpp.GGML_TYPE_F32, type_v=llama_cpp.GGML_TYPE_F32, flash_attn=False)  # fmt: skip
+        llm.eval(ids)
+    out = np.array(llm.scores[: len(ids)], dtype=np.float32)
+    llm.close()
+    return out
+
+
+def rel_err(ours: np.ndarray, ref: np.ndarray) -> float:
+    return float(np.linalg.norm(ours - ref) / np.linalg.norm(ref))
