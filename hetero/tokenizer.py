@@ -71,9 +71,9 @@ class Tokenizer:
         bos = self.add_bos if add_bos is None else add_bos
         return self._llama.tokenize(text.encode("utf-8"), add_bos=bos, special=special)
 
-    def token_bytes(self, ids: list[int]) -> bytes:
-        """Raw bytes of tokens; a multi-byte character may be split across tokens."""
-        return self._llama.detokenize(ids)
+    def token_bytes(self, ids: list[int], special: bool = False) -> bytes:
+        """Raw bytes of tokens (control tokens only if `special`); a character may span tokens."""
+        return self._llama.detokenize(ids, special=special)
 
     def detokenize(self, ids: list[int]) -> str:
         return self.token_bytes(ids).decode("utf-8", errors="replace")
