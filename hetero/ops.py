@@ -12,7 +12,20 @@ import torch.nn.functional as F
 from hetero.gguf_file import TensorInfo
 from hetero.quants import dequantize
 
-CHUNK_VALUES = 1 << 22  # 16 MiB of float32 per dequantized slice
+CHUNK_VALUES = 1 << 20  # 4 MiB of float32 per dequantized slice (its temporaries are a few times that)
+
+
+def quant_matmul(x: torch.Tensor, raw: torch.Tensor, qtype, in_features: int) -> torch.Tensor:
+    """x [T, in] @ W.T for W given as raw rows [out, row_bytes]; dequantizes a slice at a time."""
+    out_features = raw.shape[0]
+    step = max(1, CHUNK_VALUES // in_features)
+    if step >= out_features:
+        return x @ dequantize(raw, qtype, in_features).T
+    y = x.new_empty(x.shape[0], out_features)
+    for start in range(0, out_features, step):
+        stop = min(start + step, out_features)
+        y[:, start:stop] = x @ dequantize(raw[start:stop], qtype, in_features).T
+    return y
 
 
 def raw_tensor(info: TensorInfo, device: torch.device) -> torch.Tensor:
@@ -38,14 +51,7 @@ class QuantLinear:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """x [T, in] float32 -> [T, out]."""
-        step = max(1, CHUNK_VALUES // self.in_features)
-        if step >= self.out_features:
-            return x @ self.weight_rows(0, self.out_features).T
-        y = x.new_empty(x.shape[0], self.out_features)
-        for start in range(0, self.out_features, step):
-            stop = min(start + step, self.out_features)
-            y[:, start:stop] = x @ self.weight_rows(start, stop).T
-        return y
+        return quant_matmul(x, self.raw, self.qtype, self.in_features)
 
 
 class Embedding:
@@ -90,17 +96,14 @@ class QuantLinear3:
         self.n, self.out_features, self.in_features = info.shape
         self.raw = raw_tensor(info, device)
 
-    def matrix(self, e: int) -> torch.Tensor:
-        """Matrix e as float32 [out, in]."""
-        rows = self.raw[e * self.out_features : (e + 1) * self.out_features]
-        return dequantize(rows, self.qtype, self.in_features)
-
     def all(self) -> torch.Tensor:
         """Every matrix as float32 [E, out, in]; only for small stacks (MLA per-head weights)."""
         return dequantize(self.raw, self.qtype, self.in_features).reshape(self.n, self.out_features, -1)
 
     def __call__(self, e: int, x: torch.Tensor) -> torch.Tensor:
-        return x @ self.matrix(e).T
+        """x [T, in] @ matrix e transposed -> [T, out]."""
+        rows = self.raw[e * self.out_features : (e + 1) * self.out_features]
+        return quant_matmul(x, rows, self.qtype, self.in_features)
 
 
 def vector(info: TensorInfo, device: torch.device) -> torch.Tensor:

@@ -91,6 +91,19 @@ def learn_merges(text: str, n_merges: int, alphabet: list[str]) -> list[tuple[st
     return merges
 
 
+def pseudo_words(space: str, n: int) -> list[str]:
+    """n distinct pronounceable filler tokens (" kamo", " rinesu", ...) so random models print words."""
+    syllables = [c + v for c in "bdfgklmnprstvz" for v in "aeiou"]  # 70, all two letters wide
+    words = []
+    for k in range(len(syllables), len(syllables) + n):  # two or more base-70 digits: unique spellings
+        digits = []
+        while k:
+            k, d = divmod(k, len(syllables))
+            digits.append(syllables[d])
+        words.append(space + "".join(reversed(digits)))
+    return words
+
+
 def build_vocab(n_vocab: int, n_merges: int = 300) -> Vocab:
     """Bytes, merges, special tokens, then unused placeholders up to exactly n_vocab tokens."""
     alphabet = byte_alphabet()
@@ -104,6 +117,7 @@ def build_vocab(n_vocab: int, n_merges: int = 300) -> Vocab:
     types += [TokenType.CONTROL] * len(CONTROL_TOKENS) + [TokenType.USER_DEFINED] * len(TEXT_SPECIALS)
     if len(tokens) > n_vocab:
         raise ValueError(f"vocabulary needs at least {len(tokens)} tokens, preset asks for {n_vocab}")
-    tokens += [f"<｜place▁holder▁no▁{i}｜>" for i in range(n_vocab - len(tokens))]
-    types += [TokenType.UNUSED] * (n_vocab - len(types))
+    filler = [w for w in pseudo_words(alphabet[ord(" ")], n_vocab) if w not in set(tokens)]
+    tokens += filler[: n_vocab - len(tokens)]
+    types += [TokenType.NORMAL] * (n_vocab - len(types))
     return Vocab(tokens, [int(t) for t in types], [f"{a} {b}" for a, b in merges], tokens.index(BOS), tokens.index(EOS))

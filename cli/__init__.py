@@ -1,0 +1,1 @@
+"""The `hetero` command line (typer + rich); it only consumes what hetero/ produces."""

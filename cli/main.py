@@ -1,0 +1,177 @@
+"""`hetero`: synth, info and demo. Errors in the user's input print one red line and exit 2."""
+
+import functools
+import json
+import os
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+from hetero.errors import HeteroError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Run giant MoE GGUF models on one GPU plus CPU RAM.")
+console = Console()
+err_console = Console(stderr=True)
+STATE = {"debug": False}
+
+DEMO_PRESET, DEMO_QUANT = "v3", "Q4_K_M"
+
+
+@app.callback()
+def _global(debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks on errors.")] = False):
+    STATE["debug"] = debug
+
+
+def friendly_errors(fn):
+    """Turn HeteroError (bad file, bad option) into one red line and exit code 2."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except (HeteroError, ValueError) as e:
+            if STATE["debug"]:
+                raise
+            err_console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+            raise typer.Exit(2) from None
+
+    return wrapper
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "hetero"
+
+
+def write_with_progress(out: Path, preset: str, quant: str, **kwargs) -> list[Path]:
+    from hetero.synth.writer import write_synthetic
+    from hetero.tokenizer import quiet_stderr
+
+    columns = (TextColumn("[bold]{task.description}"), BarColumn(), DownloadColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=err_console, transient=True) as bar:
+        task = bar.add_task(f"writing {preset} weights", total=None)
+
+        def report(done, total):
+            bar.update(task, completed=done * 4, total=total * 4)  # shown as float32 bytes
+
+        with quiet_stderr():
+            files = write_synthetic(out, preset, quant, progress=report, **kwargs)
+    return files
+
+
+@app.command()
+@friendly_errors
+def synth(
+    out: Annotated[Path, typer.Argument(help="Output .gguf path.")],
+    preset: Annotated[str, typer.Option(help="tiny | v2-lite | v3")] = "tiny",
+    quant: Annotated[str, typer.Option(help="F32, F16, Q8_0, Q4_K_M, Q5_K_M, Q6_K, IQ4_XS, ...")] = "Q4_K_M",
+    layers: Annotated[int | None, typer.Option(help="Number of layers (default: the preset's).")] = None,
+    seed: Annotated[int, typer.Option(help="Random seed of the weights.")] = 0,
+    splits: Annotated[int, typer.Option(help="Write a split set of this many files.")] = 1,
+):
+    """Write a synthetic deepseek2 GGUF: real architecture and tokenizer, random weights.
+
+    Example: hetero synth v2lite.gguf --preset v2-lite --layers 4 --quant Q4_K_M
+    """
+    t0 = time.perf_counter()
+    files = write_with_progress(out, preset, quant, seed=seed, splits=splits, n_layer=layers)
+    size = sum(f.stat().st_size for f in files)
+    console.print(f"wrote {', '.join(map(str, files))} ({size / 2**20:.1f} MiB) in {time.perf_counter() - t0:.1f} s")
+
+
+@app.command()
+@friendly_errors
+def info(
+    model: Annotated[Path, typer.Argument(help="GGUF file (first file of a split set).")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+):
+    """Architecture, parameters (total and active per token), quant types, bytes by tensor kind.
+
+    Example: hetero info DeepSeek-R1-Q4_K_M-00001-of-00009.gguf
+    """
+    from hetero.gguf_file import GGUFModelFile
+    from hetero.summary import summarize
+
+    summary = summarize(GGUFModelFile(model))
+    if as_json:
+        print(json.dumps(summary))
+        return
+    print_summary(summary)
+
+
+def print_summary(s: dict) -> None:
+    console.print(f"[bold]{s['name'] or s['path']}[/]  ({s['architecture']}, {s['files']} file(s), {gib(s['file_bytes'])})")
+    console.print(
+        f"{s['layers']} layers, hidden {s['hidden']}, experts {s['experts']}, vocab {s['vocab']}, context {s['context']}"
+    )
+    console.print(
+        f"parameters: {s['total_params'] / 1e9:.2f} B total, {s['active_params_per_token'] / 1e9:.2f} B active per token"
+    )
+    console.print("quant types: " + ", ".join(f"{k} ×{v}" for k, v in s["quant_types"].items()))
+    table = Table("tensor kind", "tensors", "params", "bytes", "share")
+    total = sum(e["bytes"] for e in s["by_kind"].values())
+    for kind, e in sorted(s["by_kind"].items(), key=lambda kv: -kv[1]["bytes"]):
+        table.add_row(kind, str(e["tensors"]), f"{e['params'] / 1e6:,.1f} M", gib(e["bytes"]), f"{e['bytes'] / total:.1%}")
+    console.print(table)
+
+
+def gib(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
+@app.command()
+@friendly_errors
+def demo(
+    model: Annotated[Path | None, typer.Argument(help="A deepseek2 GGUF; default: the built-in demo model.")] = None,
+    prompt: Annotated[str, typer.Option(help="The user message.")] = "Hello! What can you do?",
+    max_tokens: Annotated[int, typer.Option(help="Tokens to generate.")] = 24,
+    temperature: Annotated[float, typer.Option(help="0 for greedy.")] = 0.7,
+    seed: Annotated[int, typer.Option(help="Sampling seed.")] = 0,
+):
+    """Load a model (by default a synthetic DeepSeek-V3-shaped one), summarise it and stream a reply.
+
+    Example: hetero demo            (no download: writes the demo model once, ~110 MiB)
+    """
+    import hetero
+    from hetero.gguf_file import GGUFModelFile
+    from hetero.summary import summarize
+
+    builtin = model is None
+    if builtin:
+        model = cache_dir() / f"demo-{DEMO_PRESET}-{DEMO_QUANT}.gguf"
+        if not model.exists():
+            console.print(f"writing the demo model to {model} (once)")
+            write_with_progress(model, DEMO_PRESET, DEMO_QUANT)
+    with console.status("opening the model"):
+        loaded = hetero.load_model(model)
+    print_summary(summarize(GGUFModelFile(model)))
+    console.print(f"\n[bold]user:[/] {prompt}\n[bold]assistant:[/] ", end="")
+    last, tokens = None, 0
+    messages = [{"role": "user", "content": prompt}]
+    for step in loaded.generate_steps(messages, max_tokens, temperature=temperature, seed=seed):
+        console.print(step.text, end="", markup=False, highlight=False)
+        last, tokens = step, tokens + (step.token >= 0)
+    console.print()
+    if last is not None:
+        decode = f"{(tokens - 1) / last.decode_s:.1f} tok/s" if tokens > 1 and last.decode_s > 0 else "n/a"
+        console.print(
+            f"[dim]prefill {last.prompt_tokens} tokens at {last.prompt_tokens / last.prefill_s:.1f} tok/s, "
+            f"decode {tokens} tokens at {decode} (reference torch path, CPU)[/]"
+        )
+    if builtin:
+        console.print(
+            "[yellow]The demo model has random weights, so its text is noise.[/] "
+            "Run a real model with: hetero demo path/to/DeepSeek-V3-Q4_K_M-00001-of-00009.gguf"
+        )
+
+
+def main():
+    app()
+
+
+if __name__ == "__main__":
+    main()

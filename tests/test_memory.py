@@ -1,0 +1,29 @@
+"""Weights stay quantized and memory-mapped: running a model costs about its file size in RAM."""
+
+import json
+import subprocess
+import sys
+
+PROBE = r"""
+import json, resource, sys
+import hetero, llama_cpp, torch  # imports are the baseline, not the model
+def rss():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * 4096
+base = rss()
+model = hetero.load_model(sys.argv[1])
+text = "".join(model.generate("Hello there", max_tokens=3, temperature=0.0))
+logits = model.logits(model.tokenize("one more prefill of several tokens to touch every layer"))
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+print(json.dumps({"base": base, "peak": peak}))
+"""
+
+
+def test_peak_rss_is_under_one_and_a_half_file_sizes(synth):
+    path = synth("v3", "Q4_K_M", n_layer=10)
+    size = path.stat().st_size
+    assert size > 200 * 2**20  # large enough that interpreter noise cannot hide a float copy
+    out = subprocess.run([sys.executable, "-c", PROBE, str(path)], capture_output=True, text=True, check=True)
+    r = json.loads(out.stdout.strip().splitlines()[-1])
+    grown = r["peak"] - r["base"]
+    assert grown < 1.5 * size, f"RSS grew {grown / 2**20:.0f} MiB for a {size / 2**20:.0f} MiB file"
