@@ -104,18 +104,24 @@ def info(
 
 
 def print_summary(s: dict) -> None:
-    console.print(f"[bold]{s['name'] or s['path']}[/]  ({s['architecture']}, {s['files']} file(s), {gib(s['file_bytes'])})")
     console.print(
-        f"{s['layers']} layers, hidden {s['hidden']}, experts {s['experts']}, vocab {s['vocab']}, context {s['context']}"
+        f"[bold]{s['name'] or s['path']}[/]  ({s['architecture']}, {s['files']} file(s), {gib(s['file_bytes'])})"
     )
     console.print(
-        f"parameters: {s['total_params'] / 1e9:.2f} B total, {s['active_params_per_token'] / 1e9:.2f} B active per token"
+        f"{s['layers']} layers, hidden {s['hidden']}, experts {s['experts']}, "
+        f"vocab {s['vocab']}, context {s['context']}"
+    )
+    console.print(
+        f"parameters: {s['total_params'] / 1e9:.2f} B total, "
+        f"{s['active_params_per_token'] / 1e9:.2f} B active per token"
     )
     console.print("quant types: " + ", ".join(f"{k} ×{v}" for k, v in s["quant_types"].items()))
     table = Table("tensor kind", "tensors", "params", "bytes", "share")
     total = sum(e["bytes"] for e in s["by_kind"].values())
     for kind, e in sorted(s["by_kind"].items(), key=lambda kv: -kv[1]["bytes"]):
-        table.add_row(kind, str(e["tensors"]), f"{e['params'] / 1e6:,.1f} M", gib(e["bytes"]), f"{e['bytes'] / total:.1%}")
+        table.add_row(
+            kind, str(e["tensors"]), f"{e['params'] / 1e6:,.1f} M", gib(e["bytes"]), f"{e['bytes'] / total:.1%}"
+        )
     console.print(table)
 
 

@@ -1,1 +1,4 @@
-"""GPU kernels (int4/int8 Marlin-style matmuls, MLA decode) and the CUDA-graph decode step (see docs/ARCHITECTURE.md)."""
+"""GPU kernels (Marlin-style int4/int8 matmuls, MLA decode) and the CUDA-graph decode step.
+
+See docs/ARCHITECTURE.md.
+"""

@@ -100,7 +100,9 @@ def config_from_metadata(meta: dict) -> ModelConfig:
         v_head_dim=int(v_len),
         split_kv_b=split_kv_b,
         n_ff_dense=int(_scalar(get("feed_forward_length", 0), f"{arch}.feed_forward_length")),
-        n_ff_expert=int(_scalar(get("expert_feed_forward_length", required=True), f"{arch}.expert_feed_forward_length")),
+        n_ff_expert=int(
+            _scalar(get("expert_feed_forward_length", required=True), f"{arch}.expert_feed_forward_length")
+        ),
         n_expert=int(get("expert_count", required=True)),
         n_expert_used=int(get("expert_used_count", required=True)),
         n_expert_shared=int(get("expert_shared_count", 0)),

@@ -46,7 +46,7 @@ class GGUFModelFile:
         self.readers = [_open_reader(p) for p in paths]
         self.metadata = _metadata(self.readers[0])
         self.tensors: dict[str, TensorInfo] = {}
-        for path_, reader in zip(paths, self.readers):
+        for path_, reader in zip(paths, self.readers, strict=True):
             for t in reader.tensors:
                 self.tensors[t.name] = _tensor_info(t, reader, path_)
         count = self.metadata.get("split.tensors.count")

@@ -41,8 +41,11 @@ def llama_logits(path, ids: list[int]) -> np.ndarray:
     import llama_cpp
 
     with quiet_stderr():
-        llm = llama_cpp.Llama(str(path), n_ctx=max(64, len(ids)), logits_all=True, n_threads=2, verbose=False,
-                              type_k=llama_cpp.GGML_TYPE_F32, type_v=llama_cpp.GGML_TYPE_F32, flash_attn=False)  # fmt: skip
+        f32 = llama_cpp.GGML_TYPE_F32
+        llm = llama_cpp.Llama(
+            str(path), n_ctx=max(64, len(ids)), logits_all=True, n_threads=2, verbose=False,
+            type_k=f32, type_v=f32, flash_attn=False,
+        )  # fmt: skip
         llm.eval(ids)
     out = np.array(llm.scores[: len(ids)], dtype=np.float32)
     llm.close()

@@ -83,7 +83,13 @@ def test_shape_mismatch_names_the_tensor(synth):
 
 def test_config_reads_every_v3_mechanism(synth):
     cfg = config_from_metadata(GGUFModelFile(synth("v3", "F32", n_layer=2)).metadata)
-    assert (cfg.q_lora_rank, cfg.kv_lora_rank, cfg.qk_nope_dim, cfg.qk_rope_dim, cfg.v_head_dim) == (512, 256, 64, 32, 64)
+    assert (cfg.q_lora_rank, cfg.kv_lora_rank, cfg.qk_nope_dim, cfg.qk_rope_dim, cfg.v_head_dim) == (
+        512,
+        256,
+        64,
+        32,
+        64,
+    )
     assert (cfg.gating, cfg.n_group, cfg.n_group_used, cfg.norm_topk, cfg.routed_scale) == ("sigmoid", 8, 4, True, 2.5)
     assert (cfg.rope_scaling, cfg.rope_factor, cfg.yarn_orig_ctx) == ("yarn", 40.0, 4096)
     assert cfg.yarn_log_mul == pytest.approx(1.0) and cfg.split_kv_b and cfg.n_dense_lead == 1

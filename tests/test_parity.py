@@ -11,9 +11,9 @@ is 1e-7.
 
 import numpy as np
 import pytest
+from conftest import V3_MECHANISMS, llama_logits, random_prompt, rel_err
 
 import hetero
-from conftest import V3_MECHANISMS, llama_logits, random_prompt, rel_err
 
 FLOAT_CASES = {
     "tiny-softmax-plain-q": ("tiny", "F32", {}),

@@ -156,7 +156,9 @@ class DeepSeek2:
         q_latent = torch.einsum("thn,hrn->thr", q_nope, wk)  # [T, H, R]
         scores = torch.einsum("thr,sr->ths", q_latent, latents) + torch.einsum("thp,sp->ths", q_rope, k_ropes)
         scores = scores * self.kq_scale  # [T, H, S]
-        future = torch.arange(start + t, device=x.device)[None, :] > torch.arange(start, start + t, device=x.device)[:, None]
+        future = (
+            torch.arange(start + t, device=x.device)[None, :] > torch.arange(start, start + t, device=x.device)[:, None]
+        )
         scores = scores.masked_fill(future[:, None, :], float("-inf"))
         probs = torch.softmax(scores, dim=-1)
         o = torch.einsum("ths,sr->thr", probs, latents)  # [T, H, R]

@@ -19,9 +19,9 @@ def _shifted(x: torch.Tensor, shifts: tuple[int, ...]) -> torch.Tensor:
 def _scale_min_k4(scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """12 bytes -> 8 six-bit scales and 8 six-bit mins (the Q4_K/Q5_K packing).
 
-        bytes 0..3 : scale[0..3] (bits 0-5) | scale[4..7] bits 4-5 (bits 6-7)
-        bytes 4..7 : min[0..3]   (bits 0-5) | min[4..7]   bits 4-5 (bits 6-7)
-        bytes 8..11: scale[4..7] bits 0-3 (low nibble) | min[4..7] bits 0-3 (high nibble)
+    bytes 0..3 : scale[0..3] (bits 0-5) | scale[4..7] bits 4-5 (bits 6-7)
+    bytes 4..7 : min[0..3]   (bits 0-5) | min[4..7]   bits 4-5 (bits 6-7)
+    bytes 8..11: scale[4..7] bits 0-3 (low nibble) | min[4..7] bits 0-3 (high nibble)
     """
     a, b, c = scales[:, 0:4], scales[:, 4:8], scales[:, 8:12]
     sc = torch.cat([a & 0x3F, (c & 0x0F) | ((a >> 2) & 0x30)], dim=-1)

@@ -72,7 +72,7 @@ def learn_merges(text: str, n_merges: int, alphabet: list[str]) -> list[tuple[st
     while len(merges) < n_merges:
         pairs = Counter()
         for w, seq in seqs.items():
-            for a, b in zip(seq, seq[1:]):
+            for a, b in zip(seq, seq[1:], strict=False):
                 pairs[a, b] += words[w]
         if not pairs:
             break

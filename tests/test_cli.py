@@ -1,0 +1,49 @@
+"""The command line: synth and info end to end, errors as one line with exit code 2."""
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from cli.main import app
+from hetero.models.deepseek2_tensors import expected_tensors
+from hetero.synth.presets import make_preset
+from hetero.synth.writer import preset_config
+
+runner = CliRunner()
+
+
+def test_synth_then_info(tmp_path):
+    out = tmp_path / "t.gguf"
+    r = runner.invoke(app, ["synth", str(out), "--preset", "tiny", "--quant", "Q4_K_M", "--layers", "2"])
+    assert r.exit_code == 0, r.output
+    r = runner.invoke(app, ["info", str(out), "--json"])
+    assert r.exit_code == 0, r.output
+    info = json.loads(r.stdout)
+    assert info["architecture"] == "deepseek2" and info["layers"] == 2
+    assert "Q4_K" in info["quant_types"] and info["by_kind"]["routed experts"]["tensors"] == 3
+    # 1 MoE layer of 8 experts, top-2: a quarter of the routed parameters are active.
+    routed = info["by_kind"]["routed experts"]["params"]
+    rest = info["total_params"] - routed - info["by_kind"]["embedding"]["params"]
+    assert info["active_params_per_token"] == rest + routed // 4 + 256
+
+
+@pytest.mark.parametrize("args", [["info", "/nonexistent.gguf"], ["demo", "/nonexistent.gguf"]])
+def test_errors_are_one_line_exit_2(args):
+    r = runner.invoke(app, args)
+    assert r.exit_code == 2
+    lines = [line for line in r.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and "no such file" in lines[0] and "Traceback" not in r.output
+
+
+def test_v2_lite_preset_has_the_published_shapes():
+    shapes = expected_tensors(preset_config(make_preset("v2-lite")))
+    assert len([n for n in shapes if n.startswith("blk.")]) // 27 >= 10
+    assert shapes["token_embd.weight"] == (102400, 2048)
+    assert shapes["blk.0.ffn_gate.weight"] == (10944, 2048)
+    assert shapes["blk.1.ffn_gate_exps.weight"] == (64, 1408, 2048)
+    assert shapes["blk.1.ffn_down_shexp.weight"] == (2048, 2816)
+    assert shapes["blk.1.attn_q.weight"] == (16 * 192, 2048)
+    assert shapes["blk.1.attn_kv_a_mqa.weight"] == (576, 2048)
+    assert shapes["blk.1.attn_k_b.weight"] == (16, 512, 128)
+    assert shapes["blk.26.attn_output.weight"] == (2048, 16 * 128)
