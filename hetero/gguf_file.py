@@ -1,7 +1,8 @@
 """Open a GGUF model (one file or a split set) as metadata plus memory-mapped tensor views.
 
 Nothing here copies weight bytes: every tensor is a uint8 numpy view [rows, row_bytes] into a
-copy-on-write memory map, so pages are read from disk only when a kernel touches them.
+read-only memory map, so pages are read from disk only when a kernel touches them. (A private
+writable map would be charged against the commit limit: a 400 GB model could not be opened.)
 """
 
 import re
@@ -25,7 +26,7 @@ class TensorInfo:
     name: str
     qtype: GGMLQuantizationType
     shape: tuple[int, ...]
-    data: np.ndarray  # uint8 [prod(shape[:-1]), row_bytes], a view into the file
+    data: np.ndarray  # uint8 [prod(shape[:-1]), row_bytes], a read-only view into the file
     file: Path
 
     @property
@@ -87,7 +88,7 @@ def _open_reader(path: Path) -> GGUFReader:
         if f.read(4) != GGUF_MAGIC:
             raise HeteroError(f"{path}: not a GGUF file (bad magic)")
     try:
-        reader = GGUFReader(path, "c")
+        reader = GGUFReader(path, "r")
     except (ValueError, IndexError, KeyError, OverflowError, MemoryError) as e:
         raise HeteroError(f"{path}: corrupt or truncated GGUF header ({e})") from None
     return reader

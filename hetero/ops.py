@@ -5,6 +5,8 @@ run on any torch device and never hold more than `CHUNK_VALUES` dequantized floa
 a weight stays quantized in memory. Faster kernels (cpu_ops, gpu_ops) implement the same calls.
 """
 
+import warnings
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -29,8 +31,13 @@ def quant_matmul(x: torch.Tensor, raw: torch.Tensor, qtype, in_features: int) ->
 
 
 def raw_tensor(info: TensorInfo, device: torch.device) -> torch.Tensor:
-    """The tensor's bytes as uint8 [rows, row_bytes]: a zero-copy view on CPU, a copy elsewhere."""
-    raw = torch.from_numpy(info.data)
+    """The tensor's bytes as uint8 [rows, row_bytes]: a zero-copy view on CPU, a copy elsewhere.
+
+    The view is of a read-only map; nothing in hetero writes to weights.
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        raw = torch.from_numpy(info.data)
     return raw if device.type == "cpu" else raw.to(device)
 
 

@@ -86,7 +86,7 @@ def _metadata(p: Preset, name: str) -> dict:
     return meta
 
 
-def _put_metadata(w: GGUFWriter, p: Preset, name: str) -> None:
+def put_metadata(w: GGUFWriter, p: Preset, name: str) -> None:
     for key, value in _metadata(p, name).items():
         if key == "general.architecture":
             continue
@@ -118,7 +118,7 @@ def _write_float(path, p: Preset, name: str, dtype, seed: int, splits: int, prog
     if p.selection_bias:
         shapes.update(optional_tensors(cfg))
     w = GGUFWriter(path, ARCH, split_max_tensors=-(-len(shapes) // splits) if splits > 1 else 0)
-    _put_metadata(w, p, name)
+    put_metadata(w, p, name)
     kinds = {}
     for tname, shape in shapes.items():
         kinds[tname] = np.float32 if len(shape) == 1 or "ffn_gate_inp" in tname else dtype

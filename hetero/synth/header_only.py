@@ -1,0 +1,71 @@
+"""Header-only GGUFs at full published size: every tensor declared, the data region left sparse.
+
+A 400 GB DeepSeek-R1-shaped file costs a few MB of disk this way, so planning (which must never
+read weight bytes) can be tested on the real shapes. Types follow llama.cpp's Q4_K_M recipe
+closely enough for byte counts: Q4_K by default, Q6_K for the output head and for ffn_down and
+attn_v_b on the "more bits" layers, Q8_0 where a row is not a multiple of 256, F32 for norms,
+routers and biases.
+"""
+
+from pathlib import Path
+
+import numpy as np
+from gguf import GGML_QUANT_SIZES, GGUFWriter
+from gguf import GGMLQuantizationType as T
+
+from hetero.models.deepseek2_tensors import expected_tensors, optional_tensors
+from hetero.synth.presets import Preset
+from hetero.synth.writer import ARCH, preset_config, put_metadata
+
+# DeepSeek-V3/R1 as published (config.json of the Hugging Face release).
+DEEPSEEK_R1 = Preset(
+    n_layer=61, n_embd=7168, n_head=128, q_lora_rank=1536, kv_lora_rank=512, qk_nope_dim=128, qk_rope_dim=64,
+    v_head_dim=128, n_ff_dense=18432, n_ff_expert=2048, n_expert=256, n_expert_used=8, n_expert_shared=1,
+    n_dense_lead=3, gating="sigmoid", n_group=8, n_group_used=4, norm_topk=True, routed_scale=2.5,
+    selection_bias=True, yarn_factor=40.0, yarn_orig_ctx=4096, yarn_mscale_all_dim=1.0, n_vocab=129280,
+    n_ctx=163840,
+)  # fmt: skip
+
+
+def _more_bits(layer: int, n_layer: int) -> bool:
+    return layer < n_layer // 8 or layer >= 7 * n_layer // 8 or (layer - n_layer // 8) % 3 == 2
+
+
+def q4_k_m_type(name: str, shape: tuple[int, ...], n_layer: int) -> T:
+    if len(shape) == 1 or "ffn_gate_inp" in name:
+        return T.F32
+    if name == "output.weight":
+        return T.Q6_K
+    if shape[-1] % 256:
+        return T.Q8_0
+    layer = int(name.split(".")[1]) if name.startswith("blk.") else 0
+    if ("ffn_down" in name or "attn_v_b" in name or "attn_kv_b" in name) and _more_bits(layer, n_layer):
+        return T.Q6_K
+    return T.Q4_K
+
+
+def write_header_only(path: str | Path, preset: Preset = DEEPSEEK_R1, splits: int = 1) -> list[Path]:
+    """Write the file(s); returns their paths. The sparse data region reads as zeros."""
+    cfg = preset_config(preset)
+    shapes = expected_tensors(cfg, preset.tied_output)
+    if preset.selection_bias:
+        shapes.update(optional_tensors(cfg))
+    path = Path(path)
+    w = GGUFWriter(path, ARCH, split_max_tensors=-(-len(shapes) // splits) if splits > 1 else 0)
+    put_metadata(w, preset, "header-only")
+    for name, shape in shapes.items():
+        qtype = q4_k_m_type(name, shape, preset.n_layer)
+        block, size = GGML_QUANT_SIZES[qtype]
+        nbytes = int(np.prod(shape)) // block * size
+        w.add_tensor_info(name, (*shape[:-1], shape[-1] // block * size), np.dtype(np.uint8), nbytes, qtype)
+    files = w.format_shard_names(path)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_ti_data_to_file()
+    # Each file's data region: sized, never written (a hole in the file system).
+    sizes = [sum(ti.nbytes + (-ti.nbytes) % w.data_alignment for ti in tensors.values()) for tensors in w.tensors]
+    for fout, size in zip(w.fout, sizes, strict=True):
+        fout.seek(fout.tell() + (-fout.tell()) % w.data_alignment + size)
+        fout.truncate()
+    w.close()
+    return files
