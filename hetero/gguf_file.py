@@ -10,13 +10,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from gguf import GGMLQuantizationType, GGUFReader
+from gguf import GGMLQuantizationType
 
 from hetero.errors import HeteroError
+from hetero.gguf_header import GGUFHeader, TensorEntry, read_header
 from hetero.quants import row_bytes
 
 SPLIT_NAME = re.compile(r"^(?P<stem>.*)-(?P<no>\d{5})-of-(?P<count>\d{5})\.gguf$")
-GGUF_MAGIC = b"GGUF"
 
 
 @dataclass(frozen=True)
@@ -44,12 +44,15 @@ class GGUFModelFile:
     def __init__(self, path: str | Path):
         paths = split_paths(Path(path))
         self.paths = paths
-        self.readers = [_open_reader(p) for p in paths]
-        self.metadata = _metadata(self.readers[0])
+        headers = [read_header(p) for p in paths]
+        self.metadata = headers[0].metadata
         self.tensors: dict[str, TensorInfo] = {}
-        for path_, reader in zip(paths, self.readers, strict=True):
-            for t in reader.tensors:
-                self.tensors[t.name] = _tensor_info(t, reader, path_)
+        for header in headers:
+            data = np.memmap(header.path, np.uint8, "r") if header.tensors else None
+            for entry in header.tensors:
+                if entry.name in self.tensors:
+                    raise HeteroError(f"{header.path}: tensor {entry.name} appears twice")
+                self.tensors[entry.name] = _tensor_info(entry, data, header)
         count = self.metadata.get("split.tensors.count")
         if count is not None and count != len(self.tensors):
             raise HeteroError(f"{paths[0]}: split set holds {len(self.tensors)} tensors, header says {count}")
@@ -83,32 +86,12 @@ def split_paths(path: Path) -> list[Path]:
     return paths
 
 
-def _open_reader(path: Path) -> GGUFReader:
-    with open(path, "rb") as f:
-        if f.read(4) != GGUF_MAGIC:
-            raise HeteroError(f"{path}: not a GGUF file (bad magic)")
-    try:
-        reader = GGUFReader(path, "r")
-    except (ValueError, IndexError, KeyError, OverflowError, MemoryError) as e:
-        raise HeteroError(f"{path}: corrupt or truncated GGUF header ({e})") from None
-    return reader
-
-
-def _metadata(reader: GGUFReader) -> dict:
-    meta = {}
-    for name, field in reader.fields.items():
-        if name.startswith("GGUF."):
-            continue
-        meta[name] = field.contents()
-    return meta
-
-
-def _tensor_info(t, reader: GGUFReader, path: Path) -> TensorInfo:
-    shape = tuple(int(d) for d in reversed(t.shape.tolist()))
-    per_row = row_bytes(t.tensor_type, shape[-1], t.name)
-    rows = int(np.prod(shape[:-1])) if len(shape) > 1 else 1
-    start, end = int(t.data_offset), int(t.data_offset) + rows * per_row
-    if end > reader.data.shape[0]:
-        raise HeteroError(f"{path}: truncated, tensor {t.name} ends past the end of the file")
-    data = reader.data[start:end].reshape(rows, per_row)
-    return TensorInfo(t.name, GGMLQuantizationType(t.tensor_type), shape, data, path)
+def _tensor_info(entry: TensorEntry, data: np.ndarray, header: GGUFHeader) -> TensorInfo:
+    shape = tuple(reversed(entry.ne))
+    per_row = row_bytes(entry.qtype, shape[-1], entry.name)
+    rows = int(np.prod(shape[:-1], dtype=np.int64)) if len(shape) > 1 else 1
+    start, end = entry.offset, entry.offset + rows * per_row
+    if end > header.file_size:
+        raise HeteroError(f"{header.path}: truncated, tensor {entry.name} ends past the end of the file")
+    view = data[start:end].reshape(rows, per_row)
+    return TensorInfo(entry.name, GGMLQuantizationType(entry.qtype), shape, view, header.path)

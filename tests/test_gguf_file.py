@@ -1,6 +1,7 @@
 """Opening files: split sets, bad files, metadata validation, header-only shape checks."""
 
 import shutil
+import struct
 
 import pytest
 
@@ -28,10 +29,31 @@ def test_incomplete_split_set_names_the_missing_file(synth, tmp_path):
         GGUFModelFile(tmp_path / split.name)
 
 
-@pytest.mark.parametrize(
-    "content,message",
-    [(b"", "not a GGUF"), (b"PK\x03\x04 zip file", "not a GGUF"), (b"GGUF\x03\x00\x00\x00", "corrupt or truncated")],
-)
+def header(n_tensors: int, n_kv: int, rest: bytes = b"", version: int = 3) -> bytes:
+    return b"GGUF" + struct.pack("<IQQ", version, n_tensors, n_kv) + rest
+
+
+HOSTILE = {
+    "empty": (b"", "not a GGUF"),
+    "zip": (b"PK\x03\x04 this is a zip file, not a model", "not a GGUF"),
+    "only magic": (b"GGUF\x03\x00\x00\x00", "not a GGUF"),
+    "version 1": (header(0, 0, version=1), "unsupported GGUF version 1"),
+    "absurd counts": (header(2**60, 2**60), "absurd counts"),
+    "key longer than file": (header(0, 1, struct.pack("<Q", 2**62)), "runs past the end"),
+    "array of 2^60 strings": (
+        header(0, 1, struct.pack("<Q", 1) + b"k" + struct.pack("<IIQ", 9, 8, 2**60)),
+        "claims 1152921504606846976 strings",
+    ),
+    "array of 2^60 floats": (
+        header(0, 1, struct.pack("<Q", 1) + b"k" + struct.pack("<IIQ", 9, 6, 2**60)),
+        "runs past the end",
+    ),
+    "tensor with 9 dims": (header(1, 0, struct.pack("<Q", 1) + b"t" + struct.pack("<I", 9)), "9 dimensions"),
+    "unknown value type": (header(0, 1, struct.pack("<Q", 1) + b"k" + struct.pack("<I", 77)), "unknown value type 77"),
+}
+
+
+@pytest.mark.parametrize("content,message", list(HOSTILE.values()), ids=list(HOSTILE))
 def test_bad_files(tmp_path, content, message):
     path = tmp_path / "bad.gguf"
     path.write_bytes(content)
