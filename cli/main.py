@@ -131,6 +131,50 @@ def gib(n: int) -> str:
 
 @app.command()
 @friendly_errors
+def plan(
+    model: Annotated[Path, typer.Argument(help="GGUF file (any file of a split set).")],
+    gpu_mem: Annotated[str | None, typer.Option(help="GPU budget, e.g. 24GiB; 0 for CPU-only.")] = None,
+    ctx: Annotated[int | None, typer.Option(help="Context length for the KV cache [default: 4096].")] = None,
+    gpu: Annotated[str | None, typer.Option(help="Named GPU: rtx4090, rtx3090, rtx5090, h100, ... or none.")] = None,
+    cpu_bw: Annotated[str | None, typer.Option(help="CPU memory bandwidth: 300GB/s or ddr5-4800x8.")] = None,
+    cpu_cores: Annotated[int | None, typer.Option(help="CPU cores (prefill FLOPs).")] = None,
+    ram: Annotated[str | None, typer.Option(help="CPU RAM, e.g. 512GiB.")] = None,
+    rules: Annotated[Path | None, typer.Option(help="TOML rules file (regex -> device, format).")] = None,
+    override: Annotated[list[str] | None, typer.Option(help="PATTERN=DEVICE[:FORMAT], e.g. 'exps=cpu'.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object (docs/plan-schema.md).")] = False,
+):
+    """Decide what goes on the GPU and what stays in CPU RAM, from the header alone, and predict speed.
+
+    Example: hetero plan DeepSeek-R1-Q4_K_M-00001-of-00009.gguf --gpu rtx4090 --ctx 8192 --cpu-bw ddr5-4800x8
+    Exit code 2 when the plan does not fit.
+    """
+    from cli.plan_report import render_plan
+    from hetero.config import config_from_metadata
+    from hetero.gguf_file import GGUFModelFile
+    from hetero.model import DEFAULT_CTX
+    from placement.hardware import detect, with_overrides
+    from placement.planner import make_plan
+    from placement.report import plan_to_json
+    from placement.rules import load_rules, parse_override
+
+    file = GGUFModelFile(model)
+    cfg = config_from_metadata(file.metadata)
+    all_rules = [parse_override(o) for o in override or []] + (load_rules(rules) if rules else [])
+    with err_console.status("measuring memory bandwidth", spinner="dots"):
+        hw = detect(probe_bandwidth=cpu_bw is None)
+    hw = with_overrides(hw, gpu=gpu, gpu_mem=gpu_mem, cpu_bw=cpu_bw, ram=ram, cpu_cores=cpu_cores)
+    ctx = ctx or min(DEFAULT_CTX, cfg.n_ctx_train)
+    result = make_plan(cfg, file.tensors, hw, ctx, all_rules, model=str(file.paths[0]))
+    if as_json:
+        print(json.dumps(plan_to_json(result)))
+    else:
+        render_plan(result, console)
+    if not result.fits:
+        raise HeteroError("the plan does not fit: " + "; ".join(result.problems))
+
+
+@app.command()
+@friendly_errors
 def demo(
     model: Annotated[Path | None, typer.Argument(help="A deepseek2 GGUF; default: the built-in demo model.")] = None,
     prompt: Annotated[str, typer.Option(help="The user message.")] = "Hello! What can you do?",
@@ -154,6 +198,10 @@ def demo(
             write_with_progress(model, DEMO_PRESET, DEMO_QUANT)
     with console.status("opening the model"):
         loaded = hetero.load_model(model)
+    console.print(
+        f"placement: {loaded.plan.weights_bytes('gpu') / 2**30:.2f} GiB on the GPU, "
+        f"{loaded.plan.weights_bytes('cpu') / 2**30:.2f} GiB in CPU RAM (hetero plan shows the details)"
+    )
     print_summary(summarize(GGUFModelFile(model)))
     console.print(f"\n[bold]user:[/] {prompt}\n[bold]assistant:[/] ", end="")
     last, tokens = None, 0

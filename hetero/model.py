@@ -7,6 +7,7 @@ import numpy as np
 import torch
 
 from hetero.config import ModelConfig, config_from_metadata
+from hetero.errors import HeteroError
 from hetero.generate import Step, generate_steps
 from hetero.gguf_file import GGUFModelFile
 from hetero.kv_cache import LatentKVCache
@@ -14,20 +15,28 @@ from hetero.models.deepseek2 import DeepSeek2
 from hetero.models.deepseek2_tensors import validate_tensors
 from hetero.sampling import SamplingParams
 from hetero.tokenizer import Tokenizer
+from placement.hardware import detect, with_overrides
+from placement.planner import Plan, make_plan
+from placement.rules import Rule
 
 DEFAULT_CTX = 4096
 
 
 class Model:
-    """A loaded deepseek2 model. Weights stay memory-mapped and quantized."""
+    """A loaded deepseek2 model. Weights stay memory-mapped and quantized, placed as `plan` says."""
 
-    def __init__(self, file: GGUFModelFile, device: str = "cpu", n_ctx: int | None = None):
+    def __init__(self, file: GGUFModelFile, plan: Plan, gpu_device: str | None = None):
         self.file = file
         self.config: ModelConfig = config_from_metadata(file.metadata)
         self.tied_output = validate_tensors(self.config, {n: t.shape for n, t in file.tensors.items()})
-        self.device = torch.device(device)
-        self.n_ctx = min(n_ctx or DEFAULT_CTX, self.config.n_ctx_train)
-        self.net = DeepSeek2(self.config, file.tensors, self.device)
+        self.plan = plan
+        self.n_ctx = plan.ctx
+        # "gpu" in a plan is CUDA when present; otherwise the CPU stands in (same code path).
+        gpu = torch.device(gpu_device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        cpu = torch.device("cpu")
+        devices = {p.name: (gpu if p.device == "gpu" else cpu) for p in plan.placements}
+        self.device = gpu if plan.weights_bytes("gpu") else cpu
+        self.net = DeepSeek2(self.config, file.tensors, devices.__getitem__, self.device)
         self.tokenizer = Tokenizer(file.paths[0], file.metadata)
 
     # -- numbers -------------------------------------------------------------------------------
@@ -81,12 +90,32 @@ class Model:
                 yield step.text
 
 
-def load_model(path: str | Path, device: str = "cpu", n_ctx: int | None = None) -> Model:
-    """Open a deepseek2 GGUF (single file, or the first of a split set) for inference.
+def load_model(
+    path: str | Path,
+    n_ctx: int | None = None,
+    gpu_mem: str | int | None = None,
+    rules: list[Rule] = (),
+    plan: Plan | None = None,
+    gpu_device: str | None = None,
+) -> Model:
+    """Open a deepseek2 GGUF (single file, or any file of a split set) for inference.
 
-    device: torch device for the forward pass; n_ctx: maximum tokens per sequence.
+    n_ctx: maximum tokens per sequence (default 4096); gpu_mem: GPU budget ("24GiB"; default:
+    the detected GPU, none without CUDA); rules: placement overrides; plan: a ready Plan
+    (e.g. from `hetero plan --json`), which then decides everything; gpu_device: the torch
+    device that plays the plan's "gpu" (default cuda, else the CPU as a stand-in).
     """
-    return Model(GGUFModelFile(path), device=device, n_ctx=n_ctx)
+    file = GGUFModelFile(path)
+    if plan is None:
+        cfg = config_from_metadata(file.metadata)
+        hw = with_overrides(detect(probe_bandwidth=False), gpu_mem=gpu_mem)
+        ctx = min(n_ctx or DEFAULT_CTX, cfg.n_ctx_train)
+        plan = make_plan(cfg, file.tensors, hw, ctx, list(rules), model=str(file.paths[0]))
+    elif {p.name for p in plan.placements} != set(file.tensors):
+        raise HeteroError("the plan was made for a different model (tensor names differ)")
+    if not plan.fits:
+        raise HeteroError("the plan does not fit: " + "; ".join(plan.problems) + f" ({plan.suggestion})")
+    return Model(file, plan, gpu_device)
 
 
 __all__ = ["Model", "Step", "load_model"]

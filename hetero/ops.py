@@ -18,16 +18,21 @@ CHUNK_VALUES = 1 << 20  # 4 MiB of float32 per dequantized slice (its temporarie
 
 
 def quant_matmul(x: torch.Tensor, raw: torch.Tensor, qtype, in_features: int) -> torch.Tensor:
-    """x [T, in] @ W.T for W given as raw rows [out, row_bytes]; dequantizes a slice at a time."""
+    """x [T, in] @ W.T for W given as raw rows [out, row_bytes]; dequantizes a slice at a time.
+
+    Runs where the weight lives and returns on x's device (the hybrid hand-off in miniature).
+    """
+    home = x.device
+    x = x.to(raw.device)
     out_features = raw.shape[0]
     step = max(1, CHUNK_VALUES // in_features)
     if step >= out_features:
-        return x @ dequantize(raw, qtype, in_features).T
+        return (x @ dequantize(raw, qtype, in_features).T).to(home)
     y = x.new_empty(x.shape[0], out_features)
     for start in range(0, out_features, step):
         stop = min(start + step, out_features)
         y[:, start:stop] = x @ dequantize(raw[start:stop], qtype, in_features).T
-    return y
+    return y.to(home)
 
 
 def raw_tensor(info: TensorInfo, device: torch.device) -> torch.Tensor:
@@ -70,8 +75,8 @@ class Embedding:
         self.raw = raw_tensor(info, device)
 
     def __call__(self, ids: torch.Tensor) -> torch.Tensor:
-        """ids [T] int64 -> [T, dim] float32."""
-        return dequantize(self.raw[ids], self.qtype, self.dim)
+        """ids [T] int64 -> [T, dim] float32, on the device of ids."""
+        return dequantize(self.raw[ids.to(self.raw.device)], self.qtype, self.dim).to(ids.device)
 
 
 class ExpertBank:

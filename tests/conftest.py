@@ -54,3 +54,20 @@ def llama_logits(path, ids: list[int]) -> np.ndarray:
 
 def rel_err(ours: np.ndarray, ref: np.ndarray) -> float:
     return float(np.linalg.norm(ours - ref) / np.linalg.norm(ref))
+
+
+@pytest.fixture(scope="session")
+def r1_header(tmp_path_factory):
+    """A DeepSeek-R1-shaped Q4_K_M split set (9 files) whose data region is a sparse hole."""
+    from hetero.synth.header_only import write_header_only
+
+    return write_header_only(tmp_path_factory.mktemp("r1") / "DeepSeek-R1-Q4_K_M.gguf", splits=9)
+
+
+@pytest.fixture(scope="session")
+def v2_lite_header(tmp_path_factory):
+    """DeepSeek-V2-Lite's 27 layers at their published shapes, header only."""
+    from hetero.synth.header_only import write_header_only
+    from hetero.synth.presets import make_preset
+
+    return write_header_only(tmp_path_factory.mktemp("v2lite") / "V2-Lite-Q4_K_M.gguf", make_preset("v2-lite"))[0]

@@ -2,19 +2,12 @@
 
 import os
 
-import pytest
-
 from hetero.gguf_file import GGUFModelFile
 from hetero.summary import summarize
-from hetero.synth.header_only import write_header_only
 
 
-@pytest.fixture(scope="module")
-def r1(tmp_path_factory):
-    return write_header_only(tmp_path_factory.mktemp("r1") / "DeepSeek-R1-Q4_K_M.gguf", splits=9)
-
-
-def test_r1_shapes_and_sizes_from_the_header(r1):
+def test_r1_shapes_and_sizes_from_the_header(r1_header):
+    r1 = r1_header
     assert len(r1) == 9 and r1[0].name == "DeepSeek-R1-Q4_K_M-00001-of-00009.gguf"
     apparent = sum(os.path.getsize(p) for p in r1)
     on_disk = sum(os.stat(p).st_blocks * 512 for p in r1)

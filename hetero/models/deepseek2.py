@@ -4,6 +4,7 @@ Shape key: T new tokens, S cached + new tokens, D hidden, H heads, R latent (kv_
 N nope dims, P rope dims, V value dims, E experts, A experts used per token.
 """
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -15,6 +16,8 @@ from hetero.kv_cache import LatentKVCache
 from hetero.ops import Embedding, ExpertBank, QuantLinear, QuantLinear3, vector
 from hetero.rope import apply_rope, attention_scales, rope_tables
 from hetero.routing import route
+
+Placer = Callable[[str], torch.device]
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -28,13 +31,13 @@ class HeadWeights:
     attn_kv_b [H*(N+V), R]. Both become wk [H, R, N] and wv [H, V, R], dequantized per call.
     """
 
-    def __init__(self, cfg: ModelConfig, tensors: dict[str, TensorInfo], prefix: str, device):
+    def __init__(self, cfg: ModelConfig, tensors: dict[str, TensorInfo], prefix: str, place: Placer):
         self.cfg = cfg
         if cfg.split_kv_b:
-            self.k_b = QuantLinear3(tensors[prefix + "attn_k_b.weight"], device)
-            self.v_b = QuantLinear3(tensors[prefix + "attn_v_b.weight"], device)
+            self.k_b = QuantLinear3(tensors[prefix + "attn_k_b.weight"], place(prefix + "attn_k_b.weight"))
+            self.v_b = QuantLinear3(tensors[prefix + "attn_v_b.weight"], place(prefix + "attn_v_b.weight"))
         else:
-            self.kv_b = QuantLinear(tensors[prefix + "attn_kv_b.weight"], device)
+            self.kv_b = QuantLinear(tensors[prefix + "attn_kv_b.weight"], place(prefix + "attn_kv_b.weight"))
 
     def wk_wv(self) -> tuple[torch.Tensor, torch.Tensor]:
         if self.cfg.split_kv_b:
@@ -65,12 +68,18 @@ class Layer:
     experts: ExpertBank | None = None
 
 
-def build_layers(cfg: ModelConfig, tensors: dict[str, TensorInfo], device) -> list[Layer]:
+def build_layers(cfg: ModelConfig, tensors: dict[str, TensorInfo], place: Placer, home) -> list[Layer]:
+    """Each weight goes where `place` says; small vectors (norms, biases) live with the activations."""
+
     def lin(name):
-        return QuantLinear(tensors[name], device) if name in tensors else None
+        return QuantLinear(tensors[name], place(name)) if name in tensors else None
 
     def vec(name):
-        return vector(tensors[name], device) if name in tensors else None
+        return vector(tensors[name], home) if name in tensors else None
+
+    def experts(prefix):
+        names = [prefix + f"ffn_{w}_exps.weight" for w in ("gate", "up", "down")]
+        return ExpertBank(*(tensors[n] for n in names), place(names[0]))
 
     layers = []
     for i in range(cfg.n_layer):
@@ -86,7 +95,7 @@ def build_layers(cfg: ModelConfig, tensors: dict[str, TensorInfo], device) -> li
                 q_b=lin(p + "attn_q_b.weight"),
                 kv_a=lin(p + "attn_kv_a_mqa.weight"),
                 kv_a_norm=vec(p + "attn_kv_a_norm.weight"),
-                heads=HeadWeights(cfg, tensors, p, device),
+                heads=HeadWeights(cfg, tensors, p, place),
                 out=lin(p + "attn_output.weight"),
                 ffn_norm=vec(p + "ffn_norm.weight"),
                 gate=lin(p + f"ffn_gate{ffn}.weight"),
@@ -94,9 +103,7 @@ def build_layers(cfg: ModelConfig, tensors: dict[str, TensorInfo], device) -> li
                 down=lin(p + f"ffn_down{ffn}.weight"),
                 router=lin(p + "ffn_gate_inp.weight") if moe else None,
                 router_bias=vec(p + "exp_probs_b.bias") if moe else None,
-                experts=ExpertBank(*(tensors[p + f"ffn_{w}_exps.weight"] for w in ("gate", "up", "down")), device)
-                if moe
-                else None,
+                experts=experts(p) if moe else None,
             )
         )
     return layers
@@ -105,13 +112,15 @@ def build_layers(cfg: ModelConfig, tensors: dict[str, TensorInfo], device) -> li
 class DeepSeek2:
     """Embedding -> layers (MLA attention, dense FFN or MoE) -> norm -> logits."""
 
-    def __init__(self, cfg: ModelConfig, tensors: dict[str, TensorInfo], device: torch.device):
+    def __init__(self, cfg: ModelConfig, tensors: dict[str, TensorInfo], place: Placer, home: torch.device):
+        """place(name) -> the torch device of that weight; home: where activations and the cache live."""
         self.cfg = cfg
-        self.device = device
-        self.embed = Embedding(tensors["token_embd.weight"], device)
-        self.layers = build_layers(cfg, tensors, device)
-        self.output_norm = vector(tensors["output_norm.weight"], device)
-        self.output = QuantLinear(tensors.get("output.weight") or tensors["token_embd.weight"], device)
+        self.device = home
+        self.embed = Embedding(tensors["token_embd.weight"], place("token_embd.weight"))
+        self.layers = build_layers(cfg, tensors, place, home)
+        self.output_norm = vector(tensors["output_norm.weight"], home)
+        head = "output.weight" if "output.weight" in tensors else "token_embd.weight"
+        self.output = QuantLinear(tensors[head], place(head))
         self.kq_scale = attention_scales(cfg).kq_scale
 
     def new_cache(self, max_tokens: int) -> LatentKVCache:
@@ -152,7 +161,7 @@ class DeepSeek2:
         cache.write(i, start, latent, k_rope)
         latents, k_ropes = cache.read(i, start + t)  # [S, R], [S, P]
 
-        wk, wv = layer.heads.wk_wv()  # [H, R, N], [H, V, R]
+        wk, wv = (w.to(x.device) for w in layer.heads.wk_wv())  # [H, R, N], [H, V, R]
         q_latent = torch.einsum("thn,hrn->thr", q_nope, wk)  # [T, H, R]
         scores = torch.einsum("thr,sr->ths", q_latent, latents) + torch.einsum("thp,sp->ths", q_rope, k_ropes)
         scores = scores * self.kq_scale  # [T, H, S]

@@ -1,0 +1,70 @@
+"""Render a Plan for people: tensors grouped by kind and layer range, totals, verdict, prediction."""
+
+from itertools import groupby
+
+from rich.console import Console
+from rich.table import Table
+
+from placement.planner import Plan
+
+
+def layer_ranges(layers: list[int]) -> str:
+    """[0, 1, 2, 5, 6] -> '0-2, 5-6'; -1 (outside the layer stack: embedding, head) -> 'top'."""
+    out = []
+    stack = sorted(v for v in layers if v >= 0)
+    for _, run in groupby(enumerate(stack), key=lambda iv: iv[1] - iv[0]):
+        run = [v for _, v in run]
+        out.append(f"{run[0]}-{run[-1]}" if len(run) > 1 else str(run[0]))
+    if -1 in layers:
+        out.append("top")
+    return ", ".join(out)
+
+
+def gib(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB"
+
+
+def render_plan(plan: Plan, console: Console) -> None:
+    hw = plan.hardware
+    groups: dict[tuple, dict] = {}
+    for p in plan.placements:
+        g = groups.setdefault((p.kind, p.device, p.format), {"layers": set(), "count": 0, "bytes": 0})
+        g["layers"].add(p.layer)
+        g["count"] += 1
+        g["bytes"] += p.bytes
+    table = Table("tensor kind", "layers", "device", "format", "tensors", "bytes", title=f"placement of {plan.model}")
+    for (kind, device, fmt), g in sorted(groups.items(), key=lambda kv: (kv[0][1] != "gpu", -kv[1]["bytes"])):
+        style = "green" if device == "gpu" else "cyan"
+        table.add_row(
+            kind, layer_ranges(sorted(g["layers"])), f"[{style}]{device}[/]", fmt, str(g["count"]), gib(g["bytes"])
+        )
+    console.print(table)
+    reserved = ", ".join(f"{label} {gib(b)}" for label, b in plan.reserved)
+    if hw.gpu_mem:
+        console.print(
+            f"GPU {hw.gpu_name}: {gib(plan.used_bytes('gpu'))} of {gib(hw.gpu_mem)} "
+            f"(weights {gib(plan.weights_bytes('gpu'))}, KV cache {gib(plan.kv_cache_bytes)} for {plan.ctx} tokens, "
+            f"{reserved})"
+        )
+    else:
+        console.print("GPU: none (CPU-only plan)")
+    ram = f" of {gib(hw.ram)}" if hw.ram else ""
+    console.print(f"CPU RAM: {gib(plan.used_bytes('cpu'))}{ram} ({hw.cpu_cores} cores, {hw.numa_nodes} NUMA node(s))")
+    if plan.fits:
+        console.print("[bold green]fits[/]")
+    else:
+        for problem in plan.problems:
+            console.print(f"[bold red]does not fit:[/] {problem}")
+        console.print(plan.suggestion)
+    pred = plan.prediction
+    console.print(
+        f"expected: decode [bold]{pred.decode_tok_s:.1f} tok/s[/] ({pred.bound}-bound: "
+        f"GPU busy {pred.decode_gpu_ms:.1f} ms, CPU busy {pred.decode_cpu_ms:.1f} ms per token), "
+        f"prefill {pred.prefill_tok_s:.0f} tok/s"
+    )
+    console.print(
+        f"[dim]hardware: {hw.source}; GPU {hw.gpu_bw / 1e9:.0f} GB/s, CPU {hw.cpu_bw / 1e9:.0f} GB/s, "
+        f"{hw.cpu_flops / 1e12:.1f} TFLOP/s[/]"
+    )
+    for a in pred.assumptions:
+        console.print(f"[dim]  assumes {a}[/]")

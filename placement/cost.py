@@ -1,0 +1,106 @@
+"""Cost model per tensor: bytes (in the file and on each device), FLOPs per token, intensity.
+
+Intensity = FLOPs per byte of weight read. A dense weight at batch B does 2 FLOPs per parameter
+per token and is read once per step, so its intensity grows with B. A routed expert stack is
+touched only by the tokens routed to it: per token it does 2 * params * A/E FLOPs, and a batch
+of B tokens reads the fraction 1 - (1 - A/E)^B of it, so at decode its intensity is the same as
+a dense weight's but its bytes per FLOP is E/A times worse: it belongs where bytes are cheap.
+"""
+
+from dataclasses import dataclass
+
+from gguf import GGML_QUANT_SIZES
+from gguf import GGMLQuantizationType as T
+
+from hetero.config import ModelConfig
+from hetero.summary import tensor_kind
+
+# The order in which kinds earn GPU memory (the planner's primary key).
+GPU_PRIORITY = (
+    "attention",
+    "norms",
+    "router",
+    "shared experts",
+    "dense FFN",
+    "output head",
+    "embedding",
+    "routed experts",
+)
+
+# GPU formats (gpu_ops): 4-bit families are repacked into tiles keeping GGUF's own scales (same
+# size); 5/6/8-bit ones widen to int8 with one float16 scale per 32 values; floats stay floats.
+INT4_SOURCES = {T.Q4_0, T.Q4_1, T.Q4_K, T.IQ4_NL, T.IQ4_XS, T.Q2_K, T.Q3_K}
+INT8_SOURCES = {T.Q5_0, T.Q5_1, T.Q5_K, T.Q6_K, T.Q8_0}
+
+
+def gpu_format(qtype: T, n_values: int, gguf_bytes: int) -> tuple[str, int]:
+    """(format name, bytes on the GPU) for a tensor of this GGUF type."""
+    if qtype in INT4_SOURCES:
+        return "int4", max(gguf_bytes, n_values * 9 // 16)  # at least 4 bits + a 16-bit scale per 32
+    if qtype in INT8_SOURCES:
+        return "int8", n_values * 17 // 16
+    if qtype == T.F32:
+        return "f32", n_values * 4
+    return ("bf16" if qtype == T.BF16 else "f16"), n_values * 2
+
+
+@dataclass(frozen=True)
+class TensorCost:
+    name: str
+    kind: str
+    layer: int  # -1 outside the layer stack
+    qtype: T
+    n_values: int
+    gguf_bytes: int
+    gpu_format: str
+    gpu_bytes: int
+    flops_per_token: float  # average over tokens
+    read_fraction_decode: float  # share of the bytes one decode step reads
+
+    def intensity(self, batch: int) -> float:
+        """FLOPs per byte read for a step of `batch` tokens."""
+        if self.kind == "routed experts":
+            read = self.gguf_bytes * (1 - (1 - self.read_fraction_decode) ** batch)
+        elif self.kind == "embedding":
+            read = self.gguf_bytes * min(1.0, batch * self.read_fraction_decode)
+        else:
+            read = self.gguf_bytes
+        return self.flops_per_token * batch / read if read else 0.0
+
+
+def tensor_costs(cfg: ModelConfig, tensors: dict, ctx: int) -> list[TensorCost]:
+    """Costs of every tensor; `tensors` maps name -> TensorInfo (only headers are used)."""
+    used = cfg.n_expert_used / cfg.n_expert
+    # Attention scores and the weighted sum over a `ctx`-token latent cache, absorbed form.
+    attn_flops = 2 * 2 * cfg.n_head * (cfg.kv_lora_rank + cfg.qk_rope_dim) * ctx
+    per_layer_attn_values: dict[int, int] = {}
+    for name, t in tensors.items():
+        if tensor_kind(name) == "attention":
+            layer = _layer(name)
+            per_layer_attn_values[layer] = per_layer_attn_values.get(layer, 0) + t.n_values
+    costs = []
+    for name, t in tensors.items():
+        kind, layer = tensor_kind(name), _layer(name)
+        block, size = GGML_QUANT_SIZES[t.qtype]
+        gguf_bytes = t.n_values // block * size
+        fmt, gpu_bytes = gpu_format(t.qtype, t.n_values, gguf_bytes)
+        flops, fraction = 2.0 * t.n_values, 1.0
+        if kind == "routed experts":
+            flops, fraction = flops * used, used
+        elif kind == "embedding":
+            flops, fraction = 0.0, 1.0 / t.shape[0]
+        elif kind in ("norms", "router"):
+            flops = 2.0 * t.n_values
+        if kind == "attention":  # share the per-layer score FLOPs by weight size
+            flops += attn_flops * t.n_values / per_layer_attn_values[layer]
+        costs.append(TensorCost(name, kind, layer, t.qtype, t.n_values, gguf_bytes, fmt, gpu_bytes, flops, fraction))
+    return costs
+
+
+def kv_cache_bytes(cfg: ModelConfig, ctx: int, bytes_per_value: int = 2) -> int:
+    """The latent cache: (kv_lora_rank + rope dims) values per token per layer, bf16 on the GPU."""
+    return cfg.n_layer * ctx * (cfg.kv_lora_rank + cfg.qk_rope_dim) * bytes_per_value
+
+
+def _layer(name: str) -> int:
+    return int(name.split(".")[1]) if name.startswith("blk.") else -1

@@ -1,0 +1,157 @@
+"""The machine a plan is made for: detected, named from a small table, or given by flags."""
+
+import os
+import re
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from hetero.errors import HeteroError
+
+GiB = 2**30
+
+
+@dataclass(frozen=True)
+class Hardware:
+    gpu_name: str  # "none" when planning CPU-only
+    gpu_mem: int  # bytes the plan may use on the GPU
+    gpu_bw: float  # bytes/s of device memory
+    gpu_flops: float  # dense fp16/bf16 tensor-core FLOP/s
+    cpu_cores: int
+    numa_nodes: int
+    ram: int  # bytes
+    cpu_bw: float  # bytes/s of DRAM read bandwidth, all nodes
+    cpu_flops: float  # FLOP/s of the cores together
+    source: str  # how these numbers were obtained
+
+
+# name -> (memory, bandwidth, dense fp16 tensor FLOP/s), from the vendors' data sheets.
+GPUS = {
+    "rtx3090": (24 * GiB, 936e9, 71e12),
+    "rtx4080": (16 * GiB, 717e9, 97e12),
+    "rtx4090": (24 * GiB, 1008e9, 165e12),
+    "rtx5090": (32 * GiB, 1792e9, 209e12),
+    "rtx-a6000": (48 * GiB, 768e9, 155e12),
+    "l40s": (48 * GiB, 864e9, 362e12),
+    "a100-80g": (80 * GiB, 2039e9, 312e12),
+    "h100": (80 * GiB, 3350e9, 989e12),
+}
+# memory configuration -> theoretical read bandwidth (channels x MT/s x 8 bytes).
+CPU_MEMORY = {
+    "ddr4-3200x2": 51.2e9,
+    "ddr5-5600x2": 89.6e9,
+    "ddr4-3200x8": 204.8e9,
+    "ddr5-4800x8": 307.2e9,
+    "ddr5-4800x12": 460.8e9,
+    "ddr5-4800x16": 614.4e9,
+}
+UNKNOWN_GPU_BW, UNKNOWN_GPU_FLOPS = 1000e9, 150e12  # an RTX 4090-class card
+CPU_FLOPS_PER_CORE = 100e9  # AVX-512 FMA at ~3 GHz; AMX would be far higher
+
+
+def parse_size(text: str) -> int:
+    """'24GiB', '24G', '512 MiB', '0' -> bytes (G and GB are read as GiB; decimal GB is rare for VRAM)."""
+    m = re.fullmatch(r"\s*([0-9.]+)\s*([KMGT]?)(i?B)?\s*", text, re.I)
+    if not m:
+        raise HeteroError(f"cannot read size {text!r}; write e.g. 24GiB or 512MiB")
+    scale = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}[m[2].upper()]
+    return int(float(m[1]) * scale)
+
+
+def parse_rate(text: str) -> float:
+    """'300GB/s' or '300' (GB/s) -> bytes/s."""
+    m = re.fullmatch(r"\s*([0-9.]+)\s*(GB/s|TB/s|MB/s)?\s*", text, re.I)
+    if not m:
+        raise HeteroError(f"cannot read bandwidth {text!r}; write e.g. 300GB/s")
+    return float(m[1]) * {"MB/S": 1e6, "GB/S": 1e9, "TB/S": 1e12}[(m[2] or "GB/s").upper()]
+
+
+def detect(probe_bandwidth: bool = True) -> Hardware:
+    """This machine: cores, NUMA nodes, RAM, measured DRAM bandwidth, and the CUDA GPU if any."""
+    cores = os.cpu_count() or 1
+    nodes = len(list(Path("/sys/devices/system/node").glob("node[0-9]*"))) or 1
+    ram = _meminfo_total()
+    cpu_bw = measure_read_bandwidth() if probe_bandwidth else 20e9
+    hw = Hardware("none", 0, 0.0, 0.0, cores, nodes, ram, cpu_bw, cores * CPU_FLOPS_PER_CORE, "detected")
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            props = torch.cuda.get_device_properties(0)
+            known = _lookup_gpu(props.name)
+            bw, flops = (known[1], known[2]) if known else (UNKNOWN_GPU_BW, UNKNOWN_GPU_FLOPS)
+            hw = replace(hw, gpu_name=props.name, gpu_mem=props.total_memory, gpu_bw=bw, gpu_flops=flops)
+    except (ImportError, RuntimeError):
+        pass
+    return hw
+
+
+def with_overrides(hw: Hardware, gpu=None, gpu_mem=None, cpu_bw=None, ram=None, cpu_cores=None) -> Hardware:
+    """Apply --gpu NAME, --gpu-mem SIZE, --cpu-bw RATE|MEMCONFIG, --ram SIZE, --cpu-cores N on top of hw."""
+    notes = []
+    if cpu_cores is not None:
+        if cpu_cores < 1:
+            raise HeteroError(f"--cpu-cores {cpu_cores} must be at least 1")
+        hw = replace(hw, cpu_cores=cpu_cores, cpu_flops=cpu_cores * CPU_FLOPS_PER_CORE)
+        notes.append(f"--cpu-cores {cpu_cores}")
+    if gpu is not None:
+        if gpu == "none":
+            hw = replace(hw, gpu_name="none", gpu_mem=0, gpu_bw=0.0, gpu_flops=0.0)
+        else:
+            known = _lookup_gpu(gpu)
+            if not known:
+                raise HeteroError(f"unknown GPU {gpu!r}; known: {', '.join(GPUS)} (or give --gpu-mem)")
+            hw = replace(hw, gpu_name=gpu, gpu_mem=known[0], gpu_bw=known[1], gpu_flops=known[2])
+        notes.append(f"--gpu {gpu}")
+    if gpu_mem is not None:
+        size = parse_size(gpu_mem) if isinstance(gpu_mem, str) else int(gpu_mem)
+        if size == 0:
+            hw = replace(hw, gpu_name="none", gpu_mem=0, gpu_bw=0.0, gpu_flops=0.0)
+        elif hw.gpu_name == "none":
+            hw = replace(hw, gpu_name="gpu", gpu_mem=size, gpu_bw=UNKNOWN_GPU_BW, gpu_flops=UNKNOWN_GPU_FLOPS)
+        else:
+            hw = replace(hw, gpu_mem=size)
+        notes.append(f"--gpu-mem {gpu_mem}")
+    if cpu_bw is not None:
+        bw = CPU_MEMORY.get(cpu_bw.lower()) if isinstance(cpu_bw, str) else float(cpu_bw)
+        hw = replace(hw, cpu_bw=bw if bw is not None else parse_rate(cpu_bw))
+        notes.append(f"--cpu-bw {cpu_bw}")
+    if ram is not None:
+        hw = replace(hw, ram=parse_size(ram) if isinstance(ram, str) else int(ram))
+        notes.append(f"--ram {ram}")
+    return replace(hw, source=hw.source + (" + " + " ".join(notes) if notes else ""))
+
+
+def _lookup_gpu(name: str):
+    key = re.sub(r"[^a-z0-9]", "", name.lower())
+    for known, spec in GPUS.items():
+        if re.sub(r"[^a-z0-9]", "", known) in key:
+            return spec
+    return None
+
+
+def _meminfo_total() -> int:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def measure_read_bandwidth(megabytes: int = 256) -> float:
+    """Bytes/s of a parallel read over a buffer far larger than the caches (best of 3)."""
+    import time
+
+    import numpy as np
+
+    from cpu_ops.bandwidth import parallel_sum
+
+    buf = np.ones(megabytes * 2**20 // 8, dtype=np.float64)
+    parallel_sum(buf[:1024])  # compile (cached on disk after the first run)
+    best = float("inf")
+    for _ in range(3):
+        t0 = time.perf_counter()
+        parallel_sum(buf)
+        best = min(best, time.perf_counter() - t0)
+    return buf.nbytes / best

@@ -1,0 +1,205 @@
+"""The planner: every tensor -> (device, format), within the GPU budget, from the header alone.
+
+Order of play:
+1. rules first (the user's word is final; a GPU rule that cannot fit is an error naming it);
+2. reserve the latent KV cache for `ctx`, activation buffers, CUDA graphs and the CUDA context,
+   and keep 15% of the budget unplanned (fragmentation, transient peaks);
+3. the dense, every-token parts by priority (attention, norms, router, shared experts, dense
+   FFN, output head, embedding), most FLOPs per byte first within a kind;
+4. spare VRAM goes to whole layers of routed experts, smallest first (KTransformers' static
+   rules leave it idle), when at least 5% of the MoE layers fit: below that the CPU traffic
+   saved is within the prediction's error and the VRAM is worth more as headroom;
+5. everything else stays in CPU RAM, quantized as in the file.
+"""
+
+import math
+from dataclasses import dataclass, field
+
+from hetero.config import ModelConfig
+from hetero.errors import HeteroError
+from placement.cost import GPU_PRIORITY, TensorCost, kv_cache_bytes, tensor_costs
+from placement.hardware import GiB, Hardware
+from placement.predict import Prediction, predict
+from placement.rules import Rule, first_match
+
+CUDA_CONTEXT = 512 * 2**20
+CUDA_GRAPHS = 256 * 2**20
+PREFILL_CHUNK = 4096  # tokens per prefill step; long prompts need big chunks to keep the GPU busy
+HEADROOM = 0.15  # of the budget, never planned: allocator fragmentation and transient peaks
+MIN_EXPERT_SHARE = 0.05  # move routed experts only if >= 5% of the MoE layers fit (a visible gain)
+
+
+@dataclass(frozen=True)
+class Placement:
+    name: str
+    kind: str
+    layer: int
+    device: str  # "gpu" | "cpu"
+    format: str  # GPU: int4 | int8 | f16 | bf16 | f32; CPU: the GGUF type, kept as is
+    bytes: int  # on that device
+
+
+@dataclass(frozen=True)
+class Plan:
+    model: str
+    hardware: Hardware
+    ctx: int
+    placements: tuple[Placement, ...]
+    kv_cache_bytes: int
+    kv_cache_device: str
+    reserved: tuple[tuple[str, int], ...]  # GPU memory set aside besides weights and KV cache
+    fits: bool
+    problems: tuple[str, ...]
+    suggestion: str
+    prediction: Prediction
+    rules: tuple[str, ...] = field(default=())
+
+    def device_of(self, name: str) -> str:
+        return self._devices()[name]
+
+    def _devices(self) -> dict[str, str]:
+        return {p.name: p.device for p in self.placements}
+
+    def weights_bytes(self, device: str) -> int:
+        return sum(p.bytes for p in self.placements if p.device == device)
+
+    def used_bytes(self, device: str) -> int:
+        used = self.weights_bytes(device)
+        if device == self.kv_cache_device:
+            used += self.kv_cache_bytes
+        if device == "gpu" and self.hardware.gpu_mem:
+            used += sum(b for _, b in self.reserved)
+        return used
+
+
+def make_plan(cfg: ModelConfig, tensors: dict, hw: Hardware, ctx: int, rules: list[Rule] = (), model: str = "") -> Plan:
+    """Place every tensor of a model (name -> TensorInfo; only shapes and types are read)."""
+    if ctx <= 0 or ctx > cfg.n_ctx_train:
+        raise HeteroError(f"--ctx {ctx} must be between 1 and the model's {cfg.n_ctx_train}")
+    costs = tensor_costs(cfg, tensors, ctx)
+    has_gpu = hw.gpu_mem > 0
+    kv_device = "gpu" if has_gpu else "cpu"
+    kv = kv_cache_bytes(cfg, ctx, 2 if has_gpu else 4)
+    reserved = _reserved(cfg, has_gpu)
+    free = hw.gpu_mem - kv - sum(b for _, b in reserved) - int(HEADROOM * hw.gpu_mem) if has_gpu else 0
+    devices: dict[str, str] = {}
+    formats: dict[str, str] = {}
+
+    # 1. rules
+    for c in costs:
+        rule = first_match(list(rules), c.name)
+        if rule is None:
+            continue
+        if rule.device == "gpu" and not has_gpu:
+            raise HeteroError(f"rule {rule.source!r} puts tensors on the GPU, but the plan has no GPU (--gpu-mem 0)")
+        devices[c.name] = rule.device
+        if rule.format:
+            formats[c.name] = rule.format
+    forced_gpu = sum(c.gpu_bytes for c in costs if devices.get(c.name) == "gpu")
+    if forced_gpu > max(free, 0):
+        culprits = {first_match(list(rules), c.name).source for c in costs if devices.get(c.name) == "gpu"}
+        raise HeteroError(
+            f"rule {' / '.join(sorted(culprits))!r} puts {_gib(forced_gpu)} on the GPU, "
+            f"but only {_gib(max(free, 0))} is left after the KV cache and buffers"
+        )
+    free -= forced_gpu
+
+    # 2-3. the dense part, by priority
+    problems = []
+    dense = [c for c in costs if c.name not in devices and c.kind != "routed experts"]
+    dense.sort(key=lambda c: (GPU_PRIORITY.index(c.kind), -c.intensity(1), c.layer, c.name))
+    left_out = 0
+    for c in dense:
+        if has_gpu and c.gpu_bytes <= free:
+            devices[c.name], free = "gpu", free - c.gpu_bytes
+        else:
+            devices[c.name] = "cpu"
+            left_out += c.gpu_bytes if has_gpu else 0
+    buffers = sum(b for _, b in reserved)
+    dense_need = forced_gpu + sum(c.gpu_bytes for c in dense) + kv + buffers
+    if has_gpu and left_out:
+        problems.append(
+            f"GPU: the dense part needs {_gib(dense_need)} (weights {_gib(dense_need - kv - buffers)}"
+            f", KV cache {_gib(kv)} for ctx {ctx}, buffers {_gib(buffers)}) plus "
+            f"{HEADROOM:.0%} headroom, over the {_gib(hw.gpu_mem)} budget"
+        )
+
+    # 4. spare VRAM -> whole layers of routed experts
+    experts_by_layer: dict[int, list[TensorCost]] = {}
+    for c in costs:
+        if c.kind == "routed experts" and c.name not in devices:
+            experts_by_layer.setdefault(c.layer, []).append(c)
+    chosen = []
+    for layer in sorted(experts_by_layer, key=lambda i: sum(c.gpu_bytes for c in experts_by_layer[i])):
+        size = sum(c.gpu_bytes for c in experts_by_layer[layer])
+        if has_gpu and not problems and size <= free:
+            chosen.append(layer)
+            free -= size
+    if len(chosen) < math.ceil(MIN_EXPERT_SHARE * len(experts_by_layer)):
+        chosen = []  # too little CPU traffic saved to be worth the headroom
+    for layer, stack in experts_by_layer.items():
+        for c in stack:
+            devices[c.name] = "gpu" if layer in chosen else "cpu"
+
+    placements = tuple(
+        Placement(c.name, c.kind, c.layer, devices[c.name], *_format(c, devices[c.name], formats.get(c.name)))
+        for c in costs
+    )
+    cpu_need = sum(p.bytes for p in placements if p.device == "cpu") + (0 if has_gpu else kv)
+    if hw.ram and cpu_need > hw.ram:
+        problems.append(f"CPU RAM: the plan needs {_gib(cpu_need)} but the machine has {_gib(hw.ram)}")
+    prediction = predict(costs, devices, hw, kv, kv_device)
+    return Plan(
+        model=model,
+        hardware=hw,
+        ctx=ctx,
+        placements=placements,
+        kv_cache_bytes=kv,
+        kv_cache_device=kv_device,
+        reserved=reserved,
+        fits=not problems,
+        problems=tuple(problems),
+        suggestion=_suggestion(problems, hw, dense_need, kv, cfg, ctx, cpu_need),
+        prediction=prediction,
+        rules=tuple(r.source for r in rules),
+    )
+
+
+def _format(c: TensorCost, device: str, override: str | None) -> tuple[str, int]:
+    if device == "cpu":
+        return override or c.qtype.name, c.gguf_bytes
+    return override or c.gpu_format, c.gpu_bytes
+
+
+def _reserved(cfg: ModelConfig, has_gpu: bool) -> tuple[tuple[str, int], ...]:
+    if not has_gpu:
+        return ()
+    # A prefill chunk's bf16 activations: latent queries of all heads (twice), 8 hidden-size
+    # buffers; plus float32 logits of one token.
+    width = 2 * cfg.n_head * (cfg.kv_lora_rank + cfg.qk_rope_dim) + 8 * cfg.n_embd
+    return (
+        ("activations", PREFILL_CHUNK * width * 2 + cfg.n_vocab * 4),
+        ("CUDA graphs", CUDA_GRAPHS),
+        ("CUDA context", CUDA_CONTEXT),
+    )
+
+
+def _suggestion(problems, hw: Hardware, dense_need: int, kv: int, cfg: ModelConfig, ctx: int, cpu_need: int) -> str:
+    if not problems:
+        return ""
+    tips = []
+    usable = int(hw.gpu_mem * (1 - HEADROOM))
+    if hw.gpu_mem and dense_need > usable:
+        tips.append(f"--gpu-mem {math.ceil(dense_need / (1 - HEADROOM) / GiB)}GiB")
+        per_token = kv // ctx
+        shorter = ctx - math.ceil((dense_need - usable) / per_token)
+        if shorter >= 1:
+            tips.append(f"--ctx {shorter}")
+        tips.append("--gpu-mem 0 (CPU only)")
+    if hw.ram and cpu_need > hw.ram:
+        tips.append(f"a machine with {math.ceil(cpu_need / GiB)} GiB of RAM")
+    return "smallest change that fits: " + " or ".join(tips)
+
+
+def _gib(n: int) -> str:
+    return f"{n / GiB:.2f} GiB"

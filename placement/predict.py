@@ -1,0 +1,70 @@
+"""Tokens per second to expect from a placement: a roofline over bytes (decode) and FLOPs (prefill)."""
+
+from dataclasses import dataclass
+
+from placement.cost import TensorCost
+from placement.hardware import Hardware
+
+GPU_BW_EFFICIENCY = 0.7  # share of HBM/GDDR bandwidth a quantized GEMV reaches
+CPU_BW_EFFICIENCY = 0.5  # share of DRAM bandwidth the CPU expert kernels reach across sockets
+FLOPS_EFFICIENCY = 0.5  # share of peak FLOP/s reached by prefill matmuls, both sides
+SYNC_S = 50e-6  # per layer that hands work between GPU and CPU: copy, event, wake-up
+PREFILL_TOKENS = 512
+FFN_KINDS = ("routed experts", "shared experts", "dense FFN", "router")
+ASSUMPTIONS = (
+    f"decode reads every GPU weight once per token at {GPU_BW_EFFICIENCY:.0%} of GPU bandwidth",
+    f"routed experts read A/E of their bytes per token at {CPU_BW_EFFICIENCY:.0%} of CPU bandwidth (on the CPU)",
+    "attention reads the whole latent KV cache (a full context) each token",
+    "per layer: attention, then shared experts on the GPU overlapped with routed experts on the CPU,"
+    f" plus {SYNC_S * 1e6:.0f} µs of hand-off where both sides work",
+    f"prefill of {PREFILL_TOKENS} tokens: the slower of FLOPs at {FLOPS_EFFICIENCY:.0%} of peak and bytes read",
+)
+
+
+@dataclass(frozen=True)
+class Prediction:
+    decode_tok_s: float
+    prefill_tok_s: float
+    bound: str  # "gpu" | "cpu": the side that is busy longer per decode step
+    decode_gpu_ms: float  # busy time per token on each side
+    decode_cpu_ms: float
+    assumptions: tuple[str, ...] = ASSUMPTIONS
+
+
+def predict(costs: list[TensorCost], devices: dict[str, str], hw: Hardware, kv_bytes: int, kv_device: str):
+    """costs of every tensor, devices[name] in {"gpu", "cpu"}, the KV cache size and where it lives."""
+    gpu_bw = hw.gpu_bw * GPU_BW_EFFICIENCY
+    cpu_bw = hw.cpu_bw * CPU_BW_EFFICIENCY
+    layers: dict[int, dict[str, float]] = {}
+    for c in costs:
+        on_gpu = devices[c.name] == "gpu"
+        part = "ffn" if c.kind in FFN_KINDS else "rest"
+        bytes_read = (c.gpu_bytes if on_gpu else c.gguf_bytes) * c.read_fraction_decode
+        slot = layers.setdefault(c.layer, {})
+        key = f"{'gpu' if on_gpu else 'cpu'}_{part}"
+        slot[key] = slot.get(key, 0.0) + bytes_read / (gpu_bw if on_gpu else cpu_bw)
+        pre = f"pre_{'gpu' if on_gpu else 'cpu'}"
+        flops = c.flops_per_token * PREFILL_TOKENS / ((hw.gpu_flops if on_gpu else hw.cpu_flops) * FLOPS_EFFICIENCY)
+        touched = (c.gpu_bytes if on_gpu else c.gguf_bytes) * min(1.0, c.read_fraction_decode * PREFILL_TOKENS)
+        slot[pre] = slot.get(pre, 0.0) + max(flops, touched / (gpu_bw if on_gpu else cpu_bw))
+    kv_per_layer = kv_bytes / max(1, len([k for k in layers if k >= 0]))
+    decode = prefill = gpu_busy = cpu_busy = 0.0
+    for layer, s in layers.items():
+        if layer >= 0:
+            s[f"{kv_device}_rest"] = s.get(f"{kv_device}_rest", 0.0) + kv_per_layer / (
+                gpu_bw if kv_device == "gpu" else cpu_bw
+            )
+        g_rest, g_ffn = s.get("gpu_rest", 0.0), s.get("gpu_ffn", 0.0)
+        c_rest, c_ffn = s.get("cpu_rest", 0.0), s.get("cpu_ffn", 0.0)
+        mixed = (g_rest + g_ffn) > 0 and (c_rest + c_ffn) > 0
+        decode += g_rest + c_rest + max(g_ffn, c_ffn) + (SYNC_S if mixed else 0.0)
+        prefill += max(s.get("pre_gpu", 0.0), s.get("pre_cpu", 0.0)) + (SYNC_S if mixed else 0.0)
+        gpu_busy += g_rest + g_ffn
+        cpu_busy += c_rest + c_ffn
+    return Prediction(
+        decode_tok_s=1.0 / decode if decode else 0.0,
+        prefill_tok_s=PREFILL_TOKENS / prefill if prefill else 0.0,
+        bound="cpu" if cpu_busy >= gpu_busy else "gpu",
+        decode_gpu_ms=gpu_busy * 1e3,
+        decode_cpu_ms=cpu_busy * 1e3,
+    )

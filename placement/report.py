@@ -1,0 +1,61 @@
+"""The plan as one JSON object (schema in docs/plan-schema.md), and back."""
+
+from dataclasses import asdict
+
+from placement.hardware import Hardware
+from placement.planner import Placement, Plan
+from placement.predict import Prediction
+
+SCHEMA = "hetero.plan/1"
+
+
+def plan_to_json(plan: Plan) -> dict:
+    hw = plan.hardware
+    return {
+        "schema": SCHEMA,
+        "model": plan.model,
+        "ctx": plan.ctx,
+        "hardware": asdict(hw),
+        "tensors": [asdict(p) for p in plan.placements],
+        "devices": {
+            "gpu": {
+                "name": hw.gpu_name,
+                "used_bytes": plan.used_bytes("gpu"),
+                "budget_bytes": hw.gpu_mem,
+                "weights_bytes": plan.weights_bytes("gpu"),
+            },
+            "cpu": {
+                "used_bytes": plan.used_bytes("cpu"),
+                "budget_bytes": hw.ram,
+                "weights_bytes": plan.weights_bytes("cpu"),
+            },
+        },
+        "kv_cache": {"bytes": plan.kv_cache_bytes, "device": plan.kv_cache_device, "tokens": plan.ctx},
+        "reserved": dict(plan.reserved),
+        "fits": plan.fits,
+        "problems": list(plan.problems),
+        "suggestion": plan.suggestion,
+        "prediction": {**asdict(plan.prediction), "assumptions": list(plan.prediction.assumptions)},
+        "rules": list(plan.rules),
+    }
+
+
+def plan_from_json(data: dict) -> Plan:
+    if data.get("schema") != SCHEMA:
+        raise ValueError(f"not a {SCHEMA} document")
+    pred = dict(data["prediction"])
+    pred["assumptions"] = tuple(pred["assumptions"])
+    return Plan(
+        model=data["model"],
+        hardware=Hardware(**data["hardware"]),
+        ctx=data["ctx"],
+        placements=tuple(Placement(**t) for t in data["tensors"]),
+        kv_cache_bytes=data["kv_cache"]["bytes"],
+        kv_cache_device=data["kv_cache"]["device"],
+        reserved=tuple(data["reserved"].items()),
+        fits=data["fits"],
+        problems=tuple(data["problems"]),
+        suggestion=data["suggestion"],
+        prediction=Prediction(**pred),
+        rules=tuple(data["rules"]),
+    )

@@ -1,0 +1,71 @@
+"""User overrides: regular expressions on tensor names that pin tensors to a device (and format).
+
+A TOML rules file:
+
+    [[rule]]
+    match = 'blk\\.(3|4)\\.ffn_.*_exps'   # re.search on the tensor name
+    device = "gpu"                        # "gpu" | "cpu"
+    format = "int4"                       # optional; default: the planner's choice
+
+and the command-line shorthand `--override 'exps=cpu'` (PATTERN=DEVICE[:FORMAT]), in the spirit
+of llama.cpp's `-ot exps=CPU`. The first matching rule wins; command-line rules come first.
+"""
+
+import re
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+
+from hetero.errors import HeteroError
+
+DEVICES = ("gpu", "cpu")
+
+
+@dataclass(frozen=True)
+class Rule:
+    pattern: str
+    device: str
+    format: str | None
+    source: str  # how the user wrote it, for error messages
+
+    def matches(self, name: str) -> bool:
+        return re.search(self.pattern, name) is not None
+
+
+def make_rule(pattern: str, device: str, fmt: str | None, source: str) -> Rule:
+    device = device.lower()
+    if device not in DEVICES:
+        raise HeteroError(f"rule {source!r}: device must be gpu or cpu, not {device!r}")
+    try:
+        re.compile(pattern)
+    except re.error as e:
+        raise HeteroError(f"rule {source!r}: bad regular expression ({e})") from None
+    return Rule(pattern, device, fmt, source)
+
+
+def parse_override(text: str) -> Rule:
+    """'exps=cpu' or 'blk\\.3\\..*=gpu:int8'."""
+    pattern, sep, target = text.rpartition("=")
+    if not sep or not pattern:
+        raise HeteroError(f"override {text!r} should look like PATTERN=DEVICE, e.g. 'exps=cpu'")
+    device, _, fmt = target.partition(":")
+    return make_rule(pattern, device, fmt or None, text)
+
+
+def load_rules(path: str | Path) -> list[Rule]:
+    path = Path(path)
+    try:
+        data = tomllib.loads(path.read_text())
+    except (OSError, tomllib.TOMLDecodeError) as e:
+        raise HeteroError(f"rules file {path}: {e}") from None
+    rules = []
+    for i, entry in enumerate(data.get("rule", [])):
+        where = f"{path.name} rule {i + 1}"
+        if not isinstance(entry, dict) or "match" not in entry or "device" not in entry:
+            raise HeteroError(f"{where}: needs 'match' and 'device'")
+        rules.append(make_rule(str(entry["match"]), str(entry["device"]), entry.get("format"), where))
+    return rules
+
+
+def first_match(rules: list[Rule], name: str) -> Rule | None:
+    return next((r for r in rules if r.matches(name)), None)
