@@ -34,7 +34,7 @@ def friendly_errors(fn):
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
-        except (HeteroError, ValueError) as e:
+        except (HeteroError, ValueError, OSError) as e:
             if STATE["debug"]:
                 raise
             err_console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
@@ -72,13 +72,23 @@ def synth(
     layers: Annotated[int | None, typer.Option(help="Number of layers (default: the preset's).")] = None,
     seed: Annotated[int, typer.Option(help="Random seed of the weights.")] = 0,
     splits: Annotated[int, typer.Option(help="Write a split set of this many files.")] = 1,
+    header_only: Annotated[bool, typer.Option(help="Declare every tensor, write no weights (sparse file).")] = False,
 ):
     """Write a synthetic deepseek2 GGUF: real architecture and tokenizer, random weights.
 
     Example: hetero synth v2lite.gguf --preset v2-lite --layers 4 --quant Q4_K_M
+    Example: hetero synth r1.gguf --preset r1 --header-only --splits 9   (for hetero plan / info)
     """
     t0 = time.perf_counter()
-    files = write_with_progress(out, preset, quant, seed=seed, splits=splits, n_layer=layers)
+    if header_only:
+        from hetero.synth.header_only import write_header_only
+        from hetero.synth.presets import make_preset
+
+        if quant != "Q4_K_M":
+            raise HeteroError("--header-only writes llama.cpp's Q4_K_M type mix only")
+        files = write_header_only(out, make_preset(preset, n_layer=layers), splits)
+    else:
+        files = write_with_progress(out, preset, quant, seed=seed, splits=splits, n_layer=layers)
     size = sum(f.stat().st_size for f in files)
     console.print(f"wrote {', '.join(map(str, files))} ({size / 2**20:.1f} MiB) in {time.perf_counter() - t0:.1f} s")
 

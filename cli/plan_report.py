@@ -15,6 +15,8 @@ def layer_ranges(layers: list[int]) -> str:
     for _, run in groupby(enumerate(stack), key=lambda iv: iv[1] - iv[0]):
         run = [v for _, v in run]
         out.append(f"{run[0]}-{run[-1]}" if len(run) > 1 else str(run[0]))
+    if len(out) > 3:  # scattered layers (e.g. Q4_K_M's "more bits" ones): summarise
+        out = [f"{len(stack)} of {stack[0]}-{stack[-1]}"]
     if -1 in layers:
         out.append("top")
     return ", ".join(out)

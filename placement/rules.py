@@ -19,6 +19,7 @@ from pathlib import Path
 from hetero.errors import HeteroError
 
 DEVICES = ("gpu", "cpu")
+GPU_FORMATS = ("int4", "int8", "f16", "bf16", "f32")  # CPU tensors keep their GGUF blocks
 
 
 @dataclass(frozen=True)
@@ -36,6 +37,8 @@ def make_rule(pattern: str, device: str, fmt: str | None, source: str) -> Rule:
     device = device.lower()
     if device not in DEVICES:
         raise HeteroError(f"rule {source!r}: device must be gpu or cpu, not {device!r}")
+    if fmt is not None and (device == "cpu" or fmt not in GPU_FORMATS):
+        raise HeteroError(f"rule {source!r}: format {fmt!r} is not a GPU format ({', '.join(GPU_FORMATS)})")
     try:
         re.compile(pattern)
     except re.error as e:

@@ -97,6 +97,8 @@ def test_rules_file_and_override(r1_header, tmp_path):
         plan_for(r1_header[0], "24GiB", rules=[parse_override("exps=gpu")])
     with pytest.raises(HeteroError, match="device must be gpu or cpu"):
         parse_override("exps=tpu")
+    with pytest.raises(HeteroError, match="not a GPU format"):
+        parse_override("exps=gpu:int3")
 
 
 def test_plan_round_trips_through_json(r1_header):

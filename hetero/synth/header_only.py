@@ -14,17 +14,8 @@ from gguf import GGML_QUANT_SIZES, GGUFWriter
 from gguf import GGMLQuantizationType as T
 
 from hetero.models.deepseek2_tensors import expected_tensors, optional_tensors
-from hetero.synth.presets import Preset
+from hetero.synth.presets import PRESETS, Preset
 from hetero.synth.writer import ARCH, preset_config, put_metadata
-
-# DeepSeek-V3/R1 as published (config.json of the Hugging Face release).
-DEEPSEEK_R1 = Preset(
-    n_layer=61, n_embd=7168, n_head=128, q_lora_rank=1536, kv_lora_rank=512, qk_nope_dim=128, qk_rope_dim=64,
-    v_head_dim=128, n_ff_dense=18432, n_ff_expert=2048, n_expert=256, n_expert_used=8, n_expert_shared=1,
-    n_dense_lead=3, gating="sigmoid", n_group=8, n_group_used=4, norm_topk=True, routed_scale=2.5,
-    selection_bias=True, yarn_factor=40.0, yarn_orig_ctx=4096, yarn_mscale_all_dim=1.0, n_vocab=129280,
-    n_ctx=163840,
-)  # fmt: skip
 
 
 def _more_bits(layer: int, n_layer: int) -> bool:
@@ -44,13 +35,14 @@ def q4_k_m_type(name: str, shape: tuple[int, ...], n_layer: int) -> T:
     return T.Q4_K
 
 
-def write_header_only(path: str | Path, preset: Preset = DEEPSEEK_R1, splits: int = 1) -> list[Path]:
+def write_header_only(path: str | Path, preset: Preset = PRESETS["r1"], splits: int = 1) -> list[Path]:
     """Write the file(s); returns their paths. The sparse data region reads as zeros."""
     cfg = preset_config(preset)
     shapes = expected_tensors(cfg, preset.tied_output)
     if preset.selection_bias:
         shapes.update(optional_tensors(cfg))
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     w = GGUFWriter(path, ARCH, split_max_tensors=-(-len(shapes) // splits) if splits > 1 else 0)
     put_metadata(w, preset, "header-only")
     for name, shape in shapes.items():

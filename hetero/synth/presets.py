@@ -124,6 +124,16 @@ PRESETS = {
     ),
 }
 
+# DeepSeek-V3/R1 at full size (config.json of the release): header-only files only.
+PRESETS["r1"] = Preset(
+    n_layer=61, n_embd=7168, n_head=128, q_lora_rank=1536, kv_lora_rank=512, qk_nope_dim=128, qk_rope_dim=64,
+    v_head_dim=128, n_ff_dense=18432, n_ff_expert=2048, n_expert=256, n_expert_used=8, n_expert_shared=1,
+    n_dense_lead=3, gating="sigmoid", n_group=8, n_group_used=4, norm_topk=True, routed_scale=2.5,
+    selection_bias=True, yarn_factor=40.0, yarn_orig_ctx=4096, yarn_mscale_all_dim=1.0, n_vocab=129280,
+    n_ctx=163840,
+)  # fmt: skip
+HEADER_ONLY = {"r1"}  # too large to write with weights
+
 OVERRIDABLE = tuple(f.name for f in fields(Preset))
 
 

@@ -17,7 +17,7 @@ from gguf import GGMLQuantizationType, GGUFReader, GGUFWriter
 from hetero.config import ModelConfig, config_from_metadata
 from hetero.errors import HeteroError
 from hetero.models.deepseek2_tensors import expected_tensors, optional_tensors
-from hetero.synth.presets import Preset, make_preset
+from hetero.synth.presets import HEADER_ONLY, Preset, make_preset
 from hetero.synth.vocab import CHAT_TEMPLATE, PAD, build_vocab
 
 ARCH = "deepseek2"
@@ -40,6 +40,8 @@ def write_synthetic(
     if quant not in QUANTS:
         raise HeteroError(f"unknown quant {quant!r}; choose from {', '.join(QUANTS)}")
     p = make_preset(preset, **overrides)
+    if preset in HEADER_ONLY:
+        raise HeteroError(f"the {preset} preset is a full-size model; write it with --header-only")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     if quant in FLOAT_TYPES:
