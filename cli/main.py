@@ -185,6 +185,91 @@ def plan(
 
 @app.command()
 @friendly_errors
+def bench(
+    model: Annotated[Path, typer.Argument(help="GGUF file (any file of a split set).")],
+    device: Annotated[str, typer.Option(help="cpu (CPU-only plan) or auto (the detected GPU, if any).")] = "auto",
+    threads: Annotated[int | None, typer.Option(help="CPU threads (default: all cores).")] = None,
+    prompt_tokens: Annotated[int, typer.Option(help="Prompt length for prefill.")] = 64,
+    gen_tokens: Annotated[int, typer.Option(help="Tokens to decode.")] = 16,
+    reps: Annotated[int, typer.Option(help="Repetitions; medians are reported.")] = 3,
+    gpu_mem: Annotated[str | None, typer.Option(help="GPU budget, e.g. 24GiB.")] = None,
+    ctx: Annotated[int | None, typer.Option(help="Context length for the plan [default: 4096].")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+):
+    """Measure prefill and decode tokens/s (medians over repetitions) beside the planner's prediction.
+
+    Example: hetero bench v2lite.gguf --device cpu --threads 2 --prompt-tokens 64 --gen-tokens 16 --json
+    """
+    import statistics
+
+    import torch
+
+    from hetero.bench import run_bench
+    from hetero.config import config_from_metadata
+    from hetero.gguf_file import GGUFModelFile
+    from hetero.model import DEFAULT_CTX, load_model
+    from placement.hardware import detect, with_overrides
+    from placement.planner import make_plan
+
+    if device not in ("cpu", "auto"):
+        raise HeteroError(f"--device {device}: choose cpu or auto")
+    if threads:
+        torch.set_num_threads(threads)
+    file = GGUFModelFile(model)
+    cfg = config_from_metadata(file.metadata)
+    with err_console.status("measuring memory bandwidth", spinner="dots"):
+        hw = detect()
+    hw = with_overrides(hw, gpu_mem="0" if device == "cpu" else gpu_mem)
+    plan = make_plan(cfg, file.tensors, hw, ctx or min(DEFAULT_CTX, cfg.n_ctx_train), model=str(file.paths[0]))
+    with err_console.status("loading"):
+        loaded = load_model(model, plan=plan)
+    with Progress(*Progress.get_default_columns(), console=err_console, transient=True) as bar:
+        task = bar.add_task(f"bench ({reps} repetitions)", total=reps)
+        result = run_bench(loaded, prompt_tokens, gen_tokens, reps, on_rep=lambda _: bar.advance(task))
+    pred = plan.prediction
+    cpu_bytes, gpu_bytes = plan.decode_read_bytes("cpu"), plan.decode_read_bytes("gpu")
+    report = {
+        "model": str(file.paths[0]),
+        "device": device,
+        "threads": torch.get_num_threads(),
+        "prompt_tokens": prompt_tokens,
+        "gen_tokens": gen_tokens,
+        "reps": reps,
+        "prefill_tok_s": result.prefill_median,
+        "decode_tok_s": result.decode_median,
+        "prefill_tok_s_runs": list(result.prefill_tok_s),
+        "decode_tok_s_runs": list(result.decode_tok_s),
+        "predicted": {"prefill_tok_s": pred.prefill_tok_s, "decode_tok_s": pred.decode_tok_s, "bound": pred.bound},
+        "measured_over_predicted": {
+            "prefill": result.prefill_median / pred.prefill_tok_s if pred.prefill_tok_s else None,
+            "decode": result.decode_median / pred.decode_tok_s if pred.decode_tok_s else None,
+        },
+        "decode_weight_bytes_per_token": {"cpu": cpu_bytes, "gpu": gpu_bytes},
+        "achieved_cpu_gb_s": cpu_bytes * result.decode_median / 1e9,
+        "cpu_read_bandwidth_gb_s": hw.cpu_bw / 1e9,
+    }
+    if as_json:
+        print(json.dumps(report))
+        return
+    spread = lambda runs: f"{min(runs):.3g}-{max(runs):.3g}"  # noqa: E731
+    console.print(
+        f"prefill {result.prefill_median:.3g} tok/s (runs {spread(result.prefill_tok_s)}), "
+        f"decode {result.decode_median:.3g} tok/s (runs {spread(result.decode_tok_s)}), "
+        f"{report['threads']} threads, median of {reps}"
+    )
+    console.print(
+        f"predicted by the plan: prefill {pred.prefill_tok_s:.1f}, decode {pred.decode_tok_s:.1f} tok/s "
+        f"({pred.bound}-bound); measured/predicted decode {report['measured_over_predicted']['decode']:.2f}"
+    )
+    console.print(
+        f"decode reads {cpu_bytes / 2**20:.1f} MiB of weights per token on the CPU: "
+        f"{report['achieved_cpu_gb_s']:.2f} GB/s achieved of {hw.cpu_bw / 1e9:.1f} GB/s measured "
+        f"({statistics.median(result.decode_tok_s) * cpu_bytes / hw.cpu_bw:.1%})"
+    )
+
+
+@app.command()
+@friendly_errors
 def demo(
     model: Annotated[Path | None, typer.Argument(help="A deepseek2 GGUF; default: the built-in demo model.")] = None,
     prompt: Annotated[str, typer.Option(help="The user message.")] = "Hello! What can you do?",

@@ -19,7 +19,7 @@ from hetero.config import ModelConfig
 from hetero.errors import HeteroError
 from placement.cost import GPU_PRIORITY, TensorCost, kv_cache_bytes, tensor_costs
 from placement.hardware import GiB, Hardware
-from placement.predict import Prediction, predict
+from placement.predict import PREFILL_TOKENS, Prediction, predict
 from placement.rules import Rule, first_match
 
 CUDA_CONTEXT = 512 * 2**20
@@ -37,6 +37,10 @@ class Placement:
     device: str  # "gpu" | "cpu"
     format: str  # GPU: int4 | int8 | f16 | bf16 | f32; CPU: the GGUF type, kept as is
     bytes: int  # on that device
+    decode_read_bytes: int  # of those, read per decode token (A/E of a routed expert stack)
+    flops_per_token: float
+    intensity_decode: float  # FLOPs per byte read at batch 1
+    intensity_prefill: float  # ... at a prefill batch of PREFILL_TOKENS
 
 
 @dataclass(frozen=True)
@@ -62,6 +66,10 @@ class Plan:
 
     def weights_bytes(self, device: str) -> int:
         return sum(p.bytes for p in self.placements if p.device == device)
+
+    def decode_read_bytes(self, device: str) -> int:
+        """Weight bytes one decode token reads on that device."""
+        return sum(p.decode_read_bytes for p in self.placements if p.device == device)
 
     def used_bytes(self, device: str) -> int:
         used = self.weights_bytes(device)
@@ -141,10 +149,7 @@ def make_plan(cfg: ModelConfig, tensors: dict, hw: Hardware, ctx: int, rules: li
         for c in stack:
             devices[c.name] = "gpu" if layer in chosen else "cpu"
 
-    placements = tuple(
-        Placement(c.name, c.kind, c.layer, devices[c.name], *_format(c, devices[c.name], formats.get(c.name)))
-        for c in costs
-    )
+    placements = tuple(_placement(c, devices[c.name], formats.get(c.name)) for c in costs)
     cpu_need = sum(p.bytes for p in placements if p.device == "cpu") + (0 if has_gpu else kv)
     if hw.ram and cpu_need > hw.ram:
         problems.append(f"CPU RAM: the plan needs {_gib(cpu_need)} but the machine has {_gib(hw.ram)}")
@@ -165,10 +170,15 @@ def make_plan(cfg: ModelConfig, tensors: dict, hw: Hardware, ctx: int, rules: li
     )
 
 
-def _format(c: TensorCost, device: str, override: str | None) -> tuple[str, int]:
+def _placement(c: TensorCost, device: str, fmt: str | None) -> Placement:
     if device == "cpu":
-        return override or c.qtype.name, c.gguf_bytes
-    return override or c.gpu_format, c.gpu_bytes
+        fmt, size = fmt or c.qtype.name, c.gguf_bytes
+    else:
+        fmt, size = fmt or c.gpu_format, c.gpu_bytes
+    read = int(size * c.read_fraction_decode)
+    return Placement(
+        c.name, c.kind, c.layer, device, fmt, size, read, c.flops_per_token, c.intensity(1), c.intensity(PREFILL_TOKENS)
+    )
 
 
 def _reserved(cfg: ModelConfig, has_gpu: bool) -> tuple[tuple[str, int], ...]:

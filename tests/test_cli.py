@@ -47,3 +47,26 @@ def test_v2_lite_preset_has_the_published_shapes():
     assert shapes["blk.1.attn_kv_a_mqa.weight"] == (576, 2048)
     assert shapes["blk.1.attn_k_b.weight"] == (16, 512, 128)
     assert shapes["blk.26.attn_output.weight"] == (2048, 16 * 128)
+
+
+@pytest.fixture
+def keep_torch_threads():
+    import torch
+
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
+
+
+def test_bench_json_reports_medians_runs_and_prediction(synth, keep_torch_threads):
+    path = synth("tiny", "Q4_K_M")
+    args = ["bench", str(path), "--device", "cpu", "--threads", "1", "--prompt-tokens", "8", "--gen-tokens", "3"]
+    r = runner.invoke(app, [*args, "--reps", "3", "--json"])
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.stdout)
+    assert len(out["prefill_tok_s_runs"]) == len(out["decode_tok_s_runs"]) == 3
+    assert sorted(out["decode_tok_s_runs"])[1] == out["decode_tok_s"] > 0 and out["prefill_tok_s"] > 0
+    assert out["predicted"]["bound"] == "cpu" and out["predicted"]["decode_tok_s"] > 0
+    assert out["decode_weight_bytes_per_token"]["gpu"] == 0 and out["threads"] == 1
+    r = runner.invoke(app, [*args[:2], "--prompt-tokens", "5000", "--gen-tokens", "1"])
+    assert r.exit_code == 2 and "exceed the context" in r.output
