@@ -213,8 +213,6 @@ def bench(
 
     if device not in ("cpu", "auto"):
         raise HeteroError(f"--device {device}: choose cpu or auto")
-    if threads:
-        torch.set_num_threads(threads)
     file = GGUFModelFile(model)
     cfg = config_from_metadata(file.metadata)
     with err_console.status("measuring memory bandwidth", spinner="dots"):
@@ -223,6 +221,8 @@ def bench(
     plan = make_plan(cfg, file.tensors, hw, ctx or min(DEFAULT_CTX, cfg.n_ctx_train), model=str(file.paths[0]))
     with err_console.status("loading"):
         loaded = load_model(model, plan=plan)
+    if threads:  # after the bandwidth probe: numba's OpenMP start-up can reset the thread count
+        torch.set_num_threads(threads)
     with Progress(*Progress.get_default_columns(), console=err_console, transient=True) as bar:
         task = bar.add_task(f"bench ({reps} repetitions)", total=reps)
         result = run_bench(loaded, prompt_tokens, gen_tokens, reps, on_rep=lambda _: bar.advance(task))
