@@ -270,6 +270,34 @@ def bench(
 
 @app.command()
 @friendly_errors
+def chat(
+    model: Annotated[Path, typer.Argument(help="A deepseek2 GGUF (any file of a split set).")],
+    prompt: Annotated[str | None, typer.Option(help="Answer this one message and exit.")] = None,
+    system: Annotated[str, typer.Option(help="System prompt.")] = "",
+    max_tokens: Annotated[int, typer.Option(help="Most tokens per reply.")] = 512,
+    temperature: Annotated[float, typer.Option(help="0 for greedy.")] = 0.6,
+    top_p: Annotated[float, typer.Option(help="Nucleus sampling mass.")] = 0.95,
+    seed: Annotated[int | None, typer.Option(help="Sampling seed (default: random).")] = None,
+    hide_thinking: Annotated[bool, typer.Option(help="Fold DeepSeek-R1's <think> reasoning away.")] = False,
+    gpu_mem: Annotated[str | None, typer.Option(help="GPU budget, e.g. 24GiB; 0 for CPU-only.")] = None,
+    ctx: Annotated[int | None, typer.Option(help="Context length [default: 4096].")] = None,
+):
+    """Chat in the terminal with the model's own chat template; replies stream as they are made.
+
+    Example: hetero chat DeepSeek-R1-Q4_K_M-00001-of-00009.gguf --gpu-mem 24GiB --ctx 8192
+    In the chat: /reset, /system TEXT, /temp X, /stats, /exit; Ctrl-C stops the current reply.
+    """
+    import hetero
+    from cli.chat import ChatOptions, run_chat
+
+    with err_console.status("opening the model"):
+        loaded = hetero.load_model(model, n_ctx=ctx, gpu_mem=gpu_mem)
+    opts = ChatOptions(max_tokens, temperature, top_p, seed, hide_thinking)
+    run_chat(loaded, console, opts, system, prompt)
+
+
+@app.command()
+@friendly_errors
 def demo(
     model: Annotated[Path | None, typer.Argument(help="A deepseek2 GGUF; default: the built-in demo model.")] = None,
     prompt: Annotated[str, typer.Option(help="The user message.")] = "Hello! What can you do?",
@@ -282,6 +310,7 @@ def demo(
     Example: hetero demo            (no download: writes the demo model once, ~110 MiB)
     """
     import hetero
+    from cli.plan_report import render_plan
     from hetero.gguf_file import GGUFModelFile
     from hetero.summary import summarize
 
@@ -293,11 +322,8 @@ def demo(
             write_with_progress(model, DEMO_PRESET, DEMO_QUANT)
     with console.status("opening the model"):
         loaded = hetero.load_model(model)
-    console.print(
-        f"placement: {loaded.plan.weights_bytes('gpu') / 2**30:.2f} GiB on the GPU, "
-        f"{loaded.plan.weights_bytes('cpu') / 2**30:.2f} GiB in CPU RAM (hetero plan shows the details)"
-    )
     print_summary(summarize(GGUFModelFile(model)))
+    render_plan(loaded.plan, console)
     console.print(f"\n[bold]user:[/] {prompt}\n[bold]assistant:[/] ", end="")
     last, tokens = None, 0
     messages = [{"role": "user", "content": prompt}]

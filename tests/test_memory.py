@@ -12,17 +12,18 @@ def rss():
         return int(f.read().split()[1]) * 4096
 base = rss()
 model = hetero.load_model(sys.argv[1])
-text = "".join(model.generate("Hello there", max_tokens=3, temperature=0.0))
-logits = model.logits(model.tokenize("one more prefill of several tokens to touch every layer"))
+text = "".join(model.generate("Hello there, a prompt of a few tokens", max_tokens=3, temperature=0.0))
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 print(json.dumps({"base": base, "peak": peak}))
 """
 
 
 def test_peak_rss_is_under_one_and_a_half_file_sizes(synth):
-    path = synth("v3", "Q4_K_M", n_layer=10)
+    # Large enough that allocator noise (50-190 MiB seen, depending on load) cannot decide the
+    # outcome, while a float copy of the weights (7x the file) would fail it at once.
+    path = synth("v3", "Q4_K_M", n_layer=20)
     size = path.stat().st_size
-    assert size > 200 * 2**20  # large enough that interpreter noise cannot hide a float copy
+    assert size > 500 * 2**20
     out = subprocess.run([sys.executable, "-c", PROBE, str(path)], capture_output=True, text=True, check=True)
     r = json.loads(out.stdout.strip().splitlines()[-1])
     grown = r["peak"] - r["base"]
