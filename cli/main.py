@@ -43,6 +43,21 @@ def friendly_errors(fn):
     return wrapper
 
 
+def load_with_progress(path: Path, **options):
+    """load_model, then read the weights into RAM with a progress bar by bytes."""
+    import hetero
+    from hetero.prefetch import prefetch
+
+    with err_console.status("opening the model"):
+        model = hetero.load_model(path, **options)
+    columns = (TextColumn("[bold]reading weights"), BarColumn(), DownloadColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=err_console, transient=True) as bar:
+        task = bar.add_task("read", total=None)
+        if not prefetch(model.file, lambda done, total: bar.update(task, completed=done, total=total)):
+            err_console.print("[dim]weights exceed free RAM: pages will be read from disk as they are used[/]")
+    return model
+
+
 def cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "hetero"
 
@@ -207,7 +222,7 @@ def bench(
     from hetero.bench import run_bench
     from hetero.config import config_from_metadata
     from hetero.gguf_file import GGUFModelFile
-    from hetero.model import DEFAULT_CTX, load_model
+    from hetero.model import DEFAULT_CTX
     from placement.hardware import detect, with_overrides
     from placement.planner import make_plan
 
@@ -219,8 +234,7 @@ def bench(
         hw = detect()
     hw = with_overrides(hw, gpu_mem="0" if device == "cpu" else gpu_mem)
     plan = make_plan(cfg, file.tensors, hw, ctx or min(DEFAULT_CTX, cfg.n_ctx_train), model=str(file.paths[0]))
-    with err_console.status("loading"):
-        loaded = load_model(model, plan=plan)
+    loaded = load_with_progress(model, plan=plan)
     if threads:  # after the bandwidth probe: numba's OpenMP start-up can reset the thread count
         torch.set_num_threads(threads)
     with Progress(*Progress.get_default_columns(), console=err_console, transient=True) as bar:
@@ -281,17 +295,20 @@ def chat(
     hide_thinking: Annotated[bool, typer.Option(help="Fold DeepSeek-R1's <think> reasoning away.")] = False,
     gpu_mem: Annotated[str | None, typer.Option(help="GPU budget, e.g. 24GiB; 0 for CPU-only.")] = None,
     ctx: Annotated[int | None, typer.Option(help="Context length [default: 4096].")] = None,
+    threads: Annotated[int | None, typer.Option(help="CPU threads (default: all cores).")] = None,
 ):
     """Chat in the terminal with the model's own chat template; replies stream as they are made.
 
     Example: hetero chat DeepSeek-R1-Q4_K_M-00001-of-00009.gguf --gpu-mem 24GiB --ctx 8192
     In the chat: /reset, /system TEXT, /temp X, /stats, /exit; Ctrl-C stops the current reply.
     """
-    import hetero
     from cli.chat import ChatOptions, run_chat
 
-    with err_console.status("opening the model"):
-        loaded = hetero.load_model(model, n_ctx=ctx, gpu_mem=gpu_mem)
+    loaded = load_with_progress(model, n_ctx=ctx, gpu_mem=gpu_mem)
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
     opts = ChatOptions(max_tokens, temperature, top_p, seed, hide_thinking)
     run_chat(loaded, console, opts, system, prompt)
 
@@ -309,7 +326,6 @@ def demo(
 
     Example: hetero demo            (no download: writes the demo model once, ~110 MiB)
     """
-    import hetero
     from cli.plan_report import render_plan
     from hetero.gguf_file import GGUFModelFile
     from hetero.summary import summarize
@@ -320,8 +336,7 @@ def demo(
         if not model.exists():
             console.print(f"writing the demo model to {model} (once)")
             write_with_progress(model, DEMO_PRESET, DEMO_QUANT)
-    with console.status("opening the model"):
-        loaded = hetero.load_model(model)
+    loaded = load_with_progress(model)
     print_summary(summarize(GGUFModelFile(model)))
     render_plan(loaded.plan, console)
     console.print(f"\n[bold]user:[/] {prompt}\n[bold]assistant:[/] ", end="")
