@@ -23,7 +23,7 @@ def layer_ranges(layers: list[int]) -> str:
 
 
 def gib(n: int) -> str:
-    return f"{n / 2**30:.2f} GiB"
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
 
 
 def render_plan(plan: Plan, console: Console) -> None:

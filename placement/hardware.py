@@ -71,7 +71,8 @@ def detect(probe_bandwidth: bool = True) -> Hardware:
     nodes = len(list(Path("/sys/devices/system/node").glob("node[0-9]*"))) or 1
     ram = _meminfo_total()
     cpu_bw = measure_read_bandwidth() if probe_bandwidth else 20e9
-    hw = Hardware("none", 0, 0.0, 0.0, cores, nodes, ram, cpu_bw, cores * CPU_FLOPS_PER_CORE, "detected")
+    source = "detected" if probe_bandwidth else "detected (CPU bandwidth assumed, not measured)"
+    hw = Hardware("none", 0, 0.0, 0.0, cores, nodes, ram, cpu_bw, cores * CPU_FLOPS_PER_CORE, source)
     try:
         import torch
 
