@@ -7,30 +7,20 @@ Skipped when the files would not fit in the RAM that is free, where it would onl
 """
 
 from collections.abc import Callable
-from pathlib import Path
 
 import numpy as np
 
 from hetero.gguf_file import GGUFModelFile
+from placement.hardware import meminfo
 
 PAGE = 4096
 STEP_BYTES = 64 * 2**20  # progress granularity
 
 
-def available_ram() -> int:
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
-
-
 def prefetch(file: GGUFModelFile, progress: Callable[[int, int], None] | None = None) -> bool:
     """Touch every page of every tensor; returns False (doing nothing) if RAM is too small."""
     total = sum(t.nbytes for t in file.tensors.values())
-    if total > 0.8 * available_ram():
+    if total > 0.8 * meminfo("MemAvailable"):
         return False
     done = 0
     for t in file.tensors.values():

@@ -69,7 +69,7 @@ def detect(probe_bandwidth: bool = True) -> Hardware:
     """This machine: cores, NUMA nodes, RAM, measured DRAM bandwidth, and the CUDA GPU if any."""
     cores = os.cpu_count() or 1
     nodes = len(list(Path("/sys/devices/system/node").glob("node[0-9]*"))) or 1
-    ram = _meminfo_total()
+    ram = meminfo("MemTotal")
     cpu_bw = measure_read_bandwidth() if probe_bandwidth else 20e9
     source = "detected" if probe_bandwidth else "detected (CPU bandwidth assumed, not measured)"
     hw = Hardware("none", 0, 0.0, 0.0, cores, nodes, ram, cpu_bw, cores * CPU_FLOPS_PER_CORE, source)
@@ -130,10 +130,11 @@ def _lookup_gpu(name: str):
     return None
 
 
-def _meminfo_total() -> int:
+def meminfo(field: str) -> int:
+    """A /proc/meminfo field (MemTotal, MemAvailable, ...) in bytes; 0 where unknown."""
     try:
         for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) * 1024
     except OSError:
         pass
