@@ -56,10 +56,10 @@ def _gemv_q4k(w: np.ndarray, x: np.ndarray, out: np.ndarray) -> None:
             for j in range(4):  # 64 values: sub-blocks 2j (low nibbles) and 2j+1 (high nibbles)
                 lo = np.float32(0.0)
                 hi = np.float32(0.0)
-                for l in range(32):
-                    q = qs[32 * j + l]
-                    lo += x[base + 64 * j + l] * np.float32(q & 15)
-                    hi += x[base + 64 * j + 32 + l] * np.float32(q >> 4)
+                for i in range(32):
+                    q = qs[32 * j + i]
+                    lo += x[base + 64 * j + i] * np.float32(q & 15)
+                    hi += x[base + 64 * j + 32 + i] * np.float32(q >> 4)
                 sc0, m0 = _scale_min(scales, 2 * j)
                 sc1, m1 = _scale_min(scales, 2 * j + 1)
                 s0 = b * 8 + 2 * j
