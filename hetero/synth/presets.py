@@ -64,7 +64,7 @@ PRESETS = {
         yarn_mscale_all_dim=0.0,
         n_vocab=640,
         n_ctx=2048,
-    ),
+    ),  # fmt: skip
     # DeepSeek-V2-Lite's exact layer shapes (its config.json), 27 layers unless --layers says fewer.
     "v2-lite": Preset(
         n_layer=27,
@@ -92,7 +92,7 @@ PRESETS = {
         yarn_mscale_all_dim=0.707,
         n_vocab=102400,
         n_ctx=163840,
-    ),
+    ),  # fmt: skip
     # Every DeepSeek-V3/R1 mechanism at reduced width: q_lora, sigmoid + bias, 8 groups / top-4,
     # normalised top-k weights, routed scale 2.5, YaRN.
     "v3": Preset(
@@ -121,7 +121,7 @@ PRESETS = {
         yarn_mscale_all_dim=1.0,
         n_vocab=4096,
         n_ctx=163840,
-    ),
+    ),  # fmt: skip
 }
 
 # DeepSeek-V3/R1 at full size (config.json of the release): header-only files only.
