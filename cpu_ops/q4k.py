@@ -45,23 +45,24 @@ def _gemv_q4k(w: np.ndarray, x: np.ndarray, out: np.ndarray) -> None:
             acc += x[i * 32 + j]
         xsum[i] = acc
     for row in numba.prange(w.shape[0]):
+        wr = w[row]
         total = np.float32(0.0)
         for b in range(n_blocks):
-            blk = w[row, b * BLOCK_BYTES : (b + 1) * BLOCK_BYTES]
-            d = _f16(blk[0], blk[1])
-            dmin = _f16(blk[2], blk[3])
-            scales = blk[4:16]
-            qs = blk[16:]
+            o = b * BLOCK_BYTES
+            d = _f16(wr[o], wr[o + 1])
+            dmin = _f16(wr[o + 2], wr[o + 3])
             base = b * BLOCK_VALUES
             for j in range(4):  # 64 values: sub-blocks 2j (low nibbles) and 2j+1 (high nibbles)
                 lo = np.float32(0.0)
                 hi = np.float32(0.0)
+                q0 = o + 16 + 32 * j
+                x0 = base + 64 * j
                 for i in range(32):
-                    q = qs[32 * j + i]
-                    lo += x[base + 64 * j + i] * np.float32(q & 15)
-                    hi += x[base + 64 * j + 32 + i] * np.float32(q >> 4)
-                sc0, m0 = _scale_min(scales, 2 * j)
-                sc1, m1 = _scale_min(scales, 2 * j + 1)
+                    q = np.int32(wr[q0 + i])
+                    lo += x[x0 + i] * np.float32(q & 15)
+                    hi += x[x0 + 32 + i] * np.float32(q >> 4)
+                sc0, m0 = _scale_min(wr[o + 4 : o + 16], 2 * j)
+                sc1, m1 = _scale_min(wr[o + 4 : o + 16], 2 * j + 1)
                 s0 = b * 8 + 2 * j
                 total += d * (sc0 * lo + sc1 * hi) - dmin * (m0 * xsum[s0] + m1 * xsum[s0 + 1])
         out[row] = total
