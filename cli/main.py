@@ -43,7 +43,7 @@ def friendly_errors(fn):
     return wrapper
 
 
-def load_with_progress(path: Path, **options):
+def load_with_progress(path, **options):
     """load_model, then read the weights into RAM with a progress bar by bytes."""
     import hetero
     from hetero.prefetch import prefetch
@@ -174,22 +174,18 @@ def plan(
     Exit code 2 when the plan does not fit.
     """
     from cli.plan_report import render_plan
-    from hetero.config import config_from_metadata
     from hetero.gguf_file import GGUFModelFile
-    from hetero.model import DEFAULT_CTX
     from placement.hardware import detect, with_overrides
-    from placement.planner import make_plan
+    from placement.planner import plan_model
     from placement.report import plan_to_json
     from placement.rules import load_rules, parse_override
 
     file = GGUFModelFile(model)
-    cfg = config_from_metadata(file.metadata)
     all_rules = [parse_override(o) for o in override or []] + (load_rules(rules) if rules else [])
     with err_console.status("measuring memory bandwidth", spinner="dots"):
         hw = detect(probe_bandwidth=cpu_bw is None)
     hw = with_overrides(hw, gpu=gpu, gpu_mem=gpu_mem, cpu_bw=cpu_bw, ram=ram, cpu_cores=cpu_cores)
-    ctx = ctx or min(DEFAULT_CTX, cfg.n_ctx_train)
-    result = make_plan(cfg, file.tensors, hw, ctx, all_rules, model=str(file.paths[0]))
+    result = plan_model(file, hw, ctx, all_rules)
     if as_json:
         print(json.dumps(plan_to_json(result)))
     else:
@@ -220,21 +216,17 @@ def bench(
     import torch
 
     from hetero.bench import run_bench
-    from hetero.config import config_from_metadata
     from hetero.gguf_file import GGUFModelFile
-    from hetero.model import DEFAULT_CTX
     from placement.hardware import detect, with_overrides
-    from placement.planner import make_plan
+    from placement.planner import plan_model
 
     if device not in ("cpu", "auto"):
         raise HeteroError(f"--device {device}: choose cpu or auto")
     file = GGUFModelFile(model)
-    cfg = config_from_metadata(file.metadata)
     with err_console.status("measuring memory bandwidth", spinner="dots"):
         hw = detect()
-    hw = with_overrides(hw, gpu_mem="0" if device == "cpu" else gpu_mem)
-    plan = make_plan(cfg, file.tensors, hw, ctx or min(DEFAULT_CTX, cfg.n_ctx_train), model=str(file.paths[0]))
-    loaded = load_with_progress(model, plan=plan)
+    plan = plan_model(file, with_overrides(hw, gpu_mem="0" if device == "cpu" else gpu_mem), ctx)
+    loaded = load_with_progress(file, plan=plan)
     if threads:  # after the bandwidth probe: numba's OpenMP start-up can reset the thread count
         torch.set_num_threads(threads)
     with Progress(*Progress.get_default_columns(), console=err_console, transient=True) as bar:
@@ -327,7 +319,6 @@ def demo(
     Example: hetero demo            (no download: writes the demo model once, ~110 MiB)
     """
     from cli.plan_report import render_plan
-    from hetero.gguf_file import GGUFModelFile
     from hetero.summary import summarize
 
     builtin = model is None
@@ -337,7 +328,7 @@ def demo(
             console.print(f"writing the demo model to {model} (once)")
             write_with_progress(model, DEMO_PRESET, DEMO_QUANT)
     loaded = load_with_progress(model)
-    print_summary(summarize(GGUFModelFile(model)))
+    print_summary(summarize(loaded.file))
     render_plan(loaded.plan, console)
     console.print(f"\n[bold]user:[/] {prompt}\n[bold]assistant:[/] ", end="")
     last, tokens = None, 0

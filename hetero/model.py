@@ -16,10 +16,8 @@ from hetero.models.deepseek2_tensors import validate_tensors
 from hetero.sampling import SamplingParams
 from hetero.tokenizer import Tokenizer
 from placement.hardware import detect, with_overrides
-from placement.planner import Plan, make_plan
+from placement.planner import Plan, plan_model
 from placement.rules import Rule
-
-DEFAULT_CTX = 4096
 
 
 class Model:
@@ -91,26 +89,23 @@ class Model:
 
 
 def load_model(
-    path: str | Path,
+    path: str | Path | GGUFModelFile,
     n_ctx: int | None = None,
     gpu_mem: str | int | None = None,
     rules: list[Rule] = (),
     plan: Plan | None = None,
     gpu_device: str | None = None,
 ) -> Model:
-    """Open a deepseek2 GGUF (single file, or any file of a split set) for inference.
+    """Open a deepseek2 GGUF (single file, or any file of a split set, or an opened one) for inference.
 
     n_ctx: maximum tokens per sequence (default 4096); gpu_mem: GPU budget ("24GiB"; default:
     the detected GPU, none without CUDA); rules: placement overrides; plan: a ready Plan
     (e.g. from `hetero plan --json`), which then decides everything; gpu_device: the torch
     device that plays the plan's "gpu" (default cuda, else the CPU as a stand-in).
     """
-    file = GGUFModelFile(path)
+    file = path if isinstance(path, GGUFModelFile) else GGUFModelFile(path)
     if plan is None:
-        cfg = config_from_metadata(file.metadata)
-        hw = with_overrides(detect(probe_bandwidth=False), gpu_mem=gpu_mem)
-        ctx = min(n_ctx or DEFAULT_CTX, cfg.n_ctx_train)
-        plan = make_plan(cfg, file.tensors, hw, ctx, list(rules), model=str(file.paths[0]))
+        plan = plan_model(file, with_overrides(detect(probe_bandwidth=False), gpu_mem=gpu_mem), n_ctx, rules)
     elif {p.name for p in plan.placements} != set(file.tensors):
         raise HeteroError("the plan was made for a different model (tensor names differ)")
     if not plan.fits:

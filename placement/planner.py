@@ -15,13 +15,14 @@ Order of play:
 import math
 from dataclasses import dataclass, field
 
-from hetero.config import ModelConfig
+from hetero.config import ModelConfig, config_from_metadata
 from hetero.errors import HeteroError
 from placement.cost import GPU_PRIORITY, TensorCost, kv_cache_bytes, tensor_costs
 from placement.hardware import GiB, Hardware
 from placement.predict import PREFILL_TOKENS, Prediction, predict
 from placement.rules import Rule, first_match
 
+DEFAULT_CTX = 4096  # tokens, when the user names none (capped by the model's own context)
 CUDA_CONTEXT = 512 * 2**20
 CUDA_GRAPHS = 256 * 2**20
 PREFILL_CHUNK = 4096  # tokens per prefill step; long prompts need big chunks to keep the GPU busy
@@ -57,12 +58,6 @@ class Plan:
     suggestion: str
     prediction: Prediction
     rules: tuple[str, ...] = field(default=())
-
-    def device_of(self, name: str) -> str:
-        return self._devices()[name]
-
-    def _devices(self) -> dict[str, str]:
-        return {p.name: p.device for p in self.placements}
 
     def weights_bytes(self, device: str) -> int:
         return sum(p.bytes for p in self.placements if p.device == device)
@@ -168,6 +163,13 @@ def make_plan(cfg: ModelConfig, tensors: dict, hw: Hardware, ctx: int, rules: li
         prediction=prediction,
         rules=tuple(r.source for r in rules),
     )
+
+
+def plan_model(file, hw: Hardware, ctx: int | None = None, rules: list[Rule] = ()) -> Plan:
+    """make_plan for an opened GGUFModelFile, with the default context where none is given."""
+    cfg = config_from_metadata(file.metadata)
+    ctx = ctx or min(DEFAULT_CTX, cfg.n_ctx_train)
+    return make_plan(cfg, file.tensors, hw, ctx, list(rules), model=str(file.paths[0]))
 
 
 def _placement(c: TensorCost, device: str, fmt: str | None) -> Placement:
