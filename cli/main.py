@@ -12,6 +12,7 @@ from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
+from cli.plan_report import gib
 from hetero.errors import HeteroError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Run giant MoE GGUF models on one GPU plus CPU RAM.")
@@ -148,10 +149,6 @@ def print_summary(s: dict) -> None:
             kind, str(e["tensors"]), f"{e['params'] / 1e6:,.1f} M", gib(e["bytes"]), f"{e['bytes'] / total:.1%}"
         )
     console.print(table)
-
-
-def gib(n: int) -> str:
-    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
 
 
 @app.command()
