@@ -12,7 +12,7 @@ from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from cli.plan_report import gib
+from cli.units import gib
 from hetero.errors import HeteroError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Run giant MoE GGUF models on one GPU plus CPU RAM.")

@@ -5,6 +5,7 @@ from itertools import groupby
 from rich.console import Console
 from rich.table import Table
 
+from cli.units import gib
 from placement.planner import Plan
 
 
@@ -20,10 +21,6 @@ def layer_ranges(layers: list[int]) -> str:
     if -1 in layers:
         out.append("top")
     return ", ".join(out)
-
-
-def gib(n: int) -> str:
-    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
 
 
 def render_plan(plan: Plan, console: Console) -> None:
