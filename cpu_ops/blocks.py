@@ -1,0 +1,259 @@
+"""One GGUF block times its slice of activations, as LLVM IR, for each supported type.
+
+The kernels read GGUF blocks as they lie in the file (no repack, no float copy). Activations
+come quantized per 32 values (see `activations.py`): int8 values `xq`, a float scale `dx` per
+32 and integer sums `xs` per 16, so a block's integer dot products need only its own scales:
+
+    dot(w, x) = sum over groups g of  scale_w(g) * dx(g) * (q_w(g) . q_x(g))  [ - offsets ]
+
+where K-quant mins and the zero points of Q4_0/Q5_0/Q6_K are folded in with `xs`, never by
+widening weights. Float types (F32/F16/BF16) multiply the float activations `xf` directly.
+
+Each body returns a vector of 8 floats whose lanes sum to the block's contribution; the row
+loop in `kernels.py` accumulates those vectors and sums the lanes once per row.
+"""
+
+from dataclasses import dataclass
+
+from gguf import GGMLQuantizationType as QType
+from llvmlite import ir
+
+from cpu_ops.simd import (
+    F16,
+    F32,
+    I8,
+    I16,
+    I32,
+    broadcast,
+    const,
+    dot_s8_s8,
+    dot_u8_s8,
+    fma,
+    from_scalars,
+    load,
+    lookup16,
+    madd_i16,
+    shuffle,
+    splat,
+    to_float,
+    vec,
+)
+
+IQ4_VALUES = [-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113]
+
+
+@dataclass(frozen=True)
+class Act:
+    """Pointers (i8*) to a block's activations: int8 values, scales per 32, int sums per 16, floats."""
+
+    xq: ir.Value
+    dx: ir.Value
+    xs: ir.Value
+    xf: ir.Value
+
+
+def _f16(b, base, offset):
+    return b.fpext(load(b, base, offset, F16), F32)
+
+
+def _splat_f(b, v, n=8):
+    return broadcast(b, from_scalars(b, [v]), 0, n)
+
+
+def _pairs(b, v16):
+    """16 x i32 -> 8 x i32 sums of adjacent lanes (per-16 sums into per-32 sums)."""
+    return b.add(shuffle(b, v16, list(range(0, 16, 2))), shuffle(b, v16, list(range(1, 16, 2))))
+
+
+def _dx_lane(b, a, g):
+    return _splat_f(b, load(b, a.dx, 4 * g, F32))
+
+
+def _groups(b, a, dots, first=0):
+    """Sum over 32-value groups of float(dots[g]) * dx[first + g]: 8 float lanes."""
+    acc = None
+    for g, v in enumerate(dots):
+        term = b.fmul(to_float(b, v), _dx_lane(b, a, first + g))
+        acc = term if acc is None else b.fadd(acc, term)
+    return acc
+
+
+def _ones16(b):
+    return splat(I16, 16, 1)
+
+
+# -- K-quants (256 values) ---------------------------------------------------------------------
+
+
+def _k_scales(b, w, at):
+    """The 12 packed bytes of Q4_K/Q5_K -> 16 x i16: 8 sub-block scales, then 8 mins (6 bits)."""
+    u = [load(b, w, at + 4 * i, I32) for i in range(3)]
+    m1, m2, m3 = const(I32, 0x3F3F3F3F), const(I32, 0x0F0F0F0F), const(I32, 0x03030303)
+    sc_lo = b.and_(u[0], m1)
+    sc_hi = b.or_(b.and_(u[2], m2), b.shl(b.and_(b.lshr(u[0], const(I32, 6)), m3), const(I32, 4)))
+    mn_lo = b.and_(u[1], m1)
+    mn_hi = b.or_(
+        b.and_(b.lshr(u[2], const(I32, 4)), m2), b.shl(b.and_(b.lshr(u[1], const(I32, 6)), m3), const(I32, 4))
+    )
+    return b.zext(b.bitcast(from_scalars(b, [sc_lo, sc_hi, mn_lo, mn_hi]), vec(I8, 16)), vec(I16, 16))
+
+
+def _k_body(b, w, a, quants, scales_at):
+    """Shared tail of Q4_K and Q5_K: d * sum_g sc_g q_g.x_g - dmin * sum_g m_g sum(x_g)."""
+    sm = _k_scales(b, w, scales_at)
+    dots = []
+    for g, q in enumerate(quants):
+        pair_sums = dot_u8_s8(b, q, load(b, a.xq, 32 * g, I8, 32))
+        dots.append(madd_i16(b, pair_sums, broadcast(b, sm, g, 16)))
+    mins = b.zext(shuffle(b, sm, list(range(8, 16))), vec(I32, 8))
+    xsum = _pairs(b, load(b, a.xs, 0, I32, 16))
+    min_terms = b.fmul(to_float(b, b.mul(mins, xsum)), load(b, a.dx, 0, F32, 8))
+    d, dmin = _splat_f(b, _f16(b, w, 0)), _splat_f(b, _f16(b, w, 2))
+    return b.fsub(b.fmul(_groups(b, a, dots), d), b.fmul(min_terms, dmin))
+
+
+def q4_k(b, w, a):
+    quants = []
+    for j in range(4):
+        qs = load(b, w, 16 + 32 * j, I8, 32)
+        quants += [b.and_(qs, splat(I8, 32, 15)), b.lshr(qs, splat(I8, 32, 4))]
+    return _k_body(b, w, a, quants, 4)
+
+
+def q5_k(b, w, a):
+    qh = load(b, w, 16, I8, 32)
+    quants = []
+    for j in range(4):
+        qs = load(b, w, 48 + 32 * j, I8, 32)
+        for k, nib in enumerate((b.and_(qs, splat(I8, 32, 15)), b.lshr(qs, splat(I8, 32, 4)))):
+            high = b.shl(b.and_(b.lshr(qh, splat(I8, 32, 2 * j + k)), splat(I8, 32, 1)), splat(I8, 32, 4))
+            quants.append(b.or_(nib, high))
+    return _k_body(b, w, a, quants, 4)
+
+
+def q6_k(b, w, a):
+    """d * sc16 * (q - 32): unsigned q through vpmaddubsw, the 32 offset through the x sums."""
+    dots, scales = [], []
+    for n in range(2):
+        ql0, ql1 = load(b, w, 64 * n, I8, 32), load(b, w, 64 * n + 32, I8, 32)
+        qh = load(b, w, 128 + 32 * n, I8, 32)
+        sc = b.sext(load(b, w, 192 + 8 * n, I8, 8), vec(I16, 8))
+        scales.append(sc)
+        for k, (ql, shift) in enumerate(((ql0, 0), (ql1, 0), (ql0, 4), (ql1, 4))):
+            nib = (
+                b.and_(b.lshr(ql, splat(I8, 32, shift)), splat(I8, 32, 15)) if shift else b.and_(ql, splat(I8, 32, 15))
+            )
+            high = b.shl(b.and_(b.lshr(qh, splat(I8, 32, 2 * k)), splat(I8, 32, 3)), splat(I8, 32, 4))
+            pair_sums = dot_u8_s8(b, b.or_(nib, high), load(b, a.xq, 128 * n + 32 * k, I8, 32))
+            dots.append(madd_i16(b, pair_sums, shuffle(b, sc, [2 * k] * 8 + [2 * k + 1] * 8)))
+    sc16 = b.sext(shuffle(b, scales[0], list(range(16)), scales[1]), vec(I32, 16))
+    offsets = _pairs(b, b.mul(sc16, load(b, a.xs, 0, I32, 16)))  # per 32: sum of sc * sum(x) per 16
+    offset_terms = b.fmul(to_float(b, b.shl(offsets, splat(I32, 8, 5))), load(b, a.dx, 0, F32, 8))
+    return b.fmul(b.fsub(_groups(b, a, dots), offset_terms), _splat_f(b, _f16(b, w, 208)))
+
+
+def iq4_xs(b, w, a):
+    """d * (ls - 32) * table[q]: the non-linear 4-bit grid looked up with vpshufb."""
+    table = ir.Constant(vec(I8, 16), IQ4_VALUES)
+    high = b.zext(load(b, w, 2, I16), I32)
+    low = load(b, w, 4, I8, 4)
+    dots = []
+    for k in range(4):
+        qs = load(b, w, 8 + 32 * k, I8, 32)
+        lo, hi = b.and_(qs, splat(I8, 32, 15)), b.lshr(qs, splat(I8, 32, 4))
+        for half in range(2):
+            g = 2 * k + half
+            idx = shuffle(
+                b, lo, list(range(16 * half, 16 * half + 16)) + list(range(32 + 16 * half, 48 + 16 * half)), hi
+            )
+            ls_lo = b.and_(
+                b.lshr(b.zext(b.extract_element(low, const(I32, g // 2)), I32), const(I32, 4 * (g % 2))), const(I32, 15)
+            )
+            ls_hi = b.shl(b.and_(b.lshr(high, const(I32, 2 * g)), const(I32, 3)), const(I32, 4))
+            scale = b.trunc(b.sub(b.or_(ls_lo, ls_hi), const(I32, 32)), I16)
+            pair_sums = dot_s8_s8(b, lookup16(b, table, idx), load(b, a.xq, 32 * g, I8, 32))
+            dots.append(madd_i16(b, pair_sums, broadcast(b, from_scalars(b, [scale]), 0, 16)))
+    return b.fmul(_groups(b, a, dots), _splat_f(b, _f16(b, w, 0)))
+
+
+# -- 32-value blocks ---------------------------------------------------------------------------
+
+
+def _nibbles32(b, qs16):
+    """16 bytes of two nibbles -> 32 values: low nibbles first, then high (Q4_0/Q5_0 order)."""
+    lo, hi = b.and_(qs16, splat(I8, 16, 15)), b.lshr(qs16, splat(I8, 16, 4))
+    return shuffle(b, lo, list(range(32)), hi)
+
+
+def _legacy(b, w, a, q, zero):
+    """d * (q - zero) . x for one 32-value block, the zero point subtracted in 8 bits."""
+    signed = b.sub(q, splat(I8, 32, zero))
+    dot = madd_i16(b, dot_s8_s8(b, signed, load(b, a.xq, 0, I8, 32)), _ones16(b))
+    return b.fmul(to_float(b, dot), _splat_f(b, b.fmul(load(b, a.dx, 0, F32), _f16(b, w, 0))))
+
+
+def q4_0(b, w, a):
+    return _legacy(b, w, a, _nibbles32(b, load(b, w, 2, I8, 16)), 8)
+
+
+def q5_0(b, w, a):
+    """The fifth bits: bit j of the 32-bit qh lifts value j by 16 (byte-wise test, no 32-bit lanes)."""
+    qh = shuffle(b, load(b, w, 2, I8, 4), [j // 8 for j in range(32)])
+    bit = b.and_(qh, ir.Constant(vec(I8, 32), [1 << (j % 8) for j in range(32)]))
+    high = b.select(b.icmp_unsigned("!=", bit, splat(I8, 32, 0)), splat(I8, 32, 16), splat(I8, 32, 0))
+    return _legacy(b, w, a, b.or_(_nibbles32(b, load(b, w, 6, I8, 16)), high), 16)
+
+
+def q8_0(b, w, a):
+    dot = madd_i16(b, dot_s8_s8(b, load(b, w, 2, I8, 32), load(b, a.xq, 0, I8, 32)), _ones16(b))
+    return b.fmul(to_float(b, dot), _splat_f(b, b.fmul(load(b, a.dx, 0, F32), _f16(b, w, 0))))
+
+
+def _floats(b, a, convert):
+    acc = ir.Constant(vec(F32, 8), [0.0] * 8)
+    for i in range(4):
+        acc = fma(b, convert(i), load(b, a.xf, 32 * i, F32, 8), acc)
+    return acc
+
+
+def f32(b, w, a):
+    return _floats(b, a, lambda i: load(b, w, 32 * i, F32, 8))
+
+
+def f16(b, w, a):
+    return _floats(b, a, lambda i: b.fpext(load(b, w, 16 * i, F16, 8), vec(F32, 8)))
+
+
+def bf16(b, w, a):
+    def widen(i):
+        bits = b.shl(b.zext(load(b, w, 16 * i, I16, 8), vec(I32, 8)), splat(I32, 8, 16))
+        return b.bitcast(bits, vec(F32, 8))
+
+    return _floats(b, a, widen)
+
+
+@dataclass(frozen=True)
+class BlockKind:
+    code: int  # the integer the numba kernels dispatch on
+    values: int
+    nbytes: int
+    body: object
+
+
+BLOCKS: dict[QType, BlockKind] = {
+    qt: BlockKind(i, values, nbytes, body)
+    for i, (qt, values, nbytes, body) in enumerate(
+        [
+            (QType.Q4_K, 256, 144, q4_k),
+            (QType.Q5_K, 256, 176, q5_k),
+            (QType.Q6_K, 256, 210, q6_k),
+            (QType.IQ4_XS, 256, 136, iq4_xs),
+            (QType.Q4_0, 32, 18, q4_0),
+            (QType.Q5_0, 32, 22, q5_0),
+            (QType.Q8_0, 32, 34, q8_0),
+            (QType.F32, 32, 128, f32),
+            (QType.F16, 32, 64, f16),
+            (QType.BF16, 32, 64, bf16),
+        ]
+    )
+}

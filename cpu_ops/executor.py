@@ -1,0 +1,158 @@
+"""The thread pool that runs every CPU kernel: workers pinned to cores, grouped by NUMA node.
+
+Kernels are numba functions that release the GIL, so plain Python threads run them in parallel.
+Each worker pins itself to one CPU (os.sched_setaffinity on the calling thread) and sleeps on
+its own queue between jobs; nothing spins. A job is one callable per worker; `submit` returns
+at once with a handle whose `wait()` joins them, so the caller (the GPU driver or the rest of
+the layer) runs meanwhile.
+
+Oversubscription: while our workers run, torch's intra-op pool must not compete for the same
+cores. The model waits on handles instead of running torch work beside them on the CPU, and
+`Executor` sets torch's thread count to its own worker count when it is created (see
+docs/benchmarks.md for the measurement).
+"""
+
+import os
+import queue
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from cpu_ops.topology import Topology, detect_topology
+
+Task = Callable[[], None]
+
+
+class Handle:
+    """Completion of one submitted job; `wait()` re-raises the first worker error."""
+
+    def __init__(self, n: int):
+        self._left = n
+        self._lock = threading.Lock()
+        self._done = threading.Event()
+        self._error: BaseException | None = None
+        if n == 0:
+            self._done.set()
+
+    def _finish(self, error: BaseException | None) -> None:
+        with self._lock:
+            if error is not None and self._error is None:
+                self._error = error
+            self._left -= 1
+            if self._left == 0:
+                self._done.set()
+
+    def done(self) -> bool:
+        return self._done.is_set()
+
+    def wait(self) -> None:
+        self._done.wait()
+        if self._error is not None:
+            raise self._error
+
+
+@dataclass(frozen=True)
+class Worker:
+    index: int
+    cpu: int | None  # None when pinning is off or not permitted
+    node: int
+
+
+def plan_workers(topology: Topology, threads: int | None, pin: bool = True) -> list[Worker]:
+    """`threads` workers (default: one per CPU) spread over the nodes in proportion to their CPUs."""
+    threads = topology.n_cpus if threads is None else threads
+    if threads < 1:
+        raise ValueError("threads must be at least 1")
+    shares = [0] * len(topology.nodes)
+    for _ in range(threads):  # greedy: the node with the fewest workers per CPU gets the next
+        node = min(range(len(shares)), key=lambda i: (shares[i] / len(topology.nodes[i]), i))
+        shares[node] += 1
+    workers: list[Worker] = []
+    for node, (cpus, share) in enumerate(zip(topology.nodes, shares, strict=False)):
+        for k in range(share):
+            workers.append(Worker(len(workers), cpus[k % len(cpus)] if pin else None, node))
+    return workers
+
+
+class Executor:
+    def __init__(
+        self, threads: int | None = None, numa: str = "auto", topology: Topology | None = None, pin: bool = True
+    ):
+        """numa: 'auto' uses the detected (or given) nodes; 'off' treats the machine as one node."""
+        if numa not in ("auto", "off"):
+            raise ValueError(f"numa must be 'auto' or 'off', got {numa!r}")
+        topo = topology or detect_topology()
+        if numa == "off":
+            topo = Topology((tuple(sorted(c for n in topo.nodes for c in n)),))
+        self.topology = topo
+        self.workers = plan_workers(topo, threads, pin)
+        self.pinned = pin
+        self._queues: list[queue.SimpleQueue] = [queue.SimpleQueue() for _ in self.workers]
+        self._threads = [
+            threading.Thread(target=self._loop, args=(w, q), name=f"hetero-cpu-{w.index}", daemon=True)
+            for w, q in zip(self.workers, self._queues, strict=False)
+        ]
+        for t in self._threads:
+            t.start()
+        _limit_torch_threads(len(self.workers))
+
+    @property
+    def n_threads(self) -> int:
+        return len(self.workers)
+
+    @property
+    def n_nodes(self) -> int:
+        return len(self.topology.nodes)
+
+    def node_workers(self, node: int) -> list[Worker]:
+        return [w for w in self.workers if w.node == node]
+
+    def _loop(self, worker: Worker, q: queue.SimpleQueue) -> None:
+        if worker.cpu is not None:
+            try:
+                os.sched_setaffinity(0, {worker.cpu})  # 0 = this thread on Linux
+            except OSError:
+                pass  # a container may forbid it; the work is the same, only less local
+        while True:
+            item = q.get()
+            if item is None:
+                return
+            task, handle = item
+            try:
+                task()
+            except BaseException as e:  # noqa: BLE001 - handed to wait()
+                handle._finish(e)
+            else:
+                handle._finish(None)
+
+    def submit(self, tasks: Sequence[Task | None]) -> Handle:
+        """Run tasks[i] on worker i (None: nothing for that worker); returns at once."""
+        if len(tasks) > len(self.workers):
+            raise ValueError(f"{len(tasks)} tasks for {len(self.workers)} workers")
+        real = [(i, t) for i, t in enumerate(tasks) if t is not None]
+        handle = Handle(len(real))
+        for i, task in real:
+            self._queues[i].put((task, handle))
+        return handle
+
+    def run(self, tasks: Sequence[Task | None]) -> None:
+        self.submit(tasks).wait()
+
+    def close(self) -> None:
+        for q in self._queues:
+            q.put(None)
+        for t in self._threads:
+            t.join()
+
+    def __enter__(self) -> "Executor":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _limit_torch_threads(n: int) -> None:
+    import torch
+
+    if torch.get_num_threads() > n:
+        torch.set_num_threads(n)

@@ -1,0 +1,67 @@
+"""A quantized matrix on the CPU: y = x @ W.T with W's rows split over the executor's workers."""
+
+import numpy as np
+
+from cpu_ops.activations import QuantizedActivations
+from cpu_ops.blocks import BLOCKS
+from cpu_ops.executor import Executor
+from cpu_ops.kernels import MATMUL
+
+INLINE_BYTES = 1 << 18  # smaller matrices run on the calling thread: a hand-off costs more
+
+
+def supported(qtype, in_features: int) -> bool:
+    """Whether the CPU kernels multiply this type at this row width."""
+    kind = BLOCKS.get(qtype)
+    return kind is not None and in_features % max(kind.values, 32) == 0
+
+
+def split(n: int, parts: int, align: int = 1) -> list[tuple[int, int]]:
+    """n items into `parts` contiguous ranges, boundaries on multiples of align; empty ranges dropped."""
+    units = -(-n // align)
+    bounds = [min(n, (units * i // parts) * align) for i in range(parts + 1)]
+    return [(a, b) for a, b in zip(bounds, bounds[1:], strict=False) if b > a]
+
+
+class CpuMatrix:
+    """W [rows, in] as GGUF rows (uint8 [rows, row_bytes], usually a view of the file map)."""
+
+    def __init__(self, raw: np.ndarray, qtype, in_features: int):
+        if not supported(qtype, in_features):
+            raise ValueError(f"no CPU kernel for {getattr(qtype, 'name', qtype)} rows of {in_features}")
+        self.kind = BLOCKS[qtype]
+        self.kernel = MATMUL[qtype]
+        self.raw = raw.reshape(-1)
+        self.rows = raw.shape[0]
+        self.in_features = in_features
+        self.row_bytes = raw.shape[1]
+
+    def rows_into(self, acts: QuantizedActivations, out: np.ndarray, start: int, stop: int) -> None:
+        """out[:, start:stop] = acts @ W[start:stop].T, on the calling thread."""
+        self.kernel(
+            self.raw,
+            start * self.row_bytes,
+            self.row_bytes,
+            stop - start,
+            self.in_features // self.kind.values,
+            acts.xq,
+            acts.dx,
+            acts.xs,
+            acts.xf,
+            0,
+            acts.n_tokens,
+            out,
+            start,
+        )
+
+    def __call__(self, executor: Executor | None, acts: QuantizedActivations) -> np.ndarray:
+        """float32 [T, rows]; the rows are split over the workers unless the matrix is small."""
+        if acts.width != self.in_features:
+            raise ValueError(f"activations of width {acts.width} for rows of {self.in_features}")
+        out = np.empty((acts.n_tokens, self.rows), np.float32)
+        if executor is None or self.raw.nbytes < INLINE_BYTES:
+            self.rows_into(acts, out, 0, self.rows)
+            return out
+        ranges = split(self.rows, executor.n_threads, align=4)
+        executor.run([lambda a=a, b=b: self.rows_into(acts, out, a, b) for a, b in ranges])
+        return out

@@ -1,0 +1,80 @@
+"""CPU kernels against dequantize + float64 matmul, on fresh random blocks and inputs.
+
+The integer kernels multiply activations quantized per 32 values (cpu_ops/activations.py), so
+the oracle multiplies the same quantized activations in float64: what remains is float32
+rounding, bounded by |W| @ |x|. The activation rounding itself is checked separately.
+"""
+
+import numpy as np
+import pytest
+import torch
+from gguf import GGML_QUANT_SIZES
+from gguf import GGMLQuantizationType as T
+from test_quants import random_rows
+
+from cpu_ops.activations import quantize
+from cpu_ops.blocks import BLOCKS
+from cpu_ops.executor import Executor
+from cpu_ops.matmul import CpuMatrix, supported
+from hetero.quants import dequantize
+
+FLOATS = (T.F32, T.F16, T.BF16)
+
+
+def weights(qtype, rows, k, rng):
+    raw = random_rows(qtype, rows, k // GGML_QUANT_SIZES[qtype][0], rng)
+    return raw, dequantize(torch.from_numpy(raw), qtype, k).double().numpy()
+
+
+def oracle(qtype, dense, acts):
+    x = acts.xf.astype(np.float64) if qtype in FLOATS else acts.dequantized()
+    return x @ dense.T, np.abs(x) @ np.abs(dense).T
+
+
+@pytest.fixture(scope="module")
+def executor():
+    with Executor(threads=2) as ex:
+        yield ex
+
+
+@pytest.mark.parametrize("qtype", list(BLOCKS), ids=lambda t: t.name)
+@pytest.mark.parametrize("rows,blocks,tokens", [(1, 1, 1), (7, 3, 1), (37, 2, 5), (130, 1, 16)])
+def test_matmul_matches_float64(qtype, rows, blocks, tokens, executor):
+    rng = np.random.default_rng()
+    k = blocks * BLOCKS[qtype].values
+    raw, dense = weights(qtype, rows, k, rng)
+    acts = quantize(rng.standard_normal((tokens, k)).astype(np.float32) * rng.uniform(0.1, 10))
+    expected, bound = oracle(qtype, dense, acts)
+    for ex in (None, executor):  # the calling thread, and rows split over two workers
+        ours = CpuMatrix(raw, qtype, k)(ex, acts)
+        assert ours.shape == (tokens, rows) and ours.dtype == np.float32
+        assert np.all(np.abs(ours - expected) <= 2e-6 * bound + 1e-30)
+
+
+def test_big_matrix_splits_over_workers(executor):
+    """Above the inline threshold the rows go to the workers; rows not a multiple of the split."""
+    rng = np.random.default_rng()
+    raw, dense = weights(T.Q4_K, 1001, 512, rng)
+    acts = quantize(rng.standard_normal((2, 512)).astype(np.float32))
+    expected, bound = oracle(T.Q4_K, dense, acts)
+    assert raw.nbytes > 1 << 18
+    assert np.all(np.abs(CpuMatrix(raw, T.Q4_K, 512)(executor, acts) - expected) <= 2e-6 * bound)
+
+
+def test_activation_rounding_is_half_a_step():
+    rng = np.random.default_rng()
+    x = rng.standard_normal((3, 96)).astype(np.float32) * np.array([1e-3, 1.0, 50.0], np.float32)[:, None]
+    x[1, :32] = 0  # an all-zero group
+    a = quantize(x)
+    step = np.repeat(a.dx, 32, axis=1)
+    assert np.all(np.abs(a.dequantized() - x) <= 0.5 * step * (1 + 1e-6) + 1e-30)
+    assert np.array_equal(a.xs, a.xq.reshape(3, -1, 16).astype(np.int32).sum(-1))
+    assert np.all(a.dequantized()[1, :32] == 0)
+
+
+def test_unsupported_shapes_and_types():
+    assert not supported(T.Q4_K, 128) and supported(T.Q8_0, 128) and not supported(T.Q2_K, 256)
+    with pytest.raises(ValueError, match="no CPU kernel"):
+        CpuMatrix(np.zeros((2, 84), np.uint8), T.Q2_K, 256)
+    with pytest.raises(ValueError, match="multiple of 32"):
+        quantize(np.zeros((1, 40), np.float32))
