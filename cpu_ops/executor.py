@@ -6,10 +6,11 @@ its own queue between jobs; nothing spins. A job is one callable per worker; `su
 at once with a handle whose `wait()` joins them, so the caller (the GPU driver or the rest of
 the layer) runs meanwhile.
 
-Oversubscription: while our workers run, torch's intra-op pool must not compete for the same
-cores. The model waits on handles instead of running torch work beside them on the CPU, and
-`Executor` sets torch's thread count to its own worker count when it is created (see
-docs/benchmarks.md for the measurement).
+Oversubscription: torch's intra-op pool is OpenMP, whose threads keep spinning for a while
+after each parallel region and so take the cores our workers are about to need. With the
+engine running, torch is limited to one thread (it only does the small attention math between
+our jobs): on the V2-Lite-shaped file a decode step took 71 ms with torch on 2 threads and 43 ms
+with 1 (docs/benchmarks.md).
 """
 
 import os
@@ -94,7 +95,7 @@ class Executor:
         ]
         for t in self._threads:
             t.start()
-        _limit_torch_threads(len(self.workers))
+        _limit_torch_threads()
 
     @property
     def n_threads(self) -> int:
@@ -151,8 +152,7 @@ class Executor:
         self.close()
 
 
-def _limit_torch_threads(n: int) -> None:
+def _limit_torch_threads() -> None:
     import torch
 
-    if torch.get_num_threads() > n:
-        torch.set_num_threads(n)
+    torch.set_num_threads(1)

@@ -6,6 +6,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from cpu_ops.executor import Executor
+from cpu_ops.simd import HAVE_AVX2
 from hetero.config import ModelConfig, config_from_metadata
 from hetero.errors import HeteroError
 from hetero.generate import Step, generate_steps
@@ -23,7 +25,15 @@ from placement.rules import Rule
 class Model:
     """A loaded deepseek2 model. Weights stay memory-mapped and quantized, placed as `plan` says."""
 
-    def __init__(self, file: GGUFModelFile, plan: Plan, gpu_device: str | None = None):
+    def __init__(
+        self,
+        file: GGUFModelFile,
+        plan: Plan,
+        gpu_device: str | None = None,
+        threads: int | None = None,
+        numa: str = "auto",
+        cpu_kernels: bool = True,
+    ):
         self.file = file
         self.config: ModelConfig = config_from_metadata(file.metadata)
         self.tied_output = validate_tensors(self.config, {n: t.shape for n, t in file.tensors.items()})
@@ -34,7 +44,15 @@ class Model:
         cpu = torch.device("cpu")
         devices = {p.name: (gpu if p.device == "gpu" else cpu) for p in plan.placements}
         self.device = gpu if plan.weights_bytes("gpu") else cpu
-        self.net = DeepSeek2(self.config, file.tensors, devices.__getitem__, self.device)
+        on_cpu = {p.name for p in plan.placements if p.device == "cpu"}
+        self.executor = Executor(threads, numa) if cpu_kernels and HAVE_AVX2 and on_cpu else None
+        if threads and self.executor is None:
+            torch.set_num_threads(threads)
+
+        def engine(name: str) -> Executor | None:
+            return self.executor if name in on_cpu else None
+
+        self.net = DeepSeek2(self.config, file.tensors, devices.__getitem__, self.device, engine)
         self.tokenizer = Tokenizer(file.paths[0], file.metadata)
 
     # -- numbers -------------------------------------------------------------------------------
@@ -95,13 +113,18 @@ def load_model(
     rules: list[Rule] = (),
     plan: Plan | None = None,
     gpu_device: str | None = None,
+    threads: int | None = None,
+    numa: str = "auto",
+    cpu_kernels: bool = True,
 ) -> Model:
     """Open a deepseek2 GGUF (single file, or any file of a split set, or an opened one) for inference.
 
     n_ctx: maximum tokens per sequence (default 4096); gpu_mem: GPU budget ("24GiB"; default:
     the detected GPU, none without CUDA); rules: placement overrides; plan: a ready Plan
     (e.g. from `hetero plan --json`), which then decides everything; gpu_device: the torch
-    device that plays the plan's "gpu" (default cuda, else the CPU as a stand-in).
+    device that plays the plan's "gpu" (default cuda, else the CPU as a stand-in); threads,
+    numa ('auto' or 'off'): the CPU engine's workers; cpu_kernels=False runs CPU weights through
+    the reference torch ops instead (also what machines without AVX2 get).
     """
     file = path if isinstance(path, GGUFModelFile) else GGUFModelFile(path)
     if plan is None:
@@ -110,7 +133,7 @@ def load_model(
         raise HeteroError("the plan was made for a different model (tensor names differ)")
     if not plan.fits:
         raise HeteroError("the plan does not fit: " + "; ".join(plan.problems) + f" ({plan.suggestion})")
-    return Model(file, plan, gpu_device)
+    return Model(file, plan, gpu_device, threads, numa, cpu_kernels)
 
 
 __all__ = ["Model", "Step", "load_model"]

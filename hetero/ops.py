@@ -2,7 +2,9 @@
 
 These are the op interfaces the forward pass is written against. The reference versions here
 run on any torch device and never hold more than `CHUNK_VALUES` dequantized floats at once, so
-a weight stays quantized in memory. Faster kernels (cpu_ops, gpu_ops) implement the same calls.
+a weight stays quantized in memory. Given an `Executor`, a CPU-placed weight whose type the CPU
+engine supports runs through cpu_ops' kernels instead (same calls, same results to float32 and
+activation rounding); unsupported types and other devices keep the reference path.
 """
 
 import warnings
@@ -11,6 +13,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from cpu_ops.activations import quantize
+from cpu_ops.executor import Executor
+from cpu_ops.experts import CpuExperts, Stack, supported_stacks
+from cpu_ops.matmul import CpuMatrix, split, supported
 from hetero.gguf_file import TensorInfo
 from hetero.quants import dequantize
 
@@ -46,16 +52,27 @@ def raw_tensor(info: TensorInfo, device: torch.device) -> torch.Tensor:
     return raw if device.type == "cpu" else raw.to(device)
 
 
+def _numpy(x: torch.Tensor) -> np.ndarray:
+    return x.detach().to("cpu", torch.float32).contiguous().numpy()
+
+
+def _cpu_engine(engine: Executor | None, device: torch.device, qtype, in_features: int) -> Executor | None:
+    """The executor when this weight can run through the CPU kernels, else None."""
+    return engine if engine is not None and device.type == "cpu" and supported(qtype, in_features) else None
+
+
 class QuantLinear:
     """y = x @ W.T for W [out, in] stored in any supported GGUF block format."""
 
-    def __init__(self, info: TensorInfo, device: torch.device):
+    def __init__(self, info: TensorInfo, device: torch.device, engine: Executor | None = None):
         if len(info.shape) != 2:
             raise ValueError(f"{info.name}: expected a matrix, got shape {info.shape}")
         self.name = info.name
         self.qtype = info.qtype
         self.out_features, self.in_features = info.shape
         self.raw = raw_tensor(info, device)
+        self.engine = _cpu_engine(engine, device, info.qtype, self.in_features)
+        self.cpu = CpuMatrix(info.data, info.qtype, self.in_features) if self.engine else None
 
     def weight_rows(self, start: int, stop: int) -> torch.Tensor:
         """Rows [start, stop) of W as float32 [stop - start, in]."""
@@ -63,6 +80,8 @@ class QuantLinear:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """x [T, in] float32 -> [T, out]."""
+        if self.cpu is not None:
+            return torch.from_numpy(self.cpu(self.engine, quantize(_numpy(x)))).to(x.device)
         return quant_matmul(x, self.raw, self.qtype, self.in_features)
 
 
@@ -80,16 +99,32 @@ class Embedding:
 
 
 class ExpertBank:
-    """The routed experts of one layer: stacked gate/up [E, F, D] and down [E, D, F]."""
+    """The routed experts of one layer: stacked gate/up [E, F, D] and down [E, D, F].
 
-    def __init__(self, gate: TensorInfo, up: TensorInfo, down: TensorInfo, device: torch.device):
+    `submit` starts them and returns a handle; on the CPU engine they run on its workers while
+    the caller goes on (the shared experts, the GPU), elsewhere they run before it returns.
+    """
+
+    def __init__(self, gate: TensorInfo, up: TensorInfo, down: TensorInfo, device: torch.device, engine=None):
         self.n_expert, self.n_ff, self.n_embd = gate.shape
         self.gate = QuantLinear3(gate, device)
         self.up = QuantLinear3(up, device)
         self.down = QuantLinear3(down, device)
+        stacks = [Stack(t.data.reshape(t.shape[0], t.shape[1], -1), t.qtype, t.shape[2]) for t in (gate, up, down)]
+        cpu = engine is not None and device.type == "cpu" and supported_stacks(*stacks)
+        self.cpu = CpuExperts(*stacks, engine) if cpu else None
+
+    def submit(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> "ExpertResult":
+        if self.cpu is None:
+            return ExpertResult(value=self.reference(x, ids, weights))
+        handle = self.cpu.submit(_numpy(x), ids.cpu().numpy(), _numpy(weights))
+        return ExpertResult(handle=handle, device=x.device)
 
     def __call__(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """x [T, D], ids [T, A] int64, weights [T, A] -> sum over A of weight * expert(x), [T, D]."""
+        return self.submit(x, ids, weights).wait()
+
+    def reference(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         out = torch.zeros_like(x)
         for e in torch.unique(ids).tolist():
             tok, slot = torch.nonzero(ids == e, as_tuple=True)
@@ -99,14 +134,29 @@ class ExpertBank:
         return out
 
 
+class ExpertResult:
+    """A running (or finished) expert computation; wait() gives [T, D] on the caller's device."""
+
+    def __init__(self, value: torch.Tensor | None = None, handle=None, device: torch.device | None = None):
+        self.value, self.handle, self.device = value, handle, device
+
+    def wait(self) -> torch.Tensor:
+        if self.value is None:
+            self.value = torch.from_numpy(self.handle.wait()).to(self.device)
+        return self.value
+
+
 class QuantLinear3:
     """A stack of matrices [E, out, in] with per-matrix matmul; used for experts and MLA heads."""
 
-    def __init__(self, info: TensorInfo, device: torch.device):
+    def __init__(self, info: TensorInfo, device: torch.device, engine: Executor | None = None):
         self.name = info.name
         self.qtype = info.qtype
         self.n, self.out_features, self.in_features = info.shape
         self.raw = raw_tensor(info, device)
+        self.engine = _cpu_engine(engine, device, info.qtype, self.in_features)
+        rows = info.data.reshape(self.n, self.out_features, -1)
+        self.cpu = [CpuMatrix(rows[e], info.qtype, self.in_features) for e in range(self.n)] if self.engine else None
 
     def all(self) -> torch.Tensor:
         """Every matrix as float32 [E, out, in]; only for small stacks (MLA per-head weights)."""
@@ -116,6 +166,25 @@ class QuantLinear3:
         """x [T, in] @ matrix e transposed -> [T, out]."""
         rows = self.raw[e * self.out_features : (e + 1) * self.out_features]
         return quant_matmul(x, rows, self.qtype, self.in_features)
+
+    def per_matrix(self, x: torch.Tensor) -> torch.Tensor:
+        """x [T, E, in] -> [T, E, out]: slice e of x times matrix e (MLA's per-head absorption)."""
+        if self.cpu is None:
+            return torch.einsum("tei,eoi->teo", x, self.all().to(x.device))
+        t = x.shape[0]
+        acts = quantize(_numpy(x.transpose(0, 1)).reshape(self.n * t, self.in_features))
+        out = np.empty((t, self.n * self.out_features), np.float32)
+        k = self.in_features
+
+        def heads(first, stop):
+            for e in range(first, stop):
+                m = self.cpu[e]
+                m.kernel(m.raw, 0, m.row_bytes, m.rows, k // m.kind.values, acts.xq, acts.dx, acts.xs, acts.xf,
+                         e * t * k, t, out, e * self.out_features)
+
+        groups = split(self.n, self.engine.n_threads)
+        self.engine.run([lambda a=a, b=b: heads(a, b) for a, b in groups])
+        return torch.from_numpy(out).view(t, self.n, self.out_features).to(x.device)
 
 
 def vector(info: TensorInfo, device: torch.device) -> torch.Tensor:

@@ -10,6 +10,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from cpu_ops.executor import Executor
+
 from hetero.config import ModelConfig
 from hetero.gguf_file import TensorInfo
 from hetero.kv_cache import LatentKVCache
@@ -18,6 +20,11 @@ from hetero.rope import apply_rope, attention_scales, rope_tables
 from hetero.routing import route
 
 Placer = Callable[[str], torch.device]
+EngineOf = Callable[[str], Executor | None]  # the CPU engine for a weight the plan puts on the CPU
+
+
+def no_engine(name: str) -> None:
+    return None
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -27,21 +34,34 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 class HeadWeights:
     """MLA's per-head up-projections from the latent, in the absorbed form the attention uses.
 
-    Current GGUFs store them split (attn_k_b [H, R, N], attn_v_b [H, V, R]); older ones store
-    attn_kv_b [H*(N+V), R]. Both become wk [H, R, N] and wv [H, V, R], dequantized per call.
+    Current GGUFs store them split (attn_k_b [H, R, N], attn_v_b [H, V, R]) and are multiplied
+    per head from the quantized weights; older ones store attn_kv_b [H*(N+V), R], dequantized
+    per call into wk [H, R, N] and wv [H, V, R].
     """
 
-    def __init__(self, cfg: ModelConfig, tensors: dict[str, TensorInfo], prefix: str, place: Placer):
+    def __init__(self, cfg: ModelConfig, tensors: dict[str, TensorInfo], prefix: str, place: Placer, engine: EngineOf):
         self.cfg = cfg
         if cfg.split_kv_b:
-            self.k_b = QuantLinear3(tensors[prefix + "attn_k_b.weight"], place(prefix + "attn_k_b.weight"))
-            self.v_b = QuantLinear3(tensors[prefix + "attn_v_b.weight"], place(prefix + "attn_v_b.weight"))
+            k, v = prefix + "attn_k_b.weight", prefix + "attn_v_b.weight"
+            self.k_b = QuantLinear3(tensors[k], place(k), engine(k))
+            self.v_b = QuantLinear3(tensors[v], place(v), engine(v))
         else:
             self.kv_b = QuantLinear(tensors[prefix + "attn_kv_b.weight"], place(prefix + "attn_kv_b.weight"))
 
-    def wk_wv(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def absorb_q(self, q_nope: torch.Tensor) -> torch.Tensor:
+        """[T, H, N] -> q_nope @ W_UK per head: [T, H, R]."""
         if self.cfg.split_kv_b:
-            return self.k_b.all(), self.v_b.all()
+            return self.k_b.per_matrix(q_nope)
+        return torch.einsum("thn,hrn->thr", q_nope, self.wk_wv()[0].to(q_nope.device))
+
+    def expand_v(self, o: torch.Tensor) -> torch.Tensor:
+        """[T, H, R] latent attention output -> W_UV per head: [T, H, V]."""
+        if self.cfg.split_kv_b:
+            return self.v_b.per_matrix(o)
+        return torch.einsum("thr,hvr->thv", o, self.wk_wv()[1].to(o.device))
+
+    def wk_wv(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The old layout's attn_kv_b as wk [H, R, N] and wv [H, V, R]."""
         c = self.cfg
         kv = self.kv_b.weight_rows(0, self.kv_b.out_features).view(c.n_head, c.qk_nope_dim + c.v_head_dim, -1)
         return kv[:, : c.qk_nope_dim].transpose(1, 2), kv[:, c.qk_nope_dim :]
@@ -68,18 +88,20 @@ class Layer:
     experts: ExpertBank | None = None
 
 
-def build_layers(cfg: ModelConfig, tensors: dict[str, TensorInfo], place: Placer, home) -> list[Layer]:
+def build_layers(
+    cfg: ModelConfig, tensors: dict[str, TensorInfo], place: Placer, home, engine: EngineOf = no_engine
+) -> list[Layer]:
     """Each weight goes where `place` says; small vectors (norms, biases) live with the activations."""
 
     def lin(name):
-        return QuantLinear(tensors[name], place(name)) if name in tensors else None
+        return QuantLinear(tensors[name], place(name), engine(name)) if name in tensors else None
 
     def vec(name):
         return vector(tensors[name], home) if name in tensors else None
 
     def experts(prefix):
         names = [prefix + f"ffn_{w}_exps.weight" for w in ("gate", "up", "down")]
-        return ExpertBank(*(tensors[n] for n in names), place(names[0]))
+        return ExpertBank(*(tensors[n] for n in names), place(names[0]), engine(names[0]))
 
     layers = []
     for i in range(cfg.n_layer):
@@ -95,7 +117,7 @@ def build_layers(cfg: ModelConfig, tensors: dict[str, TensorInfo], place: Placer
                 q_b=lin(p + "attn_q_b.weight"),
                 kv_a=lin(p + "attn_kv_a_mqa.weight"),
                 kv_a_norm=vec(p + "attn_kv_a_norm.weight"),
-                heads=HeadWeights(cfg, tensors, p, place),
+                heads=HeadWeights(cfg, tensors, p, place, engine),
                 out=lin(p + "attn_output.weight"),
                 ffn_norm=vec(p + "ffn_norm.weight"),
                 gate=lin(p + f"ffn_gate{ffn}.weight"),
@@ -112,15 +134,23 @@ def build_layers(cfg: ModelConfig, tensors: dict[str, TensorInfo], place: Placer
 class DeepSeek2:
     """Embedding -> layers (MLA attention, dense FFN or MoE) -> norm -> logits."""
 
-    def __init__(self, cfg: ModelConfig, tensors: dict[str, TensorInfo], place: Placer, home: torch.device):
-        """place(name) -> the torch device of that weight; home: where activations and the cache live."""
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        tensors: dict[str, TensorInfo],
+        place: Placer,
+        home: torch.device,
+        engine: EngineOf = no_engine,
+    ):
+        """place(name) -> the torch device of that weight; home: where activations and the cache live;
+        engine(name) -> the CPU executor for weights the plan puts on the CPU (None: reference ops)."""
         self.cfg = cfg
         self.device = home
         self.embed = Embedding(tensors["token_embd.weight"], place("token_embd.weight"))
-        self.layers = build_layers(cfg, tensors, place, home)
+        self.layers = build_layers(cfg, tensors, place, home, engine)
         self.output_norm = vector(tensors["output_norm.weight"], home)
         head = "output.weight" if "output.weight" in tensors else "token_embd.weight"
-        self.output = QuantLinear(tensors[head], place(head))
+        self.output = QuantLinear(tensors[head], place(head), engine(head))
         self.kq_scale = attention_scales(cfg).kq_scale
 
     def new_cache(self, max_tokens: int) -> LatentKVCache:
@@ -161,8 +191,7 @@ class DeepSeek2:
         cache.write(i, start, latent, k_rope)
         latents, k_ropes = cache.read(i, start + t)  # [S, R], [S, P]
 
-        wk, wv = (w.to(x.device) for w in layer.heads.wk_wv())  # [H, R, N], [H, V, R]
-        q_latent = torch.einsum("thn,hrn->thr", q_nope, wk)  # [T, H, R]
+        q_latent = layer.heads.absorb_q(q_nope)  # [T, H, R]
         scores = torch.einsum("thr,sr->ths", q_latent, latents) + torch.einsum("thp,sp->ths", q_rope, k_ropes)
         scores = scores * self.kq_scale  # [T, H, S]
         future = (
@@ -171,7 +200,7 @@ class DeepSeek2:
         scores = scores.masked_fill(future[:, None, :], float("-inf"))
         probs = torch.softmax(scores, dim=-1)
         o = torch.einsum("ths,sr->thr", probs, latents)  # [T, H, R]
-        o = torch.einsum("thr,hvr->thv", o, wv)  # [T, H, V]
+        o = layer.heads.expand_v(o)  # [T, H, V]
         return layer.out(o.reshape(t, c.n_head * c.v_head_dim))
 
     @staticmethod
@@ -190,7 +219,7 @@ class DeepSeek2:
             c.norm_topk,
             c.routed_scale,
         )  # [T, A], [T, A]
-        out = layer.experts(x, ids, weights)
-        if layer.gate is not None:
-            out = out + self.mlp(layer, x)
-        return out
+        routed = layer.experts.submit(x, ids, weights)  # runs on the CPU workers meanwhile
+        shared = self.mlp(layer, x) if layer.gate is not None else None
+        out = routed.wait()
+        return out if shared is None else out + shared
