@@ -1,9 +1,10 @@
-"""Activations quantized per 32 values, the form every integer kernel consumes.
+"""Activations quantized to int8, the form every integer kernel consumes.
 
-For each group of 32: int8 values q = round(x / dx) with dx = max|x| / 127, the float scale dx,
-and the integer sums of q per 16 (what K-quant mins and zero points multiply). One group per
-32 values is finer than llama.cpp's Q8_K (one scale per 256), so the rounding added here is at
-most dx / 2 per value. The float values stay alongside for float weights.
+For each group of `group` values (32, or 256 for the weight types with 256-value blocks, as
+llama.cpp's Q8_0 and Q8_K): int8 values q = round(x / dx) with dx = max|x| / 127, the scale
+dx stored once per 32 values, and the integer sums of q per 16 (what K-quant mins and zero
+points multiply). The rounding added is at most dx / 2 per value. The float values stay
+alongside for float weights.
 """
 
 from dataclasses import dataclass
@@ -18,6 +19,7 @@ class QuantizedActivations:
     dx: np.ndarray  # float32 [T, K / 32]
     xs: np.ndarray  # int32 [T, K / 16]
     xf: np.ndarray  # float32 [T, K], the input
+    group: int  # values per scale: 32 or 256
 
     @property
     def n_tokens(self) -> int:
@@ -33,34 +35,36 @@ class QuantizedActivations:
 
 
 @numba.njit(nogil=True, cache=True)
-def quantize_into(x: np.ndarray, xq: np.ndarray, dx: np.ndarray, xs: np.ndarray) -> None:
-    """x float32 [T, K] (K a multiple of 32) -> xq, dx, xs in place."""
+def quantize_into(x: np.ndarray, xq: np.ndarray, dx: np.ndarray, xs: np.ndarray, group: int) -> None:
+    """x float32 [T, K] (K a multiple of group, group a multiple of 32) -> xq, dx, xs in place."""
     for t in range(x.shape[0]):
-        for g in range(x.shape[1] // 32):
-            o = g * 32
+        for o in range(0, x.shape[1], group):
             amax = np.float32(0.0)
-            for i in range(32):
+            for i in range(group):
                 amax = max(amax, abs(x[t, o + i]))
             d = amax / np.float32(127.0)
             inv = np.float32(1.0) / d if amax > 0 else np.float32(0.0)
-            for h in range(2):
+            for s in range(o // 16, (o + group) // 16):
                 total = 0
-                for i in range(16):
-                    q = np.int32(np.rint(x[t, o + 16 * h + i] * inv))
-                    xq[t, o + 16 * h + i] = q
+                for i in range(16 * s, 16 * s + 16):
+                    q = np.int32(np.rint(x[t, i] * inv))
+                    xq[t, i] = q
                     total += q
-                xs[t, 2 * g + h] = total
-            dx[t, g] = d
+                xs[t, s] = total
+            for g in range(o // 32, (o + group) // 32):
+                dx[t, g] = d
 
 
-def quantize(x: np.ndarray) -> QuantizedActivations:
-    """float32 [T, K] -> QuantizedActivations (K must be a multiple of 32)."""
+def quantize(x: np.ndarray, group: int = 32) -> QuantizedActivations:
+    """float32 [T, K] -> QuantizedActivations (K must be a multiple of group; group 32 or 256)."""
     x = np.ascontiguousarray(x, dtype=np.float32)
-    if x.ndim != 2 or x.shape[1] % 32:
-        raise ValueError(f"activations must be [tokens, K] with K a multiple of 32, got {x.shape}")
+    if group not in (32, 256):
+        raise ValueError(f"activation group must be 32 or 256, got {group}")
+    if x.ndim != 2 or x.shape[1] % group:
+        raise ValueError(f"activations must be [tokens, K] with K a multiple of {group}, got {x.shape}")
     t, k = x.shape
     a = QuantizedActivations(
-        np.empty((t, k), np.int8), np.empty((t, k // 32), np.float32), np.empty((t, k // 16), np.int32), x
+        np.empty((t, k), np.int8), np.empty((t, k // 32), np.float32), np.empty((t, k // 16), np.int32), x, group
     )
-    quantize_into(x, a.xq, a.dx, a.xs)
+    quantize_into(x, a.xq, a.dx, a.xs, group)
     return a

@@ -1,8 +1,10 @@
 """One GGUF block times its slice of activations, as LLVM IR, for each supported type.
 
 The kernels read GGUF blocks as they lie in the file (no repack, no float copy). Activations
-come quantized per 32 values (see `activations.py`): int8 values `xq`, a float scale `dx` per
-32 and integer sums `xs` per 16, so a block's integer dot products need only its own scales:
+come quantized (see `activations.py`): int8 values `xq`, a float scale `dx` per 32 (the same
+for all 8 groups of a 256-value block when the weight type has 256-value blocks, so those
+bodies accumulate in int32 and convert once per block) and integer sums `xs` per 16, so a
+block's integer dot products need only its own scales:
 
     dot(w, x) = sum over groups g of  scale_w(g) * dx(g) * (q_w(g) . q_x(g))  [ - offsets ]
 
@@ -65,19 +67,6 @@ def _pairs(b, v16):
     return b.add(shuffle(b, v16, list(range(0, 16, 2))), shuffle(b, v16, list(range(1, 16, 2))))
 
 
-def _dx_lane(b, a, g):
-    return _splat_f(b, load(b, a.dx, 4 * g, F32))
-
-
-def _groups(b, a, dots, first=0):
-    """Sum over 32-value groups of float(dots[g]) * dx[first + g]: 8 float lanes."""
-    acc = None
-    for g, v in enumerate(dots):
-        term = b.fmul(to_float(b, v), _dx_lane(b, a, first + g))
-        acc = term if acc is None else b.fadd(acc, term)
-    return acc
-
-
 def _ones16(b):
     return splat(I16, 16, 1)
 
@@ -98,18 +87,30 @@ def _k_scales(b, w, at):
     return b.zext(b.bitcast(from_scalars(b, [sc_lo, sc_hi, mn_lo, mn_hi]), vec(I8, 16)), vec(I16, 16))
 
 
+def _block_scale(b, a):
+    """The activations' scale for a whole 256-value block (they are quantized per 256 here)."""
+    return _splat_f(b, load(b, a.dx, 0, F32))
+
+
+def _sum(b, vectors):
+    total = vectors[0]
+    for v in vectors[1:]:
+        total = b.add(total, v)
+    return total
+
+
 def _k_body(b, w, a, quants, scales_at):
-    """Shared tail of Q4_K and Q5_K: d * sum_g sc_g q_g.x_g - dmin * sum_g m_g sum(x_g)."""
+    """Shared tail of Q4_K and Q5_K: dx * (d * sum_g sc_g q_g.x_g - dmin * sum_g m_g sum(x_g))."""
     sm = _k_scales(b, w, scales_at)
     dots = []
     for g, q in enumerate(quants):
         pair_sums = dot_u8_s8(b, q, load(b, a.xq, 32 * g, I8, 32))
         dots.append(madd_i16(b, pair_sums, broadcast(b, sm, g, 16)))
     mins = b.zext(shuffle(b, sm, list(range(8, 16))), vec(I32, 8))
-    xsum = _pairs(b, load(b, a.xs, 0, I32, 16))
-    min_terms = b.fmul(to_float(b, b.mul(mins, xsum)), load(b, a.dx, 0, F32, 8))
+    msum = b.mul(mins, _pairs(b, load(b, a.xs, 0, I32, 16)))
     d, dmin = _splat_f(b, _f16(b, w, 0)), _splat_f(b, _f16(b, w, 2))
-    return b.fsub(b.fmul(_groups(b, a, dots), d), b.fmul(min_terms, dmin))
+    v = b.fsub(b.fmul(to_float(b, _sum(b, dots)), d), b.fmul(to_float(b, msum), dmin))
+    return b.fmul(v, _block_scale(b, a))
 
 
 def q4_k(b, w, a):
@@ -148,8 +149,8 @@ def q6_k(b, w, a):
             dots.append(madd_i16(b, pair_sums, shuffle(b, sc, [2 * k] * 8 + [2 * k + 1] * 8)))
     sc16 = b.sext(shuffle(b, scales[0], list(range(16)), scales[1]), vec(I32, 16))
     offsets = _pairs(b, b.mul(sc16, load(b, a.xs, 0, I32, 16)))  # per 32: sum of sc * sum(x) per 16
-    offset_terms = b.fmul(to_float(b, b.shl(offsets, splat(I32, 8, 5))), load(b, a.dx, 0, F32, 8))
-    return b.fmul(b.fsub(_groups(b, a, dots), offset_terms), _splat_f(b, _f16(b, w, 208)))
+    isum = b.sub(_sum(b, dots), b.shl(offsets, splat(I32, 8, 5)))
+    return b.fmul(to_float(b, isum), b.fmul(_splat_f(b, _f16(b, w, 208)), _block_scale(b, a)))
 
 
 def iq4_xs(b, w, a):
@@ -173,7 +174,7 @@ def iq4_xs(b, w, a):
             scale = b.trunc(b.sub(b.or_(ls_lo, ls_hi), const(I32, 32)), I16)
             pair_sums = dot_s8_s8(b, lookup16(b, table, idx), load(b, a.xq, 32 * g, I8, 32))
             dots.append(madd_i16(b, pair_sums, broadcast(b, from_scalars(b, [scale]), 0, 16)))
-    return b.fmul(_groups(b, a, dots), _splat_f(b, _f16(b, w, 0)))
+    return b.fmul(to_float(b, _sum(b, dots)), b.fmul(_splat_f(b, _f16(b, w, 0)), _block_scale(b, a)))
 
 
 # -- 32-value blocks ---------------------------------------------------------------------------
@@ -238,6 +239,12 @@ class BlockKind:
     values: int
     nbytes: int
     body: object
+
+    @property
+    def act_group(self) -> int:
+        """Values per activation scale the body expects: one per 256 for the 256-value types
+        (as llama.cpp's Q8_K; saves a float conversion per 32 values), else one per 32."""
+        return 256 if self.values == 256 else 32
 
 
 BLOCKS: dict[QType, BlockKind] = {

@@ -51,6 +51,7 @@ def _make_expert_mlp(gate_mm, up_mm, down_mm):
         tok_idx,
         tok_w,
         experts,
+        h_group,
         out,
     ):
         """out[t] += w * down_e[:, cols] @ (silu(gate_e[rows] x_t) * up_e[rows] x_t) for the
@@ -83,7 +84,7 @@ def _make_expert_mlp(gate_mm, up_mm, down_mm):
             for j in range(n):
                 for f in range(n_rows):
                     h[j, f] = g[j, f] / (np.float32(1.0) + np.exp(-g[j, f])) * u[j, f]
-            quantize_into(h[:n], hq[:n], hdx[:n], hxs[:n])
+            quantize_into(h[:n], hq[:n], hdx[:n], hxs[:n], h_group)
             down_mm(dw, d_off[e], d_rs, out.shape[1], n_dblocks, hq, hdx, hxs, h, 0, n, part, 0)
             for j in range(n):
                 t = tok_idx[first + j]
@@ -138,7 +139,7 @@ class CpuExperts:
         self.n_expert, self.n_ff, self.n_embd = gate.raw.shape[0], gate.raw.shape[1], gate.in_features
         self.kernel = fused_kernel(gate.qtype, up.qtype, down.qtype)
         self.gate_kind, self.down_kind = BLOCKS[gate.qtype], BLOCKS[down.qtype]
-        align = max(self.down_kind.values, 32)
+        align = self.down_kind.act_group  # F-ranges whole blocks of down's rows, whole h groups
         node_ranges = split(self.n_ff, executor.n_nodes, align)
         self.shares: list[WorkerShare | None] = [None] * executor.n_threads
         pack = executor.n_nodes > 1
@@ -191,7 +192,7 @@ class CpuExperts:
         """x float32 [T, D], ids int [T, A], weights float32 [T, A] -> a handle; the experts run
         on the workers while the caller goes on."""
         t = x.shape[0]
-        acts = quantize(x)
+        acts = quantize(x, self.gate_kind.act_group)
         flat = ids.reshape(-1).astype(np.int64)
         if flat.size and (flat.min() < 0 or flat.max() >= self.n_expert):
             raise ValueError("expert id out of range")
@@ -232,6 +233,7 @@ class CpuExperts:
                 tok_idx,
                 tok_w,
                 experts,
+                self.down_kind.act_group,
                 out,
             )
 

@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from cpu_ops.activations import QuantizedActivations
+from cpu_ops.activations import QuantizedActivations, quantize
 from cpu_ops.blocks import BLOCKS
 from cpu_ops.executor import Executor
 from cpu_ops.kernels import MATMUL
@@ -36,6 +36,10 @@ class CpuMatrix:
         self.in_features = in_features
         self.row_bytes = raw.shape[1]
 
+    def quantize(self, x: np.ndarray) -> QuantizedActivations:
+        """x float32 [T, in] in the activation form this weight type's kernel expects."""
+        return quantize(x, self.kind.act_group)
+
     def rows_into(self, acts: QuantizedActivations, out: np.ndarray, start: int, stop: int) -> None:
         """out[:, start:stop] = acts @ W[start:stop].T, on the calling thread."""
         self.kernel(
@@ -56,8 +60,11 @@ class CpuMatrix:
 
     def __call__(self, executor: Executor | None, acts: QuantizedActivations) -> np.ndarray:
         """float32 [T, rows]; the rows are split over the workers unless the matrix is small."""
-        if acts.width != self.in_features:
-            raise ValueError(f"activations of width {acts.width} for rows of {self.in_features}")
+        if acts.width != self.in_features or acts.group != self.kind.act_group:
+            raise ValueError(
+                f"activations [{acts.n_tokens}, {acts.width}] per {acts.group} for rows of {self.in_features} "
+                f"that need them per {self.kind.act_group}"
+            )
         out = np.empty((acts.n_tokens, self.rows), np.float32)
         if executor is None or self.raw.nbytes < INLINE_BYTES:
             self.rows_into(acts, out, 0, self.rows)

@@ -13,7 +13,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from cpu_ops.activations import quantize
 from cpu_ops.executor import Executor
 from cpu_ops.experts import CpuExperts, Stack, supported_stacks
 from cpu_ops.matmul import CpuMatrix, split, supported
@@ -81,7 +80,7 @@ class QuantLinear:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """x [T, in] float32 -> [T, out]."""
         if self.cpu is not None:
-            return torch.from_numpy(self.cpu(self.engine, quantize(_numpy(x)))).to(x.device)
+            return torch.from_numpy(self.cpu(self.engine, self.cpu.quantize(_numpy(x)))).to(x.device)
         return quant_matmul(x, self.raw, self.qtype, self.in_features)
 
 
@@ -172,15 +171,28 @@ class QuantLinear3:
         if self.cpu is None:
             return torch.einsum("tei,eoi->teo", x, self.all().to(x.device))
         t = x.shape[0]
-        acts = quantize(_numpy(x.transpose(0, 1)).reshape(self.n * t, self.in_features))
+        acts = self.cpu[0].quantize(_numpy(x.transpose(0, 1)).reshape(self.n * t, self.in_features))
         out = np.empty((t, self.n * self.out_features), np.float32)
         k = self.in_features
 
         def heads(first, stop):
             for e in range(first, stop):
                 m = self.cpu[e]
-                m.kernel(m.raw, 0, m.row_bytes, m.rows, k // m.kind.values, acts.xq, acts.dx, acts.xs, acts.xf,
-                         e * t * k, t, out, e * self.out_features)
+                m.kernel(
+                    m.raw,
+                    0,
+                    m.row_bytes,
+                    m.rows,
+                    k // m.kind.values,
+                    acts.xq,
+                    acts.dx,
+                    acts.xs,
+                    acts.xf,
+                    e * t * k,
+                    t,
+                    out,
+                    e * self.out_features,
+                )
 
         groups = split(self.n, self.engine.n_threads)
         self.engine.run([lambda a=a, b=b: heads(a, b) for a, b in groups])

@@ -43,10 +43,11 @@ def test_matmul_matches_float64(qtype, rows, blocks, tokens, executor):
     rng = np.random.default_rng()
     k = blocks * BLOCKS[qtype].values
     raw, dense = weights(qtype, rows, k, rng)
-    acts = quantize(rng.standard_normal((tokens, k)).astype(np.float32) * rng.uniform(0.1, 10))
+    matrix = CpuMatrix(raw, qtype, k)
+    acts = matrix.quantize(rng.standard_normal((tokens, k)).astype(np.float32) * rng.uniform(0.1, 10))
     expected, bound = oracle(qtype, dense, acts)
     for ex in (None, executor):  # the calling thread, and rows split over two workers
-        ours = CpuMatrix(raw, qtype, k)(ex, acts)
+        ours = matrix(ex, acts)
         assert ours.shape == (tokens, rows) and ours.dtype == np.float32
         assert np.all(np.abs(ours - expected) <= 2e-6 * bound + 1e-30)
 
@@ -55,21 +56,27 @@ def test_big_matrix_splits_over_workers(executor):
     """Above the inline threshold the rows go to the workers; rows not a multiple of the split."""
     rng = np.random.default_rng()
     raw, dense = weights(T.Q4_K, 1001, 512, rng)
-    acts = quantize(rng.standard_normal((2, 512)).astype(np.float32))
+    matrix = CpuMatrix(raw, T.Q4_K, 512)
+    acts = matrix.quantize(rng.standard_normal((2, 512)).astype(np.float32))
     expected, bound = oracle(T.Q4_K, dense, acts)
     assert raw.nbytes > 1 << 18
-    assert np.all(np.abs(CpuMatrix(raw, T.Q4_K, 512)(executor, acts) - expected) <= 2e-6 * bound)
+    assert np.all(np.abs(matrix(executor, acts) - expected) <= 2e-6 * bound)
+    with pytest.raises(ValueError, match="per 32"):  # K-quants need one activation scale per 256
+        matrix(executor, quantize(acts.xf, 32))
 
 
-def test_activation_rounding_is_half_a_step():
+@pytest.mark.parametrize("group", [32, 256])
+def test_activation_rounding_is_half_a_step(group):
     rng = np.random.default_rng()
-    x = rng.standard_normal((3, 96)).astype(np.float32) * np.array([1e-3, 1.0, 50.0], np.float32)[:, None]
-    x[1, :32] = 0  # an all-zero group
-    a = quantize(x)
+    x = rng.standard_normal((3, 512)).astype(np.float32) * np.array([1e-3, 1.0, 50.0], np.float32)[:, None]
+    x[1, :group] = 0  # an all-zero group
+    a = quantize(x, group)
     step = np.repeat(a.dx, 32, axis=1)
     assert np.all(np.abs(a.dequantized() - x) <= 0.5 * step * (1 + 1e-6) + 1e-30)
     assert np.array_equal(a.xs, a.xq.reshape(3, -1, 16).astype(np.int32).sum(-1))
-    assert np.all(a.dequantized()[1, :32] == 0)
+    assert np.all(a.dequantized()[1, :group] == 0)
+    assert np.all(np.abs(a.xq).reshape(3, -1, group).max(-1)[[0, 2]] == 127)  # each group uses the full range
+    assert np.all(a.dx.reshape(3, -1, group // 32) == a.dx.reshape(3, -1, group // 32)[..., :1])
 
 
 def test_unsupported_shapes_and_types():

@@ -1,0 +1,163 @@
+"""The executor (pinning, async jobs, errors), NUMA topology, and the fused expert MLP against float64."""
+
+import os
+import threading
+import time
+
+import numpy as np
+import pytest
+import torch
+from gguf import GGML_QUANT_SIZES
+from gguf import GGMLQuantizationType as T
+from test_quants import random_rows
+
+from cpu_ops.activations import quantize
+from cpu_ops.executor import Executor, plan_workers
+from cpu_ops.experts import CpuExperts, Stack
+from cpu_ops.topology import Topology, detect_topology, parse_cpulist, simulated
+from hetero.quants import dequantize
+
+
+def test_cpulist_and_detected_topology(tmp_path):
+    assert parse_cpulist("0-3,8,10-11\n") == [0, 1, 2, 3, 8, 10, 11]
+    mine = sorted(os.sched_getaffinity(0))
+    for i, cpus in enumerate([mine[::2], mine[1::2]]):
+        (tmp_path / f"node{i}").mkdir()
+        (tmp_path / f"node{i}" / "cpulist").write_text(",".join(map(str, cpus)))
+    topo = detect_topology(tmp_path)
+    if len(mine) > 1:
+        assert topo.nodes == (tuple(mine[::2]), tuple(mine[1::2]))
+    assert detect_topology(tmp_path / "missing").nodes == (tuple(mine),)  # no /sys: one node
+    assert detect_topology().n_cpus == len(mine)
+
+
+def test_workers_spread_over_nodes_in_proportion():
+    topo = Topology(((0, 1, 2, 3), (4, 5), (6, 7)))
+    workers = plan_workers(topo, 4)
+    assert [w.node for w in workers] == [0, 0, 1, 2]
+    assert [w.cpu for w in workers] == [0, 1, 4, 6]
+    assert len({w.cpu for w in plan_workers(topo, None)}) == 8
+    assert all(w.cpu is None for w in plan_workers(topo, 3, pin=False))
+    with pytest.raises(ValueError):
+        plan_workers(topo, 0)
+
+
+def test_workers_are_pinned_and_jobs_run_asynchronously():
+    with Executor(threads=2) as ex:
+        seen = [None] * 2
+
+        def where(i):
+            seen[i] = os.sched_getaffinity(0)
+
+        ex.run([lambda: where(0), lambda: where(1)])
+        assert seen == [{w.cpu} for w in ex.workers]
+        gate = threading.Event()
+        handle = ex.submit([gate.wait, None])  # the caller goes on while a worker is busy
+        assert not handle.done()
+        gate.set()
+        handle.wait()
+        assert handle.done()
+
+
+def test_worker_errors_reach_wait():
+    with Executor(threads=2) as ex:
+
+        def boom():
+            raise RuntimeError("kernel failed")
+
+        with pytest.raises(RuntimeError, match="kernel failed"):
+            ex.run([boom, lambda: time.sleep(0.01)])
+        ex.run([lambda: None, lambda: None])  # still usable
+        with pytest.raises(ValueError, match="3 tasks for 2 workers"):
+            ex.submit([None] * 3)
+
+
+def test_engine_limits_torch_to_one_thread():
+    before = torch.get_num_threads()
+    try:
+        with Executor(threads=2):
+            assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+
+
+E, D = 8, 256
+
+
+def _stack(qtype, rows, k, rng):
+    raw = random_rows(qtype, E * rows, k // GGML_QUANT_SIZES[qtype][0], rng)
+    dense = dequantize(torch.from_numpy(raw), qtype, k).double().numpy().reshape(E, rows, k)
+    return Stack(raw.reshape(E, rows, -1), qtype, k), dense
+
+
+def _reference(dense, x, ids, weights, gate_group, down_group, float_gate=False):
+    """float64 expert MLP on the activations as the kernels quantize them (float weights take x as is)."""
+    g, u, d = dense
+    xa = x.astype(np.float64) if float_gate else quantize(x, gate_group).dequantized()
+    out = np.zeros_like(xa)
+    scale = np.zeros_like(xa)  # sum of |terms|: what float32 rounding scales with
+    for t in range(x.shape[0]):
+        for e, w in zip(ids[t], weights[t], strict=True):
+            gg, uu = g[e] @ xa[t], u[e] @ xa[t]
+            h = gg / (1 + np.exp(-np.clip(gg, -80, 80))) * uu
+            ha = quantize(h[None].astype(np.float32), down_group).dequantized()[0]
+            out[t] += w * (d[e] @ ha)
+            scale[t] += abs(w) * (np.abs(d[e]) @ np.abs(ha))
+    return out, scale
+
+
+CASES = {
+    "decode": (1, 6, None),
+    "prefill": (9, 3, None),
+    "one_expert_for_all": (7, 1, 5),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("types", [(T.Q4_K, T.Q6_K), (T.Q4_K, T.Q5_0), (T.Q8_0, T.IQ4_XS), (T.BF16, T.Q4_0)], ids=str)
+@pytest.mark.parametrize("nodes", [1, 2])
+def test_fused_experts_match_float64(case, types, nodes):
+    """Fresh weights and inputs; 2 simulated NUMA nodes pack node-local copies and must agree."""
+    rng = np.random.default_rng()
+    tokens, used, only = CASES[case]
+    gate_t, down_t = types
+    f = 512
+    (gs, g), (us, u), (ds, d) = _stack(gate_t, f, D, rng), _stack(gate_t, f, D, rng), _stack(down_t, D, f, rng)
+    x = rng.standard_normal((tokens, D)).astype(np.float32)
+    ids = np.stack([rng.choice(E - 1, used, replace=False) for _ in range(tokens)])  # expert 7: never chosen
+    if only is not None:
+        ids[:] = only
+    weights = rng.random((tokens, used)).astype(np.float32)
+    with Executor(threads=2, topology=simulated(nodes)) as ex:
+        experts = CpuExperts(gs, us, ds, ex)
+        ours = experts.submit(x, ids, weights).wait()
+        groups = experts.gate_kind.act_group, experts.down_kind.act_group
+    expected, scale = _reference((g, u, d), x, ids, weights, *groups, float_gate=gate_t == T.BF16)
+    # float32 rounding, plus h values that round to the other int8 step in one of the two
+    err = np.abs(ours - expected)
+    assert np.all(err <= 1e-3 * scale + 1e-30), float((err / scale).max())
+
+
+def test_more_workers_than_ranges_share_experts():
+    """F = 256 with a 256-value down type is one range: four workers split the experts instead."""
+    rng = np.random.default_rng()
+    (gs, g), (us, u), (ds, d) = _stack(T.Q4_K, 256, D, rng), _stack(T.Q4_K, 256, D, rng), _stack(T.Q4_K, D, 256, rng)
+    x = rng.standard_normal((3, D)).astype(np.float32)
+    ids = np.array([[0, 1, 2, 3], [4, 5, 6, 7], [0, 2, 4, 6]])
+    weights = rng.random((3, 4)).astype(np.float32)
+    with Executor(threads=4, topology=Topology((tuple(sorted(os.sched_getaffinity(0))),)), pin=False) as ex:
+        experts = CpuExperts(gs, us, ds, ex)
+        assert sorted((s.group, s.n_groups) for s in experts.shares) == [(0, 4), (1, 4), (2, 4), (3, 4)]
+        ours = experts.submit(x, ids, weights).wait()
+    expected, scale = _reference((g, u, d), x, ids, weights, 256, 256)
+    assert np.all(np.abs(ours - expected) <= 1e-3 * scale)
+
+
+def test_node_copies_hold_only_their_share():
+    rng = np.random.default_rng()
+    (gs, _), (us, _), (ds, _) = _stack(T.Q4_K, 512, D, rng), _stack(T.Q4_K, 512, D, rng), _stack(T.Q5_0, D, 512, rng)
+    with Executor(threads=2, topology=simulated(2)) as ex:
+        experts = CpuExperts(gs, us, ds, ex)
+        held = sum(s.buffers[0].nbytes + s.buffers[1].nbytes + s.buffers[2].nbytes for s in experts.shares)
+    assert held == gs.raw.nbytes + us.raw.nbytes + ds.raw.nbytes  # split, not duplicated
+    assert all(not np.shares_memory(s.buffers[0], gs.raw) for s in experts.shares)
