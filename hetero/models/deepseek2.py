@@ -11,7 +11,6 @@ import torch
 import torch.nn.functional as F
 
 from cpu_ops.executor import Executor
-
 from hetero.config import ModelConfig
 from hetero.gguf_file import TensorInfo
 from hetero.kv_cache import LatentKVCache
