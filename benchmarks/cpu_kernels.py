@@ -1,7 +1,12 @@
 """CPU kernel throughput against the machine's read bandwidth, measured in the same run.
 
-Usage: python benchmarks/cpu_kernels.py [--rows 16384] [--k 7168] [--reps 7]
-Weights are far larger than the caches, so every call streams them from DRAM.
+Usage: python benchmarks/cpu_kernels.py [--mib 256] [--k 2048] [--threads N] [--reps 9] [--types Q4_K,Q6_K]
+
+For each weight type: a random matrix of about --mib MiB (far beyond the L3 cache, so every
+call streams it from DRAM) times one token's activations through CpuMatrix on the executor,
+then the fused expert MLP on V2-Lite expert shapes (64 experts of 2048 -> 1408 -> 2048, 6 chosen
+per token at random, several layers so the chosen experts are not cached). Each measurement is
+interleaved with the bandwidth probe; medians and the spread (min-max) are printed.
 """
 
 import argparse
@@ -9,51 +14,99 @@ import statistics
 import time
 
 import numpy as np
-import torch
+from gguf import GGML_QUANT_SIZES
 from gguf import GGMLQuantizationType as T
 
-from cpu_ops.q4k import gemv_q4k
-from hetero.ops import quant_matmul
+from cpu_ops.blocks import BLOCKS
+from cpu_ops.executor import Executor
+from cpu_ops.experts import CpuExperts, Stack
+from cpu_ops.matmul import CpuMatrix
 from placement.hardware import measure_read_bandwidth
 
+F16_AT = {T.Q4_K: (0, 2), T.Q5_K: (0, 2), T.Q6_K: (208,), T.IQ4_XS: (0,), T.Q4_0: (0,), T.Q5_0: (0,), T.Q8_0: (0,)}
 
-def timed(fn, reps):
+
+def random_matrix(qtype, rows: int, k: int, rng) -> np.ndarray:
+    """uint8 [rows, row_bytes] of random blocks with small finite float16 scales."""
+    block, size = GGML_QUANT_SIZES[qtype]
+    if qtype in (T.F32, T.F16, T.BF16):
+        vals = rng.standard_normal((rows, k), dtype=np.float32)
+        if qtype == T.F16:
+            vals = vals.astype(np.float16)
+        elif qtype == T.BF16:
+            vals = (vals.view(np.uint32) >> 16).astype(np.uint16)
+        return vals.view(np.uint8).reshape(rows, -1)
+    raw = rng.integers(0, 256, (rows * (k // block), size), dtype=np.uint8)
+    for at in F16_AT[qtype]:
+        raw[:, at : at + 2] = (rng.random(raw.shape[0]) * 0.01).astype(np.float16).view(np.uint8).reshape(-1, 2)
+    return raw.reshape(rows, -1)
+
+
+def timed(fn, reps: int, probe: list[float]) -> list[float]:
     fn()
     times = []
     for _ in range(reps):
         t0 = time.perf_counter()
         fn()
         times.append(time.perf_counter() - t0)
+        probe.append(measure_read_bandwidth(256))
     return times
+
+
+def line(name: str, nbytes: int, times: list[float], probe: float) -> str:
+    gb = nbytes / 1e9
+    med = gb / statistics.median(times)
+    spread = f"{gb / max(times):.1f}-{gb / min(times):.1f}"
+    return f"{name:<34} {med:6.1f} GB/s (runs {spread})  {med / probe:5.0%} of the probe"
 
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--rows", type=int, default=16384)
-    ap.add_argument("--k", type=int, default=7168)
-    ap.add_argument("--reps", type=int, default=7)
+    ap.add_argument("--mib", type=int, default=256)
+    ap.add_argument("--k", type=int, default=2048)
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--reps", type=int, default=9)
+    ap.add_argument("--types", default=",".join(t.name for t in BLOCKS))
     args = ap.parse_args()
     rng = np.random.default_rng(0)
-    blocks = args.k // 256
-    w = rng.integers(0, 256, (args.rows, blocks * 144), dtype=np.uint8)
-    w.reshape(args.rows, blocks, 144)[:, :, :4] = np.frombuffer(
-        (rng.random(args.rows * blocks * 2) * 0.01).astype(np.float16).tobytes(), np.uint8
-    ).reshape(args.rows, blocks, 4)
-    x = rng.standard_normal(args.k).astype(np.float32)
-    out = np.empty(args.rows, np.float32)
-    bw = [measure_read_bandwidth(512) for _ in range(3)]
-    q4k = timed(lambda: gemv_q4k(w, x, out), args.reps)
-    ref = timed(lambda: quant_matmul(torch.from_numpy(x)[None], torch.from_numpy(w), T.Q4_K, args.k), 3)
-    gb = w.nbytes / 1e9
-    probe = statistics.median(bw) / 1e9
-    med = statistics.median(q4k)
-    print(f"weights {w.nbytes / 2**20:.0f} MiB Q4_K ({args.rows} x {args.k}), {torch.get_num_threads()} threads")
-    print(f"read bandwidth probe: median {probe:.1f} GB/s (runs {min(bw) / 1e9:.1f}-{max(bw) / 1e9:.1f})")
+    probe: list[float] = []
+    results = []
+    with Executor(threads=args.threads) as ex:
+        for name in args.types.split(","):
+            qtype = T[name]
+            block, size = GGML_QUANT_SIZES[qtype]
+            rows = args.mib * 2**20 // (args.k // block * size)
+            w = CpuMatrix(random_matrix(qtype, rows, args.k, rng), qtype, args.k)
+            acts = w.quantize(rng.standard_normal((1, args.k), dtype=np.float32))
+            results.append(
+                (f"GEMV {name} {rows}x{args.k}", w.raw.nbytes, timed(lambda w=w, a=acts: w(ex, a), args.reps, probe))
+            )
+        for gate_t, down_t, f in ((T.Q4_K, T.Q5_0, 1408), (T.Q4_K, T.Q6_K, 1536)):
+            layers, per_expert = [], 0
+            for _ in range(4):
+                gate, up = (
+                    Stack(random_matrix(gate_t, 64 * f, 2048, rng).reshape(64, f, -1), gate_t, 2048) for _ in "gu"
+                )
+                down = Stack(random_matrix(down_t, 64 * 2048, f, rng).reshape(64, 2048, -1), down_t, f)
+                layers.append(CpuExperts(gate, up, down, ex))
+                per_expert = (gate.raw.nbytes + up.raw.nbytes + down.raw.nbytes) // 64
+            x = rng.standard_normal((1, 2048), dtype=np.float32)
+
+            def step(layers=layers, x=x):
+                for layer in layers:
+                    ids = rng.choice(64, 6, replace=False)[None]
+                    layer.submit(x, ids, np.full((1, 6), 1 / 6, np.float32)).wait()
+
+            nbytes = 4 * 6 * per_expert
+            results.append((f"experts {gate_t.name}/{down_t.name} F={f}, 4x6", nbytes, timed(step, args.reps, probe)))
+        threads = ex.n_threads
+    bw = statistics.median(probe) / 1e9
     print(
-        f"numba gemv_q4k: median {gb / med:.1f} GB/s (runs {gb / max(q4k):.1f}-{gb / min(q4k):.1f}), "
-        f"{gb / med / probe:.0%} of the probe"
+        f"{threads} threads; read bandwidth probe median {bw:.1f} GB/s "
+        f"(runs {min(probe) / 1e9:.1f}-{max(probe) / 1e9:.1f})"
     )
-    print(f"torch reference (dequantize + matmul): median {gb / statistics.median(ref):.2f} GB/s")
+    for name, nbytes, times in results:
+        print(line(name, nbytes, times, bw))
 
 
 if __name__ == "__main__":

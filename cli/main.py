@@ -56,6 +56,9 @@ def load_with_progress(path, **options):
         task = bar.add_task("read", total=None)
         if not prefetch(model.file, lambda done, total: bar.update(task, completed=done, total=total)):
             err_console.print("[dim]weights exceed free RAM: pages will be read from disk as they are used[/]")
+    if model.executor is not None:
+        with err_console.status("preparing the CPU kernels (compiled on first use, then cached)", spinner="dots"):
+            model.warm_up()
     return model
 
 
@@ -197,6 +200,7 @@ def bench(
     model: Annotated[Path, typer.Argument(help="GGUF file (any file of a split set).")],
     device: Annotated[str, typer.Option(help="cpu (CPU-only plan) or auto (the detected GPU, if any).")] = "auto",
     threads: Annotated[int | None, typer.Option(help="CPU threads (default: all cores).")] = None,
+    numa: Annotated[str, typer.Option(help="auto (experts split over NUMA nodes) or off.")] = "auto",
     prompt_tokens: Annotated[int, typer.Option(help="Prompt length for prefill.")] = 64,
     gen_tokens: Annotated[int, typer.Option(help="Tokens to decode.")] = 16,
     reps: Annotated[int, typer.Option(help="Repetitions; medians are reported.")] = 3,
@@ -219,13 +223,13 @@ def bench(
 
     if device not in ("cpu", "auto"):
         raise HeteroError(f"--device {device}: choose cpu or auto")
+    if numa not in ("auto", "off"):
+        raise HeteroError(f"--numa {numa}: choose auto or off")
     file = GGUFModelFile(model)
     with err_console.status("measuring memory bandwidth", spinner="dots"):
         hw = detect()
     plan = plan_model(file, with_overrides(hw, gpu_mem="0" if device == "cpu" else gpu_mem), ctx)
-    loaded = load_with_progress(file, plan=plan)
-    if threads:  # after the bandwidth probe: numba's OpenMP start-up can reset the thread count
-        torch.set_num_threads(threads)
+    loaded = load_with_progress(file, plan=plan, threads=threads, numa=numa)
     with Progress(*Progress.get_default_columns(), console=err_console, transient=True) as bar:
         task = bar.add_task(f"bench ({reps} repetitions)", total=reps)
         result = run_bench(loaded, prompt_tokens, gen_tokens, reps, on_rep=lambda _: bar.advance(task))
@@ -234,7 +238,8 @@ def bench(
     report = {
         "model": str(file.paths[0]),
         "device": device,
-        "threads": torch.get_num_threads(),
+        "threads": loaded.executor.n_threads if loaded.executor else torch.get_num_threads(),
+        "numa_nodes": loaded.executor.n_nodes if loaded.executor else 1,
         "prompt_tokens": prompt_tokens,
         "gen_tokens": gen_tokens,
         "reps": reps,
@@ -293,11 +298,7 @@ def chat(
     """
     from cli.chat import ChatOptions, run_chat
 
-    loaded = load_with_progress(model, n_ctx=ctx, gpu_mem=gpu_mem)
-    if threads:
-        import torch
-
-        torch.set_num_threads(threads)
+    loaded = load_with_progress(model, n_ctx=ctx, gpu_mem=gpu_mem, threads=threads)
     opts = ChatOptions(max_tokens, temperature, top_p, seed, hide_thinking)
     run_chat(loaded, console, opts, system, prompt)
 

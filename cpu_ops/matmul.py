@@ -7,7 +7,7 @@ from cpu_ops.blocks import BLOCKS
 from cpu_ops.executor import Executor
 from cpu_ops.kernels import MATMUL
 
-INLINE_BYTES = 1 << 18  # smaller matrices run on the calling thread: a hand-off costs more
+INLINE_BYTES = 1 << 20  # smaller matrices run on the calling thread: a hand-off (~70 us) costs more
 
 
 def supported(qtype, in_features: int) -> bool:

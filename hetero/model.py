@@ -56,6 +56,11 @@ class Model:
         self.tokenizer = Tokenizer(file.paths[0], file.metadata)
 
     # -- numbers -------------------------------------------------------------------------------
+    def warm_up(self) -> None:
+        """One token through every layer on a scratch cache: compiles (or loads from the disk
+        cache) each CPU kernel this model uses, so the first real token is not slowed by it."""
+        self.forward([0], self.new_cache(1))
+
     def new_cache(self, max_tokens: int | None = None) -> LatentKVCache:
         return self.net.new_cache(max_tokens or self.n_ctx)
 

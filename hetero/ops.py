@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from cpu_ops.executor import Executor
 from cpu_ops.experts import CpuExperts, Stack, supported_stacks
-from cpu_ops.matmul import CpuMatrix, split, supported
+from cpu_ops.matmul import INLINE_BYTES, CpuMatrix, split, supported
 from hetero.gguf_file import TensorInfo
 from hetero.quants import dequantize
 
@@ -194,8 +194,10 @@ class QuantLinear3:
                     e * self.out_features,
                 )
 
-        groups = split(self.n, self.engine.n_threads)
-        self.engine.run([lambda a=a, b=b: heads(a, b) for a, b in groups])
+        if self.raw.nbytes < INLINE_BYTES:
+            heads(0, self.n)
+        else:
+            self.engine.run([lambda a=a, b=b: heads(a, b) for a, b in split(self.n, self.engine.n_threads)])
         return torch.from_numpy(out).view(t, self.n, self.out_features).to(x.device)
 
 

@@ -15,7 +15,7 @@ from test_quants import random_rows
 from cpu_ops.activations import quantize
 from cpu_ops.blocks import BLOCKS
 from cpu_ops.executor import Executor
-from cpu_ops.matmul import CpuMatrix, supported
+from cpu_ops.matmul import INLINE_BYTES, CpuMatrix, supported
 from hetero.quants import dequantize
 
 FLOATS = (T.F32, T.F16, T.BF16)
@@ -55,11 +55,11 @@ def test_matmul_matches_float64(qtype, rows, blocks, tokens, executor):
 def test_big_matrix_splits_over_workers(executor):
     """Above the inline threshold the rows go to the workers; rows not a multiple of the split."""
     rng = np.random.default_rng()
-    raw, dense = weights(T.Q4_K, 1001, 512, rng)
+    raw, dense = weights(T.Q4_K, 4001, 512, rng)
     matrix = CpuMatrix(raw, T.Q4_K, 512)
     acts = matrix.quantize(rng.standard_normal((2, 512)).astype(np.float32))
     expected, bound = oracle(T.Q4_K, dense, acts)
-    assert raw.nbytes > 1 << 18
+    assert raw.nbytes > INLINE_BYTES
     assert np.all(np.abs(matrix(executor, acts) - expected) <= 2e-6 * bound)
     with pytest.raises(ValueError, match="per 32"):  # K-quants need one activation scale per 256
         matrix(executor, quantize(acts.xf, 32))

@@ -19,7 +19,7 @@ FLOAT_CASES = {
     "tiny-softmax-plain-q": ("tiny", "F32", {}),
     "tiny-legacy-kv_b-q_lora": ("tiny", "F32", {"split_kv_b": False, "q_lora_rank": 256}),
     "tiny-tied-output": ("tiny", "F32", {"tied_output": True}),
-    "tiny-f16": ("tiny", "F16", {}),
+    "tiny-f16": ("tiny", "F16", {"n_expert_used": 8}),  # F16 rounding (6e-4) can flip a near-tied top-2
     "v3-groups-sigmoid-yarn": ("v3", "F32", {"n_layer": 2}),
     "v3-legacy-kv_b": ("v3", "F32", {"n_layer": 2, "split_kv_b": False}),
 }
