@@ -77,9 +77,15 @@ def plan_workers(topology: Topology, threads: int | None, pin: bool = True) -> l
 
 class Executor:
     def __init__(
-        self, threads: int | None = None, numa: str = "auto", topology: Topology | None = None, pin: bool = True
+        self,
+        threads: int | None = None,
+        numa: str = "auto",
+        topology: Topology | None = None,
+        pin: bool = True,
+        limit_torch: bool = True,
     ):
-        """numa: 'auto' uses the detected (or given) nodes; 'off' treats the machine as one node."""
+        """numa: 'auto' uses the detected (or given) nodes; 'off' treats the machine as one node.
+        limit_torch: hold torch to one thread while this engine runs (see above)."""
         if numa not in ("auto", "off"):
             raise ValueError(f"numa must be 'auto' or 'off', got {numa!r}")
         topo = topology or detect_topology()
@@ -95,7 +101,8 @@ class Executor:
         ]
         for t in self._threads:
             t.start()
-        _limit_torch_threads()
+        if limit_torch:
+            _limit_torch_threads()
 
     @property
     def n_threads(self) -> int:

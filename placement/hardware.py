@@ -142,18 +142,7 @@ def meminfo(field: str) -> int:
 
 
 def measure_read_bandwidth(megabytes: int = 256) -> float:
-    """Bytes/s of a parallel read over a buffer far larger than the caches (best of 3)."""
-    import time
+    """Bytes/s of a parallel read with every CPU, over a buffer far larger than the caches."""
+    from cpu_ops.bandwidth import read_bandwidth
 
-    import numpy as np
-
-    from cpu_ops.bandwidth import parallel_sum
-
-    buf = np.ones(megabytes * 2**20 // 8, dtype=np.float64)
-    parallel_sum(buf[:1024])  # compile (cached on disk after the first run)
-    best = float("inf")
-    for _ in range(3):
-        t0 = time.perf_counter()
-        parallel_sum(buf)
-        best = min(best, time.perf_counter() - t0)
-    return buf.nbytes / best
+    return read_bandwidth(megabytes)
