@@ -11,8 +11,10 @@ block's integer dot products need only its own scales:
 where K-quant mins and the zero points of Q4_0/Q5_0/Q6_K are folded in with `xs`, never by
 widening weights. Float types (F32/F16/BF16) multiply the float activations `xf` directly.
 
-Each body returns a vector of 8 floats whose lanes sum to the block's contribution; the row
-loop in `kernels.py` accumulates those vectors and sums the lanes once per row.
+Each body takes the activations of one or more tokens (decoding the weight block once for all
+of them: prefill's reuse) and returns, per token, a vector of 8 floats whose lanes sum to the
+block's contribution; the row loop in `kernels.py` accumulates those vectors and sums the lanes
+once per row.
 """
 
 from dataclasses import dataclass
@@ -99,29 +101,30 @@ def _sum(b, vectors):
     return total
 
 
-def _k_body(b, w, a, quants, scales_at):
+def _k_body(b, w, acts, quants, scales_at):
     """Shared tail of Q4_K and Q5_K: dx * (d * sum_g sc_g q_g.x_g - dmin * sum_g m_g sum(x_g))."""
     sm = _k_scales(b, w, scales_at)
-    dots = []
-    for g, q in enumerate(quants):
-        pair_sums = dot_u8_s8(b, q, load(b, a.xq, 32 * g, I8, 32))
-        dots.append(madd_i16(b, pair_sums, broadcast(b, sm, g, 16)))
+    scales = [broadcast(b, sm, g, 16) for g in range(8)]
     mins = b.zext(shuffle(b, sm, list(range(8, 16))), vec(I32, 8))
-    msum = b.mul(mins, _pairs(b, load(b, a.xs, 0, I32, 16)))
     d, dmin = _splat_f(b, _f16(b, w, 0)), _splat_f(b, _f16(b, w, 2))
-    v = b.fsub(b.fmul(to_float(b, _sum(b, dots)), d), b.fmul(to_float(b, msum), dmin))
-    return b.fmul(v, _block_scale(b, a))
+    out = []
+    for a in acts:
+        dots = [madd_i16(b, dot_u8_s8(b, q, load(b, a.xq, 32 * g, I8, 32)), scales[g]) for g, q in enumerate(quants)]
+        msum = b.mul(mins, _pairs(b, load(b, a.xs, 0, I32, 16)))
+        v = b.fsub(b.fmul(to_float(b, _sum(b, dots)), d), b.fmul(to_float(b, msum), dmin))
+        out.append(b.fmul(v, _block_scale(b, a)))
+    return out
 
 
-def q4_k(b, w, a):
+def q4_k(b, w, acts):
     quants = []
     for j in range(4):
         qs = load(b, w, 16 + 32 * j, I8, 32)
         quants += [b.and_(qs, splat(I8, 32, 15)), b.lshr(qs, splat(I8, 32, 4))]
-    return _k_body(b, w, a, quants, 4)
+    return _k_body(b, w, acts, quants, 4)
 
 
-def q5_k(b, w, a):
+def q5_k(b, w, acts):
     qh = load(b, w, 16, I8, 32)
     quants = []
     for j in range(4):
@@ -129,12 +132,12 @@ def q5_k(b, w, a):
         for k, nib in enumerate((b.and_(qs, splat(I8, 32, 15)), b.lshr(qs, splat(I8, 32, 4)))):
             high = b.shl(b.and_(b.lshr(qh, splat(I8, 32, 2 * j + k)), splat(I8, 32, 1)), splat(I8, 32, 4))
             quants.append(b.or_(nib, high))
-    return _k_body(b, w, a, quants, 4)
+    return _k_body(b, w, acts, quants, 4)
 
 
-def q6_k(b, w, a):
+def q6_k(b, w, acts):
     """d * sc16 * (q - 32): unsigned q through vpmaddubsw, the 32 offset through the x sums."""
-    dots, scales = [], []
+    quants, lane_scales, scales = [], [], []
     for n in range(2):
         ql0, ql1 = load(b, w, 64 * n, I8, 32), load(b, w, 64 * n + 32, I8, 32)
         qh = load(b, w, 128 + 32 * n, I8, 32)
@@ -145,20 +148,27 @@ def q6_k(b, w, a):
                 b.and_(b.lshr(ql, splat(I8, 32, shift)), splat(I8, 32, 15)) if shift else b.and_(ql, splat(I8, 32, 15))
             )
             high = b.shl(b.and_(b.lshr(qh, splat(I8, 32, 2 * k)), splat(I8, 32, 3)), splat(I8, 32, 4))
-            pair_sums = dot_u8_s8(b, b.or_(nib, high), load(b, a.xq, 128 * n + 32 * k, I8, 32))
-            dots.append(madd_i16(b, pair_sums, shuffle(b, sc, [2 * k] * 8 + [2 * k + 1] * 8)))
+            quants.append(b.or_(nib, high))
+            lane_scales.append(shuffle(b, sc, [2 * k] * 8 + [2 * k + 1] * 8))
     sc16 = b.sext(shuffle(b, scales[0], list(range(16)), scales[1]), vec(I32, 16))
-    offsets = _pairs(b, b.mul(sc16, load(b, a.xs, 0, I32, 16)))  # per 32: sum of sc * sum(x) per 16
-    isum = b.sub(_sum(b, dots), b.shl(offsets, splat(I32, 8, 5)))
-    return b.fmul(to_float(b, isum), b.fmul(_splat_f(b, _f16(b, w, 208)), _block_scale(b, a)))
+    d = _splat_f(b, _f16(b, w, 208))
+    out = []
+    for a in acts:
+        dots = [
+            madd_i16(b, dot_u8_s8(b, q, load(b, a.xq, 32 * g, I8, 32)), lane_scales[g]) for g, q in enumerate(quants)
+        ]
+        offsets = _pairs(b, b.mul(sc16, load(b, a.xs, 0, I32, 16)))  # per 32: sum of sc * sum(x) per 16
+        isum = b.sub(_sum(b, dots), b.shl(offsets, splat(I32, 8, 5)))
+        out.append(b.fmul(to_float(b, isum), b.fmul(d, _block_scale(b, a))))
+    return out
 
 
-def iq4_xs(b, w, a):
+def iq4_xs(b, w, acts):
     """d * (ls - 32) * table[q]: the non-linear 4-bit grid looked up with vpshufb."""
     table = ir.Constant(vec(I8, 16), IQ4_VALUES)
     high = b.zext(load(b, w, 2, I16), I32)
     low = load(b, w, 4, I8, 4)
-    dots = []
+    values, scales = [], []
     for k in range(4):
         qs = load(b, w, 8 + 32 * k, I8, 32)
         lo, hi = b.and_(qs, splat(I8, 32, 15)), b.lshr(qs, splat(I8, 32, 4))
@@ -172,9 +182,14 @@ def iq4_xs(b, w, a):
             )
             ls_hi = b.shl(b.and_(b.lshr(high, const(I32, 2 * g)), const(I32, 3)), const(I32, 4))
             scale = b.trunc(b.sub(b.or_(ls_lo, ls_hi), const(I32, 32)), I16)
-            pair_sums = dot_s8_s8(b, lookup16(b, table, idx), load(b, a.xq, 32 * g, I8, 32))
-            dots.append(madd_i16(b, pair_sums, broadcast(b, from_scalars(b, [scale]), 0, 16)))
-    return b.fmul(to_float(b, _sum(b, dots)), b.fmul(_splat_f(b, _f16(b, w, 0)), _block_scale(b, a)))
+            values.append(lookup16(b, table, idx))
+            scales.append(broadcast(b, from_scalars(b, [scale]), 0, 16))
+    d = _splat_f(b, _f16(b, w, 0))
+    out = []
+    for a in acts:
+        dots = [madd_i16(b, dot_s8_s8(b, v, load(b, a.xq, 32 * g, I8, 32)), scales[g]) for g, v in enumerate(values)]
+        out.append(b.fmul(to_float(b, _sum(b, dots)), b.fmul(d, _block_scale(b, a))))
+    return out
 
 
 # -- 32-value blocks ---------------------------------------------------------------------------
@@ -186,51 +201,58 @@ def _nibbles32(b, qs16):
     return shuffle(b, lo, list(range(32)), hi)
 
 
-def _legacy(b, w, a, q, zero):
+def _legacy(b, w, acts, q, zero):
     """d * (q - zero) . x for one 32-value block, the zero point subtracted in 8 bits."""
     signed = b.sub(q, splat(I8, 32, zero))
-    dot = madd_i16(b, dot_s8_s8(b, signed, load(b, a.xq, 0, I8, 32)), _ones16(b))
-    return b.fmul(to_float(b, dot), _splat_f(b, b.fmul(load(b, a.dx, 0, F32), _f16(b, w, 0))))
+    d = _f16(b, w, 0)
+    out = []
+    for a in acts:
+        dot = madd_i16(b, dot_s8_s8(b, signed, load(b, a.xq, 0, I8, 32)), _ones16(b))
+        out.append(b.fmul(to_float(b, dot), _splat_f(b, b.fmul(load(b, a.dx, 0, F32), d))))
+    return out
 
 
-def q4_0(b, w, a):
-    return _legacy(b, w, a, _nibbles32(b, load(b, w, 2, I8, 16)), 8)
+def q4_0(b, w, acts):
+    return _legacy(b, w, acts, _nibbles32(b, load(b, w, 2, I8, 16)), 8)
 
 
-def q5_0(b, w, a):
+def q5_0(b, w, acts):
     """The fifth bits: bit j of the 32-bit qh lifts value j by 16 (byte-wise test, no 32-bit lanes)."""
     qh = shuffle(b, load(b, w, 2, I8, 4), [j // 8 for j in range(32)])
     bit = b.and_(qh, ir.Constant(vec(I8, 32), [1 << (j % 8) for j in range(32)]))
     high = b.select(b.icmp_unsigned("!=", bit, splat(I8, 32, 0)), splat(I8, 32, 16), splat(I8, 32, 0))
-    return _legacy(b, w, a, b.or_(_nibbles32(b, load(b, w, 6, I8, 16)), high), 16)
+    return _legacy(b, w, acts, b.or_(_nibbles32(b, load(b, w, 6, I8, 16)), high), 16)
 
 
-def q8_0(b, w, a):
-    dot = madd_i16(b, dot_s8_s8(b, load(b, w, 2, I8, 32), load(b, a.xq, 0, I8, 32)), _ones16(b))
-    return b.fmul(to_float(b, dot), _splat_f(b, b.fmul(load(b, a.dx, 0, F32), _f16(b, w, 0))))
+def q8_0(b, w, acts):
+    return _legacy(b, w, acts, load(b, w, 2, I8, 32), 0)
 
 
-def _floats(b, a, convert):
-    acc = ir.Constant(vec(F32, 8), [0.0] * 8)
-    for i in range(4):
-        acc = fma(b, convert(i), load(b, a.xf, 32 * i, F32, 8), acc)
-    return acc
+def _floats(b, acts, convert):
+    weights = [convert(i) for i in range(4)]
+    out = []
+    for a in acts:
+        acc = ir.Constant(vec(F32, 8), [0.0] * 8)
+        for i, wv in enumerate(weights):
+            acc = fma(b, wv, load(b, a.xf, 32 * i, F32, 8), acc)
+        out.append(acc)
+    return out
 
 
-def f32(b, w, a):
-    return _floats(b, a, lambda i: load(b, w, 32 * i, F32, 8))
+def f32(b, w, acts):
+    return _floats(b, acts, lambda i: load(b, w, 32 * i, F32, 8))
 
 
-def f16(b, w, a):
-    return _floats(b, a, lambda i: b.fpext(load(b, w, 16 * i, F16, 8), vec(F32, 8)))
+def f16(b, w, acts):
+    return _floats(b, acts, lambda i: b.fpext(load(b, w, 16 * i, F16, 8), vec(F32, 8)))
 
 
-def bf16(b, w, a):
+def bf16(b, w, acts):
     def widen(i):
         bits = b.shl(b.zext(load(b, w, 16 * i, I16, 8), vec(I32, 8)), splat(I32, 8, 16))
         return b.bitcast(bits, vec(F32, 8))
 
-    return _floats(b, a, widen)
+    return _floats(b, acts, widen)
 
 
 @dataclass(frozen=True)

@@ -113,6 +113,9 @@ class Stack:
     qtype: object
     in_features: int
 
+    def __post_init__(self):  # a plain ndarray view: numba dispatches np.memmap arguments slowly
+        object.__setattr__(self, "raw", np.asarray(self.raw))
+
 
 @dataclass
 class WorkerShare:
@@ -188,10 +191,18 @@ class CpuExperts:
         self.executor.run([copy if w.index == first else None for w in self.executor.workers])
         return result["g"], result["u"], result["d"]
 
-    def submit(self, x: np.ndarray, ids: np.ndarray, weights: np.ndarray) -> "ExpertsHandle":
+    def submit(self, x: np.ndarray, ids: np.ndarray, weights: np.ndarray, also: tuple = ()) -> "ExpertsHandle":
         """x float32 [T, D], ids int [T, A], weights float32 [T, A] -> a handle; the experts run
-        on the workers while the caller goes on."""
-        t = x.shape[0]
+        on the workers while the caller goes on. `also`: (CpuExperts, ids, weights) of more
+        experts on the same x (the shared experts), run in the same hand-off."""
+        outs = [np.zeros((x.shape[0], self.n_embd), np.float32) for _ in self.shares]
+        jobs = [self.tasks(x, ids, weights, outs)] + [other.tasks(x, i, w, outs) for other, i, w in also]
+        per_worker = [[job[k] for job in jobs if job[k] is not None] for k in range(len(outs))]
+        tasks = [(lambda ts=ts: [t() for t in ts]) if ts else None for ts in per_worker]
+        return ExpertsHandle(self.executor.submit(tasks), outs)
+
+    def tasks(self, x: np.ndarray, ids: np.ndarray, weights: np.ndarray, outs: list[np.ndarray]) -> list:
+        """One callable per worker (None: nothing to do) adding these experts into outs[worker]."""
         acts = quantize(x, self.gate_kind.act_group)
         flat = ids.reshape(-1).astype(np.int64)
         if flat.size and (flat.min() < 0 or flat.max() >= self.n_expert):
@@ -202,15 +213,14 @@ class CpuExperts:
         tok_ptr = np.zeros(self.n_expert + 1, np.int64)
         np.cumsum(np.bincount(flat, minlength=self.n_expert), out=tok_ptr[1:])
         active = np.flatnonzero(np.diff(tok_ptr)).astype(np.int64)
-        outs = [np.zeros((t, self.n_embd), np.float32) for _ in self.shares]
         tasks = []
-        for share, out in zip(self.shares, outs, strict=False):
+        for share, out in zip(self.shares, outs, strict=True):
             mine = active[share.group :: share.n_groups]
             if share.f_stop <= share.f_start or mine.size == 0:
                 tasks.append(None)
                 continue
             tasks.append(self._task(share, acts, tok_ptr, tok_idx, tok_w, mine, out))
-        return ExpertsHandle(self.executor.submit(tasks), outs)
+        return tasks
 
     def _task(self, s: WorkerShare, acts, tok_ptr, tok_idx, tok_w, experts, out):
         n_rows = s.f_stop - s.f_start

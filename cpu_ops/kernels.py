@@ -21,34 +21,56 @@ def _i8_pointer(context, builder, array_type, array):
     return builder.bitcast(data, I8.as_pointer())
 
 
-@intrinsic
-def row_dot(typingctx, code, w, w_off, n_blocks, xq, dx, xs, xf, x_off):
-    """Dot product of one weight row (n_blocks blocks of type `code` at byte w_off of w) with
-    the activations starting at element x_off (a multiple of 32). `code` must be a constant."""
-    if not isinstance(code, types.IntegerLiteral):
-        raise numba.errors.TypingError("row_dot needs the block type as a literal")
-    kind = next(k for k in BLOCKS.values() if k.code == code.literal_value)
-    sig = types.float32(code, w, w_off, n_blocks, xq, dx, xs, xf, x_off)
+def _row_dot_codegen(kind, n_tok: int):
+    """IR for n_tok dot products of one weight row with n_tok activation rows (stride x_stride):
+    each block of the row is decoded once and multiplied with every token's slice."""
 
     def codegen(context, builder, sig, args):
-        _, w_arr, w_off, n_blocks, xq, dx, xs, xf, x_off = args
+        _, w_arr, w_off, n_blocks, xq, dx, xs, xf, x_off, x_stride = args
         w_ptr = _i8_pointer(context, builder, sig.args[1], w_arr)
-        ptrs = [_i8_pointer(context, builder, t, a) for t, a in zip(sig.args[4:8], (xq, dx, xs, xf), strict=False)]
-        acc = cgutils.alloca_once_value(builder, ir.Constant(vec(F32, 8), [0.0] * 8))
+        ptrs = [_i8_pointer(context, builder, t, a) for t, a in zip(sig.args[4:8], (xq, dx, xs, xf), strict=True)]
+        zero = ir.Constant(vec(F32, 8), [0.0] * 8)
+        accs = [cgutils.alloca_once_value(builder, zero) for _ in range(n_tok)]
         with cgutils.for_range(builder, n_blocks) as loop:
             i = loop.index
             wp = builder.gep(w_ptr, [builder.add(w_off, builder.mul(i, const(I64, kind.nbytes)))])
-            xo = builder.add(x_off, builder.mul(i, const(I64, kind.values)))
-            act = Act(
-                xq=builder.gep(ptrs[0], [xo]),
-                dx=builder.gep(ptrs[1], [builder.mul(builder.udiv(xo, const(I64, 32)), const(I64, 4))]),
-                xs=builder.gep(ptrs[2], [builder.mul(builder.udiv(xo, const(I64, 16)), const(I64, 4))]),
-                xf=builder.gep(ptrs[3], [builder.mul(xo, const(I64, 4))]),
-            )
-            builder.store(builder.fadd(builder.load(acc), kind.body(builder, wp, act)), acc)
-        return hsum(builder, builder.load(acc))
+            acts = []
+            for t in range(n_tok):
+                xo = builder.add(
+                    builder.add(x_off, builder.mul(x_stride, const(I64, t))), builder.mul(i, const(I64, kind.values))
+                )
+                acts.append(
+                    Act(
+                        xq=builder.gep(ptrs[0], [xo]),
+                        dx=builder.gep(ptrs[1], [builder.mul(builder.udiv(xo, const(I64, 32)), const(I64, 4))]),
+                        xs=builder.gep(ptrs[2], [builder.mul(builder.udiv(xo, const(I64, 16)), const(I64, 4))]),
+                        xf=builder.gep(ptrs[3], [builder.mul(xo, const(I64, 4))]),
+                    )
+                )
+            for acc, v in zip(accs, kind.body(builder, wp, acts), strict=True):
+                builder.store(builder.fadd(builder.load(acc), v), acc)
+        sums = [hsum(builder, builder.load(acc)) for acc in accs]
+        return sums[0] if n_tok == 1 else context.make_tuple(builder, sig.return_type, sums)
 
-    return sig, codegen
+    return codegen
+
+
+def _row_dot_intrinsic(n_tok: int):
+    @intrinsic
+    def row_dot(typingctx, code, w, w_off, n_blocks, xq, dx, xs, xf, x_off, x_stride):
+        """Dot products of one weight row (n_blocks blocks of type `code`, a literal, at byte w_off
+        of w) with the activations of n_tok tokens starting at element x_off (a multiple of 32)."""
+        if not isinstance(code, types.IntegerLiteral):
+            raise numba.errors.TypingError("row_dot needs the block type as a literal")
+        kind = next(k for k in BLOCKS.values() if k.code == code.literal_value)
+        ret = types.float32 if n_tok == 1 else types.UniTuple(types.float32, n_tok)
+        return ret(code, w, w_off, n_blocks, xq, dx, xs, xf, x_off, x_stride), _row_dot_codegen(kind, n_tok)
+
+    return row_dot
+
+
+row_dot = _row_dot_intrinsic(1)
+row_dot4 = _row_dot_intrinsic(4)  # prefill: four tokens per decoded weight block
 
 
 def _make_matmul(code: int):
@@ -58,10 +80,33 @@ def _make_matmul(code: int):
         k = xf.shape[1]
         for r in range(n_rows):
             base = w_off + r * row_stride
-            for t in range(n_tok):
-                out[t, out_col + r] = row_dot(code, w, base, n_blocks, xq, dx, xs, xf, t * k + x_off)
+            quads = n_tok // 4 * 4
+            for t in range(0, quads, 4):
+                y = row_dot4(code, w, base, n_blocks, xq, dx, xs, xf, t * k + x_off, k)
+                out[t, out_col + r] = y[0]
+                out[t + 1, out_col + r] = y[1]
+                out[t + 2, out_col + r] = y[2]
+                out[t + 3, out_col + r] = y[3]
+            for t in range(quads, n_tok):
+                out[t, out_col + r] = row_dot(code, w, base, n_blocks, xq, dx, xs, xf, t * k + x_off, k)
 
     return matmul_rows
 
 
+def _make_matmul_stack(code: int):
+    @numba.njit(nogil=True, cache=True)
+    def matmul_stack(w, row_bytes, n_rows, n_blocks, first, stop, xq, dx, xs, xf, n_tok, out):
+        """For matrices e in [first, stop) of a stack [E, n_rows, row_bytes]: out[t, e * n_rows + r]
+        = row r of matrix e . activations row e * n_tok + t (MLA's per-head products)."""
+        k = xf.shape[1]
+        for e in range(first, stop):
+            for r in range(n_rows):
+                base = (e * n_rows + r) * row_bytes
+                for t in range(n_tok):
+                    out[t, e * n_rows + r] = row_dot(code, w, base, n_blocks, xq, dx, xs, xf, (e * n_tok + t) * k, k)
+
+    return matmul_stack
+
+
+MATMUL_STACK = {qtype: _make_matmul_stack(kind.code) for qtype, kind in BLOCKS.items()}
 MATMUL = {qtype: _make_matmul(kind.code) for qtype, kind in BLOCKS.items()}

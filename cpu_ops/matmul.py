@@ -5,7 +5,7 @@ import numpy as np
 from cpu_ops.activations import QuantizedActivations, quantize
 from cpu_ops.blocks import BLOCKS
 from cpu_ops.executor import Executor
-from cpu_ops.kernels import MATMUL
+from cpu_ops.kernels import MATMUL, MATMUL_STACK
 
 INLINE_BYTES = 1 << 20  # smaller matrices run on the calling thread: a hand-off (~70 us) costs more
 
@@ -31,7 +31,7 @@ class CpuMatrix:
             raise ValueError(f"no CPU kernel for {getattr(qtype, 'name', qtype)} rows of {in_features}")
         self.kind = BLOCKS[qtype]
         self.kernel = MATMUL[qtype]
-        self.raw = raw.reshape(-1)
+        self.raw = np.asarray(raw).reshape(-1)  # a plain ndarray: numba dispatches np.memmap slowly
         self.rows = raw.shape[0]
         self.in_features = in_features
         self.row_bytes = raw.shape[1]
@@ -71,4 +71,34 @@ class CpuMatrix:
             return out
         ranges = split(self.rows, executor.n_threads, align=4)
         executor.run([lambda a=a, b=b: self.rows_into(acts, out, a, b) for a, b in ranges])
+        return out
+
+
+class CpuStack:
+    """A stack of small matrices [E, rows, in] where slice e of the input meets matrix e."""
+
+    def __init__(self, raw: np.ndarray, qtype, n: int, in_features: int):
+        if not supported(qtype, in_features):
+            raise ValueError(f"no CPU kernel for {getattr(qtype, 'name', qtype)} rows of {in_features}")
+        self.kind = BLOCKS[qtype]
+        self.kernel = MATMUL_STACK[qtype]
+        self.raw = np.asarray(raw).reshape(-1)
+        self.n, self.in_features = n, in_features
+        self.row_bytes = raw.shape[-1]
+        self.rows = raw.size // self.row_bytes // n
+
+    def __call__(self, executor: Executor | None, x: np.ndarray, n_tok: int) -> np.ndarray:
+        """x float32 [E * n_tok, in] (matrix-major) -> float32 [n_tok, E * rows]."""
+        acts = quantize(x, self.kind.act_group)
+        out = np.empty((n_tok, self.n * self.rows), np.float32)
+        n_blocks = self.in_features // self.kind.values
+
+        def run(first, stop):
+            self.kernel(self.raw, self.row_bytes, self.rows, n_blocks, first, stop,
+                        acts.xq, acts.dx, acts.xs, acts.xf, n_tok, out)  # fmt: skip
+
+        if executor is None or self.raw.nbytes < INLINE_BYTES:
+            run(0, self.n)
+        else:
+            executor.run([lambda a=a, b=b: run(a, b) for a, b in split(self.n, executor.n_threads)])
         return out

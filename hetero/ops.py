@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from cpu_ops.executor import Executor
 from cpu_ops.experts import CpuExperts, Stack, supported_stacks
-from cpu_ops.matmul import INLINE_BYTES, CpuMatrix, split, supported
+from cpu_ops.matmul import CpuMatrix, CpuStack, supported
 from hetero.gguf_file import TensorInfo
 from hetero.quants import dequantize
 
@@ -104,7 +104,17 @@ class ExpertBank:
     the caller goes on (the shared experts, the GPU), elsewhere they run before it returns.
     """
 
-    def __init__(self, gate: TensorInfo, up: TensorInfo, down: TensorInfo, device: torch.device, engine=None):
+    def __init__(
+        self,
+        gate: TensorInfo,
+        up: TensorInfo,
+        down: TensorInfo,
+        device: torch.device,
+        engine: Executor | None = None,
+        shared: tuple[TensorInfo, TensorInfo, TensorInfo] | None = None,
+    ):
+        """shared: the layer's shared-expert matrices [F', D], [F', D], [D, F'] when they too are
+        on the CPU engine; they then run in the same hand-off (see `includes_shared`)."""
         self.n_expert, self.n_ff, self.n_embd = gate.shape
         self.gate = QuantLinear3(gate, device)
         self.up = QuantLinear3(up, device)
@@ -112,15 +122,30 @@ class ExpertBank:
         stacks = [Stack(t.data.reshape(t.shape[0], t.shape[1], -1), t.qtype, t.shape[2]) for t in (gate, up, down)]
         cpu = engine is not None and device.type == "cpu" and supported_stacks(*stacks)
         self.cpu = CpuExperts(*stacks, engine) if cpu else None
+        self.shared_cpu = None
+        if self.cpu is not None and shared is not None:
+            sh = [Stack(t.data.reshape(1, t.shape[0], -1), t.qtype, t.shape[1]) for t in shared]
+            self.shared_cpu = CpuExperts(*sh, engine) if supported_stacks(*sh) else None
+
+    @property
+    def includes_shared(self) -> bool:
+        """Whether submit() also adds the shared experts (the caller must not add them again)."""
+        return self.shared_cpu is not None
 
     def submit(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> "ExpertResult":
         if self.cpu is None:
             return ExpertResult(value=self.reference(x, ids, weights))
-        handle = self.cpu.submit(_numpy(x), ids.cpu().numpy(), _numpy(weights))
+        xn = _numpy(x)
+        also = ()
+        if self.shared_cpu is not None:
+            t = xn.shape[0]
+            also = ((self.shared_cpu, np.zeros((t, 1), np.int64), np.ones((t, 1), np.float32)),)
+        handle = self.cpu.submit(xn, ids.cpu().numpy(), _numpy(weights), also)
         return ExpertResult(handle=handle, device=x.device)
 
     def __call__(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """x [T, D], ids [T, A] int64, weights [T, A] -> sum over A of weight * expert(x), [T, D]."""
+        """x [T, D], ids [T, A] int64, weights [T, A] -> sum over A of weight * expert(x), [T, D]
+        (plus the shared experts when `includes_shared`)."""
         return self.submit(x, ids, weights).wait()
 
     def reference(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -154,8 +179,7 @@ class QuantLinear3:
         self.n, self.out_features, self.in_features = info.shape
         self.raw = raw_tensor(info, device)
         self.engine = _cpu_engine(engine, device, info.qtype, self.in_features)
-        rows = info.data.reshape(self.n, self.out_features, -1)
-        self.cpu = [CpuMatrix(rows[e], info.qtype, self.in_features) for e in range(self.n)] if self.engine else None
+        self.cpu = CpuStack(info.data, info.qtype, self.n, self.in_features) if self.engine else None
 
     def all(self) -> torch.Tensor:
         """Every matrix as float32 [E, out, in]; only for small stacks (MLA per-head weights)."""
@@ -171,33 +195,7 @@ class QuantLinear3:
         if self.cpu is None:
             return torch.einsum("tei,eoi->teo", x, self.all().to(x.device))
         t = x.shape[0]
-        acts = self.cpu[0].quantize(_numpy(x.transpose(0, 1)).reshape(self.n * t, self.in_features))
-        out = np.empty((t, self.n * self.out_features), np.float32)
-        k = self.in_features
-
-        def heads(first, stop):
-            for e in range(first, stop):
-                m = self.cpu[e]
-                m.kernel(
-                    m.raw,
-                    0,
-                    m.row_bytes,
-                    m.rows,
-                    k // m.kind.values,
-                    acts.xq,
-                    acts.dx,
-                    acts.xs,
-                    acts.xf,
-                    e * t * k,
-                    t,
-                    out,
-                    e * self.out_features,
-                )
-
-        if self.raw.nbytes < INLINE_BYTES:
-            heads(0, self.n)
-        else:
-            self.engine.run([lambda a=a, b=b: heads(a, b) for a, b in split(self.n, self.engine.n_threads)])
+        out = self.cpu(self.engine, _numpy(x.transpose(0, 1)).reshape(self.n * t, self.in_features), t)
         return torch.from_numpy(out).view(t, self.n, self.out_features).to(x.device)
 
 

@@ -15,7 +15,7 @@ from test_quants import random_rows
 from cpu_ops.activations import quantize
 from cpu_ops.blocks import BLOCKS
 from cpu_ops.executor import Executor
-from cpu_ops.matmul import INLINE_BYTES, CpuMatrix, supported
+from cpu_ops.matmul import INLINE_BYTES, CpuMatrix, CpuStack, supported
 from hetero.quants import dequantize
 
 FLOATS = (T.F32, T.F16, T.BF16)
@@ -85,3 +85,23 @@ def test_unsupported_shapes_and_types():
         CpuMatrix(np.zeros((2, 84), np.uint8), T.Q2_K, 256)
     with pytest.raises(ValueError, match="multiple of 32"):
         quantize(np.zeros((1, 40), np.float32))
+
+
+@pytest.mark.parametrize("qtype", [T.Q5_0, T.Q4_K, T.F16], ids=lambda t: t.name)
+@pytest.mark.parametrize("tokens", [1, 6])
+def test_stack_multiplies_each_slice_by_its_matrix(qtype, tokens, executor):
+    """MLA's per-head products: slice e of the input times matrix e of the stack."""
+    rng = np.random.default_rng()
+    n, rows, k = 5, 24, 256
+    raw, dense = weights(qtype, n * rows, k, rng)
+    x = rng.standard_normal((n * tokens, k)).astype(np.float32)
+    stack = CpuStack(raw.reshape(n, rows, -1), qtype, n, k)
+    acts = quantize(x, BLOCKS[qtype].act_group)
+    xd = acts.xf.astype(np.float64) if qtype in FLOATS else acts.dequantized()
+    for ex in (None, executor):
+        ours = stack(ex, x, tokens)
+        for e in range(n):
+            m = dense[e * rows : (e + 1) * rows]
+            xe = xd[e * tokens : (e + 1) * tokens]
+            expected, bound = xe @ m.T, np.abs(xe) @ np.abs(m).T
+            assert np.all(np.abs(ours[:, e * rows : (e + 1) * rows] - expected) <= 2e-6 * bound + 1e-30)

@@ -100,7 +100,14 @@ def build_layers(
 
     def experts(prefix):
         names = [prefix + f"ffn_{w}_exps.weight" for w in ("gate", "up", "down")]
-        return ExpertBank(*(tensors[n] for n in names), place(names[0]), engine(names[0]))
+        shared = [prefix + f"ffn_{w}_shexp.weight" for w in ("gate", "up", "down")]
+        with_shared = all(n in tensors and engine(n) is not None for n in shared) and engine(names[0]) is not None
+        return ExpertBank(
+            *(tensors[n] for n in names),
+            place(names[0]),
+            engine(names[0]),
+            shared=tuple(tensors[n] for n in shared) if with_shared else None,
+        )
 
     layers = []
     for i in range(cfg.n_layer):
@@ -219,6 +226,6 @@ class DeepSeek2:
             c.routed_scale,
         )  # [T, A], [T, A]
         routed = layer.experts.submit(x, ids, weights)  # runs on the CPU workers meanwhile
-        shared = self.mlp(layer, x) if layer.gate is not None else None
+        shared = self.mlp(layer, x) if layer.gate is not None and not layer.experts.includes_shared else None
         out = routed.wait()
         return out if shared is None else out + shared
