@@ -1,21 +1,22 @@
-"""The routed experts of a layer on the CPU: one fused kernel per worker, no barrier inside.
+"""The routed experts of a layer on the CPU: two fused kernels per worker, one barrier between.
 
-Partitioning: the experts' hidden width F is cut into contiguous ranges, one per worker. A
-worker runs, for every expert that some token chose, gate and up over its F-range, SiLU(gate)
-* up, and the slice of the down projection that those F columns feed; it adds the routing-
-weighted partial sums into its own output, and `wait()` adds the workers' outputs. Every worker
-does the same share of every expert, so the load is even whatever the router picks, and a step
-needs no synchronisation between gate/up and down.
+Every (token, chosen expert) pair is one row of a shared buffer h [pairs, F], sorted by expert.
+Phase 1: each worker computes gate and up for its contiguous range of F (rows of gate/up) for
+every expert some token chose, and writes SiLU(gate) * up into its columns of h. Phase 2,
+after the workers meet at a barrier: each worker takes a contiguous range of the output width
+D (rows of down), multiplies those rows of every chosen expert's down by its tokens' h, and adds
+the routing-weighted results into its own columns of the output. Every worker does the same
+share of every expert whatever the router picks, and every weight read is a contiguous run of
+whole rows. (Splitting down by its columns instead, so that no barrier is needed, reads every
+row in pieces: measured 5x slower per byte on this machine.)
 
-NUMA: each node owns one F-range of every expert. With more than one node the node's rows of
-gate/up and columns of down are copied into buffers that the node's own workers allocate and
-fill (first touch puts the pages on that node), so no worker reads remote memory and no weight
-is held twice. On one node the kernels read the memory-mapped file directly.
-
-When a node has more workers than F-ranges (F / block width is small), its workers share
-ranges and split the active experts between them instead.
+NUMA: node n owns F-range n of every expert's gate/up and D-range n of its down. With more than
+one node those rows are copied into buffers that a worker of the node allocates and fills
+(first touch puts the pages there), so weights are read node-locally and held once. On one
+node the kernels read the memory-mapped file directly.
 """
 
+import threading
 from dataclasses import dataclass
 
 import numba
@@ -28,49 +29,22 @@ from cpu_ops.kernels import MATMUL
 from cpu_ops.matmul import split, supported
 
 
-def _make_expert_mlp(gate_mm, up_mm, down_mm):
+def _make_gate_up(gate_mm, up_mm):
     @numba.njit(nogil=True, cache=True)
-    def expert_mlp(
-        gw,
-        uw,
-        dw,
-        g_off,
-        u_off,
-        d_off,
-        g_rs,
-        u_rs,
-        d_rs,
-        n_rows,
-        n_gblocks,
-        n_dblocks,
-        xq,
-        dx,
-        xs,
-        xf,
-        tok_ptr,
-        tok_idx,
-        tok_w,
-        experts,
-        h_group,
-        out,
+    def gate_up(
+        gw, uw, g_off, u_off, g_rs, u_rs, n_rows, n_blocks, xq, dx, xs, xf, tok_ptr, tok_idx, experts, h, h_col
     ):
-        """out[t] += w * down_e[:, cols] @ (silu(gate_e[rows] x_t) * up_e[rows] x_t) for the
-        tokens t routed to each expert e in `experts`; rows/cols are this worker's F-range."""
+        """h[p, h_col:h_col+n_rows] = silu(gate_e x_t) * (up_e x_t) over this worker's rows, for
+        the pairs p = (token t, expert e) of every expert in `experts`."""
         n_max = 0
         for e in experts:
             n_max = max(n_max, tok_ptr[e + 1] - tok_ptr[e])
-        d = xf.shape[1]
-        sq = np.empty((n_max, d), np.int8)
+        sq = np.empty((n_max, xq.shape[1]), np.int8)
         sdx = np.empty((n_max, dx.shape[1]), np.float32)
         sxs = np.empty((n_max, xs.shape[1]), np.int32)
-        sf = np.empty((n_max, d), np.float32)
+        sf = np.empty((n_max, xf.shape[1]), np.float32)
         g = np.empty((n_max, n_rows), np.float32)
         u = np.empty((n_max, n_rows), np.float32)
-        h = np.empty((n_max, n_rows), np.float32)
-        hq = np.empty((n_max, n_rows), np.int8)
-        hdx = np.empty((n_max, n_rows // 32), np.float32)
-        hxs = np.empty((n_max, n_rows // 16), np.int32)
-        part = np.empty((n_max, out.shape[1]), np.float32)
         for e in experts:
             first, n = tok_ptr[e], tok_ptr[e + 1] - tok_ptr[e]
             for j in range(n):  # gather this expert's tokens into contiguous rows
@@ -79,30 +53,50 @@ def _make_expert_mlp(gate_mm, up_mm, down_mm):
                 sdx[j] = dx[t]
                 sxs[j] = xs[t]
                 sf[j] = xf[t]
-            gate_mm(gw, g_off[e], g_rs, n_rows, n_gblocks, sq, sdx, sxs, sf, 0, n, g, 0)
-            up_mm(uw, u_off[e], u_rs, n_rows, n_gblocks, sq, sdx, sxs, sf, 0, n, u, 0)
+            gate_mm(gw, g_off[e], g_rs, n_rows, n_blocks, sq, sdx, sxs, sf, 0, n, g, 0)
+            up_mm(uw, u_off[e], u_rs, n_rows, n_blocks, sq, sdx, sxs, sf, 0, n, u, 0)
             for j in range(n):
                 for f in range(n_rows):
-                    h[j, f] = g[j, f] / (np.float32(1.0) + np.exp(-g[j, f])) * u[j, f]
-            quantize_into(h[:n], hq[:n], hdx[:n], hxs[:n], h_group)
-            down_mm(dw, d_off[e], d_rs, out.shape[1], n_dblocks, hq, hdx, hxs, h, 0, n, part, 0)
+                    h[first + j, h_col + f] = g[j, f] / (np.float32(1.0) + np.exp(-g[j, f])) * u[j, f]
+
+    return gate_up
+
+
+def _make_down(down_mm):
+    @numba.njit(nogil=True, cache=True)
+    def down(dw, d_off, d_rs, n_rows, n_blocks, h, h_group, tok_ptr, tok_idx, tok_w, experts, out, out_col):
+        """out[t, out_col:out_col+n_rows] += w * (down_e rows) @ h[p] for the pairs p of `experts`."""
+        n_max = 0
+        for e in experts:
+            n_max = max(n_max, tok_ptr[e + 1] - tok_ptr[e])
+        f = h.shape[1]
+        hq = np.empty((n_max, f), np.int8)
+        hdx = np.empty((n_max, f // 32), np.float32)
+        hxs = np.empty((n_max, f // 16), np.int32)
+        part = np.empty((n_max, n_rows), np.float32)
+        for e in experts:
+            first, n = tok_ptr[e], tok_ptr[e + 1] - tok_ptr[e]
+            rows = h[first : first + n]
+            quantize_into(rows, hq[:n], hdx[:n], hxs[:n], h_group)
+            down_mm(dw, d_off[e], d_rs, n_rows, n_blocks, hq, hdx, hxs, rows, 0, n, part, 0)
             for j in range(n):
                 t = tok_idx[first + j]
                 wt = tok_w[first + j]
-                for c in range(out.shape[1]):
-                    out[t, c] += wt * part[j, c]
+                for c in range(n_rows):
+                    out[t, out_col + c] += wt * part[j, c]
 
-    return expert_mlp
-
-
-_FUSED: dict[tuple, object] = {}
+    return down
 
 
-def fused_kernel(gate_type, up_type, down_type):
-    key = (gate_type, up_type, down_type)
-    if key not in _FUSED:
-        _FUSED[key] = _make_expert_mlp(MATMUL[gate_type], MATMUL[up_type], MATMUL[down_type])
-    return _FUSED[key]
+_KERNELS: dict[tuple, object] = {}
+
+
+def _kernel(kind: str, *qtypes):
+    key = (kind, *qtypes)
+    if key not in _KERNELS:
+        make = _make_gate_up if kind == "gate_up" else _make_down
+        _KERNELS[key] = make(*(MATMUL[q] for q in qtypes))
+    return _KERNELS[key]
 
 
 @dataclass(frozen=True)
@@ -119,13 +113,11 @@ class Stack:
 
 @dataclass
 class WorkerShare:
-    f_start: int  # this worker's F-range [f_start, f_stop)
-    f_stop: int
-    group: int  # of the workers sharing the range, which one (they split the experts)
-    n_groups: int
-    buffers: tuple[np.ndarray, np.ndarray, np.ndarray]  # gate, up, down bytes this worker reads
-    offsets: tuple[np.ndarray, np.ndarray, np.ndarray]  # per expert: byte offset of its F-range
-    strides: tuple[int, int, int]
+    f_range: tuple[int, int]  # rows of gate/up (columns of h) this worker computes
+    d_range: tuple[int, int]  # rows of down (columns of the output)
+    buffers: tuple[np.ndarray, np.ndarray, np.ndarray]  # flat gate, up, down bytes it reads
+    offsets: tuple[np.ndarray, np.ndarray, np.ndarray]  # per expert: byte offset of its first row
+    strides: tuple[int, int, int]  # bytes per row
 
 
 def supported_stacks(gate: Stack, up: Stack, down: Stack) -> bool:
@@ -133,76 +125,82 @@ def supported_stacks(gate: Stack, up: Stack, down: Stack) -> bool:
 
 
 class CpuExperts:
-    """A layer's routed experts, partitioned over the executor's workers (and NUMA nodes)."""
+    """A layer's experts [E, F, D], partitioned over the executor's workers (and NUMA nodes)."""
 
     def __init__(self, gate: Stack, up: Stack, down: Stack, executor: Executor):
         if not supported_stacks(gate, up, down):
             raise ValueError("no CPU kernels for these expert types")
         self.executor = executor
         self.n_expert, self.n_ff, self.n_embd = gate.raw.shape[0], gate.raw.shape[1], gate.in_features
-        self.kernel = fused_kernel(gate.qtype, up.qtype, down.qtype)
         self.gate_kind, self.down_kind = BLOCKS[gate.qtype], BLOCKS[down.qtype]
-        align = self.down_kind.act_group  # F-ranges whole blocks of down's rows, whole h groups
-        node_ranges = split(self.n_ff, executor.n_nodes, align)
+        self.gate_up = _kernel("gate_up", gate.qtype, up.qtype)
+        self.down = _kernel("down", down.qtype)
         self.shares: list[WorkerShare | None] = [None] * executor.n_threads
         pack = executor.n_nodes > 1
-        for node, (f0, f1) in enumerate(node_ranges):
+        f_nodes, d_nodes = split(self.n_ff, executor.n_nodes, 4), split(self.n_embd, executor.n_nodes, 4)
+        for node, ((f0, f1), (d0, d1)) in enumerate(zip(f_nodes, d_nodes, strict=True)):
             workers = executor.node_workers(node)
-            stacks = self._pack(node, gate, up, down, f0, f1) if pack else (gate.raw, up.raw, down.raw)
-            ranges = split(f1 - f0, len(workers), align)
-            for k, w in enumerate(workers):
-                a, b = ranges[k % len(ranges)]
-                n_groups = -(-len(workers) // len(ranges))
-                self.shares[w.index] = self._share(
-                    stacks, f0 if pack else 0, f0 + a, f0 + b, k // len(ranges), n_groups
-                )
+            if pack:
+                bufs, f_base, d_base = self._pack(node, gate, up, down, (f0, f1), (d0, d1)), f0, d0
+            else:
+                bufs, f_base, d_base = (gate.raw, up.raw, down.raw), 0, 0
+            f_split, d_split = split(f1 - f0, len(workers), 4), split(d1 - d0, len(workers), 4)
+            for w, (fa, fb), (da, db) in zip(workers, f_split, d_split, strict=False):
+                self.shares[w.index] = self._share(bufs, (f0 + fa, f0 + fb), f_base, (d0 + da, d0 + db), d_base)
 
-    def _share(self, stacks, base: int, fa: int, fb: int, group: int, n_groups: int) -> WorkerShare:
-        """Byte offsets of rows/columns [fa, fb) of every expert in buffers that start at F=base."""
-        g, u, d = stacks
+    def _share(self, bufs, f_range, f_base, d_range, d_base) -> WorkerShare:
+        """Byte offsets of each expert's first row of this worker in buffers holding rows from
+        f_base (gate/up) and d_base (down) on."""
+        g, u, d = bufs
         e = np.arange(self.n_expert, dtype=np.int64)
-        g_rs, u_rs, d_rs = g.shape[2], u.shape[2], d.shape[2]
-        g_off = e * g.shape[1] * g_rs + (fa - base) * g_rs
-        u_off = e * u.shape[1] * u_rs + (fa - base) * u_rs
-        d_off = e * d.shape[1] * d_rs + (fa - base) // self.down_kind.values * self.down_kind.nbytes
-        return WorkerShare(
-            fa,
-            fb,
-            group,
-            n_groups,
-            (g.reshape(-1), u.reshape(-1), d.reshape(-1)),
-            (g_off, u_off, d_off),
-            (g_rs, u_rs, d_rs),
+        offsets = (
+            e * g.shape[1] * g.shape[2] + (f_range[0] - f_base) * g.shape[2],
+            e * u.shape[1] * u.shape[2] + (f_range[0] - f_base) * u.shape[2],
+            e * d.shape[1] * d.shape[2] + (d_range[0] - d_base) * d.shape[2],
         )
+        flat = (g.reshape(-1), u.reshape(-1), d.reshape(-1))
+        return WorkerShare(f_range, d_range, flat, offsets, (g.shape[2], u.shape[2], d.shape[2]))
 
-    def _pack(self, node: int, gate: Stack, up: Stack, down: Stack, f0: int, f1: int):
-        """Node-local copies of rows [f0, f1) of gate/up and those columns of down, made by a
-        worker of that node so that its first touch places the pages there."""
-        col0 = f0 // self.down_kind.values * self.down_kind.nbytes
-        col1 = f1 // self.down_kind.values * self.down_kind.nbytes
+    def _pack(self, node: int, gate: Stack, up: Stack, down: Stack, f_range, d_range):
+        """Node-local copies of the node's rows of every expert, made by a worker of that node
+        so that its first touch places the pages there."""
         result = {}
 
         def copy():
-            result["g"] = np.array(gate.raw[:, f0:f1])
-            result["u"] = np.array(up.raw[:, f0:f1])
-            result["d"] = np.array(down.raw[:, :, col0:col1])
+            result["bufs"] = (
+                np.array(gate.raw[:, f_range[0] : f_range[1]]),
+                np.array(up.raw[:, f_range[0] : f_range[1]]),
+                np.array(down.raw[:, d_range[0] : d_range[1]]),
+            )
 
         first = self.executor.node_workers(node)[0].index
         self.executor.run([copy if w.index == first else None for w in self.executor.workers])
-        return result["g"], result["u"], result["d"]
+        return result["bufs"]
 
     def submit(self, x: np.ndarray, ids: np.ndarray, weights: np.ndarray, also: tuple = ()) -> "ExpertsHandle":
         """x float32 [T, D], ids int [T, A], weights float32 [T, A] -> a handle; the experts run
         on the workers while the caller goes on. `also`: (CpuExperts, ids, weights) of more
-        experts on the same x (the shared experts), run in the same hand-off."""
-        outs = [np.zeros((x.shape[0], self.n_embd), np.float32) for _ in self.shares]
-        jobs = [self.tasks(x, ids, weights, outs)] + [other.tasks(x, i, w, outs) for other, i, w in also]
-        per_worker = [[job[k] for job in jobs if job[k] is not None] for k in range(len(outs))]
-        tasks = [(lambda ts=ts: [t() for t in ts]) if ts else None for ts in per_worker]
-        return ExpertsHandle(self.executor.submit(tasks), outs)
+        experts on the same x and workers (the shared experts), run in the same hand-off."""
+        out = np.zeros((x.shape[0], self.n_embd), np.float32)
+        jobs = [self.phases(x, ids, weights, out)] + [other.phases(x, i, w, out) for other, i, w in also]
+        n = len(self.shares)
+        barrier = threading.Barrier(n)
 
-    def tasks(self, x: np.ndarray, ids: np.ndarray, weights: np.ndarray, outs: list[np.ndarray]) -> list:
-        """One callable per worker (None: nothing to do) adding these experts into outs[worker]."""
+        def worker(k):
+            try:
+                for phase1, _ in jobs:
+                    phase1[k]()
+            except BaseException:
+                barrier.abort()  # the others must not wait for this worker forever
+                raise
+            barrier.wait()
+            for _, phase2 in jobs:
+                phase2[k]()
+
+        return ExpertsHandle(self.executor.submit([lambda k=k: worker(k) for k in range(n)]), out)
+
+    def phases(self, x: np.ndarray, ids: np.ndarray, weights: np.ndarray, out: np.ndarray):
+        """Per worker: the gate/up callable and the down callable (adding into out)."""
         acts = quantize(x, self.gate_kind.act_group)
         flat = ids.reshape(-1).astype(np.int64)
         if flat.size and (flat.min() < 0 or flat.max() >= self.n_expert):
@@ -213,52 +211,38 @@ class CpuExperts:
         tok_ptr = np.zeros(self.n_expert + 1, np.int64)
         np.cumsum(np.bincount(flat, minlength=self.n_expert), out=tok_ptr[1:])
         active = np.flatnonzero(np.diff(tok_ptr)).astype(np.int64)
-        tasks = []
-        for share, out in zip(self.shares, outs, strict=True):
-            mine = active[share.group :: share.n_groups]
-            if share.f_stop <= share.f_start or mine.size == 0:
-                tasks.append(None)
+        h = np.empty((flat.size, self.n_ff), np.float32)
+        g_blocks = self.n_embd // self.gate_kind.values
+        d_blocks = self.n_ff // self.down_kind.values
+        first, second = [], []
+        for s in self.shares:
+            if s is None:
+                first.append(lambda: None)
+                second.append(lambda: None)
                 continue
-            tasks.append(self._task(share, acts, tok_ptr, tok_idx, tok_w, mine, out))
-        return tasks
-
-    def _task(self, s: WorkerShare, acts, tok_ptr, tok_idx, tok_w, experts, out):
-        n_rows = s.f_stop - s.f_start
-        n_gblocks = self.n_embd // self.gate_kind.values
-        n_dblocks = n_rows // self.down_kind.values
-
-        def run():
-            self.kernel(
-                *s.buffers,
-                *s.offsets,
-                *s.strides,
-                n_rows,
-                n_gblocks,
-                n_dblocks,
-                acts.xq,
-                acts.dx,
-                acts.xs,
-                acts.xf,
-                tok_ptr,
-                tok_idx,
-                tok_w,
-                experts,
-                self.down_kind.act_group,
-                out,
-            )
-
-        return run
+            (fa, fb), (da, db) = s.f_range, s.d_range
+            (gw, uw, dw), (g_off, u_off, d_off), (g_rs, u_rs, d_rs) = s.buffers, s.offsets, s.strides
+            first.append(
+                lambda gw=gw, uw=uw, g_off=g_off, u_off=u_off, g_rs=g_rs, u_rs=u_rs, fa=fa, fb=fb: self.gate_up(
+                    gw, uw, g_off, u_off, g_rs, u_rs, fb - fa, g_blocks,
+                    acts.xq, acts.dx, acts.xs, acts.xf, tok_ptr, tok_idx, active, h, fa,
+                )
+            )  # fmt: skip
+            second.append(
+                lambda dw=dw, d_off=d_off, d_rs=d_rs, da=da, db=db: self.down(
+                    dw, d_off, d_rs, db - da, d_blocks, h, self.down_kind.act_group,
+                    tok_ptr, tok_idx, tok_w, active, out, da,
+                )
+            )  # fmt: skip
+        return first, second
 
 
 class ExpertsHandle:
-    def __init__(self, handle: Handle, outs: list[np.ndarray]):
+    def __init__(self, handle: Handle, out: np.ndarray):
         self.handle = handle
-        self.outs = outs
+        self.out = out
 
     def wait(self) -> np.ndarray:
         """float32 [T, D]: the routing-weighted sum of the chosen experts."""
         self.handle.wait()
-        total = self.outs[0]
-        for o in self.outs[1:]:
-            total += o
-        return total
+        return self.out

@@ -67,6 +67,8 @@ def test_bench_json_reports_medians_runs_and_prediction(synth, keep_torch_thread
     assert len(out["prefill_tok_s_runs"]) == len(out["decode_tok_s_runs"]) == 3
     assert sorted(out["decode_tok_s_runs"])[1] == out["decode_tok_s"] > 0 and out["prefill_tok_s"] > 0
     assert out["predicted"]["bound"] == "cpu" and out["predicted"]["decode_tok_s"] > 0
-    assert out["decode_weight_bytes_per_token"]["gpu"] == 0 and out["threads"] == 1
+    assert out["decode_weight_bytes_per_token"]["gpu"] == 0 and out["threads"] == 1 and out["numa_nodes"] == 1
+    r = runner.invoke(app, [*args, "--numa", "sometimes"])
+    assert r.exit_code == 2 and "--numa sometimes" in r.output
     r = runner.invoke(app, [*args[:2], "--prompt-tokens", "5000", "--gen-tokens", "1"])
     assert r.exit_code == 2 and "exceed the context" in r.output

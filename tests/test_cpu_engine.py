@@ -14,6 +14,7 @@ from test_quants import random_rows
 from cpu_ops.activations import quantize
 from cpu_ops.executor import Executor, plan_workers
 from cpu_ops.experts import CpuExperts, Stack
+from cpu_ops.matmul import CpuMatrix
 from cpu_ops.topology import Topology, detect_topology, parse_cpulist, simulated
 from hetero.quants import dequantize
 
@@ -138,8 +139,7 @@ def test_fused_experts_match_float64(case, types, nodes):
     assert np.all(err <= 1e-3 * scale + 1e-30), float((err / scale).max())
 
 
-def test_more_workers_than_ranges_share_experts():
-    """F = 256 with a 256-value down type is one range: four workers split the experts instead."""
+def test_four_workers_split_gate_up_by_rows_and_down_by_rows():
     rng = np.random.default_rng()
     (gs, g), (us, u), (ds, d) = _stack(T.Q4_K, 256, D, rng), _stack(T.Q4_K, 256, D, rng), _stack(T.Q4_K, D, 256, rng)
     x = rng.standard_normal((3, D)).astype(np.float32)
@@ -147,10 +147,31 @@ def test_more_workers_than_ranges_share_experts():
     weights = rng.random((3, 4)).astype(np.float32)
     with Executor(threads=4, topology=Topology((tuple(sorted(os.sched_getaffinity(0))),)), pin=False) as ex:
         experts = CpuExperts(gs, us, ds, ex)
-        assert sorted((s.group, s.n_groups) for s in experts.shares) == [(0, 4), (1, 4), (2, 4), (3, 4)]
+        assert [s.f_range for s in experts.shares] == [(0, 64), (64, 128), (128, 192), (192, 256)]
+        assert [s.d_range for s in experts.shares] == [(0, 64), (64, 128), (128, 192), (192, 256)]
         ours = experts.submit(x, ids, weights).wait()
     expected, scale = _reference((g, u, d), x, ids, weights, 256, 256)
     assert np.all(np.abs(ours - expected) <= 1e-3 * scale)
+
+
+def test_a_failing_worker_does_not_hang_the_others():
+    rng = np.random.default_rng()
+    (gs, _), (us, _), (ds, _) = _stack(T.Q4_K, 256, D, rng), _stack(T.Q4_K, 256, D, rng), _stack(T.Q4_K, D, 256, rng)
+    with Executor(threads=2) as ex:
+        experts = CpuExperts(gs, us, ds, ex)
+        kernel = experts.gate_up
+
+        def second_worker_fails(*args):
+            if args[-1] != 0:  # h_col: only the worker whose F-range does not start at 0
+                raise RuntimeError("worker failed")
+            kernel(*args)
+
+        experts.gate_up = second_worker_fails
+        x, ids, w = rng.standard_normal((1, D)).astype(np.float32), np.array([[1]]), np.ones((1, 1), np.float32)
+        with pytest.raises((RuntimeError, threading.BrokenBarrierError)):
+            experts.submit(x, ids, w).wait()
+        experts.gate_up = kernel
+        assert np.isfinite(experts.submit(x, ids, w).wait()).all()  # the pool is still usable
 
 
 def test_node_copies_hold_only_their_share():
@@ -161,3 +182,21 @@ def test_node_copies_hold_only_their_share():
         held = sum(s.buffers[0].nbytes + s.buffers[1].nbytes + s.buffers[2].nbytes for s in experts.shares)
     assert held == gs.raw.nbytes + us.raw.nbytes + ds.raw.nbytes  # split, not duplicated
     assert all(not np.shares_memory(s.buffers[0], gs.raw) for s in experts.shares)
+
+
+def test_compiled_kernels_are_cached_under_a_hash_of_the_sources():
+    """numba checks only the defining file's timestamp; the IR comes from other modules, so the
+    cache directory is named by a hash of all of cpu_ops (a change there recompiles)."""
+    import numba
+
+    import cpu_ops
+
+    if os.environ.get("NUMBA_CACHE_DIR"):
+        pytest.skip("the user chose the cache directory")
+    cache = cpu_ops._cache_dir()
+    assert numba.config.CACHE_DIR == str(cache) and len(cache.name) == 16
+    rng = np.random.default_rng()
+    stack, _ = _stack(T.Q4_K, 4, D, rng)
+    m = CpuMatrix(stack.raw.reshape(E * 4, -1), T.Q4_K, D)
+    m(None, m.quantize(rng.standard_normal((1, D)).astype(np.float32)))
+    assert any(cache.rglob("*.nbi"))
