@@ -62,6 +62,13 @@ def load_with_progress(path, **options):
     return model
 
 
+def engine_name(model) -> str:
+    """Which CPU path ran: the numba engine (threads) or the reference torch ops."""
+    if model.executor is None:
+        return "reference torch ops on the CPU"
+    return f"CPU engine, {model.executor.n_threads} threads"
+
+
 def cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "hetero"
 
@@ -339,7 +346,7 @@ def demo(
         decode = f"{(tokens - 1) / last.decode_s:.1f} tok/s" if tokens > 1 and last.decode_s > 0 else "n/a"
         console.print(
             f"[dim]prefill {last.prompt_tokens} tokens at {last.prompt_tokens / last.prefill_s:.1f} tok/s, "
-            f"decode {tokens} tokens at {decode} (reference torch path, CPU)[/]"
+            f"decode {tokens} tokens at {decode} ({engine_name(loaded)})[/]"
         )
     if builtin:
         console.print(
