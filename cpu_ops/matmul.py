@@ -35,6 +35,7 @@ class CpuMatrix:
         self.rows = raw.shape[0]
         self.in_features = in_features
         self.row_bytes = raw.shape[1]
+        self._ranges: dict[int, list[tuple[int, int]]] = {}  # row split per worker count
 
     def quantize(self, x: np.ndarray) -> QuantizedActivations:
         """x float32 [T, in] in the activation form this weight type's kernel expects."""
@@ -69,7 +70,9 @@ class CpuMatrix:
         if executor is None or self.raw.nbytes < INLINE_BYTES:
             self.rows_into(acts, out, 0, self.rows)
             return out
-        ranges = split(self.rows, executor.n_threads, align=4)
+        ranges = self._ranges.get(executor.n_threads) or self._ranges.setdefault(
+            executor.n_threads, split(self.rows, executor.n_threads, align=4)
+        )
         executor.run([lambda a=a, b=b: self.rows_into(acts, out, a, b) for a, b in ranges])
         return out
 

@@ -52,7 +52,15 @@ def raw_tensor(info: TensorInfo, device: torch.device) -> torch.Tensor:
 
 
 def _numpy(x: torch.Tensor) -> np.ndarray:
-    return x.detach().to("cpu", torch.float32).contiguous().numpy()
+    if x.device.type != "cpu" or x.dtype != torch.float32:
+        x = x.to("cpu", torch.float32)
+    return x.detach().contiguous().numpy()
+
+
+def _torch(y: np.ndarray, like: torch.Tensor) -> torch.Tensor:
+    """A kernel's numpy result as a tensor on `like`'s device (no copy on the CPU)."""
+    out = torch.from_numpy(y)
+    return out if like.device.type == "cpu" else out.to(like.device)
 
 
 def _cpu_engine(engine: Executor | None, device: torch.device, qtype, in_features: int) -> Executor | None:
@@ -80,7 +88,7 @@ class QuantLinear:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """x [T, in] float32 -> [T, out]."""
         if self.cpu is not None:
-            return torch.from_numpy(self.cpu(self.engine, self.cpu.quantize(_numpy(x)))).to(x.device)
+            return _torch(self.cpu(self.engine, self.cpu.quantize(_numpy(x))), x)
         return quant_matmul(x, self.raw, self.qtype, self.in_features)
 
 
@@ -166,7 +174,8 @@ class ExpertResult:
 
     def wait(self) -> torch.Tensor:
         if self.value is None:
-            self.value = torch.from_numpy(self.handle.wait()).to(self.device)
+            out = torch.from_numpy(self.handle.wait())
+            self.value = out if self.device.type == "cpu" else out.to(self.device)
         return self.value
 
 
@@ -196,7 +205,7 @@ class QuantLinear3:
             return torch.einsum("tei,eoi->teo", x, self.all().to(x.device))
         t = x.shape[0]
         out = self.cpu(self.engine, _numpy(x.transpose(0, 1)).reshape(self.n * t, self.in_features), t)
-        return torch.from_numpy(out).view(t, self.n, self.out_features).to(x.device)
+        return _torch(out, x).view(t, self.n, self.out_features)
 
 
 def vector(info: TensorInfo, device: torch.device) -> torch.Tensor:

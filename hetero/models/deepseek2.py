@@ -198,14 +198,17 @@ class DeepSeek2:
         latents, k_ropes = cache.read(i, start + t)  # [S, R], [S, P]
 
         q_latent = layer.heads.absorb_q(q_nope)  # [T, H, R]
-        scores = torch.einsum("thr,sr->ths", q_latent, latents) + torch.einsum("thp,sp->ths", q_rope, k_ropes)
-        scores = scores * self.kq_scale  # [T, H, S]
-        future = (
-            torch.arange(start + t, device=x.device)[None, :] > torch.arange(start, start + t, device=x.device)[:, None]
-        )
-        scores = scores.masked_fill(future[:, None, :], float("-inf"))
+        scores = (
+            torch.matmul(q_latent, latents.T).add_(torch.matmul(q_rope, k_ropes.T)).mul_(self.kq_scale)
+        )  # [T, H, S]
+        if t > 1:  # a single new token sees every cached position: nothing to mask
+            future = (
+                torch.arange(start + t, device=x.device)[None, :]
+                > torch.arange(start, start + t, device=x.device)[:, None]
+            )
+            scores = scores.masked_fill(future[:, None, :], float("-inf"))
         probs = torch.softmax(scores, dim=-1)
-        o = torch.einsum("ths,sr->thr", probs, latents)  # [T, H, R]
+        o = torch.matmul(probs, latents)  # [T, H, R]
         o = layer.heads.expand_v(o)  # [T, H, V]
         return layer.out(o.reshape(t, c.n_head * c.v_head_dim))
 
