@@ -20,19 +20,9 @@ import time
 import numpy as np
 
 import hetero
+from hetero.bench import prefill_decode
 from hetero.tokenizer import quiet_stderr
 from placement.hardware import measure_read_bandwidth
-
-
-def hetero_run(model, prompt: list[int], gen: int) -> tuple[float, float]:
-    cache = model.new_cache(len(prompt) + gen)
-    t0 = time.perf_counter()
-    logits = model.forward(prompt, cache, last_only=True)
-    t1 = time.perf_counter()
-    for _ in range(gen):
-        logits = model.forward([int(logits[-1].argmax())], cache)
-    t2 = time.perf_counter()
-    return len(prompt) / (t1 - t0), gen / (t2 - t1)
 
 
 def llama_run(llm, prompt: list[int], gen: int) -> tuple[float, float]:
@@ -91,12 +81,12 @@ def main():
     vocab = model.config.n_vocab
     bos = model.tokenizer.bos_id
     warm = [bos, *rng.integers(0, vocab, 7).tolist()]
-    hetero_run(model, warm, 2), llama(warm, 2)
+    prefill_decode(model, warm, 2), llama(warm, 2)
     res = {"hetero": ([], []), "llama.cpp": ([], [])}
     probe = []
     for rep in range(args.reps):
         prompt = [bos, *rng.integers(0, vocab, args.prompt_tokens - 1).tolist()]
-        order = [("hetero", lambda p=prompt: hetero_run(model, p, args.gen_tokens)),
+        order = [("hetero", lambda p=prompt: prefill_decode(model, p, args.gen_tokens)),
                  ("llama.cpp", lambda p=prompt: llama(p, args.gen_tokens))]  # fmt: skip
         for name, fn in order if rep % 2 == 0 else order[::-1]:
             pre, dec = fn()
