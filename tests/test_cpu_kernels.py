@@ -88,14 +88,15 @@ def test_unsupported_shapes_and_types():
 
 
 @pytest.mark.parametrize("qtype", [T.Q5_0, T.Q4_K, T.F16], ids=lambda t: t.name)
-@pytest.mark.parametrize("tokens", [1, 6])
-def test_stack_multiplies_each_slice_by_its_matrix(qtype, tokens, executor):
+@pytest.mark.parametrize("tokens,rows", [(1, 24), (6, 24), (2, 2000)])  # the last is above INLINE_BYTES
+def test_stack_multiplies_each_slice_by_its_matrix(qtype, tokens, rows, executor):
     """MLA's per-head products: slice e of the input times matrix e of the stack."""
     rng = np.random.default_rng()
-    n, rows, k = 5, 24, 256
+    n, k = 5, 256
     raw, dense = weights(qtype, n * rows, k, rng)
     x = rng.standard_normal((n * tokens, k)).astype(np.float32)
     stack = CpuStack(raw.reshape(n, rows, -1), qtype, n, k)
+    assert (stack.raw.nbytes >= INLINE_BYTES) == (rows > 1000)
     acts = quantize(x, BLOCKS[qtype].act_group)
     xd = acts.xf.astype(np.float64) if qtype in FLOATS else acts.dequantized()
     for ex in (None, executor):
