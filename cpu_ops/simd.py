@@ -3,8 +3,9 @@
 numba has no vector types and widens integer arithmetic to 64 bits, so its loops never reach the
 8-bit multiply-adds that make a quantized GEMV memory-bound (see docs/benchmarks.md). The block
 kernels in `blocks.py` are therefore written as LLVM IR with these helpers and called from numba
-as intrinsics. Only `dot_u8_s8` uses x86 instructions (AVX2's vpmaddubsw); `HAVE_AVX2` gates the
-whole engine, and machines without it use the reference torch ops.
+as intrinsics. Four helpers name AVX2 instructions (vpmaddubsw, vpmaddwd, vpsignb, vpshufb);
+everything else is plain LLVM vector IR. `HAVE_AVX2` gates the whole engine, and machines
+without it use the reference torch ops.
 """
 
 import llvmlite.binding as llvm
