@@ -19,6 +19,7 @@ once per row.
 
 from dataclasses import dataclass
 
+from gguf import GGML_QUANT_SIZES
 from gguf import GGMLQuantizationType as QType
 from llvmlite import ir
 
@@ -42,8 +43,7 @@ from cpu_ops.simd import (
     to_float,
     vec,
 )
-
-IQ4_VALUES = [-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113]
+from hetero.quants.legacy import IQ4_LEVELS
 
 
 @dataclass(frozen=True)
@@ -165,7 +165,7 @@ def q6_k(b, w, acts):
 
 def iq4_xs(b, w, acts):
     """d * (ls - 32) * table[q]: the non-linear 4-bit grid looked up with vpshufb."""
-    table = ir.Constant(vec(I8, 16), IQ4_VALUES)
+    table = ir.Constant(vec(I8, 16), list(IQ4_LEVELS))
     high = b.zext(load(b, w, 2, I16), I32)
     low = load(b, w, 4, I8, 4)
     values, scales = [], []
@@ -269,20 +269,23 @@ class BlockKind:
         return 256 if self.values == 256 else 32
 
 
-BLOCKS: dict[QType, BlockKind] = {
-    qt: BlockKind(i, values, nbytes, body)
-    for i, (qt, values, nbytes, body) in enumerate(
-        [
-            (QType.Q4_K, 256, 144, q4_k),
-            (QType.Q5_K, 256, 176, q5_k),
-            (QType.Q6_K, 256, 210, q6_k),
-            (QType.IQ4_XS, 256, 136, iq4_xs),
-            (QType.Q4_0, 32, 18, q4_0),
-            (QType.Q5_0, 32, 22, q5_0),
-            (QType.Q8_0, 32, 34, q8_0),
-            (QType.F32, 32, 128, f32),
-            (QType.F16, 32, 64, f16),
-            (QType.BF16, 32, 64, bf16),
-        ]
-    )
+def _kind(code: int, qtype: QType, body) -> BlockKind:
+    """Geometry from gguf's table; float types (one value per "block") are taken 32 at a time."""
+    block, size = GGML_QUANT_SIZES[qtype]
+    values = max(block, 32)
+    return BlockKind(code, values, size * values // block, body)
+
+
+_BODIES = {
+    QType.Q4_K: q4_k,
+    QType.Q5_K: q5_k,
+    QType.Q6_K: q6_k,
+    QType.IQ4_XS: iq4_xs,
+    QType.Q4_0: q4_0,
+    QType.Q5_0: q5_0,
+    QType.Q8_0: q8_0,
+    QType.F32: f32,
+    QType.F16: f16,
+    QType.BF16: bf16,
 }
+BLOCKS: dict[QType, BlockKind] = {qt: _kind(i, qt, body) for i, (qt, body) in enumerate(_BODIES.items())}

@@ -13,7 +13,7 @@ INLINE_BYTES = 1 << 20  # smaller matrices run on the calling thread: a hand-off
 def supported(qtype, in_features: int) -> bool:
     """Whether the CPU kernels multiply this type at this row width."""
     kind = BLOCKS.get(qtype)
-    return kind is not None and in_features % max(kind.values, 32) == 0
+    return kind is not None and in_features % kind.values == 0
 
 
 def split(n: int, parts: int, align: int = 1) -> list[tuple[int, int]]:
