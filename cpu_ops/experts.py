@@ -16,6 +16,7 @@ one node those rows are copied into buffers that a worker of the node allocates 
 node the kernels read the memory-mapped file directly.
 """
 
+import functools
 import threading
 from dataclasses import dataclass
 
@@ -88,15 +89,11 @@ def _make_down(down_mm):
     return down
 
 
-_KERNELS: dict[tuple, object] = {}
-
-
+@functools.cache
 def _kernel(kind: str, *qtypes):
-    key = (kind, *qtypes)
-    if key not in _KERNELS:
-        make = _make_gate_up if kind == "gate_up" else _make_down
-        _KERNELS[key] = make(*(MATMUL[q] for q in qtypes))
-    return _KERNELS[key]
+    """One compiled kernel per combination of weight types, shared by every layer using it."""
+    make = _make_gate_up if kind == "gate_up" else _make_down
+    return make(*(MATMUL[q] for q in qtypes))
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,7 @@
 """A quantized matrix on the CPU: y = x @ W.T with W's rows split over the executor's workers."""
 
+import functools
+
 import numpy as np
 
 from cpu_ops.activations import QuantizedActivations, quantize
@@ -16,11 +18,12 @@ def supported(qtype, in_features: int) -> bool:
     return kind is not None and in_features % kind.values == 0
 
 
-def split(n: int, parts: int, align: int = 1) -> list[tuple[int, int]]:
+@functools.cache  # called per matmul on the decode path with a handful of distinct arguments
+def split(n: int, parts: int, align: int = 1) -> tuple[tuple[int, int], ...]:
     """n items into `parts` contiguous ranges, boundaries on multiples of align; empty ranges dropped."""
     units = -(-n // align)
     bounds = [min(n, (units * i // parts) * align) for i in range(parts + 1)]
-    return [(a, b) for a, b in zip(bounds, bounds[1:], strict=False) if b > a]
+    return tuple((a, b) for a, b in zip(bounds, bounds[1:], strict=False) if b > a)
 
 
 class CpuMatrix:
@@ -35,7 +38,6 @@ class CpuMatrix:
         self.rows = raw.shape[0]
         self.in_features = in_features
         self.row_bytes = raw.shape[1]
-        self._ranges: dict[int, list[tuple[int, int]]] = {}  # row split per worker count
 
     def quantize(self, x: np.ndarray) -> QuantizedActivations:
         """x float32 [T, in] in the activation form this weight type's kernel expects."""
@@ -70,9 +72,7 @@ class CpuMatrix:
         if executor is None or self.raw.nbytes < INLINE_BYTES:
             self.rows_into(acts, out, 0, self.rows)
             return out
-        ranges = self._ranges.get(executor.n_threads) or self._ranges.setdefault(
-            executor.n_threads, split(self.rows, executor.n_threads, align=4)
-        )
+        ranges = split(self.rows, executor.n_threads, align=4)
         executor.run([lambda a=a, b=b: self.rows_into(acts, out, a, b) for a, b in ranges])
         return out
 
