@@ -57,10 +57,10 @@ def _numpy(x: torch.Tensor) -> np.ndarray:
     return x.detach().contiguous().numpy()
 
 
-def _torch(y: np.ndarray, like: torch.Tensor) -> torch.Tensor:
-    """A kernel's numpy result as a tensor on `like`'s device (no copy on the CPU)."""
+def _torch(y: np.ndarray, device: torch.device) -> torch.Tensor:
+    """A kernel's numpy result as a tensor on `device` (no copy on the CPU)."""
     out = torch.from_numpy(y)
-    return out if like.device.type == "cpu" else out.to(like.device)
+    return out if device.type == "cpu" else out.to(device)
 
 
 def _cpu_engine(engine: Executor | None, device: torch.device, qtype, in_features: int) -> Executor | None:
@@ -88,7 +88,7 @@ class QuantLinear:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """x [T, in] float32 -> [T, out]."""
         if self.cpu is not None:
-            return _torch(self.cpu(self.engine, self.cpu.quantize(_numpy(x))), x)
+            return _torch(self.cpu(self.engine, self.cpu.quantize(_numpy(x))), x.device)
         return quant_matmul(x, self.raw, self.qtype, self.in_features)
 
 
@@ -174,8 +174,7 @@ class ExpertResult:
 
     def wait(self) -> torch.Tensor:
         if self.value is None:
-            out = torch.from_numpy(self.handle.wait())
-            self.value = out if self.device.type == "cpu" else out.to(self.device)
+            self.value = _torch(self.handle.wait(), self.device)
         return self.value
 
 
@@ -205,7 +204,7 @@ class QuantLinear3:
             return torch.einsum("tei,eoi->teo", x, self.all().to(x.device))
         t = x.shape[0]
         out = self.cpu(self.engine, _numpy(x.transpose(0, 1)).reshape(self.n * t, self.in_features), t)
-        return _torch(out, x).view(t, self.n, self.out_features)
+        return _torch(out, x.device).view(t, self.n, self.out_features)
 
 
 def vector(info: TensorInfo, device: torch.device) -> torch.Tensor:
