@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import numba
 import numpy as np
 
-from cpu_ops.activations import quantize, quantize_into
+from cpu_ops.activations import QuantizedActivations, quantize, quantize_into
 from cpu_ops.blocks import BLOCKS
 from cpu_ops.executor import Executor, Handle
 from cpu_ops.kernels import MATMUL
@@ -179,7 +179,12 @@ class CpuExperts:
         on the workers while the caller goes on. `also`: (CpuExperts, ids, weights) of more
         experts on the same x and workers (the shared experts), run in the same hand-off."""
         out = np.zeros((x.shape[0], self.n_embd), np.float32)
-        jobs = [self.phases(x, ids, weights, out)] + [other.phases(x, i, w, out) for other, i, w in also]
+        quantized: dict[int, QuantizedActivations] = {}  # x once per activation group, for all sets
+
+        def acts(group: int) -> QuantizedActivations:
+            return quantized.get(group) or quantized.setdefault(group, quantize(x, group))
+
+        jobs = [self.phases(acts, ids, weights, out)] + [other.phases(acts, i, w, out) for other, i, w in also]
         n = len(self.shares)
         barrier = threading.Barrier(n)
 
@@ -196,9 +201,10 @@ class CpuExperts:
 
         return ExpertsHandle(self.executor.submit([lambda k=k: worker(k) for k in range(n)]), out)
 
-    def phases(self, x: np.ndarray, ids: np.ndarray, weights: np.ndarray, out: np.ndarray):
-        """Per worker: the gate/up callable and the down callable (adding into out)."""
-        acts = quantize(x, self.gate_kind.act_group)
+    def phases(self, quantized_x, ids: np.ndarray, weights: np.ndarray, out: np.ndarray):
+        """Per worker: the gate/up callable and the down callable (adding into out).
+        quantized_x(group) gives the layer input quantized per `group` values."""
+        acts = quantized_x(self.gate_kind.act_group)
         flat = ids.reshape(-1).astype(np.int64)
         if flat.size and (flat.min() < 0 or flat.max() >= self.n_expert):
             raise ValueError("expert id out of range")
