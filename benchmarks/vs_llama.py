@@ -3,8 +3,7 @@
 Usage: python benchmarks/vs_llama.py MODEL [--threads 2] [--prompt-tokens 64] [--gen-tokens 32] [--reps 7] [--json]
 
 The engines take turns, alternating which goes first, so a noisy neighbour hits both alike.
-llama.cpp runs in a child process: its thread pool keeps polling for a while after each graph,
-which in a shared process steals the cores from our workers (and halved hetero's decode).
+llama.cpp runs in a child process so that neither engine's threads or memory affect the other.
 Each repetition prefills a fresh random prompt and then decodes
 greedily; llama.cpp runs with logits for the last position only and its default (f16) KV
 cache, as `llama-cli` would. Medians, spread (min-max) and hetero/llama.cpp ratios are printed,

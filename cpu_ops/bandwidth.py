@@ -2,7 +2,7 @@
 
 It runs on the same kind of pinned workers as the kernels (cpu_ops.executor), not on numba's
 OpenMP pool: once that pool has run, its idle threads keep competing for the cores (a decode
-step measured 19.7 -> 13.1 tok/s after one probe on the 2-core machine).
+step took 1.9-2.1 x as long after one numba `prange` region on the 2-core machine).
 """
 
 import time

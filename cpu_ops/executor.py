@@ -9,8 +9,8 @@ the layer) runs meanwhile.
 Oversubscription: torch's intra-op pool is OpenMP, whose threads keep spinning for a while
 after each parallel region and so take the cores our workers are about to need. With the
 engine running, torch is limited to one thread (it only does the small attention math between
-our jobs): on the V2-Lite-shaped file a decode step took 71 ms with torch on 2 threads and 43 ms
-with 1 (docs/benchmarks.md).
+our jobs): on the V2-Lite-shaped file a decode step took 54.9 ms (median) with torch on 2
+threads and 28.9 ms with 1 (docs/benchmarks.md).
 """
 
 import os
