@@ -17,7 +17,6 @@ node the kernels read the memory-mapped file directly.
 """
 
 import functools
-import threading
 from dataclasses import dataclass
 
 import numba
@@ -28,6 +27,7 @@ from cpu_ops.blocks import BLOCKS
 from cpu_ops.executor import Executor, Handle
 from cpu_ops.kernels import MATMUL
 from cpu_ops.matmul import split, supported
+from cpu_ops.spin import SpinBarrier
 
 
 def _make_gate_up(gate_mm, up_mm):
@@ -87,6 +87,41 @@ def _make_down(down_mm):
                     out[t, out_col + c] += wt * part[j, c]
 
     return down
+
+
+@numba.njit(nogil=True, cache=True)
+def group_by_expert(ids: np.ndarray, weights: np.ndarray, n_expert: int):
+    """The (token, choice) pairs ordered by expert, tokens in order within one: the pairs of
+    expert e are tok_ptr[e]:tok_ptr[e+1], with their token in tok_idx and routing weight in tok_w;
+    `active` lists the experts with any pair. ids int64 [T, A], weights float32 [T, A]."""
+    n_tok, n_used = ids.shape
+    tok_ptr = np.zeros(n_expert + 1, np.int64)
+    for t in range(n_tok):
+        for j in range(n_used):
+            e = ids[t, j]
+            if e < 0 or e >= n_expert:
+                raise ValueError("expert id out of range")
+            tok_ptr[e + 1] += 1
+    n_active = 0
+    for e in range(n_expert):
+        n_active += tok_ptr[e + 1] > 0
+        tok_ptr[e + 1] += tok_ptr[e]
+    active = np.empty(n_active, np.int64)
+    k = 0
+    for e in range(n_expert):
+        if tok_ptr[e + 1] > tok_ptr[e]:
+            active[k] = e
+            k += 1
+    fill = tok_ptr[:-1].copy()
+    tok_idx = np.empty(n_tok * n_used, np.int64)
+    tok_w = np.empty(n_tok * n_used, np.float32)
+    for t in range(n_tok):
+        for j in range(n_used):
+            p = fill[ids[t, j]]
+            tok_idx[p] = t
+            tok_w[p] = weights[t, j]
+            fill[ids[t, j]] += 1
+    return tok_ptr, tok_idx, tok_w, active
 
 
 @functools.cache
@@ -186,7 +221,7 @@ class CpuExperts:
 
         jobs = [self.phases(acts, ids, weights, out)] + [other.phases(acts, i, w, out) for other, i, w in also]
         n = len(self.shares)
-        barrier = threading.Barrier(n)
+        barrier = SpinBarrier(n)
 
         def worker(k):
             try:
@@ -205,16 +240,9 @@ class CpuExperts:
         """Per worker: the gate/up callable and the down callable (adding into out).
         quantized_x(group) gives the layer input quantized per `group` values."""
         acts = quantized_x(self.gate_kind.act_group)
-        flat = ids.reshape(-1).astype(np.int64)
-        if flat.size and (flat.min() < 0 or flat.max() >= self.n_expert):
-            raise ValueError("expert id out of range")
-        order = np.argsort(flat, kind="stable")
-        tok_idx = (order // ids.shape[1]).astype(np.int64)
-        tok_w = weights.reshape(-1).astype(np.float32)[order]
-        tok_ptr = np.zeros(self.n_expert + 1, np.int64)
-        np.cumsum(np.bincount(flat, minlength=self.n_expert), out=tok_ptr[1:])
-        active = np.flatnonzero(np.diff(tok_ptr)).astype(np.int64)
-        h = np.empty((flat.size, self.n_ff), np.float32)
+        ids = np.ascontiguousarray(ids, np.int64)
+        tok_ptr, tok_idx, tok_w, active = group_by_expert(ids, np.ascontiguousarray(weights, np.float32), self.n_expert)
+        h = np.empty((ids.size, self.n_ff), np.float32)
         g_blocks = self.n_embd // self.gate_kind.values
         d_blocks = self.n_ff // self.down_kind.values
         first, second = [], []

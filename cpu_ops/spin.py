@@ -8,6 +8,8 @@ any thread that has real work. Only after `SPIN_POLLS` polls (~ milliseconds) do
 back to blocking, so an idle engine costs nothing.
 """
 
+import threading
+
 import numba
 import numpy as np
 from llvmlite import ir
@@ -60,3 +62,42 @@ def spin_until(counters: np.ndarray, index: int, target: int, polls: int) -> boo
         _pause()
         _sched_yield()
     return _load_acquire(counters, index) >= target
+
+
+@intrinsic
+def _fetch_add(typingctx, arr, index, value):
+    """Atomically add value to arr[index] of an int64 array; returns the value before."""
+
+    def codegen(context, builder, sig, args):
+        a = context.make_array(sig.args[0])(context, builder, args[0])
+        return builder.atomic_rmw("add", builder.gep(a.data, [args[1]]), args[2], "seq_cst")
+
+    return types.int64(arr, index, types.int64), codegen
+
+
+@numba.njit(nogil=True, cache=True)
+def fetch_add(counters: np.ndarray, index: int, value: int) -> int:
+    return _fetch_add(counters, index, value)
+
+
+class SpinBarrier:
+    """n threads meet here once; waiting spins natively (see above) instead of sleeping.
+
+    A thread that fails calls abort(), which releases the others with BrokenBarrierError, as
+    threading.Barrier does, so no worker waits forever for one that died.
+    """
+
+    def __init__(self, n: int):
+        self.n = n
+        self.state = np.zeros(2, np.int64)  # threads arrived (n more on abort), aborted
+
+    def wait(self) -> None:
+        fetch_add(self.state, 0, 1)
+        while not spin_until(self.state, 0, self.n, SPIN_POLLS):
+            pass  # a long phase (prefill): keep yielding the core until the others arrive
+        if self.state[1]:
+            raise threading.BrokenBarrierError
+
+    def abort(self) -> None:
+        self.state[1] = 1
+        fetch_add(self.state, 0, self.n)

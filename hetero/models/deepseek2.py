@@ -7,10 +7,12 @@ N nope dims, P rope dims, V value dims, E experts, A experts used per token.
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from cpu_ops.executor import Executor
+from cpu_ops.mla import rms_norm_into, split_and_rotate
 from hetero.config import ModelConfig
 from hetero.gguf_file import TensorInfo
 from hetero.kv_cache import LatentKVCache
@@ -85,6 +87,13 @@ class Layer:
     router: QuantLinear | None = None
     router_bias: torch.Tensor | None = None
     experts: ExpertBank | None = None
+
+    @property
+    def attention_on_cpu_engine(self) -> bool:
+        """Whether every attention matmul runs through the CPU kernels (the one-token fast path)."""
+        mats = [self.q] if self.q is not None else [self.q_a, self.q_b]
+        mats += [self.kv_a, self.out, getattr(self.heads, "k_b", None), getattr(self.heads, "v_b", None)]
+        return all(m is not None and m.cpu is not None for m in mats)
 
 
 def build_layers(
@@ -185,6 +194,8 @@ class DeepSeek2:
         """Weight-absorbed MLA: scores and values are computed in the latent space [R]."""
         c = self.cfg
         t = x.shape[0]
+        if t == 1 and x.device.type == "cpu" and layer.attention_on_cpu_engine:
+            return self.attention_one_token(i, layer, x, cache, start, cos, sin)
         if layer.q_a is not None:
             q = layer.q_b(rms_norm(layer.q_a(x), layer.q_a_norm, c.rms_eps))
         else:
@@ -211,6 +222,31 @@ class DeepSeek2:
         o = torch.matmul(probs, latents)  # [T, H, R]
         o = layer.heads.expand_v(o)  # [T, H, V]
         return layer.out(o.reshape(t, c.n_head * c.v_head_dim))
+
+    def attention_one_token(self, i: int, layer: Layer, x: torch.Tensor, cache: LatentKVCache, start: int, cos, sin):
+        """`attention` for one new token with every weight on the CPU engine: numpy arrays
+        between the kernels and one native call for the element-wise work (cpu_ops.mla), which
+        saves ~40 small torch ops per layer. Same math; tests compare the two."""
+        c = self.cfg
+        xn = x.numpy()
+        if layer.q_a is not None:
+            qa = layer.q_a.numpy(xn)
+            rms_norm_into(qa[0], layer.q_a_norm.numpy(), c.rms_eps, qa[0])
+            q = layer.q_b.numpy(qa)
+        else:
+            q = layer.q.numpy(xn)
+        kv = layer.kv_a.numpy(xn)
+        q_nope = np.empty((c.n_head, c.qk_nope_dim), np.float32)
+        q_rope = np.empty((c.n_head, c.qk_rope_dim), np.float32)
+        row = cache.buf[i, start].numpy()  # this token's cache row, written in place
+        norm = layer.kv_a_norm.numpy()
+        split_and_rotate(q[0], kv[0], norm, c.rms_eps, cos[0].numpy(), sin[0].numpy(), q_nope, q_rope, row)
+        latents, k_ropes = cache.read(i, start + 1)  # [S, R], [S, P]
+        k_b, v_b = layer.heads.k_b, layer.heads.v_b
+        q_latent = torch.from_numpy(k_b.cpu(k_b.engine, q_nope, 1)).view(c.n_head, -1)  # [H, R]
+        scores = torch.matmul(q_latent, latents.T).add_(torch.matmul(torch.from_numpy(q_rope), k_ropes.T))
+        o = torch.matmul(torch.softmax(scores.mul_(self.kq_scale), dim=-1), latents)  # [H, R]
+        return torch.from_numpy(layer.out.numpy(v_b.cpu(v_b.engine, o.numpy(), 1)))
 
     @staticmethod
     def mlp(layer: Layer, x: torch.Tensor) -> torch.Tensor:
