@@ -281,3 +281,41 @@ def test_one_token_attention_equals_the_general_form(synth, preset, overrides, m
     monkeypatch.setattr(deepseek2.Layer, "attention_on_cpu_engine", property(lambda self: False))
     general = decode()
     np.testing.assert_allclose(fast, general, rtol=0, atol=1e-5 * np.abs(general).max())
+
+
+def test_spin_primitives_count_exactly_and_give_up_in_time():
+    """fetch_add from two threads loses no increment; spin_until sees a store from another
+    thread and returns False when nothing arrives; an aborted barrier releases its waiters."""
+    from cpu_ops.spin import SpinBarrier, fetch_add, spin_until
+
+    counter = np.zeros(1, np.int64)
+    n = int(np.random.default_rng().integers(20_000, 40_000))
+
+    def add():
+        for _ in range(n):
+            fetch_add(counter, 0, 1)
+
+    threads = [threading.Thread(target=add) for _ in range(2)]
+    for t in threads:
+        t.start()
+    assert spin_until(counter, 0, 2 * n, 10_000_000)  # waits for the other threads' stores
+    for t in threads:
+        t.join()
+    assert counter[0] == 2 * n
+    assert not spin_until(counter, 0, 2 * n + 1, 100)
+
+    barrier, seen = SpinBarrier(3), []
+
+    def meet():
+        try:
+            barrier.wait()
+        except threading.BrokenBarrierError:
+            seen.append("broken")
+
+    waiters = [threading.Thread(target=meet) for _ in range(2)]
+    for t in waiters:
+        t.start()
+    barrier.abort()  # the third party fails instead of arriving
+    for t in waiters:
+        t.join(timeout=10)
+    assert seen == ["broken", "broken"]
