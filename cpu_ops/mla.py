@@ -1,24 +1,14 @@
 """MLA's per-token element-wise work for one decoded token, in one native call.
 
-Between its matmuls, a decode step's attention only splits, normalizes and rotates a few
-thousand values, but as torch ops that is ~40 calls of a few microseconds each per layer
-(~0.5 ms of a 25 ms step on the V2-Lite-shaped file, four layers). Here it is one call. The
-math is that of hetero.models.deepseek2 (rms_norm, apply_rope), which stays the reference.
+Between its matmuls, a decode step's attention only splits and rotates a few thousand values,
+but as torch ops that is ~30 calls of a few microseconds each per layer. Here it is one call,
+with the rotation of hetero.rope.apply_rope, value for value. (The latent's RMS norm stays in
+torch: a sum in another order would change the cached latent in its last bit, and a decoded
+token must see the same cache as a prefill of the same tokens.)
 """
 
 import numba
 import numpy as np
-
-
-@numba.njit(nogil=True, cache=True)
-def rms_norm_into(x: np.ndarray, weight: np.ndarray, eps: float, out: np.ndarray) -> None:
-    """out = x / sqrt(mean(x^2) + eps) * weight (sum of squares in float64)."""
-    total = 0.0
-    for v in x:
-        total += np.float64(v) * v
-    scale = np.float32(1.0 / np.sqrt(total / x.size + eps))
-    for i in range(x.size):
-        out[i] = x[i] * scale * weight[i]
 
 
 @numba.njit(nogil=True, cache=True)
@@ -34,8 +24,6 @@ def rope_into(x: np.ndarray, cos: np.ndarray, sin: np.ndarray, out: np.ndarray) 
 def split_and_rotate(
     q: np.ndarray,
     kv: np.ndarray,
-    kv_norm: np.ndarray,
-    eps: float,
     cos: np.ndarray,
     sin: np.ndarray,
     q_nope: np.ndarray,
@@ -43,7 +31,7 @@ def split_and_rotate(
     cache_row: np.ndarray,
 ) -> None:
     """One token: q [H*(N+P)] -> q_nope [H, N] and roped q_rope [H, P]; kv [R+P] -> the cache
-    row [R+P]: the normalized latent, then the roped shared key."""
+    row [R+P]: the latent as it is (the caller normalizes it), then the roped shared key."""
     n_head, nope = q_nope.shape
     rope = q_rope.shape[1]
     rank = kv.size - rope
@@ -51,5 +39,5 @@ def split_and_rotate(
         base = h * (nope + rope)
         q_nope[h] = q[base : base + nope]
         rope_into(q[base + nope : base + nope + rope], cos, sin, q_rope[h])
-    rms_norm_into(kv[:rank], kv_norm, eps, cache_row[:rank])
+    cache_row[:rank] = kv[:rank]
     rope_into(kv[rank:], cos, sin, cache_row[rank:])
