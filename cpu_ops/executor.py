@@ -8,7 +8,8 @@ caller (the GPU driver or the rest of the layer) runs meanwhile.
 Hand-offs spin before they sleep (`spin.py`): between jobs a worker polls its job counter in
 native code for a few milliseconds, yielding its core to anyone who needs it, and only then
 blocks on a semaphore; `wait()` polls the same way before blocking on an event. Waking a
-sleeping thread cost 50-150 us here, and a decode step makes ~25 hand-offs.
+sleeping thread cost 50-150 us here, and a decode step driven from Python makes ~25 hand-offs
+(the native step, cpu_ops/decode.py, makes one).
 
 Oversubscription: torch's intra-op pool is OpenMP, whose threads keep spinning for a while
 after each parallel region and so take the cores our workers are about to need. With the

@@ -14,6 +14,7 @@ from hetero.generate import Step, generate_steps
 from hetero.gguf_file import GGUFModelFile
 from hetero.kv_cache import LatentKVCache
 from hetero.models.deepseek2 import DeepSeek2
+from hetero.models.deepseek2_decode import native_decode
 from hetero.models.deepseek2_tensors import validate_tensors
 from hetero.sampling import SamplingParams
 from hetero.tokenizer import Tokenizer
@@ -53,6 +54,7 @@ class Model:
             return self.executor if name in on_cpu else None
 
         self.net = DeepSeek2(self.config, file.tensors, devices.__getitem__, self.device, engine)
+        self.net.native = native_decode(self.net, self.executor)
         self.tokenizer = Tokenizer(file.paths[0], file.metadata)
 
     # -- numbers -------------------------------------------------------------------------------

@@ -85,10 +85,6 @@ class QuantLinear:
         """Rows [start, stop) of W as float32 [stop - start, in]."""
         return dequantize(self.raw[start:stop], self.qtype, self.in_features)
 
-    def numpy(self, x: np.ndarray) -> np.ndarray:
-        """x float32 [T, in] -> [T, out] through the CPU kernels (only when `cpu` is set)."""
-        return self.cpu(self.engine, self.cpu.quantize(x))
-
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """x [T, in] float32 -> [T, out]."""
         if self.cpu is not None:

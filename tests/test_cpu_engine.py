@@ -224,55 +224,6 @@ def test_without_avx2_the_model_falls_back_to_the_reference_ops(synth, monkeypat
     assert np.linalg.norm(ours - ref) / np.linalg.norm(ref) < 3e-2  # int8 activation rounding only
 
 
-def test_native_token_math_matches_the_torch_reference():
-    """cpu_ops.mla against the forward pass's own apply_rope, fresh random values."""
-    import torch
-
-    from cpu_ops.mla import split_and_rotate
-    from hetero.rope import apply_rope
-
-    rng = np.random.default_rng()
-    h, nope, rope, rank = 5, 24, 16, 96
-    q = rng.standard_normal(h * (nope + rope)).astype(np.float32)
-    kv = (rng.standard_normal(rank + rope) * 3).astype(np.float32)
-    angles = rng.uniform(-np.pi, np.pi, rope // 2)
-    cos, sin = np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
-    q_nope, q_rope = np.empty((h, nope), np.float32), np.empty((h, rope), np.float32)
-    row = np.empty(rank + rope, np.float32)
-    split_and_rotate(q, kv, cos, sin, q_nope, q_rope, row)
-
-    tq = torch.from_numpy(q).view(1, h, nope + rope)
-    c, s = torch.from_numpy(cos)[None], torch.from_numpy(sin)[None]
-    np.testing.assert_array_equal(q_nope, tq[0, :, :nope].numpy())
-    np.testing.assert_array_equal(q_rope, apply_rope(tq[..., nope:], c, s)[0].numpy())
-    tkv = torch.from_numpy(kv)[None]
-    np.testing.assert_array_equal(row[:rank], kv[:rank])
-    np.testing.assert_array_equal(row[rank:], apply_rope(tkv[:, rank:], c, s)[0].numpy())
-
-
-@pytest.mark.parametrize("preset,quant,overrides", [("tiny", "Q8_0", {}), ("v3", "Q4_K_M", {"n_layer": 2})])
-def test_one_token_attention_equals_the_general_form(synth, preset, quant, overrides, monkeypatch):
-    """Decoding with the native one-token attention (cpu_ops.mla) gives the general path's
-    logits bit for bit: same kernels on the same values, and the same cache."""
-    import hetero
-    from hetero.models import deepseek2
-
-    path = synth(preset, quant, **overrides)
-    model = hetero.load_model(path, threads=2)
-    assert all(layer.attention_on_cpu_engine for layer in model.net.layers)
-    ids = [model.tokenizer.bos_id, *np.random.default_rng().integers(0, 600, 11).tolist()]
-
-    def decode():
-        cache = model.new_cache(16)
-        model.forward(ids[:4], cache)
-        return np.concatenate([model.forward([t], cache).numpy() for t in ids[4:]])
-
-    fast = decode()
-    monkeypatch.setattr(deepseek2.Layer, "attention_on_cpu_engine", property(lambda self: False))
-    general = decode()
-    np.testing.assert_array_equal(fast, general)
-
-
 def test_spin_primitives_count_exactly_and_give_up_in_time():
     """fetch_add from two threads loses no increment; spin_until sees a store from another
     thread and returns False when nothing arrives; an aborted barrier releases its waiters."""

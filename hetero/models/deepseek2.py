@@ -7,12 +7,10 @@ N nope dims, P rope dims, V value dims, E experts, A experts used per token.
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
 from cpu_ops.executor import Executor
-from cpu_ops.mla import split_and_rotate
 from hetero.config import ModelConfig
 from hetero.gguf_file import TensorInfo
 from hetero.kv_cache import LatentKVCache
@@ -90,7 +88,7 @@ class Layer:
 
     @property
     def attention_on_cpu_engine(self) -> bool:
-        """Whether every attention matmul runs through the CPU kernels (the one-token fast path)."""
+        """Whether every attention matmul runs through the CPU kernels (the native decode step)."""
         mats = [self.q] if self.q is not None else [self.q_a, self.q_b]
         mats += [self.kv_a, self.out, getattr(self.heads, "k_b", None), getattr(self.heads, "v_b", None)]
         return all(m is not None and m.cpu is not None for m in mats)
@@ -167,6 +165,7 @@ class DeepSeek2:
         head = "output.weight" if "output.weight" in tensors else "token_embd.weight"
         self.output = QuantLinear(tensors[head], place(head), engine(head))
         self.kq_scale = attention_scales(cfg).kq_scale
+        self.native = None  # a NativeDecode (hetero.models.deepseek2_decode) when the model allows one
 
     def new_cache(self, max_tokens: int) -> LatentKVCache:
         c = self.cfg
@@ -178,6 +177,8 @@ class DeepSeek2:
         start = cache.length
         if start + ids.shape[0] > cache.max_tokens:
             raise ValueError(f"context full: {start} + {ids.shape[0]} tokens > {cache.max_tokens}")
+        if self.native is not None and ids.shape[0] == 1:
+            return self.native(int(ids[0]), cache)
         positions = torch.arange(start, start + ids.shape[0])
         cos, sin = rope_tables(self.cfg, positions, self.device)
         x = self.embed(ids.to(self.device))  # [T, D]
@@ -194,8 +195,6 @@ class DeepSeek2:
         """Weight-absorbed MLA: scores and values are computed in the latent space [R]."""
         c = self.cfg
         t = x.shape[0]
-        if t == 1 and x.device.type == "cpu" and layer.attention_on_cpu_engine:
-            return self.attention_one_token(i, layer, x, cache, start, cos, sin)
         if layer.q_a is not None:
             q = layer.q_b(rms_norm(layer.q_a(x), layer.q_a_norm, c.rms_eps))
         else:
@@ -222,30 +221,6 @@ class DeepSeek2:
         o = torch.matmul(probs, latents)  # [T, H, R]
         o = layer.heads.expand_v(o)  # [T, H, V]
         return layer.out(o.reshape(t, c.n_head * c.v_head_dim))
-
-    def attention_one_token(self, i: int, layer: Layer, x: torch.Tensor, cache: LatentKVCache, start: int, cos, sin):
-        """`attention` for one new token with every weight on the CPU engine: numpy arrays
-        between the kernels and one native call for the split and rope (cpu_ops.mla), which
-        saves ~30 small torch ops per layer. Same math; tests compare the two."""
-        c = self.cfg
-        xn = x.numpy()
-        if layer.q_a is not None:
-            qa = rms_norm(torch.from_numpy(layer.q_a.numpy(xn)), layer.q_a_norm, c.rms_eps)
-            q = layer.q_b.numpy(qa.numpy())
-        else:
-            q = layer.q.numpy(xn)
-        kv = layer.kv_a.numpy(xn)
-        q_nope = np.empty((c.n_head, c.qk_nope_dim), np.float32)
-        q_rope = np.empty((c.n_head, c.qk_rope_dim), np.float32)
-        row = cache.buf[i, start]  # this token's cache row, written in place
-        split_and_rotate(q[0], kv[0], cos[0].numpy(), sin[0].numpy(), q_nope, q_rope, row.numpy())
-        row[: c.kv_lora_rank] = rms_norm(row[: c.kv_lora_rank], layer.kv_a_norm, c.rms_eps)
-        latents, k_ropes = cache.read(i, start + 1)  # [S, R], [S, P]
-        k_b, v_b = layer.heads.k_b, layer.heads.v_b
-        q_latent = torch.from_numpy(k_b.cpu(k_b.engine, q_nope, 1)).view(c.n_head, -1)  # [H, R]
-        scores = torch.matmul(q_latent, latents.T).add_(torch.matmul(torch.from_numpy(q_rope), k_ropes.T))
-        o = torch.matmul(torch.softmax(scores.mul_(self.kq_scale), dim=-1), latents)  # [H, R]
-        return torch.from_numpy(layer.out.numpy(v_b.cpu(v_b.engine, o.numpy(), 1)))
 
     @staticmethod
     def mlp(layer: Layer, x: torch.Tensor) -> torch.Tensor:

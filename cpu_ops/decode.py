@@ -1,0 +1,301 @@
+"""A whole DeepSeek-2 decode step (one token, every weight on the CPU engine) in native code.
+
+Between the kernels of a decode step the Python forward pass spends ~4 ms of a ~25 ms step on
+the V2-Lite-shaped file (a thousand interpreter calls and small torch ops), and each of its ~25
+hand-offs passes the GIL between threads. Here every worker runs this one function on its own
+share of each op and the workers meet at a native spin barrier between ops (llama.cpp's threads
+walk their graph the same way), so a step is one hand-off. Small vector work (norms, residuals,
+routing) is done by every worker on a private copy: identical inputs give identical results,
+which saves a barrier each time.
+
+Weights are addressed by a table (`TensorTable`): address, kernel code, rows, row width, row
+bytes, values per block, activation group, one row per tensor. The math is that of
+hetero.models.deepseek2, which stays the reference; tests compare the two.
+"""
+
+import numba
+import numpy as np
+from llvmlite import ir
+from numba.core import types
+from numba.extending import intrinsic
+
+from cpu_ops.activations import quantize_into
+from cpu_ops.blocks import BLOCKS
+from cpu_ops.kernels import MATMUL
+from cpu_ops.spin import _fetch_add, _load_acquire, _pause, _sched_yield
+
+# columns of the tensor table
+ADDR, CODE, ROWS, WIDTH, ROW_BYTES, VALUES, GROUP = range(7)
+# columns of the layer table: tensor rows (-1: absent), then offsets into the float parameters
+Q, QA, QB, KVA, KB, VB, OUT, GATE, UP, DOWN, ROUTER, GATE_E, UP_E, DOWN_E = range(14)
+ATTN_NORM, KV_NORM, QA_NORM, FFN_NORM, BIAS = range(14, 19)
+LAYER_COLUMNS = 19
+# integer configuration
+(
+    C_EMBD, C_HEAD, C_NOPE, C_ROPE, C_VDIM, C_RANK, C_EXPERTS, C_USED, C_SIGMOID, C_GROUPS, C_GROUPS_USED,
+    C_NORM_TOPK, C_OUTPUT, C_OUTPUT_NORM, C_FF_EXPERT,
+) = range(15)  # fmt: skip
+N_CONFIG = 15
+
+_CODES = [kind.code for kind in BLOCKS.values()]
+assert _CODES == list(range(len(_CODES))), "the dispatch below assumes codes 0..9"
+_M0, _M1, _M2, _M3, _M4, _M5, _M6, _M7, _M8, _M9 = (MATMUL[qt] for qt in BLOCKS)
+
+
+@intrinsic
+def _bytes_at(typingctx, address):
+    """An i8 pointer from an integer address (the tensor table's first column)."""
+
+    def codegen(context, builder, sig, args):
+        return builder.inttoptr(args[0], ir.IntType(8).as_pointer())
+
+    return types.CPointer(types.uint8)(types.int64), codegen
+
+
+@numba.njit(nogil=True, cache=True)
+def _kernel(code, w, w_off, row_stride, n_rows, n_blocks, xq, dx, xs, xf, out, out_col):
+    """One token through the matmul kernel of weight type `code`."""
+    args = (w, w_off, row_stride, n_rows, n_blocks, xq, dx, xs, xf, 0, 1, out, out_col)
+    if code == 0:
+        _M0(*args)
+    elif code == 1:
+        _M1(*args)
+    elif code == 2:
+        _M2(*args)
+    elif code == 3:
+        _M3(*args)
+    elif code == 4:
+        _M4(*args)
+    elif code == 5:
+        _M5(*args)
+    elif code == 6:
+        _M6(*args)
+    elif code == 7:
+        _M7(*args)
+    elif code == 8:
+        _M8(*args)
+    else:
+        _M9(*args)
+
+
+@numba.njit(nogil=True, cache=True)
+def _quantized(x, group):
+    """x float32 [K] as the kernels' activations (int8 per `group`, sums per 16, floats)."""
+    k = x.size
+    xf = x.reshape((1, k))
+    xq = np.empty((1, k), np.int8)
+    dx = np.empty((1, k // 32), np.float32)
+    xs = np.empty((1, k // 16), np.int32)
+    quantize_into(xf, xq, dx, xs, group)
+    return xq, dx, xs, xf
+
+
+@numba.njit(nogil=True, cache=True)
+def _rows(tensors, t, x, out, first_row, start, stop):
+    """out[start - ... ] : rows [first_row + start, first_row + stop) of tensor t times x, into
+    out[start:stop] (out is a 1-D slice whose index 0 is row first_row)."""
+    if stop <= start:
+        return
+    meta = tensors[t]
+    xq, dx, xs, xf = _quantized(x, meta[GROUP])
+    w = numba.carray(_bytes_at(meta[ADDR]), (first_row + stop) * meta[ROW_BYTES])
+    _kernel(meta[CODE], w, (first_row + start) * meta[ROW_BYTES], meta[ROW_BYTES], stop - start,
+            meta[WIDTH] // meta[VALUES], xq, dx, xs, xf, out.reshape((1, out.size)), start)  # fmt: skip
+
+
+@numba.njit(nogil=True, cache=True)
+def _share(n, worker, n_workers):
+    """This worker's range of n items, boundaries on multiples of 4 (whole 4-row groups)."""
+    units = (n + 3) // 4
+    return min(n, units * worker // n_workers * 4), min(n, units * (worker + 1) // n_workers * 4)
+
+
+@numba.njit(nogil=True, cache=True)
+def _matmul(tensors, t, x, out, worker, n_workers):
+    """This worker's rows of out = W_t x."""
+    start, stop = _share(tensors[t, ROWS], worker, n_workers)
+    _rows(tensors, t, x, out, 0, start, stop)
+
+
+@numba.njit(nogil=True, cache=True)
+def _barrier(state, n_workers):
+    """All workers meet (state: int64, arrivals at 0, generation at 16; reusable)."""
+    generation = _load_acquire(state, 16)
+    if _fetch_add(state, 0, 1) == n_workers - 1:
+        state[0] = 0
+        _fetch_add(state, 16, 1)
+    else:
+        while _load_acquire(state, 16) == generation:
+            _pause()
+            _sched_yield()
+
+
+@numba.njit(nogil=True, cache=True)
+def _rms_norm(x, weight, eps):
+    total = 0.0
+    for v in x:
+        total += np.float64(v) * v
+    scale = np.float32(1.0 / np.sqrt(total / x.size + eps))
+    return x * scale * weight
+
+
+@numba.njit(nogil=True, cache=True)
+def _rope(x, cos, sin):
+    out = np.empty_like(x)
+    for i in range(cos.size):
+        even, odd = x[2 * i], x[2 * i + 1]
+        out[2 * i] = even * cos[i] - odd * sin[i]
+        out[2 * i + 1] = even * sin[i] + odd * cos[i]
+    return out
+
+
+@numba.njit(nogil=True, cache=True, fastmath=True)
+def _dot(a, b):
+    total = np.float32(0.0)
+    for i in range(a.size):
+        total += a[i] * b[i]
+    return total
+
+
+@numba.njit(nogil=True, cache=True)
+def _attend(rows, q_latent, q_rope, kq_scale):
+    """One head over the cached rows [S, R+P]: softmax of the scores, then the latent average."""
+    rank = q_latent.size
+    scores = np.empty(rows.shape[0], np.float32)
+    for s in range(rows.shape[0]):
+        scores[s] = (_dot(rows[s, :rank], q_latent) + _dot(rows[s, rank:], q_rope)) * np.float32(kq_scale)
+    p = np.exp(scores - scores.max())
+    p /= p.sum()
+    o = np.zeros(rank, np.float32)
+    for s in range(rows.shape[0]):
+        o += p[s] * rows[s, :rank]
+    return o
+
+
+@numba.njit(nogil=True, cache=True)
+def _silu_times(g, u):
+    return g / (np.float32(1.0) + np.exp(-g)) * u
+
+
+@numba.njit(nogil=True, cache=True)
+def route(logits, bias, sigmoid, n_used, n_group, n_group_used, normalize, scale):
+    """hetero.routing.route for one token: (expert ids [A], weights float32 [A])."""
+    n = logits.size
+    if sigmoid:
+        probs = np.float32(1.0) / (np.float32(1.0) + np.exp(-logits))
+    else:
+        e = np.exp(logits - logits.max())
+        probs = e / e.sum()
+    choice = probs + bias if bias.size else probs.copy()
+    if n_group > 1:
+        per = n // n_group
+        scores = np.empty(n_group, np.float32)
+        for g in range(n_group):
+            part = np.sort(choice[g * per : (g + 1) * per])
+            scores[g] = part[-1] + part[-2]
+        order = np.argsort(-scores, kind="mergesort")
+        for g in order[n_group_used:]:
+            choice[g * per : (g + 1) * per] = -np.inf
+    ids = np.empty(n_used, np.int64)
+    for j in range(n_used):
+        best = np.argmax(choice)
+        ids[j] = best
+        choice[best] = -np.inf
+    weights = probs[ids]
+    if normalize:
+        weights = weights / max(weights.sum(), np.float32(6.103515625e-5))
+    if scale != 0.0 and scale != 1.0:
+        weights = weights * np.float32(scale)
+    return ids, weights
+
+
+@numba.njit(nogil=True, cache=True)
+def decode_token(
+    worker, n_workers, barrier, tensors, layers, params, cfg, eps, kq_scale, routed_scale,
+    x_in, cache, pos, cos, sin, q_buf, kv_buf, ov_buf, tmp, router_buf, h_buf, logits,
+):  # fmt: skip
+    """One token through every layer and the output head: this worker's share of each op.
+    Shared buffers (q_buf .. logits) are written by row ranges and read after a barrier."""
+    d, n_head, nope, rope = cfg[C_EMBD], cfg[C_HEAD], cfg[C_NOPE], cfg[C_ROPE]
+    vdim, rank, f_exp = cfg[C_VDIM], cfg[C_RANK], cfg[C_FF_EXPERT]
+    x = x_in.copy()
+    h0, h1 = n_head * worker // n_workers, n_head * (worker + 1) // n_workers
+    for li in range(layers.shape[0]):
+        lt = layers[li]
+        xn = _rms_norm(x, params[lt[ATTN_NORM] : lt[ATTN_NORM] + d], eps)
+        if lt[QA] >= 0:
+            qa = kv_buf[rank + rope :]  # the q_lora latent, behind kv in the same buffer
+            _matmul(tensors, lt[QA], xn, qa, worker, n_workers)
+            _barrier(barrier, n_workers)
+            qan = _rms_norm(qa.copy(), params[lt[QA_NORM] : lt[QA_NORM] + qa.size], eps)
+            _matmul(tensors, lt[QB], qan, q_buf, worker, n_workers)
+        else:
+            _matmul(tensors, lt[Q], xn, q_buf, worker, n_workers)
+        _matmul(tensors, lt[KVA], xn, kv_buf[: rank + rope], worker, n_workers)
+        _barrier(barrier, n_workers)
+
+        row = cache[li, pos]
+        if worker == 0:
+            row[:rank] = _rms_norm(kv_buf[:rank], params[lt[KV_NORM] : lt[KV_NORM] + rank], eps)
+            row[rank:] = _rope(kv_buf[rank : rank + rope], cos, sin)
+        q_lat = np.empty((n_head, rank), np.float32)
+        q_rot = np.empty((n_head, rope), np.float32)
+        for h in range(h0, h1):
+            base = h * (nope + rope)
+            _rows(tensors, lt[KB], q_buf[base : base + nope].copy(), q_lat[h], h * rank, 0, rank)
+            q_rot[h] = _rope(q_buf[base + nope : base + nope + rope], cos, sin)
+        _barrier(barrier, n_workers)  # the new cache row is in
+
+        for h in range(h0, h1):
+            o = _attend(cache[li, : pos + 1], q_lat[h], q_rot[h], kq_scale)
+            _rows(tensors, lt[VB], o, ov_buf[h * vdim : (h + 1) * vdim], h * vdim, 0, vdim)
+        _barrier(barrier, n_workers)
+
+        _matmul(tensors, lt[OUT], ov_buf.copy(), tmp, worker, n_workers)
+        _barrier(barrier, n_workers)
+        x += tmp
+        hn = _rms_norm(x, params[lt[FFN_NORM] : lt[FFN_NORM] + d], eps)
+
+        d0, d1 = _share(d, worker, n_workers)
+        if lt[ROUTER] < 0:  # dense FFN: gate/up by rows, then down by rows
+            f = tensors[lt[GATE], ROWS]
+            a, b = _share(f, worker, n_workers)
+            g, u = np.empty(f, np.float32), np.empty(f, np.float32)
+            _rows(tensors, lt[GATE], hn, g, 0, a, b)
+            _rows(tensors, lt[UP], hn, u, 0, a, b)
+            h_buf[0, a:b] = _silu_times(g[a:b], u[a:b])
+            _barrier(barrier, n_workers)
+            _rows(tensors, lt[DOWN], h_buf[0, :f].copy(), tmp, 0, d0, d1)
+        else:
+            _matmul(tensors, lt[ROUTER], hn, router_buf, worker, n_workers)
+            _barrier(barrier, n_workers)
+            bias = params[lt[BIAS] : lt[BIAS] + router_buf.size] if lt[BIAS] >= 0 else params[:0]
+            ids, weights = route(router_buf.copy(), bias, cfg[C_SIGMOID], cfg[C_USED], cfg[C_GROUPS],
+                                 cfg[C_GROUPS_USED], cfg[C_NORM_TOPK], routed_scale)  # fmt: skip
+            n_used = ids.size
+            a, b = _share(f_exp, worker, n_workers)
+            g, u = np.empty(f_exp, np.float32), np.empty(f_exp, np.float32)
+            for j in range(n_used):
+                _rows(tensors, lt[GATE_E], hn, g, ids[j] * f_exp, a, b)
+                _rows(tensors, lt[UP_E], hn, u, ids[j] * f_exp, a, b)
+                h_buf[j, a:b] = _silu_times(g[a:b], u[a:b])
+            f_sh = tensors[lt[GATE], ROWS] if lt[GATE] >= 0 else 0
+            if f_sh:
+                a, b = _share(f_sh, worker, n_workers)
+                gs, us = np.empty(f_sh, np.float32), np.empty(f_sh, np.float32)
+                _rows(tensors, lt[GATE], hn, gs, 0, a, b)
+                _rows(tensors, lt[UP], hn, us, 0, a, b)
+                h_buf[n_used, a:b] = _silu_times(gs[a:b], us[a:b])
+            _barrier(barrier, n_workers)
+            part = np.empty(d, np.float32)
+            tmp[d0:d1] = 0.0
+            for j in range(n_used):
+                _rows(tensors, lt[DOWN_E], h_buf[j, :f_exp].copy(), part, ids[j] * d, d0, d1)
+                tmp[d0:d1] += weights[j] * part[d0:d1]
+            if f_sh:
+                _rows(tensors, lt[DOWN], h_buf[n_used, :f_sh].copy(), part, 0, d0, d1)
+                tmp[d0:d1] += part[d0:d1]
+        _barrier(barrier, n_workers)
+        x += tmp
+    xn = _rms_norm(x, params[cfg[C_OUTPUT_NORM] : cfg[C_OUTPUT_NORM] + d], eps)
+    _matmul(tensors, cfg[C_OUTPUT], xn, logits, worker, n_workers)

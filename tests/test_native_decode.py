@@ -1,0 +1,65 @@
+"""The native decode step (cpu_ops.decode) against the Python forward pass and hetero.routing."""
+
+import numpy as np
+import pytest
+import torch
+
+import hetero
+from cpu_ops.decode import route as native_route
+from hetero.routing import route
+
+
+@pytest.mark.parametrize(
+    "gating,bias,groups,normalize,scale",
+    [
+        ("softmax", False, (1, 1), False, 1.0),
+        ("sigmoid", True, (8, 4), True, 2.5),
+        ("softmax", False, (4, 2), True, 1.0),
+    ],
+)
+def test_native_routing_matches_the_reference(gating, bias, groups, normalize, scale):
+    rng = np.random.default_rng()
+    for _ in range(20):
+        logits = (rng.standard_normal(64) * 2).astype(np.float32)
+        b = (rng.standard_normal(64) * 0.1).astype(np.float32) if bias else np.zeros(0, np.float32)
+        ids, weights = route(torch.from_numpy(logits)[None], 6, gating, torch.from_numpy(b) if bias else None,
+                             *groups, normalize, scale)  # fmt: skip
+        n_ids, n_weights = native_route(logits, b, gating == "sigmoid", 6, *groups, normalize, scale)
+        ref = dict(zip(ids[0].tolist(), weights[0].tolist(), strict=True))
+        assert set(n_ids.tolist()) == set(ref)
+        np.testing.assert_allclose(n_weights, [ref[i] for i in n_ids.tolist()], rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "preset,overrides",
+    [
+        ("tiny", {"n_expert_used": 8}),
+        ("v3", {"n_layer": 2, "n_expert": 8, "n_expert_used": 8, "n_group": 1, "n_group_used": 1}),
+    ],
+)
+def test_native_decode_matches_the_python_forward(synth, preset, overrides):
+    """Same logits as the Python forward pass on the same cache, over several steps, for 1-3
+    workers (uneven shares). F16 weights keep activations in float and every expert is used,
+    so no int8 step or near-tied top-k choice can move; what is left is summation order."""
+    path = synth(preset, "F16", **overrides)
+    ids = [0, *np.random.default_rng().integers(0, 600, 9).tolist()]
+    for threads in (1, 2, 3):
+        model = hetero.load_model(path, threads=threads)
+        assert model.net.native is not None
+        fast = _decode(model, ids, model.net.native)
+        reference = _decode(model, ids, None)
+        np.testing.assert_allclose(fast, reference, rtol=0, atol=1e-5 * np.abs(reference).max())
+
+
+def _decode(model, ids, native):
+    """Logits of ids[3:] decoded one at a time after a prefill of ids[:3]."""
+    model.net.native = native
+    cache = model.new_cache(16)
+    model.forward(ids[:3], cache)
+    return np.concatenate([model.forward([t], cache).numpy() for t in ids[3:]])
+
+
+def test_native_decode_only_when_every_weight_is_on_the_engine(synth):
+    path = synth("tiny", "Q8_0")
+    assert hetero.load_model(path).net.native is not None
+    assert hetero.load_model(path, cpu_kernels=False).net.native is None
