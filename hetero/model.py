@@ -59,9 +59,12 @@ class Model:
 
     # -- numbers -------------------------------------------------------------------------------
     def warm_up(self) -> None:
-        """One token through every layer on a scratch cache: compiles (or loads from the disk
-        cache) each CPU kernel this model uses, so the first real token is not slowed by it."""
-        self.forward([0], self.new_cache(1))
+        """A two-token prefill and one decoded token on a scratch cache: compiles (or loads from
+        the disk cache) each CPU kernel this model uses, the prefill path's and the native
+        decode step's, so neither the first prompt nor the first token is slowed by it."""
+        cache = self.new_cache(3)
+        self.forward([0, 0], cache)
+        self.forward([0], cache)
 
     def new_cache(self, max_tokens: int | None = None) -> LatentKVCache:
         return self.net.new_cache(max_tokens or self.n_ctx)

@@ -63,3 +63,32 @@ def test_native_decode_only_when_every_weight_is_on_the_engine(synth):
     path = synth("tiny", "Q8_0")
     assert hetero.load_model(path).net.native is not None
     assert hetero.load_model(path, cpu_kernels=False).net.native is None
+
+
+def _compiled_signatures(model) -> int:
+    """How many compiled specialisations the CPU engine's numba functions hold."""
+    import numba
+
+    import cpu_ops.activations
+    import cpu_ops.decode
+    import cpu_ops.kernels
+    import cpu_ops.spin
+
+    dispatchers = [*cpu_ops.kernels.MATMUL.values(), *cpu_ops.kernels.MATMUL_STACK.values()]
+    for module in (cpu_ops.activations, cpu_ops.decode, cpu_ops.spin):
+        dispatchers += [v for v in vars(module).values() if isinstance(v, numba.core.dispatcher.Dispatcher)]
+    for layer in model.net.layers:
+        if layer.experts is not None:
+            dispatchers += [layer.experts.cpu.gate_up, layer.experts.cpu.down]
+    return sum(len(d.signatures) for d in dispatchers)
+
+
+def test_warm_up_compiles_what_a_prompt_and_a_token_need(synth):
+    """The CLI shows a spinner around warm_up(); nothing may compile after it (a silent pause)."""
+    model = hetero.load_model(synth("tiny", "Q8_0"))
+    model.warm_up()
+    before = _compiled_signatures(model)
+    cache = model.new_cache(8)
+    model.forward([model.tokenizer.bos_id, 5, 17, 33, 2], cache)
+    model.forward([9], cache)
+    assert _compiled_signatures(model) == before
