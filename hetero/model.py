@@ -53,7 +53,8 @@ class Model:
         def engine(name: str) -> Executor | None:
             return self.executor if name in on_cpu else None
 
-        self.net = DeepSeek2(self.config, file.tensors, devices.__getitem__, self.device, engine)
+        on_gpu = {p.name for p in plan.placements if p.device == "gpu"}
+        self.net = DeepSeek2(self.config, file.tensors, devices.__getitem__, self.device, engine, on_gpu.__contains__)
         self.net.native = native_decode(self.net, self.executor)
         self.tokenizer = Tokenizer(file.paths[0], file.metadata)
 

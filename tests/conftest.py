@@ -1,6 +1,15 @@
 """Shared fixtures: synthetic GGUF files (written once per session) and llama.cpp as the oracle."""
 
-import numpy as np
+import os
+
+import torch
+
+# Without a GPU the Triton kernels run in Triton's interpreter on CPU tensors; the variable is
+# read when a kernel is defined, so it must be set before anything imports gpu_ops.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import numpy as np  # noqa: E402
 import pytest
 
 from hetero.synth.writer import write_synthetic

@@ -26,6 +26,10 @@ def no_engine(name: str) -> None:
     return None
 
 
+def nothing_on_gpu(name: str) -> bool:
+    return False
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight
 
@@ -95,12 +99,17 @@ class Layer:
 
 
 def build_layers(
-    cfg: ModelConfig, tensors: dict[str, TensorInfo], place: Placer, home, engine: EngineOf = no_engine
+    cfg: ModelConfig,
+    tensors: dict[str, TensorInfo],
+    place: Placer,
+    home,
+    engine: EngineOf = no_engine,
+    on_gpu: Callable[[str], bool] = nothing_on_gpu,
 ) -> list[Layer]:
     """Each weight goes where `place` says; small vectors (norms, biases) live with the activations."""
 
     def lin(name):
-        return QuantLinear(tensors[name], place(name), engine(name)) if name in tensors else None
+        return QuantLinear(tensors[name], place(name), engine(name), on_gpu(name)) if name in tensors else None
 
     def vec(name):
         return vector(tensors[name], home) if name in tensors else None
@@ -154,16 +163,17 @@ class DeepSeek2:
         place: Placer,
         home: torch.device,
         engine: EngineOf = no_engine,
+        on_gpu: Callable[[str], bool] = nothing_on_gpu,
     ):
         """place(name) -> the torch device of that weight; home: where activations and the cache live;
         engine(name) -> the CPU executor for weights the plan puts on the CPU (None: reference ops)."""
         self.cfg = cfg
         self.device = home
         self.embed = Embedding(tensors["token_embd.weight"], place("token_embd.weight"))
-        self.layers = build_layers(cfg, tensors, place, home, engine)
+        self.layers = build_layers(cfg, tensors, place, home, engine, on_gpu)
         self.output_norm = vector(tensors["output_norm.weight"], home)
         head = "output.weight" if "output.weight" in tensors else "token_embd.weight"
-        self.output = QuantLinear(tensors[head], place(head), engine(head))
+        self.output = QuantLinear(tensors[head], place(head), engine(head), on_gpu(head))
         self.kq_scale = attention_scales(cfg).kq_scale
         self.native = None  # a NativeDecode (hetero.models.deepseek2_decode) when the model allows one
 
