@@ -80,3 +80,76 @@ def repack_q4_k(raw: np.ndarray, in_features: int) -> Int4Rows:
         d=torch.from_numpy(d),
         dmin=torch.from_numpy(dmin),
     )
+
+
+@dataclass
+class Int8Rows:
+    """A [rows, K] matrix of signed 8-bit values with one float32 scale per `group` values.
+
+    Q8_0 (d * q), Q5_0 (d * (q - 16)) and Q6_K (d * sc * (q - 32)) all fit: the values are the
+    integers GGUF multiplies, the scale is d (or d * sc, exact in float32: 11 x 8 bits), so the
+    weights are bit-identical. Memory: 8 bits per weight plus 32 / group bits of scale
+    (9 for Q8_0/Q5_0 against 8.5/5.5, 10 for Q6_K against 6.56): simple first, compact later.
+    """
+
+    q: torch.Tensor  # int8 [rows, K]
+    scale: torch.Tensor  # float32 [rows, K / group]
+    group: int
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.q.shape)
+
+    def to(self, device) -> "Int8Rows":
+        return Int8Rows(self.q.to(device), self.scale.to(device), self.group)
+
+    def dequantize_rows(self, start: int, stop: int) -> torch.Tensor:
+        q = self.q[start:stop].float()
+        n = q.shape[0]
+        return (self.scale[start:stop, :, None] * q.view(n, -1, self.group)).reshape(n, -1)
+
+
+def _f16(b: np.ndarray) -> np.ndarray:
+    """Two bytes per row of b [..., 2] as float32."""
+    return np.ascontiguousarray(b).view(np.float16)[..., 0].astype(np.float32)
+
+
+def repack_q8_0(raw: np.ndarray, in_features: int) -> Int8Rows:
+    rows = raw.shape[0]
+    b = np.ascontiguousarray(raw).reshape(rows, in_features // 32, 34)
+    q = np.ascontiguousarray(b[..., 2:]).view(np.int8).reshape(rows, in_features)
+    return Int8Rows(torch.from_numpy(q), torch.from_numpy(_f16(b[..., 0:2])), 32)
+
+
+def repack_q5_0(raw: np.ndarray, in_features: int) -> Int8Rows:
+    """Value j of a block: low nibble of byte j (j < 16) or high nibble of byte j - 16, and bit j
+    of the 32-bit qh as its fifth bit; minus 16."""
+    rows = raw.shape[0]
+    b = np.ascontiguousarray(raw).reshape(rows, in_features // 32, 22)
+    qh = np.ascontiguousarray(b[..., 2:6]).view(np.uint32)[..., 0]  # [rows, blocks]
+    qs = b[..., 6:22]
+    nibbles = np.concatenate([qs & 15, qs >> 4], axis=-1).astype(np.int16)  # [rows, blocks, 32]
+    fifth = (qh[..., None] >> np.arange(32, dtype=np.uint32)) & 1
+    q = (nibbles | (fifth.astype(np.int16) << 4)) - 16
+    return Int8Rows(
+        torch.from_numpy(q.astype(np.int8).reshape(rows, in_features)), torch.from_numpy(_f16(b[..., 0:2])), 32
+    )
+
+
+def repack_q6_k(raw: np.ndarray, in_features: int) -> Int8Rows:
+    """Per 128 values (two per block): 64 bytes of low nibbles, 32 of high 2-bit pairs; value
+    32 * k + l (k < 4, l < 32) takes nibble k // 2 of ql[l + 32 * (k % 2)] and bits 2k of qh[l]."""
+    rows = raw.shape[0]
+    b = np.ascontiguousarray(raw).reshape(rows, in_features // 256, 210)
+    ql = b[..., 0:128].reshape(rows, -1, 2, 64)  # [rows, blocks, half, 64]
+    qh = b[..., 128:192].reshape(rows, -1, 2, 32)
+    parts = []
+    for k in range(4):
+        low = ql[..., 32 * (k % 2) : 32 * (k % 2) + 32]
+        low = (low >> 4) if k >= 2 else (low & 15)
+        high = (qh >> (2 * k)) & 3
+        parts.append(low.astype(np.int16) | (high.astype(np.int16) << 4))
+    q = np.stack(parts, axis=3).reshape(rows, in_features) - 32  # [rows, blocks, half, k, l]
+    d = _f16(b[..., 208:210])  # [rows, blocks]
+    sc = b[..., 192:208].view(np.int8).astype(np.float32)  # [rows, blocks, 16]
+    return Int8Rows(torch.from_numpy(q.astype(np.int8)), torch.from_numpy((d[..., None] * sc).reshape(rows, -1)), 16)

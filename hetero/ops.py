@@ -12,14 +12,11 @@ import warnings
 import numpy as np
 import torch
 import torch.nn.functional as F
-from gguf import GGMLQuantizationType
 
 from cpu_ops.executor import Executor
 from cpu_ops.experts import CpuExperts, Stack, supported_stacks
 from cpu_ops.matmul import CpuMatrix, CpuStack, supported
-from gpu_ops.formats import BLOCK as INT4_BLOCK
-from gpu_ops.formats import repack_q4_k
-from gpu_ops.int4_matmul import int4_matmul
+from gpu_ops.matmul import gpu_matmul, repack
 from hetero.gguf_file import TensorInfo
 from hetero.quants import dequantize
 
@@ -76,8 +73,9 @@ class QuantLinear:
     """y = x @ W.T for W [out, in] stored in any supported GGUF block format.
 
     Where it runs: the CPU engine's kernels when an executor is given for a CPU weight; the GPU
-    format (gpu_ops: Q4_K repacked losslessly at load, Triton GEMV for decode) when the plan puts
-    the weight on the GPU, whichever torch device stands in for it; else the reference ops.
+    formats (gpu_ops: Q4_K, Q6_K, Q8_0, Q5_0 repacked losslessly at load, Triton GEMV for
+    decode) when the plan puts the weight on the GPU, whichever torch device stands in for it;
+    else the reference ops.
     """
 
     def __init__(self, info: TensorInfo, device: torch.device, engine: Executor | None = None, on_gpu: bool = False):
@@ -88,9 +86,9 @@ class QuantLinear:
         self.out_features, self.in_features = info.shape
         self.engine = _cpu_engine(engine, device, info.qtype, self.in_features)
         self.cpu = CpuMatrix(info.data, info.qtype, self.in_features) if self.engine else None
-        self.int4 = None
-        if on_gpu and info.qtype == GGMLQuantizationType.Q4_K and self.in_features % INT4_BLOCK == 0:
-            self.int4 = repack_q4_k(info.data, self.in_features).to(device)
+        self.gpu = repack(info.data, info.qtype, self.in_features) if on_gpu else None
+        if self.gpu is not None:
+            self.gpu = self.gpu.to(device)
             device = torch.device("cpu")  # the GGUF bytes stay in the file map, not on the GPU too
         self.raw = raw_tensor(info, device)
 
@@ -102,8 +100,8 @@ class QuantLinear:
         """x [T, in] float32 -> [T, out]."""
         if self.cpu is not None:
             return _torch(self.cpu(self.engine, self.cpu.quantize(_numpy(x))), x.device)
-        if self.int4 is not None:
-            return int4_matmul(x.to(self.int4.q.device), self.int4).to(x.device)
+        if self.gpu is not None:
+            return gpu_matmul(x.to(self.gpu.q.device), self.gpu).to(x.device)
         return quant_matmul(x, self.raw, self.qtype, self.in_features)
 
 

@@ -126,7 +126,7 @@ def _decoded_after(model, ids: list[int], token: int) -> np.ndarray:
 
 def test_load_model_executes_the_plan(synth):
     """Same numbers whichever device runs a weight: to float32 rounding with the reference ops on
-    the CPU side (the GPU side's Q4_K weights run in gpu_ops' int4 format: the torch path for the
+    the CPU side (the GPU side's Q4_K/Q6_K/Q8_0/Q5_0 weights run in gpu_ops' formats: the torch path for the
     prompt, the Triton kernel under its interpreter for a decoded token); with the CPU engine on
     the CPU side, the two plans differ by int8 activation rounding only."""
     path = synth("tiny", "Q4_K_M", n_expert_used=8)
@@ -139,7 +139,7 @@ def test_load_model_executes_the_plan(synth):
         assert kinds["routed experts"] == {"cpu"} and kinds["attention"] == {"gpu"}
         assert (hybrid.net.layers[1].experts.cpu is not None) == cpu_kernels  # experts on the engine
         assert hybrid.net.layers[1].q.cpu is None  # the GPU's weights never take the CPU kernels
-        assert hybrid.net.layers[1].q.int4 is not None and cpu_only.net.layers[1].q.int4 is None
+        assert hybrid.net.layers[1].q.gpu is not None and cpu_only.net.layers[1].q.gpu is None
         ids = ids or [cpu_only.tokenizer.bos_id, *np.random.default_rng().integers(0, 600, 11).tolist()]
         ours, ref = hybrid.logits(ids), cpu_only.logits(ids)
         token = int(ref[-1].argmax())

@@ -1,6 +1,7 @@
-"""y = x @ W.T for W in `Int4Rows`: a Triton kernel for decode-sized batches, torch otherwise.
+"""y = x @ W.T for W in a GPU format: a Triton kernel for decode-sized batches, torch otherwise.
 
-The seam: `int4_matmul` picks the Triton kernel (gpu_ops/int4_triton.py) when x has at most
+`repack` turns a GGUF tensor into its GPU format (gpu_ops.formats; None for types without one).
+The seam: `gpu_matmul` picks the Triton kernel (gpu_ops/triton_kernels.py) when x has at most
 `MAX_TRITON_TOKENS` rows and Triton can run where x lives: a CUDA device, or any device under
 TRITON_INTERPRET=1, which is how CI tests the kernel on the CPU. Everything else dequantizes a
 bounded tile of rows at a time and multiplies with torch (the CPU stand-in for the GPU, and
@@ -13,18 +14,31 @@ import importlib
 import os
 
 import torch
+from gguf import GGMLQuantizationType as QType
 
-from gpu_ops.formats import Int4Rows
+from gpu_ops.formats import Int4Rows, Int8Rows, repack_q4_k, repack_q5_0, repack_q6_k, repack_q8_0
+
+GpuWeights = Int4Rows | Int8Rows
+_REPACK = {QType.Q4_K: (repack_q4_k, 256), QType.Q6_K: (repack_q6_k, 256), QType.Q8_0: (repack_q8_0, 32),
+           QType.Q5_0: (repack_q5_0, 32)}  # fmt: skip
 
 MAX_TRITON_TOKENS = 8
 TILE_VALUES = 1 << 20  # floats per dequantized tile on the torch path
 
 
+def repack(raw, qtype, in_features: int) -> GpuWeights | None:
+    """GGUF rows (uint8 [rows, row_bytes]) in their GPU format on the CPU, or None if none."""
+    entry = _REPACK.get(qtype)
+    if entry is None or in_features % entry[1]:
+        return None
+    return entry[0](raw, in_features)
+
+
 @functools.cache
 def _triton_kernels():
-    """gpu_ops.int4_triton, or None when Triton is not installed (the torch path serves)."""
+    """gpu_ops.triton_kernels, or None when Triton is not installed (the torch path serves)."""
     try:
-        return importlib.import_module("gpu_ops.int4_triton")
+        return importlib.import_module("gpu_ops.triton_kernels")
     except ImportError:
         return None
 
@@ -33,7 +47,7 @@ def triton_runs_on(device: torch.device) -> bool:
     return (device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1") and _triton_kernels() is not None
 
 
-def torch_matmul(x: torch.Tensor, w: Int4Rows) -> torch.Tensor:
+def torch_matmul(x: torch.Tensor, w: GpuWeights) -> torch.Tensor:
     n, k = w.shape
     y = torch.empty(x.shape[0], n, dtype=torch.float32, device=x.device)
     step = max(1, TILE_VALUES // k)
@@ -43,11 +57,12 @@ def torch_matmul(x: torch.Tensor, w: Int4Rows) -> torch.Tensor:
     return y
 
 
-def int4_matmul(x: torch.Tensor, w: Int4Rows) -> torch.Tensor:
+def gpu_matmul(x: torch.Tensor, w: GpuWeights) -> torch.Tensor:
     """x float [T, K] (on w's device) @ W.T -> float32 [T, N]."""
     x = x.float().contiguous()
     if x.shape[1] != w.shape[1]:
         raise ValueError(f"activations of width {x.shape[1]} for rows of {w.shape[1]}")
     if x.shape[0] <= MAX_TRITON_TOKENS and triton_runs_on(x.device):
-        return _triton_kernels().int4_matmul(x, w)
+        kernels = _triton_kernels()
+        return kernels.int4_matmul(x, w) if isinstance(w, Int4Rows) else kernels.int8_matmul(x, w)
     return torch_matmul(x, w)
