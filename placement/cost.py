@@ -27,14 +27,22 @@ GPU_PRIORITY = (
     "routed experts",
 )
 
-# GPU formats (gpu_ops): 4-bit families are repacked into tiles keeping GGUF's own scales (same
-# size); 5/6/8-bit ones widen to int8 with one float16 scale per 32 values; floats stay floats.
+# GPU formats (gpu_ops/formats.py). Types gpu_ops repacks today take their exact size there
+# (tests/test_gpu_kernels.py checks it): Q4_K as int4, 4 bits + 6 bits of scale and min per 32
+# values + two float32 per 256; Q6_K as int8 with a float32 scale per 16, Q8_0 and Q5_0 per 32.
+# The other 4-bit families are planned as tiles keeping GGUF's own scales (same size) and the
+# other 5/6/8-bit ones as int8 with one float16 scale per 32 values (until repacked they run
+# from their GGUF bytes, which is no more); floats stay floats.
 INT4_SOURCES = {T.Q4_0, T.Q4_1, T.Q4_K, T.IQ4_NL, T.IQ4_XS, T.Q2_K, T.Q3_K}
 INT8_SOURCES = {T.Q5_0, T.Q5_1, T.Q5_K, T.Q6_K, T.Q8_0}
+REPACKED_BITS_PER_32 = {T.Q4_K: ("int4", 152), T.Q6_K: ("int8", 320), T.Q8_0: ("int8", 288), T.Q5_0: ("int8", 288)}
 
 
 def gpu_format(qtype: T, n_values: int, gguf_bytes: int) -> tuple[str, int]:
     """(format name, bytes on the GPU) for a tensor of this GGUF type."""
+    if qtype in REPACKED_BITS_PER_32:
+        fmt, bits = REPACKED_BITS_PER_32[qtype]
+        return fmt, n_values // 32 * bits // 8
     if qtype in INT4_SOURCES:
         return "int4", max(gguf_bytes, n_values * 9 // 16)  # at least 4 bits + a 16-bit scale per 32
     if qtype in INT8_SOURCES:

@@ -67,3 +67,15 @@ def test_torch_path_matches_float64(qtype, tokens):
     raw = random_blocks(qtype, 300, 512, rng)
     x = rng.standard_normal((tokens, 512)).astype(np.float32)
     _check(torch_matmul(torch.from_numpy(x), repack(raw, qtype, 512)), raw, qtype, x)
+
+
+@pytest.mark.parametrize("qtype", list(FORMATS), ids=lambda t: t.name)
+def test_the_planner_budgets_the_repacked_size(qtype):
+    """placement.cost plans GPU memory from the header alone; it must match what repack makes."""
+    from placement.cost import gpu_format
+
+    rows, k = 7, 512
+    raw = random_blocks(qtype, rows, k, np.random.default_rng())
+    w = repack(raw, qtype, k)
+    made = sum(t.numel() * t.element_size() for t in vars(w).values() if isinstance(t, torch.Tensor))
+    assert gpu_format(qtype, rows * k, raw.nbytes)[1] == made
