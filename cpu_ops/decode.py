@@ -8,8 +8,8 @@ walk their graph the same way), so a step is one hand-off. Small vector work (no
 routing) is done by every worker on a private copy: identical inputs give identical results,
 which saves a barrier each time.
 
-Weights are addressed by a table (`TensorTable`): address, kernel code, rows, row width, row
-bytes, values per block, activation group, one row per tensor. The math is that of
+Weights are addressed by a table built at load (hetero/models/deepseek2_decode.py): address,
+kernel code, rows, row width, row bytes, values per block, activation group, a row per tensor. The math is that of
 hetero.models.deepseek2, which stays the reference; tests compare the two.
 """
 
@@ -22,7 +22,7 @@ from numba.extending import intrinsic
 from cpu_ops.activations import quantize_into
 from cpu_ops.blocks import BLOCKS
 from cpu_ops.kernels import MATMUL
-from cpu_ops.spin import _fetch_add, _load_acquire, _pause, _sched_yield
+from cpu_ops.spin import SPIN_POLLS, _load_acquire, fetch_add, spin_until
 
 # columns of the tensor table
 ADDR, CODE, ROWS, WIDTH, ROW_BYTES, VALUES, GROUP = range(7)
@@ -92,8 +92,8 @@ def _quantized(x, group):
 
 @numba.njit(nogil=True, cache=True)
 def _rows(tensors, t, x, out, first_row, start, stop):
-    """out[start - ... ] : rows [first_row + start, first_row + stop) of tensor t times x, into
-    out[start:stop] (out is a 1-D slice whose index 0 is row first_row)."""
+    """Rows [first_row + start, first_row + stop) of tensor t times x, into out[start:stop]
+    (out is a 1-D slice whose index 0 is row first_row)."""
     if stop <= start:
         return
     meta = tensors[t]
@@ -121,13 +121,12 @@ def _matmul(tensors, t, x, out, worker, n_workers):
 def _barrier(state, n_workers):
     """All workers meet (state: int64, arrivals at 0, generation at 16; reusable)."""
     generation = _load_acquire(state, 16)
-    if _fetch_add(state, 0, 1) == n_workers - 1:
+    if fetch_add(state, 0, 1) == n_workers - 1:
         state[0] = 0
-        _fetch_add(state, 16, 1)
+        fetch_add(state, 16, 1)
     else:
-        while _load_acquire(state, 16) == generation:
-            _pause()
-            _sched_yield()
+        while not spin_until(state, 16, generation + 1, SPIN_POLLS):
+            pass  # a slow share (a long context's attention): keep yielding until it arrives
 
 
 @numba.njit(nogil=True, cache=True)

@@ -51,6 +51,11 @@ class Int4Rows:
         return (scale[..., None] * values - low[..., None]).reshape(n, -1)
 
 
+def _f16(b: np.ndarray) -> np.ndarray:
+    """Two bytes per row of b [..., 2] as float32."""
+    return np.ascontiguousarray(b).view(np.float16)[..., 0].astype(np.float32)
+
+
 def _scales_and_mins(packed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """The 12 packed bytes of each block [B, 12] -> 6-bit scales and mins [B, 8] each."""
     s = packed.astype(np.uint8)
@@ -69,8 +74,7 @@ def repack_q4_k(raw: np.ndarray, in_features: int) -> Int4Rows:
         raise ValueError(f"Q4_K rows of {in_features} values: not a multiple of {BLOCK}")
     rows = raw.shape[0]
     blocks = np.ascontiguousarray(raw).reshape(rows, in_features // BLOCK, BLOCK_BYTES)
-    d = blocks[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float32)
-    dmin = blocks[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float32)
+    d, dmin = _f16(blocks[..., 0:2]), _f16(blocks[..., 2:4])
     sc, mn = _scales_and_mins(blocks[..., 4:16].reshape(-1, 12))
     q = np.ascontiguousarray(blocks[..., 16:]).reshape(rows, in_features // 2)
     return Int4Rows(
@@ -107,11 +111,6 @@ class Int8Rows:
         q = self.q[start:stop].float()
         n = q.shape[0]
         return (self.scale[start:stop, :, None] * q.view(n, -1, self.group)).reshape(n, -1)
-
-
-def _f16(b: np.ndarray) -> np.ndarray:
-    """Two bytes per row of b [..., 2] as float32."""
-    return np.ascontiguousarray(b).view(np.float16)[..., 0].astype(np.float32)
 
 
 def repack_q8_0(raw: np.ndarray, in_features: int) -> Int8Rows:

@@ -63,6 +63,5 @@ def gpu_matmul(x: torch.Tensor, w: GpuWeights) -> torch.Tensor:
     if x.shape[1] != w.shape[1]:
         raise ValueError(f"activations of width {x.shape[1]} for rows of {w.shape[1]}")
     if x.shape[0] <= MAX_TRITON_TOKENS and triton_runs_on(x.device):
-        kernels = _triton_kernels()
-        return kernels.int4_matmul(x, w) if isinstance(w, Int4Rows) else kernels.int8_matmul(x, w)
+        return _triton_kernels().matmul(x, w)
     return torch_matmul(x, w)

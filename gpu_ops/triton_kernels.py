@@ -41,17 +41,6 @@ def _int4_kernel(x_ptr, q_ptr, sc_ptr, mn_ptr, d_ptr, dmin_ptr, y_ptr, M, N, K,
     tl.store(y_ptr + toks[:, None] * N + rows[None, :], acc, mask=tok_ok[:, None] & row_ok[None, :])
 
 
-def int4_matmul(x: torch.Tensor, w: Int4Rows) -> torch.Tensor:
-    """x float32 [T, K] contiguous, T small -> float32 [T, N]."""
-    n, k = w.shape
-    m = x.shape[0]
-    y = torch.empty(m, n, dtype=torch.float32, device=x.device)
-    grid = (triton.cdiv(n, BLOCK_N),)
-    _int4_kernel[grid](x, w.q, w.sc, w.mn, w.d, w.dmin, y, m, n, k,
-                       BLOCK_M=triton.next_power_of_2(m), BLOCK_N=BLOCK_N)  # fmt: skip
-    return y
-
-
 @triton.jit
 def _int8_kernel(x_ptr, q_ptr, s_ptr, y_ptr, M, N, K, GROUP: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
@@ -72,12 +61,15 @@ def _int8_kernel(x_ptr, q_ptr, s_ptr, y_ptr, M, N, K, GROUP: tl.constexpr,
     tl.store(y_ptr + toks[:, None] * N + rows[None, :], acc, mask=tok_ok[:, None] & row_ok[None, :])
 
 
-def int8_matmul(x: torch.Tensor, w: Int8Rows) -> torch.Tensor:
-    """x float32 [T, K] contiguous, T small -> float32 [T, N]."""
+def matmul(x: torch.Tensor, w: Int4Rows | Int8Rows) -> torch.Tensor:
+    """x float32 [T, K] contiguous, T small -> float32 [T, N], by the kernel of w's format."""
     n, k = w.shape
     m = x.shape[0]
     y = torch.empty(m, n, dtype=torch.float32, device=x.device)
     grid = (triton.cdiv(n, BLOCK_N),)
-    _int8_kernel[grid](x, w.q, w.scale, y, m, n, k, GROUP=w.group,
-                       BLOCK_M=triton.next_power_of_2(m), BLOCK_N=BLOCK_N)  # fmt: skip
+    blocks = {"BLOCK_M": triton.next_power_of_2(m), "BLOCK_N": BLOCK_N}
+    if isinstance(w, Int4Rows):
+        _int4_kernel[grid](x, w.q, w.sc, w.mn, w.d, w.dmin, y, m, n, k, **blocks)
+    else:
+        _int8_kernel[grid](x, w.q, w.scale, y, m, n, k, GROUP=w.group, **blocks)
     return y

@@ -45,10 +45,9 @@ class NativeDecode:
         def tensor(m) -> int:
             if m is None:
                 return -1
-            if isinstance(m, QuantLinear):
-                kind, width, n_rows = BLOCKS[m.qtype], m.in_features, m.out_features
-            else:  # QuantLinear3: a stack [E, out, in] addressed as E * out rows
-                kind, width, n_rows = BLOCKS[m.qtype], m.in_features, m.n * m.out_features
+            kind, width = BLOCKS[m.qtype], m.in_features
+            # a QuantLinear3 stack [E, out, in] is addressed as E * out rows
+            n_rows = m.out_features if isinstance(m, QuantLinear) else m.n * m.out_features
             row_bytes = width // kind.values * kind.nbytes
             rows.append([m.raw.data_ptr(), kind.code, n_rows, width, row_bytes, kind.values, kind.act_group])
             return len(rows) - 1
@@ -88,7 +87,7 @@ class NativeDecode:
         self.params = np.concatenate(params).astype(np.float32)
         self.floats = (float(c.rms_eps), float(net.kq_scale), float(c.routed_scale))
 
-        ff = max([c.n_ff_expert, *(m.out_features for layer in net.layers for m in (layer.gate,) if m is not None)])
+        ff = max([c.n_ff_expert, *(layer.gate.out_features for layer in net.layers if layer.gate is not None)])
         q_width = c.n_head * (c.qk_nope_dim + c.qk_rope_dim)
         self.barrier = np.zeros(32, np.int64)
         self.q = np.empty(q_width, np.float32)
