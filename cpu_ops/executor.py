@@ -20,6 +20,7 @@ threads and 28.9 ms with 1 (docs/benchmarks.md).
 
 import os
 import threading
+import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -42,6 +43,7 @@ class Handle:
         self._done = threading.Event()
         self._finished = np.zeros(1, np.int64)  # 1 once done: what wait() spins on
         self._error: BaseException | None = None
+        self.finished_at: float | None = None  # perf_counter() when the last task ended
         if n == 0:
             self._finished[0] = 1
             self._done.set()
@@ -52,6 +54,7 @@ class Handle:
                 self._error = error
             self._left -= 1
             if self._left == 0:
+                self.finished_at = time.perf_counter()
                 self._finished[0] = 1
                 self._done.set()
 

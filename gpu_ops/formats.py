@@ -38,16 +38,24 @@ class Int4Rows:
     def to(self, device) -> "Int4Rows":
         return Int4Rows(*(t.to(device) for t in (self.q, self.sc, self.mn, self.d, self.dmin)))
 
+    def rows(self, sel: slice) -> "Int4Rows":
+        """A view of some rows (one expert of a stack)."""
+        return Int4Rows(*(t[sel] for t in (self.q, self.sc, self.mn, self.d, self.dmin)))
+
     def dequantize_rows(self, start: int, stop: int) -> torch.Tensor:
         """Rows [start, stop) as float32 [stop - start, K], bit-identical to GGUF's dequantization."""
-        q = self.q[start:stop]
+        return self.dequantize_index(slice(start, stop))
+
+    def dequantize_index(self, rows: slice | torch.Tensor) -> torch.Tensor:
+        """The rows a slice or an index tensor selects, as float32 [n, K]."""
+        q = self.q[rows]
         n, half = q.shape
         values = torch.stack([q & 15, q >> 4], dim=1)  # [n, 2, K/2]: low nibbles, then high
         values = values.view(n, 2, half // 32, 32).transpose(1, 2).reshape(n, -1, 32).float()  # [n, K/32, 32]
-        d = self.d[start:stop].repeat_interleave(8, dim=1)
-        dmin = self.dmin[start:stop].repeat_interleave(8, dim=1)
-        scale = d * self.sc[start:stop].float()
-        low = dmin * self.mn[start:stop].float()
+        d = self.d[rows].repeat_interleave(8, dim=1)
+        dmin = self.dmin[rows].repeat_interleave(8, dim=1)
+        scale = d * self.sc[rows].float()
+        low = dmin * self.mn[rows].float()
         return (scale[..., None] * values - low[..., None]).reshape(n, -1)
 
 
@@ -107,10 +115,16 @@ class Int8Rows:
     def to(self, device) -> "Int8Rows":
         return Int8Rows(self.q.to(device), self.scale.to(device), self.group)
 
+    def rows(self, sel: slice) -> "Int8Rows":
+        return Int8Rows(self.q[sel], self.scale[sel], self.group)
+
     def dequantize_rows(self, start: int, stop: int) -> torch.Tensor:
-        q = self.q[start:stop].float()
+        return self.dequantize_index(slice(start, stop))
+
+    def dequantize_index(self, rows: slice | torch.Tensor) -> torch.Tensor:
+        q = self.q[rows].float()
         n = q.shape[0]
-        return (self.scale[start:stop, :, None] * q.view(n, -1, self.group)).reshape(n, -1)
+        return (self.scale[rows][:, :, None] * q.view(n, -1, self.group)).reshape(n, -1)
 
 
 def repack_q8_0(raw: np.ndarray, in_features: int) -> Int8Rows:

@@ -1,12 +1,11 @@
-"""y = x @ W.T for W in a GPU format: a Triton kernel for decode-sized batches, torch otherwise.
+"""y = x @ W.T for W in a GPU format: Triton kernels where Triton runs, torch tiles otherwise.
 
 `repack` turns a GGUF tensor into its GPU format (gpu_ops.formats; None for types without one).
-The seam: `gpu_matmul` picks the Triton kernel (gpu_ops/triton_kernels.py) when x has at most
-`MAX_TRITON_TOKENS` rows and Triton can run where x lives: a CUDA device, or any device under
-TRITON_INTERPRET=1, which is how CI tests the kernel on the CPU. Everything else dequantizes a
-bounded tile of rows at a time and multiplies with torch (the CPU stand-in for the GPU, and
-prefill until a GEMM kernel exists). Both return float32. Triton is imported on first use, so
-a CPU-only run never loads it.
+The seam: `gpu_matmul` and `gathered_matmul` use the Triton kernels (gpu_ops/triton_kernels.py)
+when Triton can run where x lives: a CUDA device, or any device under TRITON_INTERPRET=1, which
+is how CI tests the kernels on the CPU. Elsewhere (the CPU standing in for the GPU) they
+dequantize a bounded tile of rows at a time and multiply with torch. All return float32.
+Triton is imported on first use, so a CPU-only run never loads it.
 """
 
 import functools
@@ -22,7 +21,7 @@ GpuWeights = Int4Rows | Int8Rows
 _REPACK = {QType.Q4_K: (repack_q4_k, 256), QType.Q6_K: (repack_q6_k, 256), QType.Q8_0: (repack_q8_0, 32),
            QType.Q5_0: (repack_q5_0, 32)}  # fmt: skip
 
-MAX_TRITON_TOKENS = 8
+DECODE_TOKENS = 8  # up to this many rows the GEMV kernel runs (weights read once); above, the GEMM
 TILE_VALUES = 1 << 20  # floats per dequantized tile on the torch path
 
 
@@ -62,6 +61,24 @@ def gpu_matmul(x: torch.Tensor, w: GpuWeights) -> torch.Tensor:
     x = x.float().contiguous()
     if x.shape[1] != w.shape[1]:
         raise ValueError(f"activations of width {x.shape[1]} for rows of {w.shape[1]}")
-    if x.shape[0] <= MAX_TRITON_TOKENS and triton_runs_on(x.device):
-        return _triton_kernels().matmul(x, w)
+    if triton_runs_on(x.device):
+        return _triton_kernels().matmul(x, w, DECODE_TOKENS)
     return torch_matmul(x, w)
+
+
+def gathered_matmul(x: torch.Tensor, w: GpuWeights, ids: torch.Tensor, rows_per_expert: int, x_per_token: bool):
+    """Per (token, slot) s: x[token or s] @ W_e.T with e = ids[s], W a stack of experts' rows.
+
+    ids int [T, A] stay on the device (no host sync: graph-capturable); x [T, K] when
+    x_per_token, else [T * A, K]. Returns float32 [T * A, rows_per_expert].
+    """
+    x = x.float().contiguous()
+    if triton_runs_on(x.device):
+        return _triton_kernels().gathered_matmul(x, w, ids, rows_per_expert, x_per_token)
+    flat = ids.reshape(-1)
+    y = torch.empty(flat.numel(), rows_per_expert, dtype=torch.float32, device=x.device)
+    per = ids.shape[1] if x_per_token else 1
+    for s in range(flat.numel()):  # the slot count is static; the expert id is read on the device
+        rows = flat[s] * rows_per_expert + torch.arange(rows_per_expert, device=x.device)
+        y[s] = x[s // per] @ w.dequantize_index(rows).T
+    return y

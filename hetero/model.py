@@ -15,6 +15,7 @@ from hetero.gguf_file import GGUFModelFile
 from hetero.kv_cache import LatentKVCache
 from hetero.models.deepseek2 import DeepSeek2
 from hetero.models.deepseek2_decode import native_decode
+from hetero.models.deepseek2_static import HybridDecode
 from hetero.models.deepseek2_tensors import validate_tensors
 from hetero.sampling import SamplingParams
 from hetero.tokenizer import Tokenizer
@@ -55,7 +56,9 @@ class Model:
 
         on_gpu = {p.name for p in plan.placements if p.device == "gpu"}
         self.net = DeepSeek2(self.config, file.tensors, devices.__getitem__, self.device, engine, on_gpu.__contains__)
-        self.net.native = native_decode(self.net, self.executor)
+        self.net.decode_step = native_decode(self.net, self.executor)
+        if self.net.decode_step is None and plan.weights_bytes("gpu"):
+            self.net.decode_step = HybridDecode(self.net)
         self.tokenizer = Tokenizer(file.paths[0], file.metadata)
 
     # -- numbers -------------------------------------------------------------------------------

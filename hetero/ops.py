@@ -16,7 +16,8 @@ import torch.nn.functional as F
 from cpu_ops.executor import Executor
 from cpu_ops.experts import CpuExperts, Stack, supported_stacks
 from cpu_ops.matmul import CpuMatrix, CpuStack, supported
-from gpu_ops.matmul import gpu_matmul, repack
+from gpu_ops.experts import GpuExperts, repack_stack
+from gpu_ops.matmul import DECODE_TOKENS, gathered_matmul, gpu_matmul, repack
 from hetero.gguf_file import TensorInfo
 from hetero.quants import dequantize
 
@@ -133,10 +134,19 @@ class ExpertBank:
         device: torch.device,
         engine: Executor | None = None,
         shared: tuple[TensorInfo, TensorInfo, TensorInfo] | None = None,
+        on_gpu: bool = False,
     ):
         """shared: the layer's shared-expert matrices [F', D], [F', D], [D, F'] when they too are
-        on the CPU engine; they then run in the same hand-off (see `includes_shared`)."""
+        on the CPU engine; they then run in the same hand-off (see `includes_shared`).
+        on_gpu: the plan puts these experts on the GPU (gpu_ops.experts, when every stack has a
+        GPU format; the GGUF bytes then stay in the file map)."""
         self.n_expert, self.n_ff, self.n_embd = gate.shape
+        self.gpu = None
+        if on_gpu:
+            packed = [repack_stack(t.data, t.qtype, t.shape) for t in (gate, up, down)]
+            if all(p is not None for p in packed):
+                self.gpu = GpuExperts(*(p.to(device) for p in packed), self.n_expert)
+                device = torch.device("cpu")
         self.gate = QuantLinear3(gate, device)
         self.up = QuantLinear3(up, device)
         self.down = QuantLinear3(down, device)
@@ -154,6 +164,9 @@ class ExpertBank:
         return self.shared_cpu is not None
 
     def submit(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> "ExpertResult":
+        if self.gpu is not None:
+            dev = self.gpu.gate.q.device
+            return ExpertResult(value=self.gpu(x.to(dev), ids.to(dev), weights.to(dev)).to(x.device))
         if self.cpu is None:
             return ExpertResult(value=self.reference(x, ids, weights))
         xn = _numpy(x)
@@ -190,20 +203,32 @@ class ExpertResult:
             self.value = _torch(self.handle.wait(), self.device)
         return self.value
 
+    @property
+    def finished_at(self) -> float | None:
+        """When the CPU workers finished (perf_counter), for profiles; None if it ran inline."""
+        return self.handle.handle.finished_at if self.handle is not None else None
+
 
 class QuantLinear3:
     """A stack of matrices [E, out, in] with per-matrix matmul; used for experts and MLA heads."""
 
-    def __init__(self, info: TensorInfo, device: torch.device, engine: Executor | None = None):
+    def __init__(self, info: TensorInfo, device: torch.device, engine: Executor | None = None, on_gpu: bool = False):
         self.name = info.name
         self.qtype = info.qtype
         self.n, self.out_features, self.in_features = info.shape
-        self.raw = raw_tensor(info, device)
         self.engine = _cpu_engine(engine, device, info.qtype, self.in_features)
         self.cpu = CpuStack(info.data, info.qtype, self.n, self.in_features) if self.engine else None
+        self.gpu = repack_stack(info.data, info.qtype, info.shape) if on_gpu else None
+        if self.gpu is not None:
+            self.gpu = self.gpu.to(device)
+            self.matrix_ids = torch.arange(self.n, device=device)
+            device = torch.device("cpu")
+        self.raw = raw_tensor(info, device)
 
     def all(self) -> torch.Tensor:
         """Every matrix as float32 [E, out, in]; only for small stacks (MLA per-head weights)."""
+        if self.gpu is not None:
+            return self.gpu.dequantize_rows(0, self.n * self.out_features).view(self.n, self.out_features, -1)
         return dequantize(self.raw, self.qtype, self.in_features).reshape(self.n, self.out_features, -1)
 
     def __call__(self, e: int, x: torch.Tensor) -> torch.Tensor:
@@ -213,9 +238,14 @@ class QuantLinear3:
 
     def per_matrix(self, x: torch.Tensor) -> torch.Tensor:
         """x [T, E, in] -> [T, E, out]: slice e of x times matrix e (MLA's per-head absorption)."""
+        t = x.shape[0]
+        if self.gpu is not None and t <= DECODE_TOKENS:  # one gathered GEMV per (token, matrix)
+            ids = self.matrix_ids.expand(t, self.n)
+            xs = x.to(ids.device).reshape(t * self.n, self.in_features)
+            out = gathered_matmul(xs, self.gpu, ids, self.out_features, x_per_token=False)
+            return out.view(t, self.n, self.out_features).to(x.device)
         if self.cpu is None:
             return torch.einsum("tei,eoi->teo", x, self.all().to(x.device))
-        t = x.shape[0]
         out = self.cpu(self.engine, _numpy(x.transpose(0, 1)).reshape(self.n * t, self.in_features), t)
         return _torch(out, x.device).view(t, self.n, self.out_features)
 

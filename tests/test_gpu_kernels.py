@@ -11,8 +11,10 @@ from gguf import GGML_QUANT_SIZES
 from gguf import GGMLQuantizationType as T
 from gguf.quants import dequantize
 
+from gpu_ops.attention import mla_decode
+from gpu_ops.experts import GpuExperts
 from gpu_ops.formats import Int4Rows, Int8Rows
-from gpu_ops.matmul import MAX_TRITON_TOKENS, gpu_matmul, repack, torch_matmul, triton_runs_on
+from gpu_ops.matmul import DECODE_TOKENS, gathered_matmul, gpu_matmul, repack, torch_matmul, triton_runs_on
 
 F16_AT = {T.Q4_K: (0, 2), T.Q6_K: (208,), T.Q8_0: (0,), T.Q5_0: (0,)}  # where each block keeps float16 scales
 FORMATS = {T.Q4_K: Int4Rows, T.Q6_K: Int8Rows, T.Q8_0: Int8Rows, T.Q5_0: Int8Rows}
@@ -41,16 +43,16 @@ def test_types_without_a_gpu_format_stay_on_the_reference_path():
     assert repack(raw, T.Q5_1, 32) is None and repack(np.zeros((1, 144), np.uint8), T.Q4_K, 128) is None
 
 
-def _check(y: torch.Tensor, raw: np.ndarray, qtype, x: np.ndarray):
+def _check(y: torch.Tensor, raw: np.ndarray, qtype, x: np.ndarray, rel: float = 1e-5):
     w = dequantize(raw, qtype).reshape(raw.shape[0], -1).astype(np.float64)
     ref = x.astype(np.float64) @ w.T
-    bound = 1e-5 * (np.abs(x).astype(np.float64) @ np.abs(w).T) + 1e-30
+    bound = rel * (np.abs(x).astype(np.float64) @ np.abs(w).T) + 1e-30
     assert y.dtype == torch.float32 and y.shape == ref.shape
     assert np.all(np.abs(y.numpy() - ref) <= bound)
 
 
 @pytest.mark.parametrize("qtype", list(FORMATS), ids=lambda t: t.name)
-@pytest.mark.parametrize("tokens", [1, 3, MAX_TRITON_TOKENS])
+@pytest.mark.parametrize("tokens", [1, 3, DECODE_TOKENS])
 @pytest.mark.parametrize("rows,k", [(1, 256), (63, 512), (130, 768)])
 def test_triton_kernels_match_float64(qtype, tokens, rows, k):
     assert triton_runs_on(torch.device("cpu")), "the Triton kernels must run in CI (TRITON_INTERPRET=1)"
@@ -58,6 +60,83 @@ def test_triton_kernels_match_float64(qtype, tokens, rows, k):
     raw = random_blocks(qtype, rows, k, rng)
     x = rng.standard_normal((tokens, k)).astype(np.float32)
     _check(gpu_matmul(torch.from_numpy(x), repack(raw, qtype, k)), raw, qtype, x)
+
+
+@pytest.mark.parametrize("qtype", list(FORMATS), ids=lambda t: t.name)
+@pytest.mark.parametrize("tokens", [DECODE_TOKENS + 1, 45])
+def test_triton_gemm_matches_float64(qtype, tokens):
+    """Above DECODE_TOKENS rows the kernels multiply tiles with tl.dot (prefill). The
+    interpreter computes it in float32; on CUDA it is TF32, hence the wider bound there."""
+    rng = np.random.default_rng()
+    raw = random_blocks(qtype, 70, 512, rng)
+    x = rng.standard_normal((tokens, 512)).astype(np.float32)
+    y = gpu_matmul(torch.from_numpy(x), repack(raw, qtype, 512))
+    _check(y.cpu(), raw, qtype, x, 1e-5 if not torch.cuda.is_available() else 2e-3)
+
+
+@pytest.mark.parametrize("qtype", list(FORMATS), ids=lambda t: t.name)
+@pytest.mark.parametrize("triton", [True, False], ids=["triton", "torch"])
+def test_gathered_matmul_picks_each_slot_s_expert(qtype, triton, monkeypatch):
+    """Rows of a stack of 5 experts [5 * 70, 512]; ids chosen on the device, repeats included."""
+    if not triton:
+        monkeypatch.setenv("TRITON_INTERPRET", "0")
+    rng = np.random.default_rng()
+    n_expert, rows, k = 5, 70, 512
+    raw = random_blocks(qtype, n_expert * rows, k, rng)
+    w = repack(raw, qtype, k)
+    ids = torch.from_numpy(rng.integers(0, n_expert, (3, 2)))
+    ids[2] = ids[2, 0]  # both slots of a token on one expert
+    per_token = rng.standard_normal((3, k)).astype(np.float32)
+    per_slot = rng.standard_normal((6, k)).astype(np.float32)
+    for x, x_per_token in ((per_token, True), (per_slot, False)):
+        y = gathered_matmul(torch.from_numpy(x), w, ids, rows, x_per_token)
+        for s, e in enumerate(ids.reshape(-1).tolist()):
+            xs = x[s // 2 if x_per_token else s][None]
+            _check(y[s : s + 1], raw[e * rows : (e + 1) * rows], qtype, xs)
+
+
+@pytest.mark.parametrize("tokens", [3, DECODE_TOKENS + 4])
+def test_gpu_experts_match_float64(tokens):
+    """Gathered (decode) and grouped (prefill) expert paths against a float64 MoE."""
+    rng = np.random.default_rng()
+    n_expert, d, f, a = 6, 256, 512, 3
+    raws = [random_blocks(T.Q4_K, n_expert * f, d, rng), random_blocks(T.Q4_K, n_expert * f, d, rng),
+            random_blocks(T.Q6_K, n_expert * d, f, rng)]  # fmt: skip
+    experts = GpuExperts(repack(raws[0], T.Q4_K, d), repack(raws[1], T.Q4_K, d), repack(raws[2], T.Q6_K, f), n_expert)
+    gate, up = (dequantize(r, T.Q4_K).reshape(n_expert, f, d).astype(np.float64) for r in raws[:2])
+    down = dequantize(raws[2], T.Q6_K).reshape(n_expert, d, f).astype(np.float64)
+    x = rng.standard_normal((tokens, d)).astype(np.float32)
+    ids = np.stack([rng.choice(n_expert, a, replace=False) for _ in range(tokens)])
+    weights = rng.random((tokens, a)).astype(np.float32)
+    ref = np.zeros((tokens, d))
+    for t in range(tokens):
+        for e, wt in zip(ids[t], weights[t]):
+            g, u = gate[e] @ x[t], up[e] @ x[t]
+            ref[t] += wt * (down[e] @ (g / (1 + np.exp(-g)) * u))
+    y = experts(torch.from_numpy(x), torch.from_numpy(ids), torch.from_numpy(weights)).numpy()
+    assert np.abs(y - ref).max() <= 1e-5 * np.abs(ref).max()
+
+
+@pytest.mark.parametrize("triton", [True, False], ids=["triton", "torch"])
+@pytest.mark.parametrize("heads,rank,rope,length", [(4, 128, 16, 1), (20, 96, 24, 37), (16, 512, 64, 70)])
+def test_mla_decode_attention_matches_float64(heads, rank, rope, length, triton, monkeypatch):
+    """Absorbed MLA attention for one token over the first `length` rows of a longer cache
+    buffer whose other rows hold large stale values, which must not leak in."""
+    if not triton:
+        monkeypatch.setenv("TRITON_INTERPRET", "0")
+    rng = np.random.default_rng()
+    cache = rng.standard_normal((length + 9, rank + rope)).astype(np.float32)
+    cache[length:] *= 1e4
+    q_latent = rng.standard_normal((heads, rank)).astype(np.float32)
+    q_rope = rng.standard_normal((heads, rope)).astype(np.float32)
+    scale = 0.05
+    lat, kr = cache[:length, :rank].astype(np.float64), cache[:length, rank:].astype(np.float64)
+    scores = (q_latent @ lat.T + q_rope @ kr.T) * scale
+    p = np.exp(scores - scores.max(1, keepdims=True))
+    ref = (p / p.sum(1, keepdims=True)) @ lat
+    to = torch.from_numpy
+    o = mla_decode(to(q_latent), to(q_rope), to(cache), torch.tensor([length]), scale).numpy()
+    assert np.abs(o - ref).max() <= 1e-5 * np.abs(lat).max()
 
 
 @pytest.mark.parametrize("qtype", list(FORMATS), ids=lambda t: t.name)

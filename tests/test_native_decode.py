@@ -45,15 +45,15 @@ def test_native_decode_matches_the_python_forward(synth, preset, overrides):
     ids = [0, *np.random.default_rng().integers(0, 600, 9).tolist()]
     for threads in (1, 2, 3):
         model = hetero.load_model(path, threads=threads)
-        assert model.net.native is not None
-        fast = _decode(model, ids, model.net.native)
+        assert model.net.decode_step is not None
+        fast = _decode(model, ids, model.net.decode_step)
         reference = _decode(model, ids, None)
         np.testing.assert_allclose(fast, reference, rtol=0, atol=1e-5 * np.abs(reference).max())
 
 
 def _decode(model, ids, native):
     """Logits of ids[3:] decoded one at a time after a prefill of ids[:3]."""
-    model.net.native = native
+    model.net.decode_step = native
     cache = model.new_cache(16)
     model.forward(ids[:3], cache)
     return np.concatenate([model.forward([t], cache).numpy() for t in ids[3:]])
@@ -61,8 +61,8 @@ def _decode(model, ids, native):
 
 def test_native_decode_only_when_every_weight_is_on_the_engine(synth):
     path = synth("tiny", "Q8_0")
-    assert hetero.load_model(path).net.native is not None
-    assert hetero.load_model(path, cpu_kernels=False).net.native is None
+    assert hetero.load_model(path).net.decode_step is not None
+    assert hetero.load_model(path, cpu_kernels=False).net.decode_step is None
 
 
 def _compiled_signatures(model) -> int:

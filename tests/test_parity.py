@@ -94,7 +94,7 @@ def test_native_decode_matches_llama_cpp(synth, case):
     (preset, quant, overrides), limit = DECODE_CASES[case]
     path = synth(preset, quant, **overrides)
     model = hetero.load_model(path)
-    assert model.net.native is not None
+    assert model.net.decode_step is not None
     ids = random_prompt(16, model.tokenizer.bos_id)
     cache = model.new_cache(16)
     steps = [model.forward(ids[:8], cache).numpy()]

@@ -42,12 +42,20 @@ class HeadWeights:
     per call into wk [H, R, N] and wv [H, V, R].
     """
 
-    def __init__(self, cfg: ModelConfig, tensors: dict[str, TensorInfo], prefix: str, place: Placer, engine: EngineOf):
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        tensors: dict[str, TensorInfo],
+        prefix: str,
+        place: Placer,
+        engine: EngineOf,
+        on_gpu: Callable[[str], bool],
+    ):
         self.cfg = cfg
         if cfg.split_kv_b:
             k, v = prefix + "attn_k_b.weight", prefix + "attn_v_b.weight"
-            self.k_b = QuantLinear3(tensors[k], place(k), engine(k))
-            self.v_b = QuantLinear3(tensors[v], place(v), engine(v))
+            self.k_b = QuantLinear3(tensors[k], place(k), engine(k), on_gpu(k))
+            self.v_b = QuantLinear3(tensors[v], place(v), engine(v), on_gpu(v))
         else:
             self.kv_b = QuantLinear(tensors[prefix + "attn_kv_b.weight"], place(prefix + "attn_kv_b.weight"))
 
@@ -64,10 +72,29 @@ class HeadWeights:
         return torch.einsum("thr,hvr->thv", o, self.wk_wv()[1].to(o.device))
 
     def wk_wv(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The old layout's attn_kv_b as wk [H, R, N] and wv [H, V, R]."""
+        """W_UK as wk [H, R, N] and W_UV as wv [H, V, R], dequantized (float32)."""
         c = self.cfg
+        if c.split_kv_b:
+            return self.k_b.all(), self.v_b.all()
         kv = self.kv_b.weight_rows(0, self.kv_b.out_features).view(c.n_head, c.qk_nope_dim + c.v_head_dim, -1)
         return kv[:, : c.qk_nope_dim].transpose(1, 2), kv[:, c.qk_nope_dim :]
+
+
+def expanded_is_cheaper(c: ModelConfig, t: int, s: int) -> bool:
+    """Whether T new tokens over S positions cost fewer multiply-adds with the cache expanded.
+
+    Absorbed: T*H*R*(N+V) to move the queries into the latent space and the outputs back, then
+    T*S*H*(2R+P): every score and value product is R wide. Expanded: S*H*R*(N+V) to turn every
+    cached latent into keys and values, then T*S*H*(N+P+V). Expanded is cheaper when the share
+    of positions cached before this call, (S-T)/S, is below T(2R-N-V)/(R(N+V)): for
+    DeepSeek-V3 (R 512, N 128, P 64, V 128) that is T/171. So a prompt on a fresh cache is
+    expanded, a decoded token over a cache is absorbed, and from 171 new tokens on a chunk is
+    expanded however long the cache.
+    """
+    h, r, n, p, v = c.n_head, c.kv_lora_rank, c.qk_nope_dim, c.qk_rope_dim, c.v_head_dim
+    absorbed = t * h * (n * r + s * (2 * r + p) + r * v)
+    expanded = h * s * r * (n + v) + t * h * s * (n + p + v)
+    return expanded < absorbed
 
 
 @dataclass
@@ -123,6 +150,7 @@ def build_layers(
             place(names[0]),
             engine(names[0]),
             shared=tuple(tensors[n] for n in shared) if with_shared else None,
+            on_gpu=on_gpu(names[0]),
         )
 
     layers = []
@@ -139,7 +167,7 @@ def build_layers(
                 q_b=lin(p + "attn_q_b.weight"),
                 kv_a=lin(p + "attn_kv_a_mqa.weight"),
                 kv_a_norm=vec(p + "attn_kv_a_norm.weight"),
-                heads=HeadWeights(cfg, tensors, p, place, engine),
+                heads=HeadWeights(cfg, tensors, p, place, engine, on_gpu),
                 out=lin(p + "attn_output.weight"),
                 ffn_norm=vec(p + "ffn_norm.weight"),
                 gate=lin(p + f"ffn_gate{ffn}.weight"),
@@ -175,7 +203,8 @@ class DeepSeek2:
         head = "output.weight" if "output.weight" in tensors else "token_embd.weight"
         self.output = QuantLinear(tensors[head], place(head), engine(head), on_gpu(head))
         self.kq_scale = attention_scales(cfg).kq_scale
-        self.native = None  # a NativeDecode (hetero.models.deepseek2_decode) when the model allows one
+        self.attention_form = "auto"  # or "absorbed" / "expanded" (tests compare the two)
+        self.decode_step = None  # one-token step: NativeDecode (all on the CPU engine) or HybridDecode (GPU)
 
     def new_cache(self, max_tokens: int) -> LatentKVCache:
         c = self.cfg
@@ -187,8 +216,8 @@ class DeepSeek2:
         start = cache.length
         if start + ids.shape[0] > cache.max_tokens:
             raise ValueError(f"context full: {start} + {ids.shape[0]} tokens > {cache.max_tokens}")
-        if self.native is not None and ids.shape[0] == 1:
-            return self.native(int(ids[0]), cache)
+        if self.decode_step is not None and ids.shape[0] == 1:
+            return self.decode_step(int(ids[0]), cache)
         positions = torch.arange(start, start + ids.shape[0])
         cos, sin = rope_tables(self.cfg, positions, self.device)
         x = self.embed(ids.to(self.device))  # [T, D]
@@ -201,26 +230,43 @@ class DeepSeek2:
             x = x[-1:]
         return self.output(rms_norm(x, self.output_norm, self.cfg.rms_eps))
 
-    def attention(self, i: int, layer: Layer, x: torch.Tensor, cache: LatentKVCache, start: int, cos, sin):
-        """Weight-absorbed MLA: scores and values are computed in the latent space [R]."""
+    def project(self, layer: Layer, x: torch.Tensor, cos, sin):
+        """Normed input [T, D] -> query (nope part [T, H, N], roped part [T, H, P]) and this
+        token's cache entry (latent [T, R], roped key [T, P])."""
         c = self.cfg
-        t = x.shape[0]
         if layer.q_a is not None:
             q = layer.q_b(rms_norm(layer.q_a(x), layer.q_a_norm, c.rms_eps))
         else:
             q = layer.q(x)
-        q = q.view(t, c.n_head, c.qk_head_dim)  # [T, H, N+P]
+        q = q.view(x.shape[0], c.n_head, c.qk_head_dim)  # [T, H, N+P]
         q_nope, q_rope = q[..., : c.qk_nope_dim], apply_rope(q[..., c.qk_nope_dim :], cos, sin)
         kv = layer.kv_a(x)  # [T, R+P]
         latent = rms_norm(kv[:, : c.kv_lora_rank], layer.kv_a_norm, c.rms_eps)  # [T, R]
         k_rope = apply_rope(kv[:, c.kv_lora_rank :], cos, sin)  # [T, P]
+        return q_nope, q_rope, latent, k_rope
+
+    def attention_out(self, layer: Layer, o: torch.Tensor) -> torch.Tensor:
+        """Latent attention output [T, H, R] -> W_UV per head, then the output projection [T, D]."""
+        t = o.shape[0]
+        return layer.out(layer.heads.expand_v(o).reshape(t, self.cfg.n_head * self.cfg.v_head_dim))
+
+    def attention(self, i: int, layer: Layer, x: torch.Tensor, cache: LatentKVCache, start: int, cos, sin):
+        """MLA over the latent cache, absorbed or expanded, whichever costs fewer multiply-adds."""
+        t = x.shape[0]
+        q_nope, q_rope, latent, k_rope = self.project(layer, x, cos, sin)
         cache.write(i, start, latent, k_rope)
         latents, k_ropes = cache.read(i, start + t)  # [S, R], [S, P]
-
-        q_latent = layer.heads.absorb_q(q_nope)  # [T, H, R]
-        scores = (
-            torch.matmul(q_latent, latents.T).add_(torch.matmul(q_rope, k_ropes.T)).mul_(self.kq_scale)
-        )  # [T, H, S]
+        form = self.attention_form
+        if form == "auto":
+            form = "expanded" if expanded_is_cheaper(self.cfg, t, start + t) else "absorbed"
+        if form == "expanded":
+            wk, wv = layer.heads.wk_wv()  # [H, R, N], [H, V, R]
+            keys = torch.einsum("sr,hrn->hsn", latents, wk.to(x.device))  # [H, S, N]
+            values = torch.einsum("sr,hvr->hsv", latents, wv.to(x.device))  # [H, S, V]
+            scores = torch.einsum("thn,hsn->ths", q_nope, keys)
+        else:
+            scores = torch.matmul(layer.heads.absorb_q(q_nope), latents.T)  # [T, H, R] x [R, S]
+        scores = scores.add_(torch.matmul(q_rope, k_ropes.T)).mul_(self.kq_scale)  # [T, H, S]
         if t > 1:  # a single new token sees every cached position: nothing to mask
             future = (
                 torch.arange(start + t, device=x.device)[None, :]
@@ -228,27 +274,30 @@ class DeepSeek2:
             )
             scores = scores.masked_fill(future[:, None, :], float("-inf"))
         probs = torch.softmax(scores, dim=-1)
-        o = torch.matmul(probs, latents)  # [T, H, R]
-        o = layer.heads.expand_v(o)  # [T, H, V]
-        return layer.out(o.reshape(t, c.n_head * c.v_head_dim))
+        if form == "expanded":
+            o = torch.einsum("ths,hsv->thv", probs, values)
+            return layer.out(o.reshape(t, self.cfg.n_head * self.cfg.v_head_dim))
+        return self.attention_out(layer, torch.matmul(probs, latents))  # latent output [T, H, R]
 
     @staticmethod
     def mlp(layer: Layer, x: torch.Tensor) -> torch.Tensor:
         return layer.down(F.silu(layer.gate(x)) * layer.up(x))
 
-    def moe(self, layer: Layer, x: torch.Tensor) -> torch.Tensor:
+    def route(self, layer: Layer, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [T, D] -> expert ids [T, A] and their weights [T, A]."""
         c = self.cfg
-        ids, weights = route(
-            layer.router(x),  # [T, E]
-            c.n_expert_used,
-            c.gating,
-            layer.router_bias,
-            c.n_group,
-            c.n_group_used,
-            c.norm_topk,
-            c.routed_scale,
-        )  # [T, A], [T, A]
+        logits = layer.router(x)  # [T, E]
+        return route(logits, c.n_expert_used, c.gating, layer.router_bias, c.n_group, c.n_group_used,
+                     c.norm_topk, c.routed_scale)  # fmt: skip
+
+    @staticmethod
+    def shared_on_side(layer: Layer) -> bool:
+        """Whether the shared experts run beside the routed ones (not inside their hand-off)."""
+        return layer.gate is not None and not layer.experts.includes_shared
+
+    def moe(self, layer: Layer, x: torch.Tensor) -> torch.Tensor:
+        ids, weights = self.route(layer, x)
         routed = layer.experts.submit(x, ids, weights)  # runs on the CPU workers meanwhile
-        shared = self.mlp(layer, x) if layer.gate is not None and not layer.experts.includes_shared else None
+        shared = self.mlp(layer, x) if self.shared_on_side(layer) else None
         out = routed.wait()
         return out if shared is None else out + shared

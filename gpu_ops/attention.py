@@ -1,0 +1,41 @@
+"""MLA decode attention over the latent cache, with absorbed weights, for one new token.
+
+With W_UK absorbed into the query (q_latent = q_nope @ W_UK per head) every head scores the
+same cached rows: score[h, s] = (q_latent[h] . latent[s] + q_rope[h] . k_rope[s]) * scale, and
+the output stays latent, o[h] = softmax(score[h]) @ latents, for W_UV to expand afterwards.
+A decode step so reads (R + P) values per cached token once for all H heads.
+
+The number of valid positions comes in a device tensor, so a captured CUDA graph replays the
+same launch at every position. Triton (one program per block of heads, an online softmax over
+blocks of positions, reading only the valid ones) where Triton runs; elsewhere torch scores
+the whole cache buffer and masks what is past the end.
+"""
+
+import functools
+import importlib
+
+import torch
+
+from gpu_ops.matmul import triton_runs_on
+
+
+@functools.cache
+def _kernel():
+    return importlib.import_module("gpu_ops.triton_attention")
+
+
+def mla_decode_torch(q_latent, q_rope, cache_rows, length, scale: float) -> torch.Tensor:
+    r = q_latent.shape[-1]
+    latents, k_ropes = cache_rows[:, :r], cache_rows[:, r:]
+    scores = (q_latent @ latents.T + q_rope @ k_ropes.T) * scale  # [H, S_max]
+    past_end = torch.arange(cache_rows.shape[0], device=cache_rows.device) >= length
+    return torch.softmax(scores.masked_fill(past_end, float("-inf")), dim=-1) @ latents
+
+
+def mla_decode(q_latent: torch.Tensor, q_rope: torch.Tensor, cache_rows: torch.Tensor, length: torch.Tensor,
+               scale: float) -> torch.Tensor:  # fmt: skip
+    """q_latent [H, R], q_rope [H, P], cache_rows [S_max, R + P] (latent, then roped key),
+    length int64 [1] (positions 0..length-1 are valid) -> latent outputs float32 [H, R]."""
+    if triton_runs_on(q_latent.device):
+        return _kernel().mla_decode(q_latent.contiguous(), q_rope.contiguous(), cache_rows, length, scale)
+    return mla_decode_torch(q_latent, q_rope, cache_rows, length, scale)

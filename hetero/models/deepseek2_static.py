@@ -1,0 +1,200 @@
+"""The hybrid decode step: fixed buffers, GPU segments between CPU-expert hand-offs.
+
+One token per call. Everything the step touches lives in tensors made once per cache (the
+token's position, the hidden state, the router's choice, the logits), so on CUDA each
+segment is captured once into a graph and replayed at every position (gpu_ops.graphs). A
+segment runs from one MoE layer's routed-expert hand-off to the next: the previous layer's
+join, then attention, dense FFNs and GPU-placed experts of the layers between, then the
+router. At a hand-off the router's ids and weights and the layer input are copied to pinned
+host buffers inside the graph, the host waits on an event for them, submits the routed
+experts to the CPU engine, launches the shared experts' segment on the GPU meanwhile, waits
+for the CPU, and copies the result up for the next segment to add.
+
+Without CUDA the same segments run eagerly on the CPU standing in for the GPU: the tests
+compare this step with the plain forward pass there.
+"""
+
+import time
+from dataclasses import dataclass, field
+from functools import partial
+
+import torch
+
+from gpu_ops.attention import mla_decode
+from gpu_ops.graphs import Fence, Segment, Stopwatch, graph_pool, host_buffer
+from hetero.kv_cache import LatentKVCache
+from hetero.models.deepseek2 import DeepSeek2, Layer, rms_norm
+from hetero.rope import rope_tables
+
+
+@dataclass
+class HandOffTimes:
+    """Per decode step, per hand-off layer (seconds)."""
+
+    gpu: list[float] = field(default_factory=list)  # the GPU segment that ends at this hand-off + shared experts
+    cpu: list[float] = field(default_factory=list)  # routed experts on the CPU engine, submit to finish
+    wait: list[float] = field(default_factory=list)  # the host blocked on the CPU after the GPU work was queued
+
+
+@dataclass
+class StepProfile:
+    layers: dict[int, HandOffTimes] = field(default_factory=dict)
+    tail_gpu: list[float] = field(default_factory=list)  # the last segment (last join, output head)
+    step: list[float] = field(default_factory=list)  # whole steps, wall clock
+
+
+class HandOff:
+    """A MoE layer whose routed experts run on the CPU engine."""
+
+    def __init__(self, step: "StaticDecode", index: int, layer: Layer, shared: Segment | None):
+        self.step, self.index, self.layer, self.shared = step, index, layer, shared
+        self.fence = Fence(step.device)
+
+    def __call__(self, watch: Stopwatch | None, times: HandOffTimes | None) -> None:
+        s = self.step
+        self.fence.wait()  # the router's choice and the layer input are on the host
+        t0 = time.perf_counter()
+        result = self.layer.experts.submit(s.h_host, s.ids_host, s.weights_host)
+        if self.shared is not None:
+            a = watch.mark() if watch else None
+            self.shared()
+            b = watch.mark() if watch else None
+        t1 = time.perf_counter()
+        s.routed_host.copy_(result.wait())
+        t2 = time.perf_counter()
+        s.routed.copy_(s.routed_host, non_blocking=True)
+        if times is not None:
+            times.cpu.append(result.finished_at - t0 if result.finished_at else t2 - t0)
+            times.wait.append(t2 - t1)
+            if self.shared is not None:
+                times.gpu[-1] += watch.seconds(a, b)
+
+
+class StaticDecode:
+    def __init__(self, net: DeepSeek2, cache: LatentKVCache):
+        c = net.cfg
+        dev = self.device = net.device
+        self.net, self.cache = net, cache
+        self.pos = torch.zeros(1, dtype=torch.long, device=dev)  # the new token's position
+        self.length = torch.ones(1, dtype=torch.long, device=dev)  # valid positions once it is written
+        self.x = torch.zeros(1, c.n_embd, device=dev)
+        self.h = torch.zeros(1, c.n_embd, device=dev)  # the FFN input of the current layer
+        self.routed = torch.zeros(1, c.n_embd, device=dev)
+        self.shared = torch.zeros(1, c.n_embd, device=dev)
+        self.logits = torch.zeros(1, c.n_vocab, device=dev)
+        self.cos, self.sin = rope_tables(c, torch.arange(cache.max_tokens), dev)  # [S_max, P/2]
+        a = c.n_expert_used
+        self.h_host = host_buffer((1, c.n_embd), torch.float32, dev)
+        self.ids_host = host_buffer((1, a), torch.long, dev)
+        self.weights_host = host_buffer((1, a), torch.float32, dev)
+        self.routed_host = host_buffer((1, c.n_embd), torch.float32, dev)
+        self.stages = self._stages()
+        self.profile: StepProfile | None = None
+
+    def _stages(self) -> list[tuple[Segment, HandOff | None]]:
+        """(segment, the hand-off that follows it or None) in step order."""
+        pool = graph_pool(self.device)
+        stages, ops = [], []
+        for i, layer in enumerate(self.net.layers):
+            ops.append(partial(self.attention, i, layer))
+            if layer.experts is None:
+                ops.append(partial(self.dense_ffn, layer))
+            elif layer.experts.gpu is not None:
+                ops.append(partial(self.gpu_moe, layer))
+            else:
+                ops.append(partial(self.route_to_host, layer))
+                side = DeepSeek2.shared_on_side(layer)
+                shared = Segment([partial(self.shared_experts, layer)], self.device, pool) if side else None
+                stages.append((Segment(ops, self.device, pool), HandOff(self, i, layer, shared)))
+                ops = [partial(self.join, side)]
+        ops.append(self.head)
+        stages.append((Segment(ops, self.device, pool), None))
+        return stages
+
+    # -- the ops (each reads and writes the fixed buffers only) ---------------------------------
+    def attention(self, i: int, layer: Layer) -> None:
+        net, c = self.net, self.net.cfg
+        cos, sin = self.cos.index_select(0, self.pos), self.sin.index_select(0, self.pos)
+        q_nope, q_rope, latent, k_rope = net.project(layer, rms_norm(self.x, layer.attn_norm, c.rms_eps), cos, sin)
+        self.cache.buf[i].index_copy_(0, self.pos, torch.cat([latent, k_rope], dim=-1))
+        q_latent = layer.heads.absorb_q(q_nope)  # [1, H, R]
+        o = mla_decode(q_latent[0], q_rope[0], self.cache.buf[i], self.length, net.kq_scale)  # [H, R]
+        self.x += net.attention_out(layer, o[None])
+        self.h.copy_(rms_norm(self.x, layer.ffn_norm, c.rms_eps))
+
+    def dense_ffn(self, layer: Layer) -> None:
+        self.x += DeepSeek2.mlp(layer, self.h)
+
+    def gpu_moe(self, layer: Layer) -> None:
+        ids, weights = self.net.route(layer, self.h)
+        self.x += layer.experts.submit(self.h, ids, weights).wait()
+        if DeepSeek2.shared_on_side(layer):
+            self.x += DeepSeek2.mlp(layer, self.h)
+
+    def route_to_host(self, layer: Layer) -> None:
+        ids, weights = self.net.route(layer, self.h)
+        self.ids_host.copy_(ids, non_blocking=True)
+        self.weights_host.copy_(weights, non_blocking=True)
+        self.h_host.copy_(self.h, non_blocking=True)
+
+    def shared_experts(self, layer: Layer) -> None:
+        self.shared.copy_(DeepSeek2.mlp(layer, self.h))
+
+    def join(self, with_shared: bool) -> None:
+        self.x += self.routed
+        if with_shared:
+            self.x += self.shared
+
+    def head(self) -> None:
+        net = self.net
+        self.logits.copy_(net.output(rms_norm(self.x, net.output_norm, net.cfg.rms_eps)))
+
+    # -- one step --------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def __call__(self, token: int, cache: LatentKVCache) -> torch.Tensor:
+        """Decode `token` at position cache.length -> logits [1, vocab] (a copy)."""
+        if cache is not self.cache:
+            raise ValueError("this step's buffers belong to another cache")
+        p = cache.length
+        t_start = time.perf_counter()
+        self.pos.fill_(p)
+        self.length.fill_(p + 1)
+        self.x.copy_(self.net.embed(torch.tensor([token], device=self.net.embed.raw.device)))
+        prof = self.profile
+        watch = Stopwatch(self.device) if prof is not None else None
+        for segment, hand_off in self.stages:
+            a = watch.mark() if watch else None
+            segment()
+            if hand_off is not None:
+                hand_off.fence.record()
+            if watch:
+                b = watch.mark()
+                if hand_off is None:
+                    prof.tail_gpu.append(watch.seconds(a, b))
+                else:
+                    times = prof.layers.setdefault(hand_off.index, HandOffTimes())
+                    times.gpu.append(watch.seconds(a, b))
+            if hand_off is not None:
+                hand_off(watch, prof.layers[hand_off.index] if prof else None)
+        cache.length = p + 1
+        logits = self.logits.clone()
+        if prof is not None:
+            prof.step.append(time.perf_counter() - t_start)
+        return logits
+
+
+class HybridDecode:
+    """The decode step of a model with GPU weights: one StaticDecode for the cache in use (a new
+    cache gets new buffers, and on CUDA new graphs)."""
+
+    def __init__(self, net: DeepSeek2):
+        self.net = net
+        self.step: StaticDecode | None = None
+        self.profile: StepProfile | None = None  # set to collect a timeline (hetero bench --profile)
+
+    def __call__(self, token: int, cache: LatentKVCache) -> torch.Tensor:
+        if self.step is None or self.step.cache is not cache:
+            self.step = None  # free the old buffers and graphs first
+            self.step = StaticDecode(self.net, cache)
+        self.step.profile = self.profile
+        return self.step(token, cache)
