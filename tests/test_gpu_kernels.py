@@ -110,7 +110,7 @@ def test_gpu_experts_match_float64(tokens):
     weights = rng.random((tokens, a)).astype(np.float32)
     ref = np.zeros((tokens, d))
     for t in range(tokens):
-        for e, wt in zip(ids[t], weights[t]):
+        for e, wt in zip(ids[t], weights[t], strict=True):
             g, u = gate[e] @ x[t], up[e] @ x[t]
             ref[t] += wt * (down[e] @ (g / (1 + np.exp(-g)) * u))
     y = experts(torch.from_numpy(x), torch.from_numpy(ids), torch.from_numpy(weights)).numpy()
