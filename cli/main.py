@@ -213,20 +213,27 @@ def bench(
     reps: Annotated[int, typer.Option(help="Repetitions; medians are reported.")] = 3,
     gpu_mem: Annotated[str | None, typer.Option(help="GPU budget, e.g. 24GiB.")] = None,
     ctx: Annotated[int | None, typer.Option(help="Context length for the plan [default: 4096].")] = None,
+    override: Annotated[list[str] | None, typer.Option(help="PATTERN=DEVICE[:FORMAT], e.g. 'exps=cpu'.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+    profile: Annotated[
+        bool, typer.Option("--profile", help="Per-layer decode timeline: GPU busy, CPU experts, waiting.")
+    ] = False,
 ):
     """Measure prefill and decode tokens/s (medians over repetitions) beside the planner's prediction.
 
     Example: hetero bench v2lite.gguf --device cpu --threads 2 --prompt-tokens 64 --gen-tokens 16 --json
+    Hybrid timeline: hetero bench v3.gguf --gpu-mem 24GiB --override exps=cpu --profile
     """
     import statistics
 
     import torch
 
-    from hetero.bench import run_bench
+    from cli.profile_report import print_profile, profile_json
+    from hetero.bench import profile_decode, run_bench
     from hetero.gguf_file import GGUFModelFile
     from placement.hardware import detect, with_overrides
     from placement.planner import plan_model
+    from placement.rules import parse_override
 
     if device not in ("cpu", "auto"):
         raise HeteroError(f"--device {device}: choose cpu or auto")
@@ -235,11 +242,21 @@ def bench(
     file = GGUFModelFile(model)
     with err_console.status("measuring memory bandwidth", spinner="dots"):
         hw = detect()
-    plan = plan_model(file, with_overrides(hw, gpu_mem="0" if device == "cpu" else gpu_mem), ctx)
+    rules = [parse_override(o) for o in override or []]
+    plan = plan_model(file, with_overrides(hw, gpu_mem="0" if device == "cpu" else gpu_mem), ctx, rules)
+    if profile and not plan.weights_bytes("gpu"):
+        raise HeteroError(
+            "--profile times the hybrid decode step, and this plan puts nothing on the GPU; give --gpu-mem "
+            "(without CUDA the CPU stands in for the GPU)"
+        )
     loaded = load_with_progress(file, plan=plan, threads=threads, numa=numa)
     with Progress(*Progress.get_default_columns(), console=err_console, transient=True) as bar:
         task = bar.add_task(f"bench ({reps} repetitions)", total=reps)
         result = run_bench(loaded, prompt_tokens, gen_tokens, reps, on_rep=lambda _: bar.advance(task))
+    timeline = None
+    if profile:
+        with err_console.status("profiling decode steps", spinner="dots"):
+            timeline = profile_decode(loaded, prompt_tokens, max(gen_tokens, 8))
     pred = plan.prediction
     cpu_bytes, gpu_bytes = plan.decode_read_bytes("cpu"), plan.decode_read_bytes("gpu")
     report = {
@@ -263,6 +280,8 @@ def bench(
         "achieved_cpu_gb_s": cpu_bytes * result.decode_median / 1e9,
         "cpu_read_bandwidth_gb_s": hw.cpu_bw / 1e9,
     }
+    if timeline is not None:
+        report["profile"] = profile_json(timeline)
     if as_json:
         print(json.dumps(report))
         return
@@ -281,6 +300,8 @@ def bench(
         f"{report['achieved_cpu_gb_s']:.2f} GB/s achieved of {hw.cpu_bw / 1e9:.1f} GB/s measured "
         f"({statistics.median(result.decode_tok_s) * cpu_bytes / hw.cpu_bw:.1%})"
     )
+    if timeline is not None:
+        print_profile(console, timeline, loaded.device)
 
 
 @app.command()

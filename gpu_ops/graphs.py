@@ -20,10 +20,11 @@ def host_buffer(shape, dtype, device: torch.device) -> torch.Tensor:
 
 
 class Segment:
-    def __init__(self, ops: list[Callable[[], None]], device: torch.device, pool=None):
-        """ops run in order; pool: a graph memory pool shared by the segments of one step."""
+    def __init__(self, ops: list[Callable[[], None]], capture: bool, pool=None):
+        """ops run in order; capture: into a CUDA graph (else always eagerly); pool: a graph
+        memory pool shared by the segments of one step."""
         self.ops = ops
-        self.capture = device.type == "cuda"
+        self.capture = capture
         self.pool = pool
         self.graph = None
 

@@ -53,3 +53,61 @@ def run_bench(model, prompt_tokens: int, gen_tokens: int, reps: int, seed: int =
         if on_rep:
             on_rep(rep)
     return BenchResult(prompt_tokens, gen_tokens, tuple(prefill), tuple(decode))
+
+
+@dataclass(frozen=True)
+class LayerTimes:
+    """Medians over decode steps, milliseconds, for one layer whose routed experts run on the CPU."""
+
+    layer: int
+    gpu_ms: float  # GPU segment ending at this layer's hand-off, plus its shared experts
+    cpu_ms: float  # the routed experts on the CPU engine, submit to finish
+    wait_ms: float  # the host blocked on the CPU experts with no GPU work left to queue
+
+
+@dataclass(frozen=True)
+class DecodeProfile:
+    layers: tuple[LayerTimes, ...]
+    tail_gpu_ms: float  # the last segment: the last join and the output head
+    step_ms: float  # a whole decode step, wall clock
+    steps: int
+
+    @property
+    def gpu_ms(self) -> float:
+        return sum(t.gpu_ms for t in self.layers) + self.tail_gpu_ms
+
+    @property
+    def cpu_ms(self) -> float:
+        return sum(t.cpu_ms for t in self.layers)
+
+    @property
+    def wait_ms(self) -> float:
+        return sum(t.wait_ms for t in self.layers)
+
+    @property
+    def bound(self) -> str:
+        """Which side most of the step waits on."""
+        return "cpu" if self.cpu_ms > self.gpu_ms else "gpu"
+
+
+def profile_decode(model, prompt_tokens: int, steps: int, seed: int = 0) -> DecodeProfile:
+    """Decode `steps` tokens after a random prompt with the hybrid step's timeline switched on."""
+    from hetero.models.deepseek2_static import HybridDecode, StepProfile
+
+    step = model.net.decode_step
+    if not isinstance(step, HybridDecode):
+        raise ValueError("the profile times the hybrid decode step; this plan puts nothing on the GPU")
+    rng = np.random.default_rng(seed)
+    ids = [model.tokenizer.bos_id, *rng.integers(0, model.config.n_vocab, prompt_tokens - 1).tolist()]
+    cache = model.new_cache(prompt_tokens + steps + 1)
+    logits = model.forward(ids, cache, last_only=True)
+    logits = model.forward([int(logits[-1].argmax())], cache)  # builds (and on CUDA captures) the step
+    step.profile = prof = StepProfile()
+    try:
+        for _ in range(steps):
+            logits = model.forward([int(logits[-1].argmax())], cache)
+    finally:
+        step.profile = None
+    ms = lambda xs: 1e3 * statistics.median(xs)  # noqa: E731
+    layers = tuple(LayerTimes(i, ms(t.gpu), ms(t.cpu), ms(t.wait)) for i, t in sorted(prof.layers.items()))
+    return DecodeProfile(layers, ms(prof.tail_gpu), ms(prof.step), steps)

@@ -72,3 +72,21 @@ def test_bench_json_reports_medians_runs_and_prediction(synth, keep_torch_thread
     assert r.exit_code == 2 and "--numa sometimes" in r.output
     r = runner.invoke(app, [*args[:2], "--prompt-tokens", "5000", "--gen-tokens", "1"])
     assert r.exit_code == 2 and "exceed the context" in r.output
+
+
+def test_bench_profile_shows_each_hand_off_layer(synth, keep_torch_threads, monkeypatch):
+    """Dense parts on the CPU standing in for the GPU, experts on the CPU engine: one timeline
+    row per MoE layer; a CPU-only plan has no hybrid step to profile."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    path = synth("tiny", "Q8_0")
+    args = ["bench", str(path), "--threads", "1", "--prompt-tokens", "4", "--gen-tokens", "3", "--reps", "1"]
+    r = runner.invoke(app, [*args, "--gpu-mem", "8GiB", "--override", "exps=cpu", "--profile", "--json"])
+    assert r.exit_code == 0, r.output
+    prof = json.loads(r.stdout)["profile"]
+    assert [row["layer"] for row in prof["layers"]] == [1, 2] and prof["steps"] == 8
+    assert all(row["gpu_ms"] > 0 and row["cpu_ms"] > 0 and row["wait_ms"] >= 0 for row in prof["layers"])
+    assert prof["step_ms"] >= prof["gpu_ms"] and prof["bound"] in ("cpu", "gpu")
+    r = runner.invoke(app, [*args, "--gpu-mem", "8GiB", "--override", "exps=cpu", "--profile"])
+    assert r.exit_code == 0 and "waiting for CPU" in r.output and "CPU standing in" in r.output
+    r = runner.invoke(app, [*args, "--device", "cpu", "--profile"])
+    assert r.exit_code == 2 and "puts nothing on the GPU" in r.output

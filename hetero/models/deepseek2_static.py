@@ -91,9 +91,27 @@ class StaticDecode:
         self.stages = self._stages()
         self.profile: StepProfile | None = None
 
+    def _segment_weights(self) -> list:
+        """The matrices the segments multiply with (not the routed experts of hand-off layers)."""
+        mats = [self.net.output]
+        for layer in self.net.layers:
+            heads = vars(layer.heads)
+            mats += [layer.q, layer.q_a, layer.q_b, layer.kv_a, layer.out, layer.gate, layer.up, layer.down,
+                     layer.router, heads.get("k_b"), heads.get("v_b"), heads.get("kv_b")]  # fmt: skip
+        return [m for m in mats if m is not None]
+
+    def capturable(self) -> bool:
+        """CUDA, and every weight a segment reads is on the GPU: a CPU weight inside a segment
+        would need the host mid-graph (such plans run the same segments eagerly)."""
+        if self.device.type != "cuda":
+            return False
+        on_device = lambda m: (m.gpu.q if m.gpu is not None else m.raw).device == self.device  # noqa: E731
+        return all(on_device(m) for m in self._segment_weights())
+
     def _stages(self) -> list[tuple[Segment, HandOff | None]]:
         """(segment, the hand-off that follows it or None) in step order."""
         pool = graph_pool(self.device)
+        capture = self.capturable()
         stages, ops = [], []
         for i, layer in enumerate(self.net.layers):
             ops.append(partial(self.attention, i, layer))
@@ -104,11 +122,11 @@ class StaticDecode:
             else:
                 ops.append(partial(self.route_to_host, layer))
                 side = DeepSeek2.shared_on_side(layer)
-                shared = Segment([partial(self.shared_experts, layer)], self.device, pool) if side else None
-                stages.append((Segment(ops, self.device, pool), HandOff(self, i, layer, shared)))
+                shared = Segment([partial(self.shared_experts, layer)], capture, pool) if side else None
+                stages.append((Segment(ops, capture, pool), HandOff(self, i, layer, shared)))
                 ops = [partial(self.join, side)]
         ops.append(self.head)
-        stages.append((Segment(ops, self.device, pool), None))
+        stages.append((Segment(ops, capture, pool), None))
         return stages
 
     # -- the ops (each reads and writes the fixed buffers only) ---------------------------------
