@@ -45,19 +45,36 @@ def friendly_errors(fn):
 
 
 def load_with_progress(path, **options):
-    """load_model, then read the weights into RAM with a progress bar by bytes."""
+    """load_model (with a bar by bytes for the weights it puts on the GPU), then read the
+    CPU's weights into RAM with a bar by bytes."""
     import hetero
+    from gpu_ops.matmul import report_placed_bytes
+    from hetero.gguf_file import GGUFModelFile
+    from hetero.model import default_plan
     from hetero.prefetch import prefetch
 
     with err_console.status("opening the model"):
-        model = hetero.load_model(path, **options)
+        file = path if isinstance(path, GGUFModelFile) else GGUFModelFile(path)
+        if options.get("plan") is None:
+            plan_options = {k: options.pop(k) for k in ("n_ctx", "gpu_mem", "rules") if k in options}
+            options["plan"] = default_plan(file, **plan_options)
+    gpu_bytes = options["plan"].weights_bytes("gpu")
+    if not gpu_bytes:
+        with err_console.status("opening the model"):
+            model = hetero.load_model(file, **options)
+    else:
+        columns = (TextColumn("[bold]placing weights on the GPU"), BarColumn(), DownloadColumn(), TimeRemainingColumn())
+        with Progress(*columns, console=err_console, transient=True) as bar:
+            task = bar.add_task("gpu", total=gpu_bytes)
+            with report_placed_bytes(lambda n: bar.advance(task, n)):
+                model = hetero.load_model(file, **options)
     columns = (TextColumn("[bold]reading weights"), BarColumn(), DownloadColumn(), TimeRemainingColumn())
     with Progress(*columns, console=err_console, transient=True) as bar:
         task = bar.add_task("read", total=None)
         if not prefetch(model.file, lambda done, total: bar.update(task, completed=done, total=total)):
             err_console.print("[dim]weights exceed free RAM: pages will be read from disk as they are used[/]")
-    if model.executor is not None:
-        with err_console.status("preparing the CPU kernels (compiled on first use, then cached)", spinner="dots"):
+    if model.executor is not None or model.plan.weights_bytes("gpu"):
+        with err_console.status("preparing the kernels (compiled on first use, then cached)", spinner="dots"):
             model.warm_up()
     return model
 

@@ -42,5 +42,5 @@ def print_profile(console: Console, p: DecodeProfile, gpu_device) -> None:
     console.print(
         f"step {p.step_ms:.2f} ms: GPU segments {p.gpu_ms:.2f}, waiting for the CPU experts {p.wait_ms:.2f}, "
         f"host and hand-offs {max(other, 0):.2f}; {p.bound.upper()}-bound"
-        + (" (with the CPU standing in, the \"GPU\" work runs on the host between hand-offs)" if stand_in else "")
+        + (' (with the CPU standing in, the "GPU" work runs on the host between hand-offs)' if stand_in else "")
     )

@@ -13,10 +13,10 @@ import torch.nn.functional as F
 from gpu_ops.matmul import DECODE_TOKENS, GpuWeights, gathered_matmul, gpu_matmul, repack
 
 
-def repack_stack(data, qtype, shape: tuple[int, int, int]) -> GpuWeights | None:
-    """A GGUF expert stack [E, rows, K] as one GPU-format matrix [E * rows, K], or None."""
+def repack_stack(data, qtype, shape: tuple[int, int, int], device: torch.device) -> GpuWeights | None:
+    """A GGUF expert stack [E, rows, K] as one GPU-format matrix [E * rows, K] on device, or None."""
     n, rows, k = shape
-    return repack(data.reshape(n * rows, -1), qtype, k)
+    return repack(data.reshape(n * rows, -1), qtype, k, device)
 
 
 class GpuExperts:

@@ -8,9 +8,13 @@ dequantize a bounded tile of rows at a time and multiply with torch. All return 
 Triton is imported on first use, so a CPU-only run never loads it.
 """
 
+import dataclasses
 import functools
 import importlib
 import os
+from collections.abc import Callable
+from contextlib import contextmanager
+from contextvars import ContextVar
 
 import torch
 from gguf import GGMLQuantizationType as QType
@@ -25,12 +29,61 @@ DECODE_TOKENS = 8  # up to this many rows the GEMV kernel runs (weights read onc
 TILE_VALUES = 1 << 20  # floats per dequantized tile on the torch path
 
 
-def repack(raw, qtype, in_features: int) -> GpuWeights | None:
-    """GGUF rows (uint8 [rows, row_bytes]) in their GPU format on the CPU, or None if none."""
+REPACK_CHUNK_BYTES = 64 << 20  # GGUF bytes repacked on the CPU at a time on the way to the device
+_placed: ContextVar[Callable[[int], None] | None] = ContextVar("gpu_bytes_placed", default=None)
+
+
+@contextmanager
+def report_placed_bytes(callback: Callable[[int], None]):
+    """Within this block, callback(n) hears of every n bytes of weights put on a GPU device (a
+    progress bar for loading)."""
+    token = _placed.set(callback)
+    try:
+        yield
+    finally:
+        _placed.reset(token)
+
+
+def placed(n_bytes: int) -> None:
+    callback = _placed.get()
+    if callback is not None:
+        callback(n_bytes)
+
+
+def has_gpu_format(qtype, in_features: int) -> bool:
     entry = _REPACK.get(qtype)
-    if entry is None or in_features % entry[1]:
+    return entry is not None and in_features % entry[1] == 0
+
+
+def repack(raw, qtype, in_features: int, device: torch.device | None = None) -> GpuWeights | None:
+    """GGUF rows (uint8 [rows, row_bytes]) in their GPU format, or None if the type has none.
+
+    With a device the rows go there REPACK_CHUNK_BYTES at a time into tensors made once, so
+    the CPU never holds more than a chunk of the repacked copy; without, the result is on the CPU.
+    """
+    if not has_gpu_format(qtype, in_features):
         return None
-    return entry[0](raw, in_features)
+    convert = _REPACK[qtype][0]
+    if device is None:
+        return convert(raw, in_features)
+    rows = raw.shape[0]
+    step = max(1, REPACK_CHUNK_BYTES // max(1, raw.shape[1]))
+    out = None
+    for start in range(0, rows, step):
+        part = convert(raw[start : start + step], in_features)
+        fields = {f.name: getattr(part, f.name) for f in dataclasses.fields(part)}
+        if out is None:
+            out = dataclasses.replace(part, **{
+                name: torch.empty((rows, *t.shape[1:]), dtype=t.dtype, device=device)
+                for name, t in fields.items() if isinstance(t, torch.Tensor)
+            })  # fmt: skip
+        made = 0
+        for name, t in fields.items():
+            if isinstance(t, torch.Tensor):
+                getattr(out, name)[start : start + t.shape[0]].copy_(t)
+                made += t.numel() * t.element_size()
+        placed(made)
+    return out
 
 
 @functools.cache

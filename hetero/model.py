@@ -120,6 +120,11 @@ class Model:
                 yield step.text
 
 
+def default_plan(file: GGUFModelFile, n_ctx: int | None = None, gpu_mem=None, rules: list[Rule] = ()) -> Plan:
+    """The plan load_model makes when given none: this machine (bandwidth not probed), the budget."""
+    return plan_model(file, with_overrides(detect(probe_bandwidth=False), gpu_mem=gpu_mem), n_ctx, rules)
+
+
 def load_model(
     path: str | Path | GGUFModelFile,
     n_ctx: int | None = None,
@@ -142,7 +147,7 @@ def load_model(
     """
     file = path if isinstance(path, GGUFModelFile) else GGUFModelFile(path)
     if plan is None:
-        plan = plan_model(file, with_overrides(detect(probe_bandwidth=False), gpu_mem=gpu_mem), n_ctx, rules)
+        plan = default_plan(file, n_ctx, gpu_mem, rules)
     elif {p.name for p in plan.placements} != set(file.tensors):
         raise HeteroError("the plan was made for a different model (tensor names differ)")
     if not plan.fits:

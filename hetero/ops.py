@@ -17,7 +17,7 @@ from cpu_ops.executor import Executor
 from cpu_ops.experts import CpuExperts, Stack, supported_stacks
 from cpu_ops.matmul import CpuMatrix, CpuStack, supported
 from gpu_ops.experts import GpuExperts, repack_stack
-from gpu_ops.matmul import DECODE_TOKENS, gathered_matmul, gpu_matmul, repack
+from gpu_ops.matmul import DECODE_TOKENS, gathered_matmul, gpu_matmul, has_gpu_format, placed, repack
 from hetero.gguf_file import TensorInfo
 from hetero.quants import dequantize
 
@@ -50,7 +50,10 @@ def raw_tensor(info: TensorInfo, device: torch.device) -> torch.Tensor:
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
         raw = torch.from_numpy(info.data)
-    return raw if device.type == "cpu" else raw.to(device)
+    if device.type == "cpu":
+        return raw
+    placed(raw.nbytes)
+    return raw.to(device)
 
 
 def _numpy(x: torch.Tensor) -> np.ndarray:
@@ -87,9 +90,8 @@ class QuantLinear:
         self.out_features, self.in_features = info.shape
         self.engine = _cpu_engine(engine, device, info.qtype, self.in_features)
         self.cpu = CpuMatrix(info.data, info.qtype, self.in_features) if self.engine else None
-        self.gpu = repack(info.data, info.qtype, self.in_features) if on_gpu else None
+        self.gpu = repack(info.data, info.qtype, self.in_features, device) if on_gpu else None
         if self.gpu is not None:
-            self.gpu = self.gpu.to(device)
             device = torch.device("cpu")  # the GGUF bytes stay in the file map, not on the GPU too
         self.raw = raw_tensor(info, device)
 
@@ -142,11 +144,10 @@ class ExpertBank:
         GPU format; the GGUF bytes then stay in the file map)."""
         self.n_expert, self.n_ff, self.n_embd = gate.shape
         self.gpu = None
-        if on_gpu:
-            packed = [repack_stack(t.data, t.qtype, t.shape) for t in (gate, up, down)]
-            if all(p is not None for p in packed):
-                self.gpu = GpuExperts(*(p.to(device) for p in packed), self.n_expert)
-                device = torch.device("cpu")
+        if on_gpu and all(has_gpu_format(t.qtype, t.shape[2]) for t in (gate, up, down)):
+            packed = [repack_stack(t.data, t.qtype, t.shape, device) for t in (gate, up, down)]
+            self.gpu = GpuExperts(*packed, self.n_expert)
+            device = torch.device("cpu")
         self.gate = QuantLinear3(gate, device)
         self.up = QuantLinear3(up, device)
         self.down = QuantLinear3(down, device)
@@ -218,9 +219,8 @@ class QuantLinear3:
         self.n, self.out_features, self.in_features = info.shape
         self.engine = _cpu_engine(engine, device, info.qtype, self.in_features)
         self.cpu = CpuStack(info.data, info.qtype, self.n, self.in_features) if self.engine else None
-        self.gpu = repack_stack(info.data, info.qtype, info.shape) if on_gpu else None
+        self.gpu = repack_stack(info.data, info.qtype, info.shape, device) if on_gpu else None
         if self.gpu is not None:
-            self.gpu = self.gpu.to(device)
             self.matrix_ids = torch.arange(self.n, device=device)
             device = torch.device("cpu")
         self.raw = raw_tensor(info, device)

@@ -38,6 +38,25 @@ def test_repacked_weights_dequantize_bit_for_bit(qtype, rows, k):
     np.testing.assert_array_equal(w.dequantize_rows(0, rows).numpy(), dequantize(raw, qtype).reshape(rows, k))
 
 
+@pytest.mark.parametrize("qtype", list(FORMATS), ids=lambda t: t.name)
+def test_repacking_to_a_device_goes_chunk_by_chunk(qtype, monkeypatch):
+    """Rows are repacked a chunk at a time into tensors made once on the device: the same
+    weights as one repack, and every byte placed is reported (the loading progress bar)."""
+    import gpu_ops.matmul as gm
+
+    raw = random_blocks(qtype, 50, 512, np.random.default_rng())
+    monkeypatch.setattr(gm, "REPACK_CHUNK_BYTES", raw.shape[1] * 7)  # 7 rows a chunk: 8 chunks, the last short
+    reports = []
+    with gm.report_placed_bytes(reports.append):
+        w = repack(raw, qtype, 512, torch.device("cpu"))
+    assert len(reports) == 8
+    whole = repack(raw, qtype, 512)
+    assert sum(reports) == sum(
+        t.numel() * t.element_size() for t in vars(whole).values() if isinstance(t, torch.Tensor)
+    )
+    np.testing.assert_array_equal(w.dequantize_rows(0, 50).numpy(), whole.dequantize_rows(0, 50).numpy())
+
+
 def test_types_without_a_gpu_format_stay_on_the_reference_path():
     raw = np.zeros((2, 34), np.uint8)
     assert repack(raw, T.Q5_1, 32) is None and repack(np.zeros((1, 144), np.uint8), T.Q4_K, 128) is None
