@@ -111,7 +111,7 @@ class StaticDecode:
     def _stages(self) -> list[tuple[Segment, HandOff | None]]:
         """(segment, the hand-off that follows it or None) in step order."""
         pool = graph_pool(self.device)
-        capture = self.capturable()
+        capture = self.captured = self.capturable()
         stages, ops = [], []
         for i, layer in enumerate(self.net.layers):
             ops.append(partial(self.attention, i, layer))
@@ -136,7 +136,8 @@ class StaticDecode:
         q_nope, q_rope, latent, k_rope = net.project(layer, rms_norm(self.x, layer.attn_norm, c.rms_eps), cos, sin)
         self.cache.buf[i].index_copy_(0, self.pos, torch.cat([latent, k_rope], dim=-1))
         q_latent = layer.heads.absorb_q(q_nope)  # [1, H, R]
-        o = mla_decode(q_latent[0], q_rope[0], self.cache.buf[i], self.length, net.kq_scale)  # [H, R]
+        known = None if self.captured else self.cache.length + 1
+        o = mla_decode(q_latent[0], q_rope[0], self.cache.buf[i], self.length, net.kq_scale, known)  # [H, R]
         self.x += net.attention_out(layer, o[None])
         self.h.copy_(rms_norm(self.x, layer.ffn_norm, c.rms_eps))
 
