@@ -6,9 +6,9 @@ packed 6-bit sub-block scales and mins, then 128 bytes of 4-bit values. A GPU ke
 their own that it can index without unpacking bit fields. `Int4Rows` is that: the values keep
 GGUF's order inside each 64-value chunk (byte b holds value b in its low nibble and value
 32 + b in its high one), scales and mins become one byte each per 32 values, and the two
-super-scales float32 per 256. Dequantization is then d * sc * q - dmin * m, in the same order
-of float32 operations as GGUF's own, so the weights are bit-identical (tested). Memory: 4.75
-bits per weight against Q4_K's 4.5.
+super-scales stay float16 per 256. Dequantization is then d * sc * q - dmin * m, in the same
+order of float32 operations as GGUF's own, so the weights are bit-identical (tested). Memory:
+4.625 bits per weight against Q4_K's 4.5.
 """
 
 from dataclasses import dataclass
@@ -23,13 +23,13 @@ BLOCK, BLOCK_BYTES = GGML_QUANT_SIZES[QType.Q4_K]  # 256 values, 144 bytes
 
 @dataclass
 class Int4Rows:
-    """A [rows, K] matrix of 4-bit values with per-32 scale/min bytes and per-256 float scales."""
+    """A [rows, K] matrix of 4-bit values with per-32 scale/min bytes and per-256 float16 scales."""
 
     q: torch.Tensor  # uint8 [rows, K / 2]
     sc: torch.Tensor  # uint8 [rows, K / 32]
     mn: torch.Tensor  # uint8 [rows, K / 32]
-    d: torch.Tensor  # float32 [rows, K / 256]
-    dmin: torch.Tensor  # float32 [rows, K / 256]
+    d: torch.Tensor  # float16 [rows, K / 256]
+    dmin: torch.Tensor  # float16 [rows, K / 256]
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -52,16 +52,16 @@ class Int4Rows:
         n, half = q.shape
         values = torch.stack([q & 15, q >> 4], dim=1)  # [n, 2, K/2]: low nibbles, then high
         values = values.view(n, 2, half // 32, 32).transpose(1, 2).reshape(n, -1, 32).float()  # [n, K/32, 32]
-        d = self.d[rows].repeat_interleave(8, dim=1)
-        dmin = self.dmin[rows].repeat_interleave(8, dim=1)
+        d = self.d[rows].float().repeat_interleave(8, dim=1)
+        dmin = self.dmin[rows].float().repeat_interleave(8, dim=1)
         scale = d * self.sc[rows].float()
         low = dmin * self.mn[rows].float()
         return (scale[..., None] * values - low[..., None]).reshape(n, -1)
 
 
 def _f16(b: np.ndarray) -> np.ndarray:
-    """Two bytes per row of b [..., 2] as float32."""
-    return np.ascontiguousarray(b).view(np.float16)[..., 0].astype(np.float32)
+    """Two bytes per row of b [..., 2] as float16 (kept: float32 math on them is exact)."""
+    return np.ascontiguousarray(b).view(np.float16)[..., 0]
 
 
 def _scales_and_mins(packed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -96,27 +96,32 @@ def repack_q4_k(raw: np.ndarray, in_features: int) -> Int4Rows:
 
 @dataclass
 class Int8Rows:
-    """A [rows, K] matrix of signed 8-bit values with one float32 scale per `group` values.
+    """A [rows, K] matrix of signed 8-bit values, weight = d * q or d * sc * q.
 
-    Q8_0 (d * q), Q5_0 (d * (q - 16)) and Q6_K (d * sc * (q - 32)) all fit: the values are the
-    integers GGUF multiplies, the scale is d (or d * sc, exact in float32: 11 x 8 bits), so the
-    weights are bit-identical. Memory: 8 bits per weight plus 32 / group bits of scale
-    (9 for Q8_0/Q5_0 against 8.5/5.5, 10 for Q6_K against 6.56): simple first, compact later.
+    Q8_0 (d * q), Q5_0 (d * (q - 16)): one float16 d per 32 values. Q6_K (d * sc * (q - 32)):
+    one float16 d per 256 and one int8 sc per 16. The values are the integers GGUF multiplies
+    and the scales GGUF's own, multiplied in the same float32 order, so the weights are
+    bit-identical. Memory: 8.5 bits per weight for Q8_0/Q5_0 (against 8.5/5.5), 8.56 for Q6_K
+    (against 6.56): the price of one byte per value, which the kernel loads without unpacking.
     """
 
     q: torch.Tensor  # int8 [rows, K]
-    scale: torch.Tensor  # float32 [rows, K / group]
-    group: int
+    d: torch.Tensor  # float16 [rows, K / d_group]
+    sc: torch.Tensor | None  # int8 [rows, K / SC_GROUP] (Q6_K) or None
+    d_group: int  # values per d: 256 (Q6_K) or 32
+
+    SC_GROUP = 16
 
     @property
     def shape(self) -> tuple[int, int]:
         return tuple(self.q.shape)
 
     def to(self, device) -> "Int8Rows":
-        return Int8Rows(self.q.to(device), self.scale.to(device), self.group)
+        sc = None if self.sc is None else self.sc.to(device)
+        return Int8Rows(self.q.to(device), self.d.to(device), sc, self.d_group)
 
     def rows(self, sel: slice) -> "Int8Rows":
-        return Int8Rows(self.q[sel], self.scale[sel], self.group)
+        return Int8Rows(self.q[sel], self.d[sel], None if self.sc is None else self.sc[sel], self.d_group)
 
     def dequantize_rows(self, start: int, stop: int) -> torch.Tensor:
         return self.dequantize_index(slice(start, stop))
@@ -124,14 +129,19 @@ class Int8Rows:
     def dequantize_index(self, rows: slice | torch.Tensor) -> torch.Tensor:
         q = self.q[rows].float()
         n = q.shape[0]
-        return (self.scale[rows][:, :, None] * q.view(n, -1, self.group)).reshape(n, -1)
+        scale = self.d[rows].float()
+        group = self.d_group
+        if self.sc is not None:
+            scale = scale.repeat_interleave(self.d_group // self.SC_GROUP, dim=1) * self.sc[rows].float()
+            group = self.SC_GROUP
+        return (scale[:, :, None] * q.view(n, -1, group)).reshape(n, -1)
 
 
 def repack_q8_0(raw: np.ndarray, in_features: int) -> Int8Rows:
     rows = raw.shape[0]
     b = np.ascontiguousarray(raw).reshape(rows, in_features // 32, 34)
     q = np.ascontiguousarray(b[..., 2:]).view(np.int8).reshape(rows, in_features)
-    return Int8Rows(torch.from_numpy(q), torch.from_numpy(_f16(b[..., 0:2])), 32)
+    return Int8Rows(torch.from_numpy(q), torch.from_numpy(_f16(b[..., 0:2])), None, 32)
 
 
 def repack_q5_0(raw: np.ndarray, in_features: int) -> Int8Rows:
@@ -145,7 +155,7 @@ def repack_q5_0(raw: np.ndarray, in_features: int) -> Int8Rows:
     fifth = (qh[..., None] >> np.arange(32, dtype=np.uint32)) & 1
     q = (nibbles | (fifth.astype(np.int16) << 4)) - 16
     return Int8Rows(
-        torch.from_numpy(q.astype(np.int8).reshape(rows, in_features)), torch.from_numpy(_f16(b[..., 0:2])), 32
+        torch.from_numpy(q.astype(np.int8).reshape(rows, in_features)), torch.from_numpy(_f16(b[..., 0:2])), None, 32
     )
 
 
@@ -164,5 +174,5 @@ def repack_q6_k(raw: np.ndarray, in_features: int) -> Int8Rows:
         parts.append(low.astype(np.int16) | (high.astype(np.int16) << 4))
     q = np.stack(parts, axis=3).reshape(rows, in_features) - 32  # [rows, blocks, half, k, l]
     d = _f16(b[..., 208:210])  # [rows, blocks]
-    sc = b[..., 192:208].view(np.int8).astype(np.float32)  # [rows, blocks, 16]
-    return Int8Rows(torch.from_numpy(q.astype(np.int8)), torch.from_numpy((d[..., None] * sc).reshape(rows, -1)), 16)
+    sc = np.ascontiguousarray(b[..., 192:208]).view(np.int8).reshape(rows, -1)  # [rows, blocks * 16]
+    return Int8Rows(torch.from_numpy(q.astype(np.int8)), torch.from_numpy(d), torch.from_numpy(sc), 256)

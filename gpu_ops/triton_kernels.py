@@ -3,7 +3,7 @@
 Each program owns BLOCK_N weight rows and BLOCK_M activation rows and walks K in chunks,
 rebuilding the weights in registers from the GPU formats of gpu_ops.formats. int4: 64-value
 chunks (32 bytes of each row: low nibbles are values 0-31, high ones 32-63), weights
-d * sc * q - dmin * m. int8: 32-value chunks, weights scale * q.
+d * sc * q - dmin * m. int8: 32-value chunks, weights d * q or d * sc * q (Q6_K).
 
 Two ways to multiply a chunk, chosen per launch (DOT):
 - decode (1-8 tokens): broadcast products summed in registers. Decode is memory-bound, so
@@ -57,8 +57,8 @@ def _int4_kernel(x_ptr, q_ptr, sc_ptr, mn_ptr, d_ptr, dmin_ptr, y_ptr, ids_ptr, 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for c in range(0, K // 64):
         packed = tl.load(q_ptr + wrows[:, None] * (K // 2) + c * 32 + lane[None, :], mask=row_ok[:, None], other=0)
-        d = tl.load(d_ptr + wrows * (K // 256) + c // 4, mask=row_ok, other=0.0)
-        dmin = tl.load(dmin_ptr + wrows * (K // 256) + c // 4, mask=row_ok, other=0.0)
+        d = tl.load(d_ptr + wrows * (K // 256) + c // 4, mask=row_ok, other=0.0).to(tl.float32)
+        dmin = tl.load(dmin_ptr + wrows * (K // 256) + c // 4, mask=row_ok, other=0.0).to(tl.float32)
         for half in tl.static_range(2):
             sub = wrows * (K // 32) + 2 * c + half
             scale = d * tl.load(sc_ptr + sub, mask=row_ok, other=0).to(tl.float32)
@@ -72,8 +72,8 @@ def _int4_kernel(x_ptr, q_ptr, sc_ptr, mn_ptr, d_ptr, dmin_ptr, y_ptr, ids_ptr, 
 
 
 @triton.jit
-def _int8_kernel(x_ptr, q_ptr, s_ptr, y_ptr, ids_ptr, M, N, K, GROUP: tl.constexpr,
-                 X_DIV: tl.constexpr, GATHER: tl.constexpr, DOT: tl.constexpr,
+def _int8_kernel(x_ptr, q_ptr, d_ptr, sc_ptr, y_ptr, ids_ptr, M, N, K, D_GROUP: tl.constexpr,
+                 HAS_SC: tl.constexpr, X_DIV: tl.constexpr, GATHER: tl.constexpr, DOT: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
     rows, wrows, toks, xrows = _tile(x_ptr, ids_ptr, M, N, K, X_DIV, GATHER, BLOCK_M, BLOCK_N)
     row_ok = rows < N
@@ -82,9 +82,13 @@ def _int8_kernel(x_ptr, q_ptr, s_ptr, y_ptr, ids_ptr, M, N, K, GROUP: tl.constex
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for c in range(0, K // 32):
         q = tl.load(q_ptr + wrows[:, None] * K + c * 32 + lane[None, :], mask=row_ok[:, None], other=0)
-        s = tl.load(
-            s_ptr + wrows[:, None] * (K // GROUP) + (c * 32 + lane[None, :]) // GROUP, mask=row_ok[:, None], other=0.0
-        )
+        d = tl.load(d_ptr + wrows * (K // D_GROUP) + (c * 32) // D_GROUP, mask=row_ok, other=0.0).to(tl.float32)
+        if HAS_SC:  # Q6_K: d per 256 times an int8 scale per 16
+            sub = wrows[:, None] * (K // 16) + c * 2 + lane[None, :] // 16
+            sc = tl.load(sc_ptr + sub, mask=row_ok[:, None], other=0)
+            s = d[:, None] * sc.to(tl.float32)
+        else:
+            s = d[:, None]
         w = s * q.to(tl.float32)  # [BLOCK_N, 32]
         x = tl.load(x_ptr + xrows[:, None] * K + c * 32 + lane[None, :], mask=tok_ok[:, None], other=0.0)
         acc = _accumulate(acc, x, w, DOT)
@@ -100,7 +104,8 @@ def _launch(x, w, y, n, grid, ids, x_div, block_m, dot):
     if isinstance(w, Int4Rows):
         _int4_kernel[grid](x, w.q, w.sc, w.mn, w.d, w.dmin, y, ids, m, n, k, **flags)
     else:
-        _int8_kernel[grid](x, w.q, w.scale, y, ids, m, n, k, GROUP=w.group, **flags)
+        sc = w.sc if w.sc is not None else w.d  # an unused pointer without sub-block scales
+        _int8_kernel[grid](x, w.q, w.d, sc, y, ids, m, n, k, D_GROUP=w.d_group, HAS_SC=w.sc is not None, **flags)
 
 
 def matmul(x: torch.Tensor, w: Int4Rows | Int8Rows, decode_tokens: int) -> torch.Tensor:

@@ -28,14 +28,15 @@ GPU_PRIORITY = (
 )
 
 # GPU formats (gpu_ops/formats.py). Types gpu_ops repacks today take their exact size there
-# (tests/test_gpu_kernels.py checks it): Q4_K as int4, 4 bits + 6 bits of scale and min per 32
-# values + two float32 per 256; Q6_K as int8 with a float32 scale per 16, Q8_0 and Q5_0 per 32.
+# (tests/test_gpu_kernels.py checks it): Q4_K as int4, 4 bits + a byte of scale and one of min
+# per 32 values + two float16 per 256; Q6_K as int8 with an int8 scale per 16 and a float16 per
+# 256; Q8_0 and Q5_0 as int8 with a float16 per 32.
 # The other 4-bit families are planned as tiles keeping GGUF's own scales (same size) and the
 # other 5/6/8-bit ones as int8 with one float16 scale per 32 values (until repacked they run
 # from their GGUF bytes, which is no more); floats stay floats.
 INT4_SOURCES = {T.Q4_0, T.Q4_1, T.Q4_K, T.IQ4_NL, T.IQ4_XS, T.Q2_K, T.Q3_K}
 INT8_SOURCES = {T.Q5_0, T.Q5_1, T.Q5_K, T.Q6_K, T.Q8_0}
-REPACKED_BITS_PER_32 = {T.Q4_K: ("int4", 152), T.Q6_K: ("int8", 320), T.Q8_0: ("int8", 288), T.Q5_0: ("int8", 288)}
+REPACKED_BITS_PER_32 = {T.Q4_K: ("int4", 148), T.Q6_K: ("int8", 274), T.Q8_0: ("int8", 272), T.Q5_0: ("int8", 272)}
 
 
 def gpu_format(qtype: T, n_values: int, gguf_bytes: int) -> tuple[str, int]:
