@@ -99,7 +99,12 @@ def triton_runs_on(device: torch.device) -> bool:
     return (device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1") and _triton_kernels() is not None
 
 
+def _activations(x: torch.Tensor) -> torch.Tensor:
+    return (x if x.dtype in (torch.float32, torch.float16, torch.bfloat16) else x.float()).contiguous()
+
+
 def torch_matmul(x: torch.Tensor, w: GpuWeights) -> torch.Tensor:
+    x = x.float()
     n, k = w.shape
     y = torch.empty(x.shape[0], n, dtype=torch.float32, device=x.device)
     step = max(1, TILE_VALUES // k)
@@ -110,8 +115,9 @@ def torch_matmul(x: torch.Tensor, w: GpuWeights) -> torch.Tensor:
 
 
 def gpu_matmul(x: torch.Tensor, w: GpuWeights) -> torch.Tensor:
-    """x float [T, K] (on w's device) @ W.T -> float32 [T, N]."""
-    x = x.float().contiguous()
+    """x [T, K] (float32, float16 or bfloat16, on w's device) @ W.T -> float32 [T, N]; the
+    kernels convert activations to float32 as they load them."""
+    x = _activations(x)
     if x.shape[1] != w.shape[1]:
         raise ValueError(f"activations of width {x.shape[1]} for rows of {w.shape[1]}")
     if triton_runs_on(x.device):
@@ -125,7 +131,7 @@ def gathered_matmul(x: torch.Tensor, w: GpuWeights, ids: torch.Tensor, rows_per_
     ids int [T, A] stay on the device (no host sync: graph-capturable); x [T, K] when
     x_per_token, else [T * A, K]. Returns float32 [T * A, rows_per_expert].
     """
-    x = x.float().contiguous()
+    x = _activations(x)
     if triton_runs_on(x.device):
         return _triton_kernels().gathered_matmul(x, w, ids, rows_per_expert, x_per_token)
     flat = ids.reshape(-1)
@@ -133,5 +139,5 @@ def gathered_matmul(x: torch.Tensor, w: GpuWeights, ids: torch.Tensor, rows_per_
     per = ids.shape[1] if x_per_token else 1
     for s in range(flat.numel()):  # the slot count is static; the expert id is read on the device
         rows = flat[s] * rows_per_expert + torch.arange(rows_per_expert, device=x.device)
-        y[s] = x[s // per] @ w.dequantize_index(rows).T
+        y[s] = x[s // per].float() @ w.dequantize_index(rows).T
     return y

@@ -66,7 +66,7 @@ def _int4_kernel(x_ptr, q_ptr, sc_ptr, mn_ptr, d_ptr, dmin_ptr, y_ptr, ids_ptr, 
             nibble = (packed >> (4 * half)) & 15
             w = scale[:, None] * nibble.to(tl.float32) - low[:, None]  # [BLOCK_N, 32]
             x = tl.load(x_ptr + xrows[:, None] * K + c * 64 + half * 32 + lane[None, :],
-                        mask=tok_ok[:, None], other=0.0)  # fmt: skip
+                        mask=tok_ok[:, None], other=0.0).to(tl.float32)  # fmt: skip
             acc = _accumulate(acc, x, w, DOT)
     tl.store(y_ptr + toks[:, None] * N + rows[None, :], acc, mask=tok_ok[:, None] & row_ok[None, :])
 
@@ -90,7 +90,7 @@ def _int8_kernel(x_ptr, q_ptr, d_ptr, sc_ptr, y_ptr, ids_ptr, M, N, K, D_GROUP: 
         else:
             s = d[:, None]
         w = s * q.to(tl.float32)  # [BLOCK_N, 32]
-        x = tl.load(x_ptr + xrows[:, None] * K + c * 32 + lane[None, :], mask=tok_ok[:, None], other=0.0)
+        x = tl.load(x_ptr + xrows[:, None] * K + c * 32 + lane[None, :], mask=tok_ok[:, None], other=0.0).to(tl.float32)
         acc = _accumulate(acc, x, w, DOT)
     tl.store(y_ptr + toks[:, None] * N + rows[None, :], acc, mask=tok_ok[:, None] & row_ok[None, :])
 
@@ -109,7 +109,8 @@ def _launch(x, w, y, n, grid, ids, x_div, block_m, dot):
 
 
 def matmul(x: torch.Tensor, w: Int4Rows | Int8Rows, decode_tokens: int) -> torch.Tensor:
-    """x float32 [T, K] contiguous -> float32 [T, N]; broadcast sums up to `decode_tokens`, tl.dot above."""
+    """x float32/float16/bfloat16 [T, K] contiguous -> float32 [T, N]; broadcast sums up to
+    `decode_tokens` rows, tl.dot above."""
     n, _ = w.shape
     m = x.shape[0]
     y = torch.empty(m, n, dtype=torch.float32, device=x.device)

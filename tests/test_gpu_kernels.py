@@ -81,6 +81,22 @@ def test_triton_kernels_match_float64(qtype, tokens, rows, k):
     _check(gpu_matmul(torch.from_numpy(x), repack(raw, qtype, k)), raw, qtype, x)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["f16", "bf16"])
+@pytest.mark.parametrize("tokens", [2, DECODE_TOKENS + 3])
+@pytest.mark.parametrize("triton", [True, False], ids=["triton", "torch"])
+def test_half_precision_activations(dtype, tokens, triton, monkeypatch):
+    """float16/bfloat16 activations are widened to float32 as they are loaded: the result is
+    the float32 product of the rounded activations."""
+    if not triton:
+        monkeypatch.setenv("TRITON_INTERPRET", "0")
+    rng = np.random.default_rng()
+    raw = random_blocks(T.Q4_K, 70, 512, rng)
+    x = torch.from_numpy(rng.standard_normal((tokens, 512)).astype(np.float32)).to(dtype)
+    y = gpu_matmul(x, repack(raw, T.Q4_K, 512))
+    assert y.dtype == torch.float32
+    _check(y, raw, T.Q4_K, x.float().numpy())
+
+
 @pytest.mark.parametrize("qtype", list(FORMATS), ids=lambda t: t.name)
 @pytest.mark.parametrize("tokens", [DECODE_TOKENS + 1, 45])
 def test_triton_gemm_matches_float64(qtype, tokens):
