@@ -21,28 +21,19 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from gguf import GGML_QUANT_SIZES
 from gguf import GGMLQuantizationType as T
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.cpu_kernels import random_matrix  # noqa: E402
 from gpu_ops.attention import mla_decode  # noqa: E402
 from gpu_ops.experts import GpuExperts  # noqa: E402
 from gpu_ops.matmul import gpu_matmul, repack  # noqa: E402
 
-F16_AT = {T.Q4_K: (0, 2), T.Q6_K: (208,), T.Q8_0: (0,)}
 V3_DENSE = {  # name: (out, in)
     "q_a": (1536, 7168), "q_b": (24576, 1536), "kv_a": (576, 7168), "attn_output": (7168, 16384),
     "shexp_gate/up": (2048, 7168), "shexp_down": (7168, 2048), "output": (129280, 7168),
 }  # fmt: skip
-
-
-def random_blocks(qtype, rows: int, k: int, rng) -> np.ndarray:
-    block, size = GGML_QUANT_SIZES[qtype]
-    raw = rng.integers(0, 256, (rows * (k // block), size), dtype=np.uint8)
-    for at in F16_AT[qtype]:
-        raw[:, at : at + 2] = (rng.random((raw.shape[0], 1)) * 0.01).astype(np.float16).view(np.uint8)
-    return raw.reshape(rows, -1)
 
 
 def nbytes(w) -> int:
@@ -102,7 +93,7 @@ def main() -> None:
         out, k = max(64, out // scale), max(256, k // scale // 256 * 256)
         x = torch.randn(1, k, device=device)
         for qtype in (T.Q4_K, T.Q6_K, T.Q8_0):
-            w = repack(random_blocks(qtype, out, k, rng), qtype, k, device)
+            w = repack(random_matrix(qtype, out, k, rng), qtype, k, device)
             rows.append(
                 row(f"{label} {qtype.name}", nbytes(w), timed(lambda x=x, w=w: gpu_matmul(x, w), args.reps, device), bw)
             )
@@ -117,8 +108,8 @@ def main() -> None:
             )
         )
     n_expert, d, f = (32, 512, 256) if args.small else (256, 7168, 2048)
-    stack = [repack(random_blocks(T.Q4_K, n_expert * f, d, rng), T.Q4_K, d, device) for _ in range(2)]
-    down = repack(random_blocks(T.Q6_K, n_expert * d, f, rng), T.Q6_K, f, device)
+    stack = [repack(random_matrix(T.Q4_K, n_expert * f, d, rng), T.Q4_K, d, device) for _ in range(2)]
+    down = repack(random_matrix(T.Q6_K, n_expert * d, f, rng), T.Q6_K, f, device)
     experts = GpuExperts(*stack, down, n_expert)
     x = torch.randn(1, d, device=device)
     ids = torch.from_numpy(rng.choice(n_expert, (1, 8), replace=False)).to(device)
