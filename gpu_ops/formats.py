@@ -2,15 +2,23 @@
 
 Q4_K keeps each 256 values in one 144-byte block: two float16 super-scales, twelve bytes of
 packed 6-bit sub-block scales and mins, then 128 bytes of 4-bit values. A GPU kernel wants the
-4-bit values of a row contiguous (wide, coalesced loads along K) and the scales in arrays of
-their own that it can index without unpacking bit fields. `Int4Rows` is that: the values keep
-GGUF's order inside each 64-value chunk (byte b holds value b in its low nibble and value
-32 + b in its high one), scales and mins become one byte each per 32 values, and the two
-super-scales stay float16 per 256. Dequantization is then d * sc * q - dmin * m, in the same
-order of float32 operations as GGUF's own, so the weights are bit-identical (tested). Memory:
-4.625 bits per weight against Q4_K's 4.5.
+values it reads together to lie together, and scales it can index without unpacking bit
+fields. The kernels (gpu_ops/triton_kernels.py) give each program a tile of TILE rows and walk
+K in chunks, so the formats here store exactly that (Marlin's idea, without its tensor-core
+fragment order, which Triton's tl.dot arranges itself): rows are grouped in tiles of TILE,
+and for each tile and chunk the TILE rows' bytes are one contiguous block (2 KiB of 4-bit
+values per 64-value chunk), the scales of a tile likewise one contiguous run per sub-block.
+A program's load is then one contiguous, fully coalesced block. Rows of each group (expert)
+are padded with zeros to whole tiles, so an expert's tiles never mix with the next one's.
+
+`Int4Rows` (Q4_K): the values keep GGUF's order inside each 64-value chunk (byte b holds value
+b in its low nibble and value 32 + b in its high one), scales and mins become one byte each
+per 32 values, and the two super-scales stay float16 per 256. Dequantization is then
+d * sc * q - dmin * m, in the same order of float32 operations as GGUF's own, so the weights
+are bit-identical (tested). Memory: 4.625 bits per weight against Q4_K's 4.5.
 """
 
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -19,43 +27,85 @@ from gguf import GGML_QUANT_SIZES
 from gguf import GGMLQuantizationType as QType
 
 BLOCK, BLOCK_BYTES = GGML_QUANT_SIZES[QType.Q4_K]  # 256 values, 144 bytes
+TILE = 64  # rows per tile: the Triton kernels' BLOCK_N
 
 
-@dataclass
-class Int4Rows:
-    """A [rows, K] matrix of 4-bit values with per-32 scale/min bytes and per-256 float16 scales."""
+def tiles_for(rows: int) -> int:
+    return -(-rows // TILE)
 
-    q: torch.Tensor  # uint8 [rows, K / 2]
-    sc: torch.Tensor  # uint8 [rows, K / 32]
-    mn: torch.Tensor  # uint8 [rows, K / 32]
-    d: torch.Tensor  # float16 [rows, K / 256]
-    dmin: torch.Tensor  # float16 [rows, K / 256]
+
+def tile_rows(a: np.ndarray, groups: int) -> np.ndarray:
+    """Per-row data [rows, C, *rest] -> [tiles, C, TILE, *rest]; each group's rows padded with
+    zeros to whole tiles (zero values and zero scales: padded rows weigh nothing)."""
+    rows = a.shape[0]
+    n = rows // groups
+    per_group = a.reshape(groups, n, *a.shape[1:])
+    pad = tiles_for(n) * TILE - n
+    if pad:
+        per_group = np.concatenate([per_group, np.zeros((groups, pad, *a.shape[1:]), a.dtype)], axis=1)
+    tiles = per_group.reshape(groups * tiles_for(n), TILE, *a.shape[1:])
+    return np.ascontiguousarray(np.swapaxes(tiles, 1, 2))
+
+
+class TiledRows:
+    """What both formats share: rows_per_group rows in each of `groups` groups, stored by tile."""
+
+    rows_per_group: int
+    groups: int
 
     @property
-    def shape(self) -> tuple[int, int]:
-        return self.q.shape[0], self.q.shape[1] * 2
+    def tiles_per_group(self) -> int:
+        return tiles_for(self.rows_per_group)
 
-    def to(self, device) -> "Int4Rows":
-        return Int4Rows(*(t.to(device) for t in (self.q, self.sc, self.mn, self.d, self.dmin)))
+    def _tensors(self) -> dict[str, torch.Tensor]:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                if isinstance(getattr(self, f.name), torch.Tensor)}  # fmt: skip
 
-    def rows(self, sel: slice) -> "Int4Rows":
-        """A view of some rows (one expert of a stack)."""
-        return Int4Rows(*(t[sel] for t in (self.q, self.sc, self.mn, self.d, self.dmin)))
+    def to(self, device):
+        return dataclasses.replace(self, **{k: t.to(device) for k, t in self._tensors().items()})
+
+    def group(self, e: int):
+        """Group e (one expert of a stack) as a one-group view."""
+        tiles = slice(e * self.tiles_per_group, (e + 1) * self.tiles_per_group)
+        return dataclasses.replace(self, **{k: t[tiles] for k, t in self._tensors().items()}, groups=1)
+
+    def _pick(self, t: torch.Tensor, rows: slice | torch.Tensor) -> torch.Tensor:
+        """Per-row data of the selected rows from a tiled tensor [tiles, C, TILE, *rest] -> [n, C, *rest]."""
+        if isinstance(rows, slice):
+            rows = torch.arange(self.groups * self.rows_per_group, device=t.device)[rows]
+        group, local = rows // self.rows_per_group, rows % self.rows_per_group
+        return t[group * self.tiles_per_group + local // TILE, :, local % TILE]
 
     def dequantize_rows(self, start: int, stop: int) -> torch.Tensor:
         """Rows [start, stop) as float32 [stop - start, K], bit-identical to GGUF's dequantization."""
         return self.dequantize_index(slice(start, stop))
 
+
+@dataclass
+class Int4Rows(TiledRows):
+    """A [rows, K] matrix of 4-bit values with per-32 scale/min bytes and per-256 float16 scales."""
+
+    q: torch.Tensor  # uint8 [tiles, K / 64, TILE, 32]
+    sc: torch.Tensor  # uint8 [tiles, K / 32, TILE]
+    mn: torch.Tensor  # uint8 [tiles, K / 32, TILE]
+    d: torch.Tensor  # float16 [tiles, K / 256, TILE]
+    dmin: torch.Tensor  # float16 [tiles, K / 256, TILE]
+    rows_per_group: int
+    groups: int
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.groups * self.rows_per_group, self.q.shape[1] * 64
+
     def dequantize_index(self, rows: slice | torch.Tensor) -> torch.Tensor:
         """The rows a slice or an index tensor selects, as float32 [n, K]."""
-        q = self.q[rows]
-        n, half = q.shape
-        values = torch.stack([q & 15, q >> 4], dim=1)  # [n, 2, K/2]: low nibbles, then high
-        values = values.view(n, 2, half // 32, 32).transpose(1, 2).reshape(n, -1, 32).float()  # [n, K/32, 32]
-        d = self.d[rows].float().repeat_interleave(8, dim=1)
-        dmin = self.dmin[rows].float().repeat_interleave(8, dim=1)
-        scale = d * self.sc[rows].float()
-        low = dmin * self.mn[rows].float()
+        q = self._pick(self.q, rows)  # [n, K/64, 32]
+        n, chunks, _ = q.shape
+        values = torch.stack([q & 15, q >> 4], dim=2).reshape(n, chunks * 2, 32).float()  # [n, K/32, 32]
+        d = self._pick(self.d, rows).float().repeat_interleave(8, dim=1)
+        dmin = self._pick(self.dmin, rows).float().repeat_interleave(8, dim=1)
+        scale = d * self._pick(self.sc, rows).float()
+        low = dmin * self._pick(self.mn, rows).float()
         return (scale[..., None] * values - low[..., None]).reshape(n, -1)
 
 
@@ -76,26 +126,22 @@ def _scales_and_mins(packed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return sc, mn
 
 
-def repack_q4_k(raw: np.ndarray, in_features: int) -> Int4Rows:
-    """Q4_K rows (uint8 [rows, row_bytes], e.g. a view of the file map) -> Int4Rows on the CPU."""
+def repack_q4_k(raw: np.ndarray, in_features: int, groups: int = 1) -> Int4Rows:
+    """Q4_K rows (uint8 [rows, row_bytes], e.g. a view of the file map; `groups` stacked
+    matrices of equal height) -> Int4Rows on the CPU."""
     if in_features % BLOCK:
         raise ValueError(f"Q4_K rows of {in_features} values: not a multiple of {BLOCK}")
     rows = raw.shape[0]
     blocks = np.ascontiguousarray(raw).reshape(rows, in_features // BLOCK, BLOCK_BYTES)
     d, dmin = _f16(blocks[..., 0:2]), _f16(blocks[..., 2:4])
     sc, mn = _scales_and_mins(blocks[..., 4:16].reshape(-1, 12))
-    q = np.ascontiguousarray(blocks[..., 16:]).reshape(rows, in_features // 2)
-    return Int4Rows(
-        q=torch.from_numpy(q),  # a fresh array: ascontiguousarray of a strided slice copies
-        sc=torch.from_numpy(sc.reshape(rows, -1)),
-        mn=torch.from_numpy(mn.reshape(rows, -1)),
-        d=torch.from_numpy(d),
-        dmin=torch.from_numpy(dmin),
-    )
+    q = blocks[..., 16:].reshape(rows, in_features // 64, 32)
+    tiled = [tile_rows(a, groups) for a in (q, sc.reshape(rows, -1), mn.reshape(rows, -1), d, dmin)]
+    return Int4Rows(*(torch.from_numpy(a) for a in tiled), rows // groups, groups)
 
 
 @dataclass
-class Int8Rows:
+class Int8Rows(TiledRows):
     """A [rows, K] matrix of signed 8-bit values, weight = d * q or d * sc * q.
 
     Q8_0 (d * q), Q5_0 (d * (q - 16)): one float16 d per 32 values. Q6_K (d * sc * (q - 32)):
@@ -105,46 +151,46 @@ class Int8Rows:
     (against 6.56): the price of one byte per value, which the kernel loads without unpacking.
     """
 
-    q: torch.Tensor  # int8 [rows, K]
-    d: torch.Tensor  # float16 [rows, K / d_group]
-    sc: torch.Tensor | None  # int8 [rows, K / SC_GROUP] (Q6_K) or None
+    q: torch.Tensor  # int8 [tiles, K / 32, TILE, 32]
+    d: torch.Tensor  # float16 [tiles, K / d_group, TILE]
+    sc: torch.Tensor | None  # int8 [tiles, K / SC_GROUP, TILE] (Q6_K) or None
     d_group: int  # values per d: 256 (Q6_K) or 32
+    rows_per_group: int
+    groups: int
 
     SC_GROUP = 16
 
     @property
     def shape(self) -> tuple[int, int]:
-        return tuple(self.q.shape)
-
-    def to(self, device) -> "Int8Rows":
-        sc = None if self.sc is None else self.sc.to(device)
-        return Int8Rows(self.q.to(device), self.d.to(device), sc, self.d_group)
-
-    def rows(self, sel: slice) -> "Int8Rows":
-        return Int8Rows(self.q[sel], self.d[sel], None if self.sc is None else self.sc[sel], self.d_group)
-
-    def dequantize_rows(self, start: int, stop: int) -> torch.Tensor:
-        return self.dequantize_index(slice(start, stop))
+        return self.groups * self.rows_per_group, self.q.shape[1] * 32
 
     def dequantize_index(self, rows: slice | torch.Tensor) -> torch.Tensor:
-        q = self.q[rows].float()
+        q = self._pick(self.q, rows).float()  # [n, K/32, 32]
         n = q.shape[0]
-        scale = self.d[rows].float()
+        scale = self._pick(self.d, rows).float()
         group = self.d_group
         if self.sc is not None:
-            scale = scale.repeat_interleave(self.d_group // self.SC_GROUP, dim=1) * self.sc[rows].float()
+            scale = scale.repeat_interleave(self.d_group // self.SC_GROUP, dim=1) * self._pick(self.sc, rows).float()
             group = self.SC_GROUP
-        return (scale[:, :, None] * q.view(n, -1, group)).reshape(n, -1)
+        return (scale[:, :, None] * q.reshape(n, -1, group)).reshape(n, -1)
 
 
-def repack_q8_0(raw: np.ndarray, in_features: int) -> Int8Rows:
+def _int8_rows(q: np.ndarray, d: np.ndarray, sc: np.ndarray | None, d_group: int, groups: int) -> Int8Rows:
+    """Row-major q [rows, K] int8, d [rows, K / d_group], sc [rows, K / 16] or None -> tiled."""
+    rows = q.shape[0]
+    tq = torch.from_numpy(tile_rows(q.astype(np.int8).reshape(rows, -1, 32), groups))
+    tsc = None if sc is None else torch.from_numpy(tile_rows(sc, groups))
+    return Int8Rows(tq, torch.from_numpy(tile_rows(d, groups)), tsc, d_group, rows // groups, groups)
+
+
+def repack_q8_0(raw: np.ndarray, in_features: int, groups: int = 1) -> Int8Rows:
     rows = raw.shape[0]
     b = np.ascontiguousarray(raw).reshape(rows, in_features // 32, 34)
     q = np.ascontiguousarray(b[..., 2:]).view(np.int8).reshape(rows, in_features)
-    return Int8Rows(torch.from_numpy(q), torch.from_numpy(_f16(b[..., 0:2])), None, 32)
+    return _int8_rows(q, _f16(b[..., 0:2]), None, 32, groups)
 
 
-def repack_q5_0(raw: np.ndarray, in_features: int) -> Int8Rows:
+def repack_q5_0(raw: np.ndarray, in_features: int, groups: int = 1) -> Int8Rows:
     """Value j of a block: low nibble of byte j (j < 16) or high nibble of byte j - 16, and bit j
     of the 32-bit qh as its fifth bit; minus 16."""
     rows = raw.shape[0]
@@ -154,12 +200,10 @@ def repack_q5_0(raw: np.ndarray, in_features: int) -> Int8Rows:
     nibbles = np.concatenate([qs & 15, qs >> 4], axis=-1).astype(np.int16)  # [rows, blocks, 32]
     fifth = (qh[..., None] >> np.arange(32, dtype=np.uint32)) & 1
     q = (nibbles | (fifth.astype(np.int16) << 4)) - 16
-    return Int8Rows(
-        torch.from_numpy(q.astype(np.int8).reshape(rows, in_features)), torch.from_numpy(_f16(b[..., 0:2])), None, 32
-    )
+    return _int8_rows(q.reshape(rows, in_features), _f16(b[..., 0:2]), None, 32, groups)
 
 
-def repack_q6_k(raw: np.ndarray, in_features: int) -> Int8Rows:
+def repack_q6_k(raw: np.ndarray, in_features: int, groups: int = 1) -> Int8Rows:
     """Per 128 values (two per block): 64 bytes of low nibbles, 32 of high 2-bit pairs; value
     32 * k + l (k < 4, l < 32) takes nibble k // 2 of ql[l + 32 * (k % 2)] and bits 2k of qh[l]."""
     rows = raw.shape[0]
@@ -175,4 +219,4 @@ def repack_q6_k(raw: np.ndarray, in_features: int) -> Int8Rows:
     q = np.stack(parts, axis=3).reshape(rows, in_features) - 32  # [rows, blocks, half, k, l]
     d = _f16(b[..., 208:210])  # [rows, blocks]
     sc = np.ascontiguousarray(b[..., 192:208]).view(np.int8).reshape(rows, -1)  # [rows, blocks * 16]
-    return Int8Rows(torch.from_numpy(q.astype(np.int8)), torch.from_numpy(d), torch.from_numpy(sc), 256)
+    return _int8_rows(q, d, sc, 256, groups)

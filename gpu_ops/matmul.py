@@ -19,14 +19,14 @@ from contextvars import ContextVar
 import torch
 from gguf import GGMLQuantizationType as QType
 
-from gpu_ops.formats import Int4Rows, Int8Rows, repack_q4_k, repack_q5_0, repack_q6_k, repack_q8_0
+from gpu_ops.formats import TILE, Int4Rows, Int8Rows, repack_q4_k, repack_q5_0, repack_q6_k, repack_q8_0, tiles_for
 
 GpuWeights = Int4Rows | Int8Rows
 _REPACK = {QType.Q4_K: (repack_q4_k, 256), QType.Q6_K: (repack_q6_k, 256), QType.Q8_0: (repack_q8_0, 32),
            QType.Q5_0: (repack_q5_0, 32)}  # fmt: skip
 
 DECODE_TOKENS = 8  # up to this many rows the GEMV kernel runs (weights read once); above, the GEMM
-TILE_VALUES = 1 << 20  # floats per dequantized tile on the torch path
+TORCH_CHUNK_VALUES = 1 << 20  # floats dequantized at a time on the torch path
 
 
 REPACK_CHUNK_BYTES = 64 << 20  # GGUF bytes repacked on the CPU at a time on the way to the device
@@ -55,33 +55,38 @@ def has_gpu_format(qtype, in_features: int) -> bool:
     return entry is not None and in_features % entry[1] == 0
 
 
-def repack(raw, qtype, in_features: int, device: torch.device | None = None) -> GpuWeights | None:
-    """GGUF rows (uint8 [rows, row_bytes]) in their GPU format, or None if the type has none.
+def repack(raw, qtype, in_features: int, device: torch.device | None = None, groups: int = 1) -> GpuWeights | None:
+    """GGUF rows (uint8 [rows, row_bytes]; `groups` stacked matrices of equal height) in their GPU
+    format, or None if the type has none.
 
-    With a device the rows go there REPACK_CHUNK_BYTES at a time into tensors made once, so
-    the CPU never holds more than a chunk of the repacked copy; without, the result is on the CPU.
+    With a device the rows go there REPACK_CHUNK_BYTES at a time (whole tiles, or whole groups
+    of a stack) into tensors made once, so the CPU never holds more than a chunk of the
+    repacked copy; without, the result is on the CPU.
     """
     if not has_gpu_format(qtype, in_features):
         return None
     convert = _REPACK[qtype][0]
     if device is None:
-        return convert(raw, in_features)
+        return convert(raw, in_features, groups)
     rows = raw.shape[0]
-    step = max(1, REPACK_CHUNK_BYTES // max(1, raw.shape[1]))
+    per_group = rows // groups
+    unit_rows, unit_tiles = (per_group, tiles_for(per_group)) if groups > 1 else (TILE, 1)
+    n_units = groups if groups > 1 else tiles_for(rows)
+    step = max(1, REPACK_CHUNK_BYTES // (unit_rows * raw.shape[1]))
     out = None
-    for start in range(0, rows, step):
-        part = convert(raw[start : start + step], in_features)
-        fields = {f.name: getattr(part, f.name) for f in dataclasses.fields(part)}
+    for u in range(0, n_units, step):
+        r0, r1 = u * unit_rows, min(rows, (u + step) * unit_rows)
+        part = convert(raw[r0:r1], in_features, (r1 - r0) // per_group if groups > 1 else 1)
+        tensors = part._tensors()
         if out is None:
-            out = dataclasses.replace(part, **{
-                name: torch.empty((rows, *t.shape[1:]), dtype=t.dtype, device=device)
-                for name, t in fields.items() if isinstance(t, torch.Tensor)
+            out = dataclasses.replace(part, rows_per_group=per_group, groups=groups, **{
+                name: torch.empty((n_units * unit_tiles, *t.shape[1:]), dtype=t.dtype, device=device)
+                for name, t in tensors.items()
             })  # fmt: skip
         made = 0
-        for name, t in fields.items():
-            if isinstance(t, torch.Tensor):
-                getattr(out, name)[start : start + t.shape[0]].copy_(t)
-                made += t.numel() * t.element_size()
+        for name, t in tensors.items():
+            getattr(out, name)[u * unit_tiles : u * unit_tiles + t.shape[0]].copy_(t)
+            made += t.numel() * t.element_size()
         placed(made)
     return out
 
@@ -107,7 +112,7 @@ def torch_matmul(x: torch.Tensor, w: GpuWeights) -> torch.Tensor:
     x = x.float()
     n, k = w.shape
     y = torch.empty(x.shape[0], n, dtype=torch.float32, device=x.device)
-    step = max(1, TILE_VALUES // k)
+    step = max(1, TORCH_CHUNK_VALUES // k)
     for start in range(0, n, step):
         stop = min(n, start + step)
         y[:, start:stop] = x @ w.dequantize_rows(start, stop).T
@@ -125,19 +130,20 @@ def gpu_matmul(x: torch.Tensor, w: GpuWeights) -> torch.Tensor:
     return torch_matmul(x, w)
 
 
-def gathered_matmul(x: torch.Tensor, w: GpuWeights, ids: torch.Tensor, rows_per_expert: int, x_per_token: bool):
-    """Per (token, slot) s: x[token or s] @ W_e.T with e = ids[s], W a stack of experts' rows.
+def gathered_matmul(x: torch.Tensor, w: GpuWeights, ids: torch.Tensor, x_per_token: bool) -> torch.Tensor:
+    """Per (token, slot) s: x[token or s] @ W_e.T with e = ids[s], W a stack of matrices (groups).
 
     ids int [T, A] stay on the device (no host sync: graph-capturable); x [T, K] when
-    x_per_token, else [T * A, K]. Returns float32 [T * A, rows_per_expert].
+    x_per_token, else [T * A, K]. Returns float32 [T * A, w.rows_per_group].
     """
     x = _activations(x)
     if triton_runs_on(x.device):
-        return _triton_kernels().gathered_matmul(x, w, ids, rows_per_expert, x_per_token)
+        return _triton_kernels().gathered_matmul(x, w, ids, x_per_token)
+    n = w.rows_per_group
     flat = ids.reshape(-1)
-    y = torch.empty(flat.numel(), rows_per_expert, dtype=torch.float32, device=x.device)
+    y = torch.empty(flat.numel(), n, dtype=torch.float32, device=x.device)
     per = ids.shape[1] if x_per_token else 1
     for s in range(flat.numel()):  # the slot count is static; the expert id is read on the device
-        rows = flat[s] * rows_per_expert + torch.arange(rows_per_expert, device=x.device)
+        rows = flat[s] * n + torch.arange(n, device=x.device)
         y[s] = x[s // per].float() @ w.dequantize_index(rows).T
     return y

@@ -146,7 +146,7 @@ class ExpertBank:
         self.gpu = None
         if on_gpu and all(has_gpu_format(t.qtype, t.shape[2]) for t in (gate, up, down)):
             packed = [repack_stack(t.data, t.qtype, t.shape, device) for t in (gate, up, down)]
-            self.gpu = GpuExperts(*packed, self.n_expert)
+            self.gpu = GpuExperts(*packed)
             device = torch.device("cpu")
         self.gate = QuantLinear3(gate, device)
         self.up = QuantLinear3(up, device)
@@ -242,7 +242,7 @@ class QuantLinear3:
         if self.gpu is not None and t <= DECODE_TOKENS:  # one gathered GEMV per (token, matrix)
             ids = self.matrix_ids.expand(t, self.n)
             xs = x.to(ids.device).reshape(t * self.n, self.in_features)
-            out = gathered_matmul(xs, self.gpu, ids, self.out_features, x_per_token=False)
+            out = gathered_matmul(xs, self.gpu, ids, x_per_token=False)
             return out.view(t, self.n, self.out_features).to(x.device)
         if self.cpu is None:
             return torch.einsum("tei,eoi->teo", x, self.all().to(x.device))

@@ -7,6 +7,7 @@ of B tokens reads the fraction 1 - (1 - A/E)^B of it, so at decode its intensity
 a dense weight's but its bytes per FLOP is E/A times worse: it belongs where bytes are cheap.
 """
 
+import math
 from dataclasses import dataclass
 
 from gguf import GGML_QUANT_SIZES
@@ -28,9 +29,10 @@ GPU_PRIORITY = (
 )
 
 # GPU formats (gpu_ops/formats.py). Types gpu_ops repacks today take their exact size there
-# (tests/test_gpu_kernels.py checks it): Q4_K as int4, 4 bits + a byte of scale and one of min
-# per 32 values + two float16 per 256; Q6_K as int8 with an int8 scale per 16 and a float16 per
-# 256; Q8_0 and Q5_0 as int8 with a float16 per 32.
+# (tests/test_gpu_kernels.py checks it), each matrix's rows padded to whole 64-row tiles: Q4_K
+# as int4, 4 bits + a byte of scale and one of min per 32 values + two float16 per 256; Q6_K
+# as int8 with an int8 scale per 16 and a float16 per 256; Q8_0 and Q5_0 as int8 with a
+# float16 per 32.
 # The other 4-bit families are planned as tiles keeping GGUF's own scales (same size) and the
 # other 5/6/8-bit ones as int8 with one float16 scale per 32 values (until repacked they run
 # from their GGUF bytes, which is no more); floats stay floats.
@@ -39,11 +41,16 @@ INT8_SOURCES = {T.Q5_0, T.Q5_1, T.Q5_K, T.Q6_K, T.Q8_0}
 REPACKED_BITS_PER_32 = {T.Q4_K: ("int4", 148), T.Q6_K: ("int8", 274), T.Q8_0: ("int8", 272), T.Q5_0: ("int8", 272)}
 
 
-def gpu_format(qtype: T, n_values: int, gguf_bytes: int) -> tuple[str, int]:
-    """(format name, bytes on the GPU) for a tensor of this GGUF type."""
-    if qtype in REPACKED_BITS_PER_32:
+GPU_TILE_ROWS = 64  # gpu_ops.formats.TILE: each matrix's rows are padded to whole tiles
+
+
+def gpu_format(qtype: T, shape: tuple[int, ...], gguf_bytes: int) -> tuple[str, int]:
+    """(format name, bytes on the GPU) for a tensor of this GGUF type and (numpy) shape."""
+    n_values = math.prod(shape)
+    if qtype in REPACKED_BITS_PER_32 and len(shape) >= 2:
         fmt, bits = REPACKED_BITS_PER_32[qtype]
-        return fmt, n_values // 32 * bits // 8
+        rows = -(-shape[-2] // GPU_TILE_ROWS) * GPU_TILE_ROWS
+        return fmt, math.prod(shape[:-2]) * rows * shape[-1] // 32 * bits // 8
     if qtype in INT4_SOURCES:
         return "int4", max(gguf_bytes, n_values * 9 // 16)  # at least 4 bits + a 16-bit scale per 32
     if qtype in INT8_SOURCES:
@@ -92,7 +99,7 @@ def tensor_costs(cfg: ModelConfig, tensors: dict, ctx: int) -> list[TensorCost]:
         kind, layer = tensor_kind(name), _layer(name)
         block, size = GGML_QUANT_SIZES[t.qtype]
         gguf_bytes = t.n_values // block * size
-        fmt, gpu_bytes = gpu_format(t.qtype, t.n_values, gguf_bytes)
+        fmt, gpu_bytes = gpu_format(t.qtype, t.shape, gguf_bytes)
         flops, fraction = 2.0 * t.n_values, 1.0
         if kind == "routed experts":
             flops, fraction = flops * used, used

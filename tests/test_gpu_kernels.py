@@ -39,22 +39,24 @@ def test_repacked_weights_dequantize_bit_for_bit(qtype, rows, k):
 
 
 @pytest.mark.parametrize("qtype", list(FORMATS), ids=lambda t: t.name)
-def test_repacking_to_a_device_goes_chunk_by_chunk(qtype, monkeypatch):
-    """Rows are repacked a chunk at a time into tensors made once on the device: the same
-    weights as one repack, and every byte placed is reported (the loading progress bar)."""
+@pytest.mark.parametrize("groups,rows,chunks", [(1, 200, 4), (3, 70, 3)])
+def test_repacking_to_a_device_goes_chunk_by_chunk(qtype, groups, rows, chunks, monkeypatch):
+    """Rows are repacked a tile (or a stack's matrix) at a time into tensors made once on the
+    device: the same weights as one repack, every byte placed is reported (the loading bar)."""
     import gpu_ops.matmul as gm
 
-    raw = random_blocks(qtype, 50, 512, np.random.default_rng())
-    monkeypatch.setattr(gm, "REPACK_CHUNK_BYTES", raw.shape[1] * 7)  # 7 rows a chunk: 8 chunks, the last short
+    raw = random_blocks(qtype, groups * rows, 512, np.random.default_rng())
+    monkeypatch.setattr(gm, "REPACK_CHUNK_BYTES", 1)  # one unit per chunk: 200 rows = 3 tiles + 8 rows
     reports = []
     with gm.report_placed_bytes(reports.append):
-        w = repack(raw, qtype, 512, torch.device("cpu"))
-    assert len(reports) == 8
-    whole = repack(raw, qtype, 512)
-    assert sum(reports) == sum(
-        t.numel() * t.element_size() for t in vars(whole).values() if isinstance(t, torch.Tensor)
-    )
-    np.testing.assert_array_equal(w.dequantize_rows(0, 50).numpy(), whole.dequantize_rows(0, 50).numpy())
+        w = repack(raw, qtype, 512, torch.device("cpu"), groups=groups)
+    assert len(reports) == chunks
+    whole = repack(raw, qtype, 512, groups=groups)
+    sizes = [t.numel() * t.element_size() for t in vars(whole).values() if isinstance(t, torch.Tensor)]
+    assert sum(reports) == sum(sizes)
+    n = groups * rows
+    np.testing.assert_array_equal(w.dequantize_rows(0, n).numpy(), whole.dequantize_rows(0, n).numpy())
+    np.testing.assert_array_equal(whole.dequantize_rows(0, n).numpy(), dequantize(raw, qtype).reshape(n, -1))
 
 
 def test_types_without_a_gpu_format_stay_on_the_reference_path():
@@ -118,13 +120,13 @@ def test_gathered_matmul_picks_each_slot_s_expert(qtype, triton, monkeypatch):
     rng = np.random.default_rng()
     n_expert, rows, k = 5, 70, 512
     raw = random_blocks(qtype, n_expert * rows, k, rng)
-    w = repack(raw, qtype, k)
+    w = repack(raw, qtype, k, groups=n_expert)  # 70 rows each: padded to two tiles of 64
     ids = torch.from_numpy(rng.integers(0, n_expert, (3, 2)))
     ids[2] = ids[2, 0]  # both slots of a token on one expert
     per_token = rng.standard_normal((3, k)).astype(np.float32)
     per_slot = rng.standard_normal((6, k)).astype(np.float32)
     for x, x_per_token in ((per_token, True), (per_slot, False)):
-        y = gathered_matmul(torch.from_numpy(x), w, ids, rows, x_per_token)
+        y = gathered_matmul(torch.from_numpy(x), w, ids, x_per_token)
         for s, e in enumerate(ids.reshape(-1).tolist()):
             xs = x[s // 2 if x_per_token else s][None]
             _check(y[s : s + 1], raw[e * rows : (e + 1) * rows], qtype, xs)
@@ -135,9 +137,9 @@ def test_gpu_experts_match_float64(tokens):
     """Gathered (decode) and grouped (prefill) expert paths against a float64 MoE."""
     rng = np.random.default_rng()
     n_expert, d, f, a = 6, 256, 512, 3
-    raws = [random_blocks(T.Q4_K, n_expert * f, d, rng), random_blocks(T.Q4_K, n_expert * f, d, rng),
-            random_blocks(T.Q6_K, n_expert * d, f, rng)]  # fmt: skip
-    experts = GpuExperts(repack(raws[0], T.Q4_K, d), repack(raws[1], T.Q4_K, d), repack(raws[2], T.Q6_K, f), n_expert)
+    qtypes, widths = (T.Q4_K, T.Q4_K, T.Q6_K), (d, d, f)
+    raws = [random_blocks(q, n_expert * (f if k == d else d), k, rng) for q, k in zip(qtypes, widths, strict=True)]
+    experts = GpuExperts(*(repack(r, q, k, groups=n_expert) for r, q, k in zip(raws, qtypes, widths, strict=True)))
     gate, up = (dequantize(r, T.Q4_K).reshape(n_expert, f, d).astype(np.float64) for r in raws[:2])
     down = dequantize(raws[2], T.Q6_K).reshape(n_expert, d, f).astype(np.float64)
     x = rng.standard_normal((tokens, d)).astype(np.float32)
@@ -189,8 +191,9 @@ def test_the_planner_budgets_the_repacked_size(qtype):
     """placement.cost plans GPU memory from the header alone; it must match what repack makes."""
     from placement.cost import gpu_format
 
-    rows, k = 7, 512
-    raw = random_blocks(qtype, rows, k, np.random.default_rng())
-    w = repack(raw, qtype, k)
-    made = sum(t.numel() * t.element_size() for t in vars(w).values() if isinstance(t, torch.Tensor))
-    assert gpu_format(qtype, rows * k, raw.nbytes)[1] == made
+    for groups, rows, k in ((1, 7, 512), (1, 130, 256), (3, 70, 256)):  # padded to whole tiles of rows
+        raw = random_blocks(qtype, groups * rows, k, np.random.default_rng())
+        w = repack(raw, qtype, k, groups=groups)
+        made = sum(t.numel() * t.element_size() for t in vars(w).values() if isinstance(t, torch.Tensor))
+        shape = (rows, k) if groups == 1 else (groups, rows, k)
+        assert gpu_format(qtype, shape, raw.nbytes)[1] == made
