@@ -153,3 +153,21 @@ def test_cuda_graph_replay_equals_eager(synth):
     assert all(seg.graph is not None for seg, _ in model.net.decode_step.step.stages)
     ref = _decode(model, ids, Eager(model.net))
     np.testing.assert_allclose(replayed, ref, rtol=0, atol=1e-5 * np.abs(ref).max())
+
+
+def test_long_prompts_are_prefilled_in_chunks(synth, monkeypatch):
+    """A prompt whose attention scores would pass the budget goes through in chunks of >= 64
+    tokens; the logits are those of one pass (F32, reference ops)."""
+    import hetero.models.deepseek2 as ds
+
+    model = hetero.load_model(synth("tiny", "F32"), cpu_kernels=False)
+    ids = random_prompt(150, model.tokenizer.bos_id)
+    whole = model.logits(ids)
+    monkeypatch.setattr(ds, "SCORES_BYTES", 1)
+    assert model.net.prefill_chunk(150) == 64
+    passes = []
+    forward = model.net.forward
+    monkeypatch.setattr(model.net, "forward", lambda i, c, last=False: passes.append(len(i)) or forward(i, c, last))
+    chunked = model.logits(ids)
+    assert passes[1:] == [64, 64, 22]
+    np.testing.assert_allclose(chunked, whole, rtol=0, atol=1e-5 * np.abs(whole).max())

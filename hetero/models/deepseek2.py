@@ -18,6 +18,7 @@ from hetero.ops import Embedding, ExpertBank, QuantLinear, QuantLinear3, vector
 from hetero.rope import apply_rope, attention_scales, rope_tables
 from hetero.routing import route
 
+SCORES_BYTES = 256 << 20  # attention scores of one layer for one prefill pass (the planner's activations hold them)
 Placer = Callable[[str], torch.device]
 EngineOf = Callable[[str], Executor | None]  # the CPU engine for a weight the plan puts on the CPU
 
@@ -206,6 +207,11 @@ class DeepSeek2:
         self.attention_form = "auto"  # or "absorbed" / "expanded" (tests compare the two)
         self.decode_step = None  # one-token step: NativeDecode (all on the CPU engine) or HybridDecode (GPU)
 
+    def prefill_chunk(self, positions: int) -> int:
+        """Tokens per prefill pass so that one layer's attention scores [T, H, S] (float32) stay
+        within SCORES_BYTES; at least 64, so short contexts are never split."""
+        return max(64, SCORES_BYTES // (4 * self.cfg.n_head * positions))
+
     def new_cache(self, max_tokens: int) -> LatentKVCache:
         c = self.cfg
         return LatentKVCache(c.n_layer, max_tokens, c.kv_lora_rank, c.qk_rope_dim, self.device)
@@ -218,6 +224,10 @@ class DeepSeek2:
             raise ValueError(f"context full: {start} + {ids.shape[0]} tokens > {cache.max_tokens}")
         if self.decode_step is not None and ids.shape[0] == 1:
             return self.decode_step(int(ids[0]), cache)
+        chunk = self.prefill_chunk(start + ids.shape[0])
+        if ids.shape[0] > chunk:  # a long prompt goes through in chunks: bounded attention scores
+            parts = [self.forward(ids[i : i + chunk], cache, last_only) for i in range(0, ids.shape[0], chunk)]
+            return parts[-1] if last_only else torch.cat(parts)
         positions = torch.arange(start, start + ids.shape[0])
         cos, sin = rope_tables(self.cfg, positions, self.device)
         x = self.embed(ids.to(self.device))  # [T, D]
