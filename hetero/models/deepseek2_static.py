@@ -51,14 +51,19 @@ class HandOff:
         self.fence = Fence(step.device)
 
     def __call__(self, watch: Stopwatch | None, times: HandOffTimes | None) -> None:
+        """On CUDA the shared experts are queued first (the GPU goes on with them while the host
+        waits for the router's output); on the CPU standing in for the GPU they run on the host
+        after the submit, while the CPU engine's workers run the routed ones."""
         s = self.step
+        queued = s.device.type == "cuda"
+        marks = None
+        if self.shared is not None and queued:
+            marks = self._run_shared(watch)
         self.fence.wait()  # the router's choice and the layer input are on the host
         t0 = time.perf_counter()
         result = self.layer.experts.submit(s.h_host, s.ids_host, s.weights_host)
-        if self.shared is not None:
-            a = watch.mark() if watch else None
-            self.shared()
-            b = watch.mark() if watch else None
+        if self.shared is not None and not queued:
+            marks = self._run_shared(watch)
         t1 = time.perf_counter()
         s.routed_host.copy_(result.wait())
         t2 = time.perf_counter()
@@ -66,8 +71,13 @@ class HandOff:
         if times is not None:
             times.cpu.append(result.finished_at - t0 if result.finished_at else t2 - t0)
             times.wait.append(t2 - t1)
-            if self.shared is not None:
-                times.gpu[-1] += watch.seconds(a, b)
+            if marks is not None:
+                times.gpu[-1] += watch.seconds(*marks)
+
+    def _run_shared(self, watch: Stopwatch | None):
+        a = watch.mark() if watch else None
+        self.shared()
+        return (a, watch.mark()) if watch else None
 
 
 class StaticDecode:
