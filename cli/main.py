@@ -80,10 +80,17 @@ def load_with_progress(path, **options):
 
 
 def engine_name(model) -> str:
-    """Which CPU path ran: the numba engine (threads) or the reference torch ops."""
-    if model.executor is None:
-        return "reference torch ops on the CPU"
-    return f"CPU engine, {model.executor.n_threads} threads"
+    """Which paths ran: the numba engine (threads) or the reference torch ops on the CPU, and the
+    hybrid decode step when the plan uses the GPU."""
+    cpu = (
+        "reference torch ops on the CPU"
+        if model.executor is None
+        else f"CPU engine, {model.executor.n_threads} threads"
+    )
+    if not model.plan.weights_bytes("gpu"):
+        return cpu
+    gpu = "CUDA" if model.device.type == "cuda" else "the CPU standing in for a GPU"
+    return f"{cpu}; the GPU's part on {gpu}"
 
 
 def cache_dir() -> Path:

@@ -90,3 +90,14 @@ def test_bench_profile_shows_each_hand_off_layer(synth, keep_torch_threads, monk
     assert r.exit_code == 0 and "waiting for CPU" in r.output and "CPU standing in" in r.output
     r = runner.invoke(app, [*args, "--device", "cpu", "--profile"])
     assert r.exit_code == 2 and "puts nothing on the GPU" in r.output
+
+
+def test_the_run_says_which_paths_it_took(synth, keep_torch_threads):
+    import hetero
+    from cli.main import engine_name
+    from placement.rules import parse_override
+
+    path = synth("tiny", "Q8_0")
+    assert engine_name(hetero.load_model(path, threads=1)) == "CPU engine, 1 threads"
+    hybrid = hetero.load_model(path, threads=1, gpu_mem="8GiB", rules=[parse_override("exps=cpu")])
+    assert engine_name(hybrid) == "CPU engine, 1 threads; the GPU's part on the CPU standing in for a GPU"
