@@ -82,11 +82,8 @@ def load_with_progress(path, **options):
 def engine_name(model) -> str:
     """Which paths ran: the numba engine (threads) or the reference torch ops on the CPU, and the
     hybrid decode step when the plan uses the GPU."""
-    cpu = (
-        "reference torch ops on the CPU"
-        if model.executor is None
-        else f"CPU engine, {model.executor.n_threads} threads"
-    )
+    n = model.executor.n_threads if model.executor else 0
+    cpu = "reference torch ops on the CPU" if model.executor is None else f"CPU engine, {n} thread{'s' * (n != 1)}"
     if not model.plan.weights_bytes("gpu"):
         return cpu
     gpu = "CUDA" if model.device.type == "cuda" else "the CPU standing in for a GPU"

@@ -98,6 +98,6 @@ def test_the_run_says_which_paths_it_took(synth, keep_torch_threads):
     from placement.rules import parse_override
 
     path = synth("tiny", "Q8_0")
-    assert engine_name(hetero.load_model(path, threads=1)) == "CPU engine, 1 threads"
+    assert engine_name(hetero.load_model(path, threads=1)) == "CPU engine, 1 thread"
     hybrid = hetero.load_model(path, threads=1, gpu_mem="8GiB", rules=[parse_override("exps=cpu")])
-    assert engine_name(hybrid) == "CPU engine, 1 threads; the GPU's part on the CPU standing in for a GPU"
+    assert engine_name(hybrid) == "CPU engine, 1 thread; the GPU's part on the CPU standing in for a GPU"
