@@ -84,9 +84,11 @@ def _int8_kernel(x_ptr, q_ptr, d_ptr, sc_ptr, y_ptr, ids_ptr, M, N, K, TPG, D_GR
     for c in range(0, K // 32):
         q = tl.load(q_ptr + (tile * (K // 32) + c) * (BLOCK_N * 32) + lane[:, None] * 32 + byte[None, :])
         d = tl.load(d_ptr + (tile * (K // D_GROUP) + (c * 32) // D_GROUP) * BLOCK_N + lane).to(tl.float32)
-        if HAS_SC:  # Q6_K: d per 256 times an int8 scale per 16
-            sc = tl.load(sc_ptr + (tile * (K // 16) + c * 2 + byte[None, :] // 16) * BLOCK_N + lane[:, None])
-            s = d[:, None] * sc.to(tl.float32)
+        if HAS_SC:  # Q6_K: d per 256 times an int8 scale per 16 (two per chunk)
+            sub = (tile * (K // 16) + c * 2) * BLOCK_N + lane
+            first = tl.load(sc_ptr + sub).to(tl.float32)
+            second = tl.load(sc_ptr + sub + BLOCK_N).to(tl.float32)
+            s = d[:, None] * tl.where(byte[None, :] < 16, first[:, None], second[:, None])
         else:
             s = d[:, None]
         w = s * q.to(tl.float32)  # [BLOCK_N, 32]
