@@ -1,9 +1,16 @@
 """Triton MLA decode attention (see gpu_ops.attention), imported only where Triton runs.
 
-One program per BLOCK_H heads walks the valid positions BLOCK_S at a time and keeps a running
-max, a running sum and a running latent output per head (an online softmax), so each cached
-row is read once per block of heads and nothing of size [H, S] is ever stored.
+Split over positions (flash-decoding): program (h, j) takes BLOCK_H heads and the j-th run of
+SPLIT_LEN positions, walks the valid ones BLOCK_S at a time keeping a running max, sum and
+latent output per head (an online softmax), and writes those three partials; a few torch ops
+merge the runs. Splitting is what fills the GPU: V3's 128 heads make only 8 blocks of 16, so
+without it 8 SMs of an H100's 132 would read the whole cache. The split count depends on the
+cache's size only (not on the valid length, which lives on the device), so a captured graph
+replays the same launch at every position; runs past the valid length write a zero sum and
+drop out of the merge.
 """
+
+import functools
 
 import torch
 import triton
@@ -14,10 +21,11 @@ BLOCK_S = 16
 
 
 @triton.jit
-def _mla_decode_kernel(ql_ptr, qr_ptr, cache_ptr, len_ptr, o_ptr, H, R, P, ROW, scale,
+def _mla_decode_kernel(ql_ptr, qr_ptr, cache_ptr, len_ptr, m_ptr, l_ptr, acc_ptr, H, R, P, ROW, SPLIT_LEN, scale,
                        BLOCK_H: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_R: tl.constexpr,
                        BLOCK_P: tl.constexpr):  # fmt: skip
     heads = tl.program_id(0) * BLOCK_H + tl.arange(0, BLOCK_H)
+    split = tl.program_id(1)
     h_ok = heads < H
     r = tl.arange(0, BLOCK_R)
     r_ok = r < R
@@ -25,13 +33,14 @@ def _mla_decode_kernel(ql_ptr, qr_ptr, cache_ptr, len_ptr, o_ptr, H, R, P, ROW, 
     p_ok = p < P
     ql = tl.load(ql_ptr + heads[:, None] * R + r[None, :], mask=h_ok[:, None] & r_ok[None, :], other=0.0)
     qr = tl.load(qr_ptr + heads[:, None] * P + p[None, :], mask=h_ok[:, None] & p_ok[None, :], other=0.0)
-    n = tl.load(len_ptr)
+    first = split * SPLIT_LEN
+    end = tl.minimum(tl.load(len_ptr), first + SPLIT_LEN)
     best = tl.full((BLOCK_H,), float("-inf"), tl.float32)
     total = tl.zeros((BLOCK_H,), tl.float32)
     acc = tl.zeros((BLOCK_H, BLOCK_R), tl.float32)
-    for start in range(0, n, BLOCK_S):
+    for start in range(first, end, BLOCK_S):
         s = start + tl.arange(0, BLOCK_S)
-        s_ok = s < n
+        s_ok = s < end
         lat = tl.load(cache_ptr + s[:, None] * ROW + r[None, :], mask=s_ok[:, None] & r_ok[None, :], other=0.0)
         kr = tl.load(cache_ptr + s[:, None] * ROW + R + p[None, :], mask=s_ok[:, None] & p_ok[None, :], other=0.0)
         score = tl.dot(ql, tl.trans(lat), input_precision="ieee") + tl.dot(qr, tl.trans(kr), input_precision="ieee")
@@ -42,8 +51,18 @@ def _mla_decode_kernel(ql_ptr, qr_ptr, cache_ptr, len_ptr, o_ptr, H, R, P, ROW, 
         total = total * keep + tl.sum(weight, axis=1)
         acc = acc * keep[:, None] + tl.dot(weight, lat, input_precision="ieee")
         best = new_best
-    o = acc / total[:, None]
-    tl.store(o_ptr + heads[:, None] * R + r[None, :], o, mask=h_ok[:, None] & r_ok[None, :])
+    row = split * H + heads
+    tl.store(m_ptr + row, best, mask=h_ok)
+    tl.store(l_ptr + row, total, mask=h_ok)
+    tl.store(acc_ptr + row[:, None] * R + r[None, :], acc, mask=h_ok[:, None] & r_ok[None, :])
+
+
+@functools.cache
+def _programs_wanted(device: torch.device) -> int:
+    """Two programs per SM on a GPU; a few under the interpreter (enough to test the merge)."""
+    if device.type == "cuda":
+        return 2 * torch.cuda.get_device_properties(device).multi_processor_count
+    return 16
 
 
 def mla_decode(q_latent: torch.Tensor, q_rope: torch.Tensor, cache_rows: torch.Tensor, length: torch.Tensor,
@@ -52,9 +71,19 @@ def mla_decode(q_latent: torch.Tensor, q_rope: torch.Tensor, cache_rows: torch.T
     p = q_rope.shape[1]
     if cache_rows.stride(1) != 1:
         raise ValueError("cache rows must be contiguous")
-    o = torch.empty(h, r, dtype=torch.float32, device=q_latent.device)
-    _mla_decode_kernel[(triton.cdiv(h, BLOCK_H),)](
-        q_latent.float(), q_rope.float(), cache_rows, length, o, h, r, p, cache_rows.stride(0), scale,
-        BLOCK_H=BLOCK_H, BLOCK_S=BLOCK_S, BLOCK_R=triton.next_power_of_2(r), BLOCK_P=triton.next_power_of_2(p),
+    head_blocks = triton.cdiv(h, BLOCK_H)
+    positions = cache_rows.shape[0]
+    splits = max(1, min(triton.cdiv(positions, BLOCK_S), triton.cdiv(_programs_wanted(q_latent.device), head_blocks)))
+    split_len = triton.cdiv(triton.cdiv(positions, splits), BLOCK_S) * BLOCK_S
+    splits = triton.cdiv(positions, split_len)
+    dev = q_latent.device
+    best = torch.empty(splits, h, dtype=torch.float32, device=dev)
+    total = torch.empty(splits, h, dtype=torch.float32, device=dev)
+    acc = torch.empty(splits, h, r, dtype=torch.float32, device=dev)
+    _mla_decode_kernel[(head_blocks, splits)](
+        q_latent.float(), q_rope.float(), cache_rows, length, best, total, acc, h, r, p, cache_rows.stride(0),
+        split_len, scale, BLOCK_H=BLOCK_H, BLOCK_S=BLOCK_S, BLOCK_R=triton.next_power_of_2(r),
+        BLOCK_P=triton.next_power_of_2(p),
     )  # fmt: skip
-    return o
+    weight = torch.exp(best - best.max(0).values)  # [splits, H]; 0 for runs past the valid length
+    return (weight[..., None] * acc).sum(0) / (weight * total).sum(0)[:, None]

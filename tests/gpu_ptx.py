@@ -1,5 +1,6 @@
 """Compile the Triton kernels for an H100 (sm_90) ahead of time, with no GPU, and count the
-memory and tensor-core instructions in their PTX. Prints one JSON object.
+memory and tensor-core instructions in their PTX, and registers and spills in their cubin
+(cuobjdump, shipped with Triton). Prints one JSON object.
 
 Run in a process without TRITON_INTERPRET (under it, triton.jit makes interpreted functions).
 Arguments are specialised as Triton's launcher would for real tensors and shapes: pointers
@@ -9,7 +10,10 @@ Arguments are specialised as Triton's launcher would for real tensors and shapes
 import json
 import os
 import re
+import subprocess
+import tempfile
 from collections import Counter
+from pathlib import Path
 
 os.environ.pop("TRITON_INTERPRET", None)
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
@@ -22,20 +26,25 @@ import gpu_ops.triton_attention as ta  # noqa: E402
 import gpu_ops.triton_kernels as tk  # noqa: E402
 
 ALIGNED = [["tt.divisibility", 16]]
+CUOBJDUMP = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
 INSTRUCTIONS = re.compile(r"(ld\.global[.\w]*|cp\.async\.\w+\.shared\.global|mma\.sync[.\w]*|wgmma[.\w]*)")
 
 
-def compile_ptx(fn, types: dict[str, str], aligned: set[str], constexprs: dict) -> str:
+def compile_ptx(fn, types: dict[str, str], aligned: set[str], constexprs: dict) -> dict[str, int]:
+    """Instruction counts of the kernel's PTX, plus its registers and spill stack per thread."""
     names = fn.arg_names
     signature = {n: "constexpr" if n in constexprs else types[n] for n in names}
     attrs = {(i,): ALIGNED for i, n in enumerate(names) if n in aligned}
     consts = {(names.index(n),): v for n, v in constexprs.items()}
     kernel = triton.compile(ASTSource(fn, signature, consts, attrs), target=GPUTarget("cuda", 90, 32))
-    return kernel.asm["ptx"]
-
-
-def counts(ptx: str) -> dict[str, int]:
-    return dict(Counter(INSTRUCTIONS.findall(ptx)))
+    out = dict(Counter(INSTRUCTIONS.findall(kernel.asm["ptx"])))
+    with tempfile.TemporaryDirectory() as tmp:
+        cubin = Path(tmp) / "kernel.cubin"
+        cubin.write_bytes(kernel.asm["cubin"])
+        usage = subprocess.run([str(CUOBJDUMP), "-res-usage", str(cubin)], capture_output=True, text=True).stdout
+    out["registers"] = int(re.search(r"REG:(\d+)", usage).group(1))
+    out["spill stack bytes"] = int(re.search(r"STACK:(\d+)", usage).group(1))
+    return out
 
 
 def main() -> None:
@@ -63,15 +72,28 @@ def main() -> None:
         ("gemm", False, True, 32),
     ):
         flags = {"X_DIV": 1, "GATHER": gather, "DOT": dot, "BLOCK_M": block_m, "BLOCK_N": tk.BLOCK_N}
-        out[f"int4 {name}"] = counts(compile_ptx(tk._int4_kernel, int4, aligned, flags))
+        out[f"int4 {name}"] = compile_ptx(tk._int4_kernel, int4, aligned, flags)
         for label, d_group, has_sc in (("q8_0", 32, False), ("q6_k", 256, True)):
             flags8 = {**flags, "D_GROUP": d_group, "HAS_SC": has_sc}
-            out[f"int8 {label} {name}"] = counts(compile_ptx(tk._int8_kernel, int8, aligned, flags8))
-    attention = {"ql_ptr": "*fp32", "qr_ptr": "*fp32", "cache_ptr": "*fp32", "len_ptr": "*i64", "o_ptr": "*fp32",
-                 "H": "i32", "R": "i32", "P": "i32", "ROW": "i32", "scale": "fp32"}  # fmt: skip
+            out[f"int8 {label} {name}"] = compile_ptx(tk._int8_kernel, int8, aligned, flags8)
+    attention = {"ql_ptr": "*fp32", "qr_ptr": "*fp32", "cache_ptr": "*fp32", "len_ptr": "*i64", "m_ptr": "*fp32",
+                 "l_ptr": "*fp32", "acc_ptr": "*fp32", "H": "i32", "R": "i32", "P": "i32", "ROW": "i32",
+                 "SPLIT_LEN": "i32", "scale": "fp32"}  # fmt: skip
     blocks = {"BLOCK_H": ta.BLOCK_H, "BLOCK_S": ta.BLOCK_S, "BLOCK_R": 512, "BLOCK_P": 64}
-    attn_aligned = {"ql_ptr", "qr_ptr", "cache_ptr", "len_ptr", "o_ptr", "R", "P", "ROW"}
-    out["mla decode"] = counts(compile_ptx(ta._mla_decode_kernel, attention, attn_aligned, blocks))
+    attn_aligned = {
+        "ql_ptr",
+        "qr_ptr",
+        "cache_ptr",
+        "len_ptr",
+        "m_ptr",
+        "l_ptr",
+        "acc_ptr",
+        "R",
+        "P",
+        "ROW",
+        "SPLIT_LEN",
+    }
+    out["mla decode"] = compile_ptx(ta._mla_decode_kernel, attention, attn_aligned, blocks)
     print(json.dumps(out))
 
 

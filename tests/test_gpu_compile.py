@@ -50,3 +50,8 @@ def test_prefill_gemm_runs_on_tensor_cores(ptx_counts):
 def test_mla_decode_attention_compiles_with_a_device_side_length(ptx_counts):
     counts = ptx_counts["mla decode"]
     assert _loads16(counts) + sum(n for ins, n in counts.items() if ins.startswith("cp.async")) > 0
+
+
+def test_no_kernel_spills_registers(ptx_counts):
+    """A spill goes to local memory, i.e. to HBM traffic the bandwidth figures never see."""
+    assert {name: c["spill stack bytes"] for name, c in ptx_counts.items() if c["spill stack bytes"]} == {}

@@ -162,7 +162,7 @@ def test_mla_decode_attention_matches_float64(heads, rank, rope, length, triton,
     if not triton:
         monkeypatch.setenv("TRITON_INTERPRET", "0")
     rng = np.random.default_rng()
-    cache = rng.standard_normal((length + 9, rank + rope)).astype(np.float32)
+    cache = rng.standard_normal((length + 40, rank + rope)).astype(np.float32)  # runs of positions past the end
     cache[length:] *= 1e4
     q_latent = rng.standard_normal((heads, rank)).astype(np.float32)
     q_rope = rng.standard_normal((heads, rope)).astype(np.float32)
