@@ -10,11 +10,11 @@ replays the same launch at every position; runs past the valid length write a ze
 drop out of the merge.
 """
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
+
+from gpu_ops.triton_kernels import programs_wanted
 
 BLOCK_H = 16
 BLOCK_S = 16
@@ -57,14 +57,6 @@ def _mla_decode_kernel(ql_ptr, qr_ptr, cache_ptr, len_ptr, m_ptr, l_ptr, acc_ptr
     tl.store(acc_ptr + row[:, None] * R + r[None, :], acc, mask=h_ok[:, None] & r_ok[None, :])
 
 
-@functools.cache
-def _programs_wanted(device: torch.device) -> int:
-    """Two programs per SM on a GPU; a few under the interpreter (enough to test the merge)."""
-    if device.type == "cuda":
-        return 2 * torch.cuda.get_device_properties(device).multi_processor_count
-    return 16
-
-
 def mla_decode(q_latent: torch.Tensor, q_rope: torch.Tensor, cache_rows: torch.Tensor, length: torch.Tensor,
                scale: float) -> torch.Tensor:  # fmt: skip
     h, r = q_latent.shape
@@ -73,7 +65,7 @@ def mla_decode(q_latent: torch.Tensor, q_rope: torch.Tensor, cache_rows: torch.T
         raise ValueError("cache rows must be contiguous")
     head_blocks = triton.cdiv(h, BLOCK_H)
     positions = cache_rows.shape[0]
-    splits = max(1, min(triton.cdiv(positions, BLOCK_S), triton.cdiv(_programs_wanted(q_latent.device), head_blocks)))
+    splits = max(1, min(triton.cdiv(positions, BLOCK_S), triton.cdiv(programs_wanted(q_latent.device), head_blocks)))
     split_len = triton.cdiv(triton.cdiv(positions, splits), BLOCK_S) * BLOCK_S
     splits = triton.cdiv(positions, split_len)
     dev = q_latent.device

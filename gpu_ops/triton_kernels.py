@@ -18,6 +18,8 @@ a stack of experts [E * N, K], grid axis 1 runs over (token, slot) pairs, and ea
 reads its expert's id from device memory, so nothing goes back to the host.
 """
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -49,14 +51,15 @@ def _accumulate(acc, x, w, DOT: tl.constexpr):
 
 
 @triton.jit
-def _int4_kernel(x_ptr, q_ptr, sc_ptr, mn_ptr, d_ptr, dmin_ptr, y_ptr, ids_ptr, M, N, K, TPG,
+def _int4_kernel(x_ptr, q_ptr, sc_ptr, mn_ptr, d_ptr, dmin_ptr, y_ptr, ids_ptr, M, N, K, TPG, SPLIT_CHUNKS,
                  X_DIV: tl.constexpr, GATHER: tl.constexpr, DOT: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
     tile, lane, rows, toks, xrows = _tile(ids_ptr, TPG, X_DIV, GATHER, BLOCK_M, BLOCK_N)
     tok_ok = toks < M
     byte = tl.arange(0, 32)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for c in range(0, K // 64):
+    first = tl.program_id(2) * SPLIT_CHUNKS
+    for c in range(first, tl.minimum(first + SPLIT_CHUNKS, K // 64)):
         packed = tl.load(q_ptr + (tile * (K // 64) + c) * (BLOCK_N * 32) + lane[:, None] * 32 + byte[None, :])
         at = (tile * (K // 256) + c // 4) * BLOCK_N + lane
         d = tl.load(d_ptr + at).to(tl.float32)
@@ -70,48 +73,70 @@ def _int4_kernel(x_ptr, q_ptr, sc_ptr, mn_ptr, d_ptr, dmin_ptr, y_ptr, ids_ptr, 
             x = tl.load(x_ptr + xrows[:, None] * K + c * 64 + half * 32 + byte[None, :],
                         mask=tok_ok[:, None], other=0.0).to(tl.float32)  # fmt: skip
             acc = _accumulate(acc, x, w, DOT)
-    tl.store(y_ptr + toks[:, None] * N + rows[None, :], acc, mask=tok_ok[:, None] & (rows < N)[None, :])
+    y = y_ptr + tl.program_id(2) * M * N + toks[:, None] * N + rows[None, :]
+    tl.store(y, acc, mask=tok_ok[:, None] & (rows < N)[None, :])
 
 
 @triton.jit
-def _int8_kernel(x_ptr, q_ptr, d_ptr, sc_ptr, y_ptr, ids_ptr, M, N, K, TPG, D_GROUP: tl.constexpr,
+def _int8_kernel(x_ptr, q_ptr, d_ptr, sc_ptr, y_ptr, ids_ptr, M, N, K, TPG, SPLIT_CHUNKS, D_GROUP: tl.constexpr,
                  HAS_SC: tl.constexpr, X_DIV: tl.constexpr, GATHER: tl.constexpr, DOT: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
     tile, lane, rows, toks, xrows = _tile(ids_ptr, TPG, X_DIV, GATHER, BLOCK_M, BLOCK_N)
     tok_ok = toks < M
     byte = tl.arange(0, 32)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for c in range(0, K // 32):
+    first = tl.program_id(2) * SPLIT_CHUNKS
+    for c in range(first, tl.minimum(first + SPLIT_CHUNKS, K // 32)):
         q = tl.load(q_ptr + (tile * (K // 32) + c) * (BLOCK_N * 32) + lane[:, None] * 32 + byte[None, :])
         d = tl.load(d_ptr + (tile * (K // D_GROUP) + (c * 32) // D_GROUP) * BLOCK_N + lane).to(tl.float32)
         if HAS_SC:  # Q6_K: d per 256 times an int8 scale per 16 (two per chunk)
             sub = (tile * (K // 16) + c * 2) * BLOCK_N + lane
-            first = tl.load(sc_ptr + sub).to(tl.float32)
-            second = tl.load(sc_ptr + sub + BLOCK_N).to(tl.float32)
-            s = d[:, None] * tl.where(byte[None, :] < 16, first[:, None], second[:, None])
+            sc_lo = tl.load(sc_ptr + sub).to(tl.float32)
+            sc_hi = tl.load(sc_ptr + sub + BLOCK_N).to(tl.float32)
+            s = d[:, None] * tl.where(byte[None, :] < 16, sc_lo[:, None], sc_hi[:, None])
         else:
             s = d[:, None]
         w = s * q.to(tl.float32)  # [BLOCK_N, 32]
         x = tl.load(x_ptr + xrows[:, None] * K + c * 32 + byte[None, :], mask=tok_ok[:, None], other=0.0).to(tl.float32)
         acc = _accumulate(acc, x, w, DOT)
-    tl.store(y_ptr + toks[:, None] * N + rows[None, :], acc, mask=tok_ok[:, None] & (rows < N)[None, :])
+    y = y_ptr + tl.program_id(2) * M * N + toks[:, None] * N + rows[None, :]
+    tl.store(y, acc, mask=tok_ok[:, None] & (rows < N)[None, :])
 
 
-def _launch(x, w, y, grid, ids, x_div, block_m, dot):
-    """Rows of y: tokens (or slots); columns: the rows of one matrix (or of each slot's expert)."""
+@functools.cache
+def programs_wanted(device: torch.device) -> int:
+    """Two programs per SM on a GPU; a few under the interpreter (enough to test the splits)."""
+    if device.type == "cuda":
+        return 2 * torch.cuda.get_device_properties(device).multi_processor_count
+    return 16
+
+
+def _launch(x, w, rows: int, cols: int, tiles: int, ids, x_div: int, block_m: int, dot: bool) -> torch.Tensor:
+    """y [rows (tokens or slots), cols (the rows of one matrix or of each slot's expert)].
+
+    A GEMV with few tiles (kv_a: 9 of 64 rows) would leave most SMs idle while it streams
+    its weights, so decode launches split K as well until there are programs_wanted of them,
+    and the partial sums are added afterwards (static shapes: graph-capturable).
+    """
     assert BLOCK_N == TILE, "a program's rows are one tile of the format"
     _, k = w.shape
-    m, n = y.shape
+    chunks = k // (64 if isinstance(w, Int4Rows) else 32)
+    grid = (tiles, triton.cdiv(rows, block_m))
+    splits = 1 if dot else max(1, min(chunks, triton.cdiv(programs_wanted(x.device), grid[0] * grid[1])))
+    per_split = triton.cdiv(chunks, splits)
+    splits = triton.cdiv(chunks, per_split)
+    y = torch.empty(splits, rows, cols, dtype=torch.float32, device=x.device)
     gather = ids is not None
     flags = {"X_DIV": x_div, "GATHER": gather, "DOT": dot, "BLOCK_M": block_m, "BLOCK_N": BLOCK_N}
     ids = ids if gather else y  # an unused pointer
-    tpg = w.tiles_per_group
+    args = (rows, cols, k, w.tiles_per_group, per_split)
     if isinstance(w, Int4Rows):
-        _int4_kernel[grid](x, w.q, w.sc, w.mn, w.d, w.dmin, y, ids, m, n, k, tpg, **flags)
+        _int4_kernel[(*grid, splits)](x, w.q, w.sc, w.mn, w.d, w.dmin, y, ids, *args, **flags)
     else:
         sc = w.sc if w.sc is not None else w.d  # an unused pointer without sub-block scales
-        _int8_kernel[grid](x, w.q, w.d, sc, y, ids, m, n, k, tpg, D_GROUP=w.d_group, HAS_SC=w.sc is not None,
-                           **flags)  # fmt: skip
+        _int8_kernel[(*grid, splits)](x, w.q, w.d, sc, y, ids, *args, D_GROUP=w.d_group, HAS_SC=w.sc is not None,
+                                      **flags)  # fmt: skip
+    return y[0] if splits == 1 else y.sum(0)
 
 
 def matmul(x: torch.Tensor, w: Int4Rows | Int8Rows, decode_tokens: int) -> torch.Tensor:
@@ -119,13 +144,10 @@ def matmul(x: torch.Tensor, w: Int4Rows | Int8Rows, decode_tokens: int) -> torch
     sums up to `decode_tokens` rows, tl.dot above."""
     if w.groups != 1:
         raise ValueError("a stack of matrices multiplies through gathered_matmul")
-    n = w.rows_per_group
     m = x.shape[0]
-    y = torch.empty(m, n, dtype=torch.float32, device=x.device)
     dot = m > decode_tokens
     block_m = GEMM_BLOCK_M if dot else triton.next_power_of_2(m)
-    _launch(x, w, y, (w.tiles_per_group, triton.cdiv(m, block_m)), None, 1, block_m, dot)
-    return y
+    return _launch(x, w, m, w.rows_per_group, w.tiles_per_group, None, 1, block_m, dot)
 
 
 def gathered_matmul(x: torch.Tensor, w: Int4Rows | Int8Rows, ids: torch.Tensor, x_per_token: bool) -> torch.Tensor:
@@ -134,8 +156,5 @@ def gathered_matmul(x: torch.Tensor, w: Int4Rows | Int8Rows, ids: torch.Tensor, 
     ids: int [T, A] on x's device; x: [T, K] (x_per_token: every slot of a token reads its
     row) or [T * A, K]. Returns float32 [T * A, w.rows_per_group].
     """
-    slots = ids.numel()
-    y = torch.empty(slots, w.rows_per_group, dtype=torch.float32, device=x.device)
     x_div = ids.shape[1] if x_per_token else 1
-    _launch(x, w, y, (w.tiles_per_group, slots), ids.reshape(-1), x_div, 1, False)
-    return y
+    return _launch(x, w, ids.numel(), w.rows_per_group, w.tiles_per_group, ids.reshape(-1), x_div, 1, False)

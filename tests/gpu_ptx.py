@@ -62,6 +62,7 @@ def main() -> None:
         "N": "i32",
         "K": "i32",
         "TPG": "i32",
+        "SPLIT_CHUNKS": "i32",
     }
     int8 = {**int4, "q_ptr": "*i8", "sc_ptr": "*i8"}  # fmt: skip
     aligned = pointers | {"N", "K"}

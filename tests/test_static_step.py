@@ -89,7 +89,9 @@ def test_a_new_cache_gets_new_buffers(synth, monkeypatch):
 
 
 HYBRID_LLAMA_CASES = {
-    "q8_0-tiny": (("tiny", "Q8_0", {}), 5e-2),
+    # every expert used, as in the core parity tests: a near-tied top-2 of 8 can go either way
+    # between two correct implementations and then moves a row by several percent
+    "q8_0-tiny": (("tiny", "Q8_0", {"n_expert_used": 8}), 5e-2),
     "q4_k_m-v3": (("v3", "Q4_K_M", {"n_layer": 2, "n_expert": 8, "n_expert_used": 8, "n_group": 1}), 5e-2),
 }
 
