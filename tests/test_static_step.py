@@ -75,6 +75,17 @@ def test_static_step_overlaps_shared_experts_with_the_cpu(synth, monkeypatch):
     assert len(profile.step) == 3 and len(profile.tail_gpu) == 3
 
 
+def test_segments_are_captured_only_when_all_their_weights_are_on_the_gpu(synth, monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    model = hetero.load_model(synth("tiny", "Q8_0"), gpu_mem="8GiB", rules=[parse_override("exps=cpu")])
+    step = StaticDecode(model.net, model.new_cache(4))
+    assert step.segment_weights_on("cpu") and not step.segment_weights_on("cuda")
+    assert not step.capturable() and not any(seg.capture for seg, _ in step.stages)
+    model.net.layers[1].q.gpu = None  # as if the plan had left one matrix in CPU RAM
+    model.net.layers[1].q.raw = model.net.layers[1].q.raw.to("meta")
+    assert not step.segment_weights_on("cpu")
+
+
 def test_a_new_cache_gets_new_buffers(synth, monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     model = hetero.load_model(synth("tiny", "Q8_0"), gpu_mem="8GiB", rules=[parse_override("exps=cpu")])

@@ -110,13 +110,16 @@ class StaticDecode:
                      layer.router, heads.get("k_b"), heads.get("v_b"), heads.get("kv_b")]  # fmt: skip
         return [m for m in mats if m is not None]
 
+    def segment_weights_on(self, device_type: str) -> bool:
+        """Whether every weight the segments read lives on devices of this type ("cuda:0" and
+        "cuda" are the same GPU, though torch.device does not say they are equal)."""
+        where = lambda m: (m.gpu.q if m.gpu is not None else m.raw).device.type  # noqa: E731
+        return all(where(m) == device_type for m in self._segment_weights())
+
     def capturable(self) -> bool:
         """CUDA, and every weight a segment reads is on the GPU: a CPU weight inside a segment
         would need the host mid-graph (such plans run the same segments eagerly)."""
-        if self.device.type != "cuda":
-            return False
-        on_device = lambda m: (m.gpu.q if m.gpu is not None else m.raw).device == self.device  # noqa: E731
-        return all(on_device(m) for m in self._segment_weights())
+        return self.device.type == "cuda" and self.segment_weights_on("cuda")
 
     def _stages(self) -> list[tuple[Segment, HandOff | None]]:
         """(segment, the hand-off that follows it or None) in step order."""
