@@ -28,6 +28,7 @@ def mla_decode_torch(q_latent, q_rope, cache_rows, length, scale: float, known_l
     r = q_latent.shape[-1]
     if known_length is not None:  # not inside a graph: read only the valid rows
         cache_rows = cache_rows[:known_length]
+    cache_rows = cache_rows.float()
     latents, k_ropes = cache_rows[:, :r], cache_rows[:, r:]
     scores = (q_latent @ latents.T + q_rope @ k_ropes.T) * scale  # [H, S_max]
     past_end = torch.arange(cache_rows.shape[0], device=cache_rows.device) >= length
@@ -36,7 +37,8 @@ def mla_decode_torch(q_latent, q_rope, cache_rows, length, scale: float, known_l
 
 def mla_decode(q_latent: torch.Tensor, q_rope: torch.Tensor, cache_rows: torch.Tensor, length: torch.Tensor,
                scale: float, known_length: int | None = None) -> torch.Tensor:  # fmt: skip
-    """q_latent [H, R], q_rope [H, P], cache_rows [S_max, R + P] (latent, then roped key),
+    """q_latent [H, R], q_rope [H, P], cache_rows [S_max, R + P] (latent, then roped key;
+    float32 or bfloat16),
     length int64 [1] (positions 0..length-1 are valid) -> latent outputs float32 [H, R].
     known_length: the same number on the host, when no graph is being captured (the torch
     path then reads only those rows instead of masking the whole buffer)."""

@@ -30,13 +30,13 @@ CUOBJDUMP = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuob
 INSTRUCTIONS = re.compile(r"(ld\.global[.\w]*|cp\.async\.\w+\.shared\.global|mma\.sync[.\w]*|wgmma[.\w]*)")
 
 
-def compile_ptx(fn, types: dict[str, str], aligned: set[str], constexprs: dict) -> dict[str, int]:
+def compile_ptx(fn, types: dict[str, str], aligned: set[str], constexprs: dict, options=None) -> dict[str, int]:
     """Instruction counts of the kernel's PTX, plus its registers and spill stack per thread."""
     names = fn.arg_names
     signature = {n: "constexpr" if n in constexprs else types[n] for n in names}
     attrs = {(i,): ALIGNED for i, n in enumerate(names) if n in aligned}
     consts = {(names.index(n),): v for n, v in constexprs.items()}
-    kernel = triton.compile(ASTSource(fn, signature, consts, attrs), target=GPUTarget("cuda", 90, 32))
+    kernel = triton.compile(ASTSource(fn, signature, consts, attrs), target=GPUTarget("cuda", 90, 32), options=options)
     out = dict(Counter(INSTRUCTIONS.findall(kernel.asm["ptx"])))
     with tempfile.TemporaryDirectory() as tmp:
         cubin = Path(tmp) / "kernel.cubin"
@@ -94,7 +94,9 @@ def main() -> None:
         "ROW",
         "SPLIT_LEN",
     }
-    out["mla decode"] = compile_ptx(ta._mla_decode_kernel, attention, attn_aligned, blocks)
+    out["mla decode"] = compile_ptx(ta._mla_decode_kernel, attention, attn_aligned, blocks, ta.LAUNCH)
+    attention_bf16 = {**attention, "cache_ptr": "*bf16"}  # the GPU's cache
+    out["mla decode bf16 cache"] = compile_ptx(ta._mla_decode_kernel, attention_bf16, attn_aligned, blocks, ta.LAUNCH)
     print(json.dumps(out))
 
 

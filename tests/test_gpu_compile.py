@@ -48,8 +48,9 @@ def test_prefill_gemm_runs_on_tensor_cores(ptx_counts):
 
 
 def test_mla_decode_attention_compiles_with_a_device_side_length(ptx_counts):
-    counts = ptx_counts["mla decode"]
-    assert _loads16(counts) + sum(n for ins, n in counts.items() if ins.startswith("cp.async")) > 0
+    for name in ("mla decode", "mla decode bf16 cache"):
+        counts = ptx_counts[name]
+        assert _loads16(counts) + sum(n for ins, n in counts.items() if ins.startswith("cp.async")) > 0, name
 
 
 def test_no_kernel_spills_registers(ptx_counts):

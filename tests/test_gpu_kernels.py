@@ -155,15 +155,19 @@ def test_gpu_experts_match_float64(tokens):
 
 
 @pytest.mark.parametrize("triton", [True, False], ids=["triton", "torch"])
+@pytest.mark.parametrize("cache_dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
 @pytest.mark.parametrize("heads,rank,rope,length", [(4, 128, 16, 1), (20, 96, 24, 37), (16, 512, 64, 70)])
-def test_mla_decode_attention_matches_float64(heads, rank, rope, length, triton, monkeypatch):
+def test_mla_decode_attention_matches_float64(heads, rank, rope, length, cache_dtype, triton, monkeypatch):
     """Absorbed MLA attention for one token over the first `length` rows of a longer cache
-    buffer whose other rows hold large stale values, which must not leak in."""
+    buffer whose other rows hold large stale values, which must not leak in. A bfloat16 cache
+    (the GPU's) is compared with float64 math on its rounded values."""
     if not triton:
         monkeypatch.setenv("TRITON_INTERPRET", "0")
     rng = np.random.default_rng()
     cache = rng.standard_normal((length + 40, rank + rope)).astype(np.float32)  # runs of positions past the end
     cache[length:] *= 1e4
+    stored = torch.from_numpy(cache).to(cache_dtype)
+    cache = stored.float().numpy()
     q_latent = rng.standard_normal((heads, rank)).astype(np.float32)
     q_rope = rng.standard_normal((heads, rope)).astype(np.float32)
     scale = 0.05
@@ -173,7 +177,7 @@ def test_mla_decode_attention_matches_float64(heads, rank, rope, length, triton,
     ref = (p / p.sum(1, keepdims=True)) @ lat
     to = torch.from_numpy
     for known in (None, length):  # the length only on the device (graphs), or also on the host
-        o = mla_decode(to(q_latent), to(q_rope), to(cache), torch.tensor([length]), scale, known).numpy()
+        o = mla_decode(to(q_latent), to(q_rope), stored, torch.tensor([length]), scale, known).numpy()
         assert np.abs(o - ref).max() <= 1e-5 * np.abs(lat).max()
 
 

@@ -86,6 +86,22 @@ def test_segments_are_captured_only_when_all_their_weights_are_on_the_gpu(synth,
     assert not step.segment_weights_on("cpu")
 
 
+def test_a_bfloat16_cache_as_on_a_gpu(synth, monkeypatch):
+    """On CUDA the latent cache is bfloat16 (what the planner budgets). The static step reads it
+    as the plain forward does, and rounding the latents moves the logits by well under 1%."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    model = hetero.load_model(synth("tiny", "F32", n_expert_used=8), gpu_mem="8GiB",
+                              rules=[parse_override("exps=cpu")], cpu_kernels=False)  # fmt: skip
+    ids = random_prompt(9, model.tokenizer.bos_id)
+    float32 = _decode(model, ids, None)
+    model.net.cache_dtype = torch.bfloat16
+    assert model.new_cache(2).buf.dtype == torch.bfloat16
+    plain = _decode(model, ids, None)
+    static = _decode(model, ids, HybridDecode(model.net))
+    np.testing.assert_allclose(static, plain, rtol=0, atol=1e-5 * np.abs(plain).max())
+    assert 0 < np.linalg.norm(plain - float32) / np.linalg.norm(float32) < 1e-2
+
+
 def test_a_new_cache_gets_new_buffers(synth, monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     model = hetero.load_model(synth("tiny", "Q8_0"), gpu_mem="8GiB", rules=[parse_override("exps=cpu")])

@@ -205,6 +205,9 @@ class DeepSeek2:
         self.output = QuantLinear(tensors[head], place(head), engine(head), on_gpu(head))
         self.kq_scale = attention_scales(cfg).kq_scale
         self.attention_form = "auto"  # or "absorbed" / "expanded" (tests compare the two)
+        # bfloat16 on a GPU, as the planner budgets it (half the memory and the bytes attention
+        # reads per token); float32 on the CPU, where the native step and llama.cpp parity use it
+        self.cache_dtype = torch.bfloat16 if home.type == "cuda" else torch.float32
         self.decode_step = None  # one-token step: NativeDecode (all on the CPU engine) or HybridDecode (GPU)
 
     def prefill_chunk(self, positions: int) -> int:
@@ -214,7 +217,7 @@ class DeepSeek2:
 
     def new_cache(self, max_tokens: int) -> LatentKVCache:
         c = self.cfg
-        return LatentKVCache(c.n_layer, max_tokens, c.kv_lora_rank, c.qk_rope_dim, self.device)
+        return LatentKVCache(c.n_layer, max_tokens, c.kv_lora_rank, c.qk_rope_dim, self.device, self.cache_dtype)
 
     @torch.inference_mode()
     def forward(self, ids: torch.Tensor, cache: LatentKVCache, last_only: bool = False) -> torch.Tensor:
@@ -265,7 +268,7 @@ class DeepSeek2:
         t = x.shape[0]
         q_nope, q_rope, latent, k_rope = self.project(layer, x, cos, sin)
         cache.write(i, start, latent, k_rope)
-        latents, k_ropes = cache.read(i, start + t)  # [S, R], [S, P]
+        latents, k_ropes = (v.float() for v in cache.read(i, start + t))  # [S, R], [S, P]
         form = self.attention_form
         if form == "auto":
             form = "expanded" if expanded_is_cheaper(self.cfg, t, start + t) else "absorbed"

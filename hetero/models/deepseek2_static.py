@@ -147,7 +147,8 @@ class StaticDecode:
         net, c = self.net, self.net.cfg
         cos, sin = self.cos.index_select(0, self.pos), self.sin.index_select(0, self.pos)
         q_nope, q_rope, latent, k_rope = net.project(layer, rms_norm(self.x, layer.attn_norm, c.rms_eps), cos, sin)
-        self.cache.buf[i].index_copy_(0, self.pos, torch.cat([latent, k_rope], dim=-1))
+        row = torch.cat([latent, k_rope], dim=-1).to(self.cache.buf.dtype)
+        self.cache.buf[i].index_copy_(0, self.pos, row)
         q_latent = layer.heads.absorb_q(q_nope)  # [1, H, R]
         known = None if self.captured else self.cache.length + 1
         o = mla_decode(q_latent[0], q_rope[0], self.cache.buf[i], self.length, net.kq_scale, known)  # [H, R]
