@@ -156,7 +156,9 @@ def test_gpu_experts_match_float64(tokens):
 
 @pytest.mark.parametrize("triton", [True, False], ids=["triton", "torch"])
 @pytest.mark.parametrize("cache_dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
-@pytest.mark.parametrize("heads,rank,rope,length", [(4, 128, 16, 1), (20, 96, 24, 37), (16, 512, 64, 70)])
+@pytest.mark.parametrize(
+    "heads,rank,rope,length", [(4, 128, 16, 1), (20, 96, 24, 37), (16, 512, 64, 70), (4, 64, 16, 400)]
+)
 def test_mla_decode_attention_matches_float64(heads, rank, rope, length, cache_dtype, triton, monkeypatch):
     """Absorbed MLA attention for one token over the first `length` rows of a longer cache
     buffer whose other rows hold large stale values, which must not leak in. A bfloat16 cache
