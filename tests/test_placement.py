@@ -126,9 +126,11 @@ def _decoded_after(model, ids: list[int], token: int) -> np.ndarray:
 
 def test_load_model_executes_the_plan(synth):
     """Same numbers whichever device runs a weight: to float32 rounding with the reference ops on
-    the CPU side (the GPU side's Q4_K/Q6_K/Q8_0/Q5_0 weights run in gpu_ops' formats: the torch path for the
-    prompt, the Triton kernel under its interpreter for a decoded token); with the CPU engine on
-    the CPU side, the two plans differ by int8 activation rounding only."""
+    the CPU side (the GPU side's Q4_K/Q6_K/Q8_0/Q5_0 weights run in gpu_ops' formats through the
+    Triton kernels under the interpreter: the GEMM for the prompt, split-K GEMVs and the hybrid
+    step for a decoded token; their sums run in another order, so the bound is 1e-5 of the
+    largest logit); with the CPU engine on the CPU side, the two plans differ by int8
+    activation rounding only."""
     path = synth("tiny", "Q4_K_M", n_expert_used=8)
     ids = None
     for cpu_kernels in (False, True):
@@ -148,7 +150,7 @@ def test_load_model_executes_the_plan(synth):
         if cpu_kernels:
             assert np.linalg.norm(ours - ref) / np.linalg.norm(ref) < 3e-2
         else:
-            np.testing.assert_allclose(ours, ref, rtol=1e-5, atol=1e-5)
+            np.testing.assert_allclose(ours, ref, rtol=0, atol=1e-5 * np.abs(ref).max())
     with pytest.raises(HeteroError, match="does not fit"):
         hetero.load_model(path, gpu_mem="1MiB")
 
