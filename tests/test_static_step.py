@@ -73,6 +73,9 @@ def test_static_step_overlaps_shared_experts_with_the_cpu(synth, monkeypatch):
         assert len(times.gpu) == len(times.cpu) == len(times.wait) == 3
         assert all(t > 0 for t in times.gpu + times.cpu) and all(t >= 0 for t in times.wait)
     assert len(profile.step) == 3 and len(profile.tail_gpu) == 3
+    for k in range(3):  # the segments are parts of their step
+        parts = profile.tail_gpu[k] + sum(profile.layers[i].gpu[k] + profile.layers[i].wait[k] for i in moe_layers)
+        assert parts <= profile.step[k]
 
 
 def test_segments_are_captured_only_when_all_their_weights_are_on_the_gpu(synth, monkeypatch):
