@@ -6,9 +6,10 @@ the output stays latent, o[h] = softmax(score[h]) @ latents, for W_UV to expand 
 A decode step so reads (R + P) values per cached token once for all H heads.
 
 The number of valid positions comes in a device tensor, so a captured CUDA graph replays the
-same launch at every position. Triton (one program per block of heads, an online softmax over
-blocks of positions, reading only the valid ones) where Triton runs; elsewhere torch scores
-the whole cache buffer and masks what is past the end.
+same launch at every position. Triton (programs over blocks of heads and runs of positions,
+each an online softmax over the valid positions of its run, merged afterwards) where Triton
+runs; elsewhere torch scores the cache buffer and masks what is past the end (only the valid
+rows when the length is known on the host, outside a graph).
 """
 
 import functools
@@ -38,8 +39,7 @@ def mla_decode_torch(q_latent, q_rope, cache_rows, length, scale: float, known_l
 def mla_decode(q_latent: torch.Tensor, q_rope: torch.Tensor, cache_rows: torch.Tensor, length: torch.Tensor,
                scale: float, known_length: int | None = None) -> torch.Tensor:  # fmt: skip
     """q_latent [H, R], q_rope [H, P], cache_rows [S_max, R + P] (latent, then roped key;
-    float32 or bfloat16),
-    length int64 [1] (positions 0..length-1 are valid) -> latent outputs float32 [H, R].
+    float32 or bfloat16), length int64 [1] (positions 0..length-1 are valid) -> latent outputs float32 [H, R].
     known_length: the same number on the host, when no graph is being captured (the torch
     path then reads only those rows instead of masking the whole buffer)."""
     if triton_runs_on(q_latent.device):

@@ -31,15 +31,25 @@ GEMM_BLOCK_M = 32
 
 
 @triton.jit
-def _tile(ids_ptr, TPG, X_DIV: tl.constexpr, GATHER: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """This program's weight tile, its rows within the matrix (or expert), and its x and y rows."""
+def _tile(ids_ptr, TPG, K, SPLIT_CHUNKS, CHUNK: tl.constexpr, X_DIV: tl.constexpr, GATHER: tl.constexpr,
+          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
+    """This program's weight tile, its rows within the matrix (or expert), its x and y rows,
+    and its share of K: chunks [first, end) of CHUNK values."""
     lane = tl.arange(0, BLOCK_N)
     tile = tl.program_id(0)
     rows = tile * BLOCK_N + lane
     if GATHER:
         tile = tl.load(ids_ptr + tl.program_id(1)) * TPG + tile
     toks = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
-    return tile, lane, rows, toks, toks // X_DIV
+    first = tl.program_id(2) * SPLIT_CHUNKS
+    return tile, lane, rows, toks, toks // X_DIV, first, tl.minimum(first + SPLIT_CHUNKS, K // CHUNK)
+
+
+@triton.jit
+def _store(y_ptr, acc, toks, rows, M, N):
+    """This program's sums into its split's slice of y [splits, M, N]."""
+    y = y_ptr + tl.program_id(2) * M * N + toks[:, None] * N + rows[None, :]
+    tl.store(y, acc, mask=(toks < M)[:, None] & (rows < N)[None, :])
 
 
 @triton.jit
@@ -54,12 +64,12 @@ def _accumulate(acc, x, w, DOT: tl.constexpr):
 def _int4_kernel(x_ptr, q_ptr, sc_ptr, mn_ptr, d_ptr, dmin_ptr, y_ptr, ids_ptr, M, N, K, TPG, SPLIT_CHUNKS,
                  X_DIV: tl.constexpr, GATHER: tl.constexpr, DOT: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
-    tile, lane, rows, toks, xrows = _tile(ids_ptr, TPG, X_DIV, GATHER, BLOCK_M, BLOCK_N)
+    tile, lane, rows, toks, xrows, first, end = _tile(ids_ptr, TPG, K, SPLIT_CHUNKS, 64, X_DIV, GATHER, BLOCK_M,
+                                                      BLOCK_N)  # fmt: skip
     tok_ok = toks < M
     byte = tl.arange(0, 32)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    first = tl.program_id(2) * SPLIT_CHUNKS
-    for c in range(first, tl.minimum(first + SPLIT_CHUNKS, K // 64)):
+    for c in range(first, end):
         packed = tl.load(q_ptr + (tile * (K // 64) + c) * (BLOCK_N * 32) + lane[:, None] * 32 + byte[None, :])
         at = (tile * (K // 256) + c // 4) * BLOCK_N + lane
         d = tl.load(d_ptr + at).to(tl.float32)
@@ -73,20 +83,19 @@ def _int4_kernel(x_ptr, q_ptr, sc_ptr, mn_ptr, d_ptr, dmin_ptr, y_ptr, ids_ptr, 
             x = tl.load(x_ptr + xrows[:, None] * K + c * 64 + half * 32 + byte[None, :],
                         mask=tok_ok[:, None], other=0.0).to(tl.float32)  # fmt: skip
             acc = _accumulate(acc, x, w, DOT)
-    y = y_ptr + tl.program_id(2) * M * N + toks[:, None] * N + rows[None, :]
-    tl.store(y, acc, mask=tok_ok[:, None] & (rows < N)[None, :])
+    _store(y_ptr, acc, toks, rows, M, N)
 
 
 @triton.jit
 def _int8_kernel(x_ptr, q_ptr, d_ptr, sc_ptr, y_ptr, ids_ptr, M, N, K, TPG, SPLIT_CHUNKS, D_GROUP: tl.constexpr,
                  HAS_SC: tl.constexpr, X_DIV: tl.constexpr, GATHER: tl.constexpr, DOT: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
-    tile, lane, rows, toks, xrows = _tile(ids_ptr, TPG, X_DIV, GATHER, BLOCK_M, BLOCK_N)
+    tile, lane, rows, toks, xrows, first, end = _tile(ids_ptr, TPG, K, SPLIT_CHUNKS, 32, X_DIV, GATHER, BLOCK_M,
+                                                      BLOCK_N)  # fmt: skip
     tok_ok = toks < M
     byte = tl.arange(0, 32)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    first = tl.program_id(2) * SPLIT_CHUNKS
-    for c in range(first, tl.minimum(first + SPLIT_CHUNKS, K // 32)):
+    for c in range(first, end):
         q = tl.load(q_ptr + (tile * (K // 32) + c) * (BLOCK_N * 32) + lane[:, None] * 32 + byte[None, :])
         d = tl.load(d_ptr + (tile * (K // D_GROUP) + (c * 32) // D_GROUP) * BLOCK_N + lane).to(tl.float32)
         if HAS_SC:  # Q6_K: d per 256 times an int8 scale per 16 (two per chunk)
@@ -99,8 +108,7 @@ def _int8_kernel(x_ptr, q_ptr, d_ptr, sc_ptr, y_ptr, ids_ptr, M, N, K, TPG, SPLI
         w = s * q.to(tl.float32)  # [BLOCK_N, 32]
         x = tl.load(x_ptr + xrows[:, None] * K + c * 32 + byte[None, :], mask=tok_ok[:, None], other=0.0).to(tl.float32)
         acc = _accumulate(acc, x, w, DOT)
-    y = y_ptr + tl.program_id(2) * M * N + toks[:, None] * N + rows[None, :]
-    tl.store(y, acc, mask=tok_ok[:, None] & (rows < N)[None, :])
+    _store(y_ptr, acc, toks, rows, M, N)
 
 
 @functools.cache

@@ -260,8 +260,11 @@ class DeepSeek2:
 
     def attention_out(self, layer: Layer, o: torch.Tensor) -> torch.Tensor:
         """Latent attention output [T, H, R] -> W_UV per head, then the output projection [T, D]."""
-        t = o.shape[0]
-        return layer.out(layer.heads.expand_v(o).reshape(t, self.cfg.n_head * self.cfg.v_head_dim))
+        return self.project_out(layer, layer.heads.expand_v(o))
+
+    def project_out(self, layer: Layer, o: torch.Tensor) -> torch.Tensor:
+        """Per-head values [T, H, V] -> the output projection [T, D]."""
+        return layer.out(o.reshape(o.shape[0], self.cfg.n_head * self.cfg.v_head_dim))
 
     def attention(self, i: int, layer: Layer, x: torch.Tensor, cache: LatentKVCache, start: int, cos, sin):
         """MLA over the latent cache, absorbed or expanded, whichever costs fewer multiply-adds."""
@@ -288,8 +291,7 @@ class DeepSeek2:
             scores = scores.masked_fill(future[:, None, :], float("-inf"))
         probs = torch.softmax(scores, dim=-1)
         if form == "expanded":
-            o = torch.einsum("ths,hsv->thv", probs, values)
-            return layer.out(o.reshape(t, self.cfg.n_head * self.cfg.v_head_dim))
+            return self.project_out(layer, torch.einsum("ths,hsv->thv", probs, values))
         return self.attention_out(layer, torch.matmul(probs, latents))  # latent output [T, H, R]
 
     @staticmethod

@@ -98,6 +98,7 @@ class StaticDecode:
         self.ids_host = host_buffer((1, a), torch.long, dev)
         self.weights_host = host_buffer((1, a), torch.float32, dev)
         self.routed_host = host_buffer((1, c.n_embd), torch.float32, dev)
+        self.captured = self.capturable()
         self.stages = self._stages()
         self.profile: StepProfile | None = None
 
@@ -124,7 +125,7 @@ class StaticDecode:
     def _stages(self) -> list[tuple[Segment, HandOff | None]]:
         """(segment, the hand-off that follows it or None) in step order."""
         pool = graph_pool(self.device)
-        capture = self.captured = self.capturable()
+        capture = self.captured
         stages, ops = [], []
         for i, layer in enumerate(self.net.layers):
             ops.append(partial(self.attention, i, layer))
