@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 
 import hetero
+from hetero.synth.llama_cpp import quiet_stderr
 from hetero.synth.writer import write_synthetic
-from hetero.tokenizer import quiet_stderr
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from conftest import V3_MECHANISMS, llama_logits, random_prompt  # noqa: E402

@@ -20,7 +20,7 @@ import numpy as np
 
 import hetero
 from hetero.bench import prefill_decode
-from hetero.tokenizer import quiet_stderr
+from hetero.synth.llama_cpp import quiet_stderr
 from placement.hardware import measure_read_bandwidth
 
 

@@ -95,8 +95,8 @@ def cache_dir() -> Path:
 
 
 def write_with_progress(out: Path, preset: str, quant: str, **kwargs) -> list[Path]:
+    from hetero.synth.llama_cpp import quiet_stderr
     from hetero.synth.writer import write_synthetic
-    from hetero.tokenizer import quiet_stderr
 
     columns = (TextColumn("[bold]{task.description}"), BarColumn(), DownloadColumn(), TimeRemainingColumn())
     with Progress(*columns, console=err_console, transient=True) as bar:

@@ -1,94 +1,184 @@
-"""Tokenizer and chat formatting, both taken from the GGUF itself.
+"""Byte-level BPE tokenization from the GGUF's own vocabulary, with llama.cpp's exact results.
 
-Tokenization is llama.cpp's (llama-cpp-python with the model loaded vocab-only: no weights are
-read), so every tokenizer family GGUF supports works. Chat templates are Jinja programs shipped
-inside downloaded files, so they render in an immutable sandbox.
+llama.cpp is the reference our logits are checked against, so its token ids are the contract:
+the same special-token cuts, the same pre-tokenizer words (hetero/pretokenize.py), the same
+merges. The merging itself runs in Hugging Face `tokenizers` (a prebuilt Rust wheel): given the
+words, byte-level BPE has one answer (lowest merge rank first, leftmost among equals), and a
+compiled engine keeps a 100 KB prompt well under a second where a Python loop would not on long
+CJK runs. Nothing of llama.cpp is needed at run time.
 """
 
-import contextlib
-import os
 from pathlib import Path
 
-from jinja2 import TemplateError
-from jinja2.sandbox import ImmutableSandboxedEnvironment
+from tokenizers import Tokenizer as _BPEEngine
+from tokenizers import models
 
+from hetero.chat_template import ChatTemplate
 from hetero.errors import HeteroError
+from hetero.pretokenize import check_pre_tokenizer, decode_utf8, encode_utf8, split_words
 
-# DeepSeek-V3/R1's chat format, used when a file carries no template.
-FALLBACK_TEMPLATE = (
-    "{{ bos_token }}"
-    "{%- for m in messages if m['role'] == 'system' %}{{ m['content'] }}{%- endfor %}"
-    "{%- for m in messages %}"
-    "{%- if m['role'] == 'user' %}<｜User｜>{{ m['content'] }}"
-    "{%- elif m['role'] == 'assistant' %}<｜Assistant｜>{{ m['content'] }}<｜end▁of▁sentence｜>{%- endif %}"
-    "{%- endfor %}"
-    "{%- if add_generation_prompt %}<｜Assistant｜>{% endif %}"
-)
+# GGUF token types (tokenizer.ggml.token_type).
+NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
+
+# Token texts llama.cpp treats as control tokens whatever the file says (end of turn, fill-in-
+# the-middle markers), and those among them that end generation.
+_END_TEXTS = ("<|eot_id|>", "<|im_end|>", "<|end|>", "<|return|>", "<|call|>", "<|flush|>", "<|calls|>",
+              "<end_of_turn>", "<|endoftext|>", "</s>", "<|eom_id|>", "<EOT>", "_<EOT>", "[EOT]", "[EOS]",
+              "<|end_of_text|>", "<end_of_utterance>", "<eos>", "<turn|>", "<|tool_response>",
+              "<｜end▁of▁sentence｜>", "[e~[")  # fmt: skip
+_FIM_END_TEXTS = ("<|fim_pad|>", "<fim-pad>", "<fim_pad>", "<PAD>", "[PAD]", "<|fim_repo|>", "<|repo_name|>",
+                  "<fim-repo>", "<REPO>", "<reponame>", "<|file_sep|>")  # fmt: skip
+_FIM_TEXTS = ("<|fim_prefix|>", "<fim-prefix>", "<fim_prefix>", "<｜fim▁begin｜>", "<PRE>", "▁<PRE>",
+              "<|code_prefix|>", "<|prefix|>", "<|fim_suffix|>", "<fim-suffix>", "<fim_suffix>", "<｜fim▁hole｜>",
+              "<SUF>", "▁<SUF>", "<|code_suffix|>", "<|suffix|>", "<|fim_middle|>", "<fim-middle>", "<fim_middle>",
+              "<｜fim▁end｜>", "<MID>", "▁<MID>", "<|code_middle|>", "<|middle|>", "<end_of_utterance>")  # fmt: skip
+_END_OF_GENERATION = frozenset(_END_TEXTS + _FIM_END_TEXTS)
+_CONTROL_BY_NAME = _END_OF_GENERATION | frozenset(_FIM_TEXTS)
 
 
-@contextlib.contextmanager
-def quiet_stderr():
-    """llama.cpp logs to the C-level stderr; hide it while loading."""
-    saved = os.dup(2)
-    with open(os.devnull, "w") as devnull:
-        os.dup2(devnull.fileno(), 2)
-        try:
-            yield
-        finally:
-            os.dup2(saved, 2)
-            os.close(saved)
+def byte_alphabet() -> list[str]:
+    """The printable stand-in character of each byte, as byte-level (gpt2-style) vocabularies
+    store them: printable Latin-1 as itself, the other 68 bytes as U+0100 onwards."""
+    printable = {*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)}
+    table, extra = [], 0
+    for b in range(256):
+        if b in printable:
+            table.append(chr(b))
+        else:
+            table.append(chr(256 + extra))
+            extra += 1
+    return table
+
+
+_BYTE_TO_CHAR = {b: ch for b, ch in enumerate(byte_alphabet())}  # str.translate table on Latin-1 text
+_CHAR_TO_BYTE = {ch: b for b, ch in enumerate(byte_alphabet())}
 
 
 class Tokenizer:
     def __init__(self, path: Path, metadata: dict):
-        import llama_cpp
+        model = metadata.get("tokenizer.ggml.model")
+        if model != "gpt2":
+            raise HeteroError(f"{path}: tokenizer model {model!r} is not supported (hetero reads byte-level BPE: gpt2)")
+        self.pre = str(metadata.get("tokenizer.ggml.pre") or "")
+        check_pre_tokenizer(self.pre)
+        tokens = [t or f"[EMPTY_{i}]" for i, t in enumerate(metadata.get("tokenizer.ggml.tokens") or [])]
+        if not tokens:
+            raise HeteroError(f"{path}: the file has no vocabulary (tokenizer.ggml.tokens)")
+        self.ids = {}
+        for i, t in enumerate(tokens):
+            if self.ids.setdefault(t, i) != i:
+                raise HeteroError(f"{path}: the vocabulary spells tokens {self.ids[t]} and {i} the same ({t!r})")
+        self.tokens = tokens
+        types = list(metadata.get("tokenizer.ggml.token_type") or [NORMAL] * len(tokens))
+        if len(types) < len(tokens):
+            raise HeteroError(f"{path}: {len(types)} token types for {len(tokens)} tokens")
+        self.types = [CONTROL if t in _CONTROL_BY_NAME else types[i] for i, t in enumerate(tokens)]
+        self._engine = _BPEEngine(models.BPE(vocab=self.ids, merges=self._merges(path, metadata)))
 
-        with quiet_stderr():
-            try:
-                self._llama = llama_cpp.Llama(str(path), vocab_only=True, verbose=False)
-            except ValueError as e:
-                raise HeteroError(f"{path}: llama.cpp could not load the vocabulary ({e})") from None
-        self.bos_id = int(metadata.get("tokenizer.ggml.bos_token_id", -1))
-        self.eos_id = int(metadata.get("tokenizer.ggml.eos_token_id", -1))
+        def special_id(key: str) -> int:
+            i = metadata.get(f"tokenizer.ggml.{key}_token_id")
+            return int(i) if isinstance(i, int) and 0 <= i < len(tokens) else -1
+
+        self.bos_id, self.eos_id = special_id("bos"), special_id("eos")
         self.add_bos = bool(metadata.get("tokenizer.ggml.add_bos_token", True))
-        tokens = metadata.get("tokenizer.ggml.tokens") or []
-        self.bos_text = tokens[self.bos_id] if 0 <= self.bos_id < len(tokens) else ""
-        self.eos_text = tokens[self.eos_id] if 0 <= self.eos_id < len(tokens) else ""
-        source = metadata.get("tokenizer.chat_template") or FALLBACK_TEMPLATE
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-        env.globals["raise_exception"] = _raise_template_error
-        try:
-            self._template = env.from_string(source)
-        except TemplateError as e:
-            raise HeteroError(f"{path}: chat template does not parse ({e})") from None
-        self.eog_ids = {i for i in (self.eos_id, self._llama.token_eos()) if i >= 0}
-        eot = self._llama._model.token_eot() if hasattr(self._llama._model, "token_eot") else -1
-        if eot >= 0:
-            self.eog_ids.add(eot)
+        self.bos_text = tokens[self.bos_id] if self.bos_id >= 0 else ""
+        self.eos_text = tokens[self.eos_id] if self.eos_id >= 0 else ""
+        named = {special_id(k) for k in ("eos", "eot", "eom", "fim_pad", "fim_rep", "fim_sep")}
+        self.eog_ids = {i for i in named if i >= 0} | {i for i, t in enumerate(tokens) if t in _END_OF_GENERATION}
+        # Cut out before BPE, longest first; control (and unknown) ones only when asked to.
+        specials = [i for i, t in enumerate(self.types) if t in (CONTROL, USER_DEFINED, UNKNOWN)]
+        specials.sort(key=lambda i: -len(encode_utf8(tokens[i])))
+        self._specials = [(encode_utf8(tokens[i]), i, self.types[i] != USER_DEFINED) for i in specials]
+        self._pieces: dict[tuple[int, bool], bytes] = {}
+        self.chat = ChatTemplate(metadata.get("tokenizer.chat_template"), self.bos_text, self.eos_text, str(path))
 
-    def tokenize(self, text: str, add_bos: bool | None = None, special: bool = True) -> list[int]:
-        """Text -> token ids; special-token text (like the chat markers) maps to its ids."""
+    def _merges(self, path: Path, metadata: dict) -> list[tuple[str, str]]:
+        """Merge rules in rank order: 'left right', split at the first space after the first
+        character (a left part may itself be a space); a repeated rule keeps its first rank."""
+        merges, seen = [], set()
+        for rule in metadata.get("tokenizer.ggml.merges") or []:
+            cut = rule.find(" ", 1)
+            if cut < 0:
+                continue
+            pair = (rule[:cut], rule[cut + 1 :])
+            if pair in seen:
+                continue
+            seen.add(pair)
+            for part in (*pair, pair[0] + pair[1]):
+                if part not in self.ids:
+                    raise HeteroError(f"{path}: BPE merge {rule!r} needs {part!r}, which is not in the vocabulary")
+            merges.append(pair)
+        return merges
+
+    # -- text -> ids ---------------------------------------------------------------------------
+    def tokenize(self, text: str | bytes, add_bos: bool | None = None, special: bool = True) -> list[int]:
+        """Text (or raw bytes) -> token ids. With `special`, text that spells a control token
+        (the chat markers) becomes that token; user-defined tokens (like <think>) always do."""
+        raw = text if isinstance(text, bytes) else encode_utf8(text)
         bos = self.add_bos if add_bos is None else add_bos
-        return self._llama.tokenize(text.encode("utf-8"), add_bos=bos, special=special)
+        out = [self.bos_id] if bos and self.bos_id >= 0 else []
+        for piece in self._cut_specials(raw, special):
+            if isinstance(piece, int):
+                out.append(piece)
+                continue
+            words = [encode_utf8(w).decode("latin-1").translate(_BYTE_TO_CHAR) for w in
+                     split_words(decode_utf8(piece), self.pre)]  # fmt: skip
+            if words:
+                out += self._engine.encode(words, is_pretokenized=True, add_special_tokens=False).ids
+        return out
 
+    def _cut_specials(self, raw: bytes, special: bool) -> list[bytes | int]:
+        """Raw bytes with each special token's occurrences replaced by its id; one token at a
+        time, longest first, each cutting what earlier ones left."""
+        pieces: list[bytes | int] = [raw] if raw else []
+        for text, tid, control in self._specials:
+            if (control and not special) or not any(isinstance(p, bytes) and text in p for p in pieces):
+                continue
+            cut = []
+            for p in pieces:
+                if isinstance(p, int) or text not in p:
+                    cut.append(p)
+                    continue
+                for k, part in enumerate(p.split(text)):
+                    if k:
+                        cut.append(tid)
+                    if part:
+                        cut.append(part)
+            pieces = cut
+        return pieces
+
+    # -- ids -> text ---------------------------------------------------------------------------
     def token_bytes(self, ids: list[int], special: bool = False) -> bytes:
         """Raw bytes of tokens (control tokens only if `special`); a character may span tokens."""
-        return self._llama.detokenize(ids, special=special)
+        return b"".join(self._piece(int(i), special) for i in ids)
+
+    def _piece(self, tid: int, special: bool) -> bytes:
+        key = (tid, special)
+        if key not in self._pieces:
+            self._pieces[key] = self._spell(tid, special)
+        return self._pieces[key]
+
+    def _spell(self, tid: int, special: bool) -> bytes:
+        if not 0 <= tid < len(self.tokens):
+            return b""
+        kind, text = self.types[tid], self.tokens[tid]
+        if kind in (CONTROL, UNKNOWN):
+            return encode_utf8(text) if special else b""
+        if kind == USER_DEFINED:
+            return encode_utf8(text)
+        if kind not in (NORMAL, BYTE):
+            return b""
+        out = bytearray()
+        for ch in text:
+            b = _CHAR_TO_BYTE.get(ch)
+            if b is None:  # not a byte stand-in: llama.cpp writes a marker naming it
+                out += b"[UNK_BYTE_0x" + encode_utf8(ch).hex().encode() + encode_utf8(text) + b"]"
+            else:
+                out.append(b)
+        return bytes(out)
 
     def detokenize(self, ids: list[int]) -> str:
         return self.token_bytes(ids).decode("utf-8", errors="replace")
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
-        try:
-            return self._template.render(
-                messages=messages,
-                add_generation_prompt=add_generation_prompt,
-                bos_token=self.bos_text,
-                eos_token=self.eos_text,
-            )
-        except TemplateError as e:
-            raise HeteroError(f"chat template failed: {e}") from None
-
-
-def _raise_template_error(message: str):
-    raise TemplateError(message)
+        return self.chat.render(messages, add_generation_prompt)

@@ -12,8 +12,8 @@ if not torch.cuda.is_available():
 import numpy as np  # noqa: E402
 import pytest
 
+from hetero.synth.llama_cpp import quiet_stderr
 from hetero.synth.writer import write_synthetic
-from hetero.tokenizer import quiet_stderr
 
 # Routing mechanisms of DeepSeek-V3 on the tiny shapes.
 V3_MECHANISMS = dict(

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 from gguf import TokenType
 
+from hetero.tokenizer import byte_alphabet
+
 BOS, EOS = "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>"
 USER, ASSISTANT = "<｜User｜>", "<｜Assistant｜>"
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
@@ -48,20 +50,6 @@ class Vocab:
     merges: list[str]
     bos_id: int
     eos_id: int
-
-
-def byte_alphabet() -> list[str]:
-    """The printable stand-in character for each byte, as gpt2-style vocabularies store them."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    extra = 0
-    table = {}
-    for b in range(256):
-        if b in printable:
-            table[b] = chr(b)
-        else:
-            table[b] = chr(256 + extra)
-            extra += 1
-    return [table[b] for b in range(256)]
 
 
 def learn_merges(text: str, n_merges: int, alphabet: list[str]) -> list[tuple[str, str]]:

@@ -18,7 +18,7 @@ from hetero.config import ModelConfig, config_from_metadata
 from hetero.errors import HeteroError
 from hetero.models.deepseek2_tensors import expected_tensors, optional_tensors
 from hetero.synth.presets import HEADER_ONLY, Preset, make_preset
-from hetero.synth.vocab import CHAT_TEMPLATE, PAD, build_vocab
+from hetero.synth.vocab import CHAT_TEMPLATE, PAD, Vocab, build_vocab
 
 ARCH = "deepseek2"
 FLOAT_TYPES = {"F32": np.float32, "F16": np.float16}
@@ -88,7 +88,7 @@ def _metadata(p: Preset, name: str) -> dict:
     return meta
 
 
-def put_metadata(w: GGUFWriter, p: Preset, name: str) -> None:
+def put_metadata(w: GGUFWriter, p: Preset, name: str, vocab: Vocab | None = None, pre: str = "deepseek-v3") -> None:
     for key, value in _metadata(p, name).items():
         if key == "general.architecture":
             continue
@@ -100,15 +100,16 @@ def put_metadata(w: GGUFWriter, p: Preset, name: str) -> None:
             w.add_float32(key, value)
         else:
             w.add_string(key, value)
-    vocab = build_vocab(p.n_vocab)
+    vocab = vocab or build_vocab(p.n_vocab)
     w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre("deepseek-v3")
+    w.add_tokenizer_pre(pre)
     w.add_token_list(vocab.tokens)
     w.add_token_types(vocab.types)
     w.add_token_merges(vocab.merges)
     w.add_bos_token_id(vocab.bos_id)
     w.add_eos_token_id(vocab.eos_id)
-    w.add_pad_token_id(vocab.tokens.index(PAD))
+    if PAD in vocab.tokens:
+        w.add_pad_token_id(vocab.tokens.index(PAD))
     w.add_add_bos_token(True)
     w.add_add_eos_token(False)
     w.add_chat_template(CHAT_TEMPLATE)
