@@ -41,7 +41,8 @@ def main():
         print("|---|---|---|---|")
         for label, (preset, quant, over) in CASES.items():
             with quiet_stderr():
-                path = write_synthetic(Path(tmp) / f"{preset}-{quant}.gguf", preset, quant, **over)[0]
+                name = Path(tmp) / f"{preset}-{quant}.gguf"
+                path = write_synthetic(name, preset, quant, quantizer="llama.cpp", **over)[0]
             model = hetero.load_model(path)
             errs, bad = [], []
             for _ in range(args.prompts):

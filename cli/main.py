@@ -95,7 +95,6 @@ def cache_dir() -> Path:
 
 
 def write_with_progress(out: Path, preset: str, quant: str, **kwargs) -> list[Path]:
-    from hetero.synth.llama_cpp import quiet_stderr
     from hetero.synth.writer import write_synthetic
 
     columns = (TextColumn("[bold]{task.description}"), BarColumn(), DownloadColumn(), TimeRemainingColumn())
@@ -105,8 +104,7 @@ def write_with_progress(out: Path, preset: str, quant: str, **kwargs) -> list[Pa
         def report(done, total):
             bar.update(task, completed=done * 4, total=total * 4)  # shown as float32 bytes
 
-        with quiet_stderr():
-            files = write_synthetic(out, preset, quant, progress=report, **kwargs)
+        files = write_synthetic(out, preset, quant, progress=report, **kwargs)
     return files
 
 
@@ -120,6 +118,9 @@ def synth(
     seed: Annotated[int, typer.Option(help="Random seed of the weights.")] = 0,
     splits: Annotated[int, typer.Option(help="Write a split set of this many files.")] = 1,
     header_only: Annotated[bool, typer.Option(help="Declare every tensor, write no weights (sparse file).")] = False,
+    quantizer: Annotated[
+        str, typer.Option(help="hetero (numpy, built in) or llama.cpp (its own quantizer; needs the dev extra).")
+    ] = "hetero",
 ):
     """Write a synthetic deepseek2 GGUF: real architecture and tokenizer, random weights.
 
@@ -135,7 +136,7 @@ def synth(
             raise HeteroError("--header-only writes llama.cpp's Q4_K_M type mix only")
         files = write_header_only(out, make_preset(preset, n_layer=layers), splits)
     else:
-        files = write_with_progress(out, preset, quant, seed=seed, splits=splits, n_layer=layers)
+        files = write_with_progress(out, preset, quant, seed=seed, splits=splits, n_layer=layers, quantizer=quantizer)
     size = sum(f.stat().st_size for f in files)
     console.print(f"wrote {', '.join(map(str, files))} ({size / 2**20:.1f} MiB) in {time.perf_counter() - t0:.1f} s")
 

@@ -6,7 +6,7 @@ import sys
 
 PROBE = r"""
 import json, resource, sys
-import hetero, llama_cpp, torch  # imports are the baseline, not the model
+import hetero, torch  # imports are the baseline, not the model
 def rss():
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * 4096

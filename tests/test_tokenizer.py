@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import oracle
 from tokenizer_corpus import corpus, random_string, write_vocab_file
 
 import hetero
@@ -62,7 +63,7 @@ PRE_TOKENIZERS = ("deepseek-v3", "deepseek-llm", "kimi-k2")
 @pytest.fixture(scope="module", params=PRE_TOKENIZERS)
 def both(request, tmp_path_factory):
     """(hetero's Tokenizer, llama.cpp's vocab-only model) on one vocabulary file."""
-    llama_cpp = pytest.importorskip("llama_cpp", reason="llama.cpp is the oracle (pip install -e '.[dev]')")
+    llama_cpp = oracle()
     path = write_vocab_file(tmp_path_factory.mktemp("vocab") / f"{request.param}.gguf", request.param)
     with quiet_stderr():
         llm = llama_cpp.Llama(str(path), vocab_only=True, verbose=False)

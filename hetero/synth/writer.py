@@ -1,30 +1,35 @@
 """Write a synthetic deepseek2 GGUF: real architecture and tokenizer, random weights.
 
-Float files are streamed tensor by tensor (never the whole model in memory); quantized files
-are made from a float16 intermediate by llama.cpp's own quantizer, so block formats and the
-per-tensor type choices (Q4_K_M's mix, fallbacks for odd row lengths) are exactly llama.cpp's.
+Tensors are streamed one by one (never the whole model in memory). Quantized files are written
+by hetero's own numpy quantizer (hetero/synth/quantize.py: GGUF blocks, and the per-tensor types
+of the mix), so no llama.cpp is needed; `quantizer="llama.cpp"` instead quantizes a float16
+intermediate with llama.cpp's own quantizer (llama-cpp-python, the dev extra), whose rounding and
+type choices are exactly llama.cpp's, for tests that compare with llama.cpp on its own files.
 """
 
-import os
 import tempfile
 import zlib
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
-from gguf import GGMLQuantizationType, GGUFReader, GGUFWriter
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFReader, GGUFWriter
 
 from hetero.config import ModelConfig, config_from_metadata
 from hetero.errors import HeteroError
 from hetero.models.deepseek2_tensors import expected_tensors, optional_tensors
+from hetero.synth import llama_cpp
 from hetero.synth.presets import HEADER_ONLY, Preset, make_preset
+from hetero.synth.quantize import MIXES, quantize, tensor_type
 from hetero.synth.vocab import CHAT_TEMPLATE, PAD, Vocab, build_vocab
 
 ARCH = "deepseek2"
-FLOAT_TYPES = {"F32": np.float32, "F16": np.float16}
+FLOAT_TYPES = {"F32": GGMLQuantizationType.F32, "F16": GGMLQuantizationType.F16}
 QUANT_FTYPES = ("Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K_M", "Q4_K_S", "Q4_K_M", "Q5_K_S",
                 "Q5_K_M", "Q6_K", "IQ4_NL", "IQ4_XS", "BF16")  # fmt: skip
 QUANTS = (*FLOAT_TYPES, *QUANT_FTYPES)
+QUANTIZERS = ("hetero", "llama.cpp")
+_CHUNK = 1 << 22  # values quantized at a time: bounds the quantizer's temporaries
 
 
 def write_synthetic(
@@ -34,23 +39,34 @@ def write_synthetic(
     seed: int = 0,
     splits: int = 1,
     progress: Callable[[int, int], None] | None = None,
+    quantizer: str = "hetero",
     **overrides,
 ) -> list[Path]:
     """Write the model; returns the file(s) written (several when `splits` > 1)."""
     if quant not in QUANTS:
         raise HeteroError(f"unknown quant {quant!r}; choose from {', '.join(QUANTS)}")
+    if quantizer not in QUANTIZERS:
+        raise HeteroError(f"unknown quantizer {quantizer!r}; choose from {', '.join(QUANTIZERS)}")
     p = make_preset(preset, **overrides)
     if preset in HEADER_ONLY:
         raise HeteroError(f"the {preset} preset is a full-size model; write it with --header-only")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     if quant in FLOAT_TYPES:
-        return _write_float(path, p, preset, FLOAT_TYPES[quant], seed, splits, progress)
+        return _write(path, p, preset, _float_types(FLOAT_TYPES[quant]), seed, splits, progress)
+    if quantizer == "hetero":
+        if quant not in MIXES:
+            raise HeteroError(
+                f"hetero's quantizer writes {', '.join(MIXES)}; {quant} needs llama.cpp's "
+                "(--quantizer llama.cpp, with pip install -e '.[dev]')"
+            )
+        return _write(path, p, preset, lambda name, shape: tensor_type(name, shape, quant, p.n_layer, p.n_expert), seed,
+                      splits, progress)  # fmt: skip
     with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
         source = Path(tmp) / "f16.gguf"
-        _write_float(source, p, preset, np.float16, seed, 1, progress)
+        _write(source, p, preset, _float_types(GGMLQuantizationType.F16), seed, 1, progress)
         target = Path(tmp) / "q.gguf" if splits > 1 else path
-        _quantize(source, target, quant)
+        llama_cpp.quantize(source, target, quant)
         return resplit(target, path, splits) if splits > 1 else [path]
 
 
@@ -115,17 +131,36 @@ def put_metadata(w: GGUFWriter, p: Preset, name: str, vocab: Vocab | None = None
     w.add_chat_template(CHAT_TEMPLATE)
 
 
-def _write_float(path, p: Preset, name: str, dtype, seed: int, splits: int, progress) -> list[Path]:
+def _float_types(kind: GGMLQuantizationType) -> Callable[[str, tuple[int, ...]], GGMLQuantizationType]:
+    """Matrices in `kind`; vectors and the router in F32, as converted checkpoints have them."""
+
+    def type_of(name: str, shape: tuple[int, ...]) -> GGMLQuantizationType:
+        return GGMLQuantizationType.F32 if len(shape) == 1 or "ffn_gate_inp" in name else kind
+
+    return type_of
+
+
+_NUMPY_FLOAT = {GGMLQuantizationType.F32: np.float32, GGMLQuantizationType.F16: np.float16}
+
+
+def _write(path, p: Preset, name: str, type_of, seed: int, splits: int, progress) -> list[Path]:
     cfg = preset_config(p)
     shapes = expected_tensors(cfg, p.tied_output)
     if p.selection_bias:
         shapes.update(optional_tensors(cfg))
+    types = {tname: type_of(tname, shape) for tname, shape in shapes.items()}
     w = GGUFWriter(path, ARCH, split_max_tensors=-(-len(shapes) // splits) if splits > 1 else 0)
     put_metadata(w, p, name)
-    kinds = {}
     for tname, shape in shapes.items():
-        kinds[tname] = np.float32 if len(shape) == 1 or "ffn_gate_inp" in tname else dtype
-        w.add_tensor_info(tname, shape, np.dtype(kinds[tname]), int(np.prod(shape)) * np.dtype(kinds[tname]).itemsize)
+        kind = types[tname]
+        if kind in _NUMPY_FLOAT:
+            dtype = np.dtype(_NUMPY_FLOAT[kind])
+            w.add_tensor_info(tname, shape, dtype, int(np.prod(shape)) * dtype.itemsize)
+        else:
+            size, block = GGML_QUANT_SIZES[kind]
+            row_bytes = shape[-1] // size * block
+            w.add_tensor_info(tname, (*shape[:-1], row_bytes), np.dtype(np.uint8), int(np.prod(shape[:-1])) * row_bytes,
+                              raw_dtype=kind)  # fmt: skip
     files = w.format_shard_names(path)
     w.write_header_to_file()
     w.write_kv_data_to_file()
@@ -133,12 +168,22 @@ def _write_float(path, p: Preset, name: str, dtype, seed: int, splits: int, prog
     total = sum(int(np.prod(s)) for s in shapes.values())
     done = 0
     for tname, shape in shapes.items():
-        w.write_tensor_data(_random_tensor(cfg, tname, shape, seed).astype(kinds[tname]))
+        values = _random_tensor(cfg, tname, shape, seed)
+        w.write_tensor_data(_encode(values, types[tname]))
         done += int(np.prod(shape))
         if progress:
             progress(done, total)
     w.close()
     return files
+
+
+def _encode(values: np.ndarray, kind: GGMLQuantizationType) -> np.ndarray:
+    if kind in _NUMPY_FLOAT:
+        return values.astype(_NUMPY_FLOAT[kind])
+    rows = values.reshape(-1, values.shape[-1])
+    step = max(1, _CHUNK // rows.shape[1])
+    blocks = np.concatenate([quantize(rows[i : i + step], kind) for i in range(0, len(rows), step)])
+    return blocks.reshape(*values.shape[:-1], -1)
 
 
 def _rng(seed: int, name: str) -> np.random.Generator:
@@ -168,16 +213,6 @@ def _split_kv_b(cfg: ModelConfig, name: str, seed: int) -> np.ndarray:
     if "attn_k_b" in name:
         return np.ascontiguousarray(kv[:, :n].transpose(0, 2, 1))  # [H, R, N]
     return np.ascontiguousarray(kv[:, n:])  # [H, V, R]
-
-
-def _quantize(source: Path, target: Path, quant: str) -> None:
-    import llama_cpp
-
-    params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{quant}")
-    params.nthread = os.cpu_count() or 1
-    if llama_cpp.llama_model_quantize(str(source).encode(), str(target).encode(), params) != 0:
-        raise HeteroError(f"llama.cpp could not quantize {source} to {quant}")
 
 
 def resplit(source: Path, target: Path, splits: int) -> list[Path]:
