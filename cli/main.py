@@ -364,7 +364,7 @@ def demo(
 ):
     """Load a model (by default a synthetic DeepSeek-V3-shaped one), summarise it and stream a reply.
 
-    Example: hetero demo            (no download: writes the demo model once, ~110 MiB)
+    Example: hetero demo            (no download: writes the demo model once, ~106 MiB)
     """
     from cli.plan_report import render_plan
     from hetero.summary import summarize
