@@ -114,6 +114,45 @@ class _Rule:
         self.regex = re.compile(pattern, re.ASCII | re.DOTALL)
         self.collapsed = collapsed
 
+    def cut(self, view: str, cuts: list[int]) -> list[int]:
+        """Refine the pieces ending at `cuts`: each match, and each gap between matches, is a
+        piece. The expression sees one piece at a time (its end is the end of the subject)."""
+        out = []
+        start = 0
+        for end in cuts:
+            pos = start
+            for m in self.regex.finditer(view, start, end):
+                if m.start() > pos:
+                    out.append(m.start())
+                out.append(m.end())
+                pos = m.end()
+            if pos < end:
+                out.append(end)
+            start = end
+        return out
+
+
+class _TrailingSpace(_Rule):
+    """`\\s+$` cut by a scan: each piece's final run of whitespace becomes a piece of its own.
+    The same cuts as the expression, which a backtracking engine finds in quadratic time (it
+    tries the run from each of its positions)."""
+
+    def __init__(self):
+        self.collapsed = False
+
+    def cut(self, view: str, cuts: list[int]) -> list[int]:
+        out = []
+        start = 0
+        for end in cuts:
+            run = end
+            while run > start and view[run - 1] in " \t\n\v\f\r":
+                run -= 1
+            if start < run < end:
+                out.append(run)
+            out.append(end)
+            start = end
+        return out
+
 
 def _ranges(pairs) -> str:
     return "".join(f"\\U{a:08X}" if a == b else f"\\U{a:08X}-\\U{b:08X}" for a, b in pairs)
@@ -150,7 +189,7 @@ PRE_TOKENIZERS = {
         _Rule(r"[\r\n]", False),
         _Rule(rf"\s?[{_DEEPSEEK_LLM_LETTERS}]+", False),
         _Rule(rf"\s?[{_DEEPSEEK_LLM_PUNCT}]+", False),
-        _Rule(r"\s+\Z", False),
+        _TrailingSpace(),
         _Rule(rf"[{_DEEPSEEK_LLM_CJK}]+", False),
         _Rule(rf"[{N}]+", True),
     ),
@@ -164,14 +203,15 @@ PRE_TOKENIZERS = {
     ),
 }
 
-# Kimi-K2's scanner, as classes: H Han, letters (the contraction letters s t m d r e v l as
-# themselves in lower case, any other letter as 'a'), 0 number, \n for CR and LF, ' ' space,
-# \t other whitespace, ' apostrophe, ! anything else.
+# Kimi-K2's scanner, as classes: H Han letter, # a code point of the Han ranges that is not a
+# letter (unassigned: Han to the first rule, but "other" to the punctuation rule), letters (the
+# contraction letters s t m d r e v l as themselves in lower case, any other letter as 'a'),
+# 0 number, \n for CR and LF, ' ' space, \t other whitespace, ' apostrophe, ! anything else.
 _KIMI_RULE = re.compile(
-    r"H+"
+    r"[H#]+"
     r"|[ \t!']?[a-z]+(?:'[stmd]|'(?:re|ve|ll))?"
     r"|0{1,3}"
-    r"| ?[!']+\n*"
+    r"| ?[!'#]+\n*"
     r"|[ \t\n]*\n+"
     r"|[ \t\n]+(?![^ \t\n])"
     r"|[ \t\n]+"
@@ -190,7 +230,7 @@ def _kimi_table() -> np.ndarray:
     table[classes == ord("N")] = ord("0")
     table[list(WHITESPACE)] = ord("\t")
     for a, b in _HAN:
-        table[a : b + 1] = ord("H")
+        table[a : b + 1] = np.where(classes[a : b + 1] == ord("L"), ord("H"), ord("#"))
     for ch in "stmdrevl":
         table[ord(ch)] = table[ord(ch.upper())] = ord(ch)
     table[[0x0A, 0x0D]] = ord("\n")
@@ -221,27 +261,9 @@ def split_words(text: str, pre: str) -> list[str]:
         for rule in PRE_TOKENIZERS[pre]:
             if rule.collapsed not in views:
                 views[rule.collapsed] = collapse(text) if rule.collapsed else plain(text)
-            cuts = _cut(views[rule.collapsed], rule.regex, cuts)
+            cuts = rule.cut(views[rule.collapsed], cuts)
     words, start = [], 0
     for end in cuts:
         words.append(text[start:end])
         start = end
     return words
-
-
-def _cut(view: str, regex: re.Pattern, cuts: list[int]) -> list[int]:
-    """Refine the pieces ending at `cuts`: each match, and each gap between matches, is a piece.
-    The expression sees one piece at a time (its end is the end of the subject)."""
-    out = []
-    start = 0
-    for end in cuts:
-        pos = start
-        for m in regex.finditer(view, start, end):
-            if m.start() > pos:
-                out.append(m.start())
-            out.append(m.end())
-            pos = m.end()
-        if pos < end:
-            out.append(end)
-        start = end
-    return out

@@ -68,6 +68,9 @@ class Tokenizer:
         for i, t in enumerate(tokens):
             if self.ids.setdefault(t, i) != i:
                 raise HeteroError(f"{path}: the vocabulary spells tokens {self.ids[t]} and {i} the same ({t!r})")
+        missing = [f"0x{b:02X}" for b, ch in enumerate(byte_alphabet()) if ch not in self.ids]
+        if missing:  # BPE would join pieces across the byte llama.cpp keeps apart (and then drops)
+            raise HeteroError(f"{path}: the vocabulary lacks the byte token(s) {', '.join(missing[:8])}")
         self.tokens = tokens
         types = list(metadata.get("tokenizer.ggml.token_type") or [NORMAL] * len(tokens))
         if len(types) < len(tokens):
@@ -80,7 +83,9 @@ class Tokenizer:
             return int(i) if isinstance(i, int) and 0 <= i < len(tokens) else -1
 
         self.bos_id, self.eos_id = special_id("bos"), special_id("eos")
-        self.add_bos = bool(metadata.get("tokenizer.ggml.add_bos_token", True))
+        # llama.cpp's defaults for byte-level BPE files when the keys are absent: neither
+        self.add_bos = bool(metadata.get("tokenizer.ggml.add_bos_token", False))
+        self.add_eos = bool(metadata.get("tokenizer.ggml.add_eos_token", False))
         self.bos_text = tokens[self.bos_id] if self.bos_id >= 0 else ""
         self.eos_text = tokens[self.eos_id] if self.eos_id >= 0 else ""
         named = {special_id(k) for k in ("eos", "eot", "eom", "fim_pad", "fim_rep", "fim_sep")}
@@ -113,10 +118,19 @@ class Tokenizer:
     # -- text -> ids ---------------------------------------------------------------------------
     def tokenize(self, text: str | bytes, add_bos: bool | None = None, special: bool = True) -> list[int]:
         """Text (or raw bytes) -> token ids. With `special`, text that spells a control token
-        (the chat markers) becomes that token; user-defined tokens (like <think>) always do."""
+        (the chat markers) becomes that token; user-defined tokens (like <think>) always do.
+        `add_bos` None follows the file (BOS and EOS as its add_*_token keys say, as llama.cpp
+        does); True or False adds BOS or not, and never EOS."""
         raw = text if isinstance(text, bytes) else encode_utf8(text)
         bos = self.add_bos if add_bos is None else add_bos
         out = [self.bos_id] if bos and self.bos_id >= 0 else []
+        out += self._encode(raw, special)
+        if add_bos is None and self.add_eos and self.eos_id >= 0:
+            out.append(self.eos_id)
+        return out
+
+    def _encode(self, raw: bytes, special: bool) -> list[int]:
+        out = []
         for piece in self._cut_specials(raw, special):
             if isinstance(piece, int):
                 out.append(piece)
@@ -131,9 +145,8 @@ class Tokenizer:
         """Raw bytes with each special token's occurrences replaced by its id; one token at a
         time, longest first, each cutting what earlier ones left."""
         pieces: list[bytes | int] = [raw] if raw else []
-        for text, tid, control in self._specials:
-            if (control and not special) or not any(isinstance(p, bytes) and text in p for p in pieces):
-                continue
+        present = [(text, tid) for text, tid, control in self._specials if (special or not control) and text in raw]
+        for text, tid in present:
             cut = []
             for p in pieces:
                 if isinstance(p, int) or text not in p:
@@ -166,7 +179,9 @@ class Tokenizer:
             return encode_utf8(text) if special else b""
         if kind == USER_DEFINED:
             return encode_utf8(text)
-        if kind not in (NORMAL, BYTE):
+        if kind == BYTE:  # spelled <0xXX>
+            return bytes([_leading_hex(text[3:5])])
+        if kind != NORMAL:
             return b""
         out = bytearray()
         for ch in text:
@@ -182,3 +197,13 @@ class Tokenizer:
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
         return self.chat.render(messages, add_generation_prompt)
+
+
+def _leading_hex(digits: str) -> int:
+    """The value of the leading hex digits (0 if none), as one byte: what strtol reads there."""
+    n = 0
+    for ch in digits:
+        if ch not in "0123456789abcdefABCDEF":
+            break
+        n = n * 16 + int(ch, 16)
+    return n & 0xFF

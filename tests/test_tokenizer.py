@@ -7,12 +7,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import oracle
-from tokenizer_corpus import corpus, random_string, write_vocab_file
+from tokenizer_corpus import build_test_vocab, corpus, random_string, write_vocab_file
 
 import hetero
 from hetero.errors import HeteroError
 from hetero.gguf_header import read_header
 from hetero.synth.llama_cpp import quiet_stderr
+from hetero.synth.vocab import Vocab
 from hetero.tokenizer import Tokenizer
 
 
@@ -153,3 +154,25 @@ def test_unusable_vocabularies_are_one_clear_error(v3_tokenizer, changes, messag
         meta["tokenizer.ggml.merges"] = []
     with pytest.raises(HeteroError, match=message):
         Tokenizer(Path("v.gguf"), meta)
+
+
+@pytest.mark.parametrize("add_bos, add_eos", [(None, None), (True, True), (False, True)])
+def test_the_files_bos_and_eos_keys_as_llama_cpp_reads_them(tmp_path, add_bos, add_eos):
+    """Absent keys mean no BOS and no EOS; tokenize(add_bos=None) follows the file both ways."""
+    llama_cpp = oracle()
+    path = write_vocab_file(tmp_path / "flags.gguf", "deepseek-v3", add_bos=add_bos, add_eos=add_eos)
+    tok = Tokenizer(path, read_header(path).metadata)
+    with quiet_stderr():
+        llm = llama_cpp.Llama(str(path), vocab_only=True, verbose=False)
+    for text in (b"Hello world", b"", "<think>混合</think>".encode()):
+        assert tok.tokenize(text) == llm.tokenize(text, add_bos=True, special=True)
+        assert tok.tokenize(text, add_bos=False) == llm.tokenize(text, add_bos=False, special=True)
+    llm.close()
+
+
+def test_a_vocabulary_without_every_byte_is_refused(v3_tokenizer, tmp_path):
+    vocab = build_test_vocab()
+    tokens = ["<dropped>" if t == "!" else t for t in vocab.tokens]
+    path = write_vocab_file(tmp_path / "no-bang.gguf", "deepseek-v3", Vocab(tokens, *list(vars(vocab).values())[1:]))
+    with pytest.raises(HeteroError, match=r"lacks the byte token\(s\) 0x21"):
+        Tokenizer(path, read_header(path).metadata)

@@ -37,35 +37,6 @@ CONTROL_TOKENS = (BOS, EOS, USER, ASSISTANT, PAD, "<｜fim▁begin｜>", "<｜fi
 USER_DEFINED_TOKENS = (THINK_OPEN, THINK_CLOSE, "<|endoftext|>", "<tool>")  # <|endoftext|>: llama.cpp makes it control
 
 
-def test_vocab(n_merges: int = 1500) -> Vocab:
-    alphabet = byte_alphabet()
-    merges = learn_merges(TRAINING_TEXT * 3, n_merges, alphabet)
-    tokens = list(alphabet)
-    for merged in dict.fromkeys(a + b for a, b in merges):
-        if merged not in tokens:
-            tokens.append(merged)
-    types = [TokenType.NORMAL] * len(tokens)
-    tokens += [*CONTROL_TOKENS, *USER_DEFINED_TOKENS]
-    types += [TokenType.CONTROL] * len(CONTROL_TOKENS) + [TokenType.USER_DEFINED] * len(USER_DEFINED_TOKENS)
-    tokens += ["<unused_0>", "<unused_1>"]  # never produced by merges, never special
-    types += [TokenType.UNUSED] * 2
-    return Vocab(tokens, [int(t) for t in types], [f"{a} {b}" for a, b in merges], tokens.index(BOS),
-                 tokens.index(EOS))  # fmt: skip
-
-
-def write_vocab_file(path: Path, pre: str, vocab: Vocab | None = None) -> Path:
-    """A GGUF with a deepseek2 header and a vocabulary but no tensors: enough for llama.cpp's
-    vocab-only load and for hetero's Tokenizer."""
-    vocab = vocab or test_vocab()
-    w = GGUFWriter(path, ARCH)
-    put_metadata(w, make_preset("tiny", n_vocab=len(vocab.tokens)), "tokenizer test", vocab, pre)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_ti_data_to_file()
-    w.close()
-    return path
-
-
 FIXED = [
     "", " ", "  ", "\n", "\r\n", "\t", "a", "Hello world", " Hello", "Hello  world   ", "   leading",
     "trailing\n\n", "line1\nline2\r\nline3\rline4", "\n\n\n\t \n", "tabs\t\tand  spaces \t mixed",
@@ -82,6 +53,7 @@ FIXED = [
     "a<think>b<think>c", "<｜end▁of▁sentence｜><｜end▁of▁sentence｜>", "<|im_end|>x<|endoftext|>", "[EOS][EOS]",
     "<｜fim▁begin｜>code<｜fim▁hole｜>more<｜fim▁end｜>", "<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>f<｜tool▁sep｜>",
     "<tool>x</tool>", "<unused_0>", "<｜User", "User｜>", "<think", "think>", "<<think>>",
+    "!\ufa6e", " \ufa6e", "a\ufa6e人", "\U0002ebe1!", "😀  ", "∑∫ \t", "e\u0301  ", "\u2028 x \u3000",
     "ALLCAPS WORDS HERE", "CamelCaseIdentifier", "snake_case_name", "kebab-case-name", "MixedCASE123abc",
     " ?!.,;:", "...!!!???", "—–-", "«»„“”‘’", "!!  !!", " !", "  !", "a!b", "a !b", "\n!", "!\n\n", "a\n\nb",
 ]  # fmt: skip
@@ -105,6 +77,7 @@ _ALPHABETS = [
     "人工智能改变世界我们今天", "ひらがなカタカナ", "한국어텍스트", "😀😃🎉👍🏽🇫", "∑∫√∞≤≥→←", "٠١٢٣٤٥",
     "\u00a0\u3000\u2003",
     "\u0301\u0308\u20dd", "\u200b\u200d\ufeff", "\U0001f9ff\U0001fae8\U00020000\U0002a700", "\x00\x01\x1c\x7f",
+    "\ufa6e\ufa6f\U0002b73a\U0002ebe1人",  # unassigned code points inside the Han blocks, beside a Han letter
 ]  # fmt: skip
 _SPECIAL_TEXTS = [BOS, EOS, USER, ASSISTANT, THINK_OPEN, THINK_CLOSE, "<|im_end|>", "<tool>", "[EOS]"]
 
@@ -132,3 +105,39 @@ def corpus(rng: np.random.Generator, n_random: int = 2000) -> list[str | bytes]:
     strings += [random_string(rng) for _ in range(n_random)]
     strings += [random_string(rng).encode()[:-1] for _ in range(50)]  # cut mid-character, often
     return strings
+
+
+def build_test_vocab(n_merges: int = 1500) -> Vocab:
+    """Merges of adjacent bytes across every boundary of the fixed cases first (so a word split
+    in the wrong place changes the ids, not only the words), then merges learned within words."""
+    alphabet = byte_alphabet()
+    rng = np.random.default_rng(7)
+    boundary = {}
+    for s in [*FIXED, *(random_string(rng) for _ in range(300))]:
+        chars = [alphabet[b] for b in s.encode()]
+        boundary.update(dict.fromkeys(zip(chars, chars[1:], strict=False)))
+    merges = list(boundary) + learn_merges(TRAINING_TEXT * 3, n_merges, alphabet)
+    tokens = list(alphabet)
+    for merged in dict.fromkeys(a + b for a, b in merges):
+        if merged not in tokens:
+            tokens.append(merged)
+    types = [TokenType.NORMAL] * len(tokens)
+    tokens += [*CONTROL_TOKENS, *USER_DEFINED_TOKENS]
+    types += [TokenType.CONTROL] * len(CONTROL_TOKENS) + [TokenType.USER_DEFINED] * len(USER_DEFINED_TOKENS)
+    tokens += ["<unused_0>", "<unused_1>", "<0x0A>"]  # never produced by merges, never special
+    types += [TokenType.UNUSED] * 2 + [TokenType.BYTE]  # a byte token spells its byte
+    return Vocab(tokens, [int(t) for t in types], [f"{a} {b}" for a, b in merges], tokens.index(BOS),
+                 tokens.index(EOS))  # fmt: skip
+
+
+def write_vocab_file(path: Path, pre: str, vocab: Vocab | None = None, **flags) -> Path:
+    """A GGUF with a deepseek2 header and a vocabulary but no tensors: enough for llama.cpp's
+    vocab-only load and for hetero's Tokenizer. `flags`: add_bos / add_eos (None: no key)."""
+    vocab = vocab or build_test_vocab()
+    w = GGUFWriter(path, ARCH)
+    put_metadata(w, make_preset("tiny", n_vocab=len(vocab.tokens)), "tokenizer test", vocab, pre, **flags)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_ti_data_to_file()
+    w.close()
+    return path

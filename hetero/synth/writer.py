@@ -104,7 +104,16 @@ def _metadata(p: Preset, name: str) -> dict:
     return meta
 
 
-def put_metadata(w: GGUFWriter, p: Preset, name: str, vocab: Vocab | None = None, pre: str = "deepseek-v3") -> None:
+def put_metadata(
+    w: GGUFWriter,
+    p: Preset,
+    name: str,
+    vocab: Vocab | None = None,
+    pre: str = "deepseek-v3",
+    add_bos: bool | None = True,
+    add_eos: bool | None = False,
+) -> None:
+    """The model's keys and its tokenizer (add_bos/add_eos None: the key left out)."""
     for key, value in _metadata(p, name).items():
         if key == "general.architecture":
             continue
@@ -126,8 +135,10 @@ def put_metadata(w: GGUFWriter, p: Preset, name: str, vocab: Vocab | None = None
     w.add_eos_token_id(vocab.eos_id)
     if PAD in vocab.tokens:
         w.add_pad_token_id(vocab.tokens.index(PAD))
-    w.add_add_bos_token(True)
-    w.add_add_eos_token(False)
+    if add_bos is not None:
+        w.add_add_bos_token(add_bos)
+    if add_eos is not None:
+        w.add_add_eos_token(add_eos)
     w.add_chat_template(CHAT_TEMPLATE)
 
 
