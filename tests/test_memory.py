@@ -18,18 +18,25 @@ print(json.dumps({"base": base, "peak": peak}))
 """
 
 
-def test_peak_rss_is_under_one_and_a_half_file_sizes(synth):
-    # Large enough that allocator noise (50-190 MiB seen, depending on load) cannot decide the
-    # outcome, while a float copy of the weights (7x the file) would fail it at once.
-    path = synth("v3", "Q4_K_M", n_layer=20)
-    size = path.stat().st_size
-    assert size > 500 * 2**20
-    # The first run on a machine compiles the CPU kernels (LLVM: ~150 MiB more, for a moment,
-    # measured in docs/benchmarks.md); that is not what running a model costs, so a small model
-    # of the same kind fills the kernel cache first.
-    small = synth("v3", "Q4_K_M", n_layer=2)
-    subprocess.run([sys.executable, "-c", PROBE, str(small)], capture_output=True, check=True)
+def _growth(path) -> int:
     out = subprocess.run([sys.executable, "-c", PROBE, str(path)], capture_output=True, text=True, check=True)
     r = json.loads(out.stdout.strip().splitlines()[-1])
-    grown = r["peak"] - r["base"]
-    assert grown < 1.5 * size, f"RSS grew {grown / 2**20:.0f} MiB for a {size / 2**20:.0f} MiB file"
+    return r["peak"] - r["base"]
+
+
+def test_peak_rss_grows_under_one_and_a_half_times_the_weights(synth):
+    """Peak RSS grows by less than 1.5x the bytes of weights added: a 20-layer file against a
+    2-layer file of the same kind. Comparing two sizes takes out the fixed cost of running any
+    model (kernels loaded, torch's allocator, threads: ~250 MiB here, 60-95 MiB more in a venv
+    made minutes earlier), which at these toy sizes is what decided the old whole-RSS bound
+    (measured 887-954 MiB against 901 for the 601 MiB file); at 400 GB it is noise. A float
+    copy of the weights (7x) fails at once."""
+    big, small = synth("v3", "Q4_K_M", n_layer=20), synth("v3", "Q4_K_M", n_layer=2)
+    added = big.stat().st_size - small.stat().st_size
+    assert added > 450 * 2**20
+    # The first run on a machine compiles the CPU kernels (LLVM: ~150 MiB more, for a moment,
+    # measured in docs/benchmarks.md); that is not what running a model costs, so the small
+    # model runs once to fill the kernel cache before either measurement.
+    _growth(small)
+    grown = _growth(big) - _growth(small)
+    assert grown < 1.5 * added, f"RSS grew {grown / 2**20:.0f} MiB more for {added / 2**20:.0f} MiB more weights"
