@@ -6,7 +6,9 @@ from dataclasses import dataclass
 from rich.console import Console
 from rich.markup import escape
 
+from cli.visible import visible
 from hetero.conversation import Conversation, ThinkSplitter
+from hetero.sampling import sampling_problem
 
 HELP = "/reset  /system TEXT  /temp X  /stats  /exit"
 
@@ -44,16 +46,16 @@ class ChatUI:
             sys.stdout.write(text)
             sys.stdout.flush()
         elif kind == "think":
-            self.console.print(text, style="dim italic", end="", markup=False, highlight=False)
+            self.console.print(visible(text), style="dim italic", end="", markup=False, highlight=False)
         else:
-            self.console.print(text, end="", markup=False, highlight=False)
+            self.console.print(visible(text), end="", markup=False, highlight=False)
 
     def note(self, text: str) -> None:
         """Status lines: dim on a terminal, stderr in a pipe so stdout stays the model's text."""
         if self.rich:
-            self.console.print(f"[dim]{escape(text)}[/]", highlight=False)
+            self.console.print(f"[dim]{escape(visible(text))}[/]", highlight=False, soft_wrap=True)
         else:
-            self.err.print(text, highlight=False)
+            self.err.print(text, highlight=False, soft_wrap=True, markup=False)
 
 
 def reply(model, conv: Conversation, opts: ChatOptions, ui: ChatUI, stats: Stats) -> None:
@@ -110,10 +112,16 @@ def command(line: str, conv: Conversation, opts: ChatOptions, ui: ChatUI, stats:
         ui.note(f"system prompt set ({len(arg)} characters)")
     elif name == "/temp":
         try:
-            opts.temperature = max(0.0, float(arg))
-            ui.note(f"temperature {opts.temperature}")
+            value = float(arg)
         except ValueError:
             ui.note(f"/temp needs a number, e.g. /temp 0.7 (got {arg!r})")
+            return True
+        problem = sampling_problem(value, opts.top_p)
+        if problem:
+            ui.note(problem.replace("--temperature", "/temp") + f"; still {opts.temperature}")
+        else:
+            opts.temperature = value
+            ui.note(f"temperature {opts.temperature}")
     elif name == "/stats":
         ids = model.chat_prompt(conv.messages()) if conv.turns else []
         ui.note(

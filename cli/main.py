@@ -9,10 +9,12 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
 from cli.units import gib
+from cli.visible import visible
 from hetero.errors import HeteroError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Run giant MoE GGUF models on one GPU plus CPU RAM.")
@@ -23,9 +25,50 @@ STATE = {"debug": False}
 DEMO_PRESET, DEMO_QUANT = "v3", "Q4_K_M"
 
 
+def _version(value: bool):
+    if value:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            print(f"hetero {version('hetero')}")
+        except PackageNotFoundError:
+            print("hetero (not installed: running from the source tree)")
+        raise typer.Exit()
+
+
 @app.callback()
-def _global(debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks on errors.")] = False):
+def _global(
+    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks on errors.")] = False,
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
+):
     STATE["debug"] = debug
+
+
+def check_generation_options(max_tokens: int, temperature: float, top_p: float = 1.0) -> None:
+    """Refuse bad generation options before anything is loaded (one line each)."""
+    from hetero.sampling import sampling_problem
+
+    if max_tokens < 1:
+        raise HeteroError(f"--max-tokens {max_tokens}: must be at least 1")
+    problem = sampling_problem(temperature, top_p)
+    if problem:
+        raise HeteroError(problem)
+
+
+def warn_if_gpu_stands_in(gpu_mem: str | None) -> None:
+    """A GPU budget on a machine without CUDA makes the CPU play the GPU: right for tests, slow
+    for use. Say so once rather than run ~10x slower in silence."""
+    import torch
+
+    if gpu_mem not in (None, "0", "0GiB", "0GB") and not torch.cuda.is_available():
+        err_console.print(
+            f"[yellow]warning:[/] no CUDA GPU detected: with --gpu-mem {gpu_mem} the CPU stands in for the GPU "
+            "(for testing; much slower than leaving --gpu-mem out)",
+            highlight=False,
+            soft_wrap=True,
+        )
 
 
 def friendly_errors(fn):
@@ -35,6 +78,9 @@ def friendly_errors(fn):
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
+        except BrokenPipeError:  # `hetero info x | head`: the reader has what it wanted
+            _quiet_stdout()
+            raise typer.Exit(0) from None
         except (HeteroError, ValueError, OSError) as e:
             if STATE["debug"]:
                 raise
@@ -42,6 +88,14 @@ def friendly_errors(fn):
             raise typer.Exit(2) from None
 
     return wrapper
+
+
+def _quiet_stdout() -> None:
+    """After a broken pipe, point stdout at /dev/null so Python's final flush does not complain."""
+    import sys
+
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
 
 
 def load_with_progress(path, **options):
@@ -106,6 +160,37 @@ def write_with_progress(out: Path, preset: str, quant: str, **kwargs) -> list[Pa
 
         files = write_synthetic(out, preset, quant, progress=report, **kwargs)
     return files
+
+
+def ensure_demo_model() -> Path:
+    """The built-in demo model in the cache, written once. One process writes it while others
+    wait (a lock file); it appears under its name only when complete (hetero.synth.writer);
+    a file there that does not open (an interrupted write by an older hetero, a full disk) is
+    moved aside with a warning and written again."""
+    import fcntl
+
+    from hetero.gguf_file import GGUFModelFile
+
+    path = cache_dir() / f"demo-{DEMO_PRESET}-{DEMO_QUANT}.gguf"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.parent / f".{path.name}.lock", "w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            with err_console.status("another hetero is writing the demo model; waiting for it"):
+                fcntl.flock(lock, fcntl.LOCK_EX)
+        if path.exists():
+            try:
+                GGUFModelFile(path)
+                return path
+            except (HeteroError, OSError) as e:
+                aside = path.with_name(path.name + ".broken")
+                os.replace(path, aside)
+                warning = f"the cached demo model does not open ({e}); moved it to {aside} and writing it again"
+                err_console.print(f"[yellow]warning:[/] {escape(warning)}", highlight=False, soft_wrap=True)
+        console.print(f"writing the demo model to {path} (once)")
+        write_with_progress(path, DEMO_PRESET, DEMO_QUANT)
+    return path
 
 
 @app.command()
@@ -265,6 +350,8 @@ def bench(
     with err_console.status("measuring memory bandwidth", spinner="dots"):
         hw = detect()
     rules = [parse_override(o) for o in override or []]
+    if device != "cpu":
+        warn_if_gpu_stands_in(gpu_mem)
     plan = plan_model(file, with_overrides(hw, gpu_mem="0" if device == "cpu" else gpu_mem), ctx, rules)
     if profile and not plan.weights_bytes("gpu"):
         raise HeteroError(
@@ -348,6 +435,8 @@ def chat(
     """
     from cli.chat import ChatOptions, run_chat
 
+    check_generation_options(max_tokens, temperature, top_p)
+    warn_if_gpu_stands_in(gpu_mem)
     loaded = load_with_progress(model, n_ctx=ctx, gpu_mem=gpu_mem, threads=threads)
     opts = ChatOptions(max_tokens, temperature, top_p, seed, hide_thinking)
     run_chat(loaded, console, opts, system, prompt)
@@ -369,20 +458,18 @@ def demo(
     from cli.plan_report import render_plan
     from hetero.summary import summarize
 
+    check_generation_options(max_tokens, temperature)
     builtin = model is None
     if builtin:
-        model = cache_dir() / f"demo-{DEMO_PRESET}-{DEMO_QUANT}.gguf"
-        if not model.exists():
-            console.print(f"writing the demo model to {model} (once)")
-            write_with_progress(model, DEMO_PRESET, DEMO_QUANT)
+        model = ensure_demo_model()
     loaded = load_with_progress(model)
     print_summary(summarize(loaded.file))
     render_plan(loaded.plan, console)
-    console.print(f"\n[bold]user:[/] {prompt}\n[bold]assistant:[/] ", end="")
+    console.print(f"\n[bold]user:[/] {escape(visible(prompt))}\n[bold]assistant:[/] ", end="")
     last, tokens = None, 0
     messages = [{"role": "user", "content": prompt}]
     for step in loaded.generate_steps(messages, max_tokens, temperature=temperature, seed=seed):
-        console.print(step.text, end="", markup=False, highlight=False)
+        console.print(visible(step.text) if console.is_terminal else step.text, end="", markup=False, highlight=False)
         last, tokens = step, tokens + (step.token >= 0)
     console.print()
     if last is not None:

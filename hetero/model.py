@@ -96,9 +96,7 @@ class Model:
 
     def chat_prompt(self, messages: list[dict]) -> list[int]:
         """Token ids of a conversation rendered with the file's chat template."""
-        text = self.tokenizer.apply_chat_template(messages)
-        has_bos = bool(self.tokenizer.bos_text) and text.startswith(self.tokenizer.bos_text)
-        return self.tokenizer.tokenize(text, add_bos=not has_bos and self.tokenizer.add_bos)
+        return self.tokenizer.chat_ids(messages)
 
     def generate_steps(self, prompt: str | list[int] | list[dict], max_tokens: int = 256, stop=(), **sampling):
         """Like generate, yielding Step records (token, text, timings) for UIs and benchmarks."""

@@ -1,8 +1,14 @@
 """Next-token choice from logits: a pure function of (logits, settings, random generator)."""
 
+import math
 from dataclasses import dataclass
 
 import torch
+
+from hetero.errors import HeteroError
+
+# Below this a temperature divides logits into infinities (1e-320 does); 0 already means greedy.
+MIN_TEMPERATURE, MAX_TEMPERATURE = 1e-4, 100.0
 
 
 @dataclass(frozen=True)
@@ -14,8 +20,23 @@ class SamplingParams:
     seed: int | None = None
 
     def __post_init__(self):
-        if self.temperature < 0 or self.top_k < 0 or not 0 < self.top_p <= 1 or not 0 <= self.min_p <= 1:
-            raise ValueError(f"invalid sampling settings: {self}")
+        problem = sampling_problem(self.temperature, self.top_p, self.top_k, self.min_p)
+        if problem:
+            raise HeteroError(problem)
+
+
+def sampling_problem(temperature: float, top_p: float = 1.0, top_k: int = 0, min_p: float = 0.0) -> str | None:
+    """The first invalid setting as one line (named as the command-line option), or None."""
+    t = float(temperature)
+    if not (t == 0 or (math.isfinite(t) and MIN_TEMPERATURE <= t <= MAX_TEMPERATURE)):
+        return f"--temperature {temperature}: use 0 for greedy, or from {MIN_TEMPERATURE} to {MAX_TEMPERATURE:g}"
+    if not (math.isfinite(top_p) and 0 < top_p <= 1):
+        return f"--top-p {top_p}: must be above 0 and at most 1"
+    if top_k < 0:
+        return f"--top-k {top_k}: must be 0 (off) or more"
+    if not (math.isfinite(min_p) and 0 <= min_p <= 1):
+        return f"--min-p {min_p}: must be from 0 to 1"
+    return None
 
 
 def filtered_probs(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:

@@ -116,47 +116,63 @@ class Tokenizer:
         return merges
 
     # -- text -> ids ---------------------------------------------------------------------------
-    def tokenize(self, text: str | bytes, add_bos: bool | None = None, special: bool = True) -> list[int]:
+    def tokenize(
+        self, text: str | bytes, add_bos: bool | None = None, special: bool = True, literal: list[tuple[int, int]] = ()
+    ) -> list[int]:
         """Text (or raw bytes) -> token ids. With `special`, text that spells a control token
-        (the chat markers) becomes that token; user-defined tokens (like <think>) always do.
-        `add_bos` None follows the file (BOS and EOS as its add_*_token keys say, as llama.cpp
-        does); True or False adds BOS or not, and never EOS."""
+        (the chat markers) becomes that token, except inside the `literal` spans (character
+        offsets: message contents, which are data); user-defined tokens (like <think>) always
+        do. `add_bos` None follows the file (BOS and EOS as its add_*_token keys say, as
+        llama.cpp does); True or False adds BOS or not, and never EOS."""
         raw = text if isinstance(text, bytes) else encode_utf8(text)
+        if literal and not isinstance(text, bytes):
+            literal = [(len(encode_utf8(text[:a])), len(encode_utf8(text[:b]))) for a, b in literal]
         bos = self.add_bos if add_bos is None else add_bos
         out = [self.bos_id] if bos and self.bos_id >= 0 else []
-        out += self._encode(raw, special)
+        out += self._encode(raw, special, literal)
         if add_bos is None and self.add_eos and self.eos_id >= 0:
             out.append(self.eos_id)
         return out
 
-    def _encode(self, raw: bytes, special: bool) -> list[int]:
+    def _encode(self, raw: bytes, special: bool, literal) -> list[int]:
         out = []
-        for piece in self._cut_specials(raw, special):
+        for piece in self._cut_specials(raw, special, literal):
             if isinstance(piece, int):
                 out.append(piece)
                 continue
-            words = [encode_utf8(w).decode("latin-1").translate(_BYTE_TO_CHAR) for w in
-                     split_words(decode_utf8(piece), self.pre)]  # fmt: skip
+            text = decode_utf8(raw[piece[0] : piece[1]])
+            words = [encode_utf8(w).decode("latin-1").translate(_BYTE_TO_CHAR) for w in split_words(text, self.pre)]
             if words:
                 out += self._engine.encode(words, is_pretokenized=True, add_special_tokens=False).ids
         return out
 
-    def _cut_specials(self, raw: bytes, special: bool) -> list[bytes | int]:
-        """Raw bytes with each special token's occurrences replaced by its id; one token at a
-        time, longest first, each cutting what earlier ones left."""
-        pieces: list[bytes | int] = [raw] if raw else []
-        present = [(text, tid) for text, tid, control in self._specials if (special or not control) and text in raw]
-        for text, tid in present:
+    def _cut_specials(self, raw: bytes, special: bool, literal) -> list[tuple[int, int] | int]:
+        """`raw` as byte ranges of text and ids of the special tokens cut out of it: one token at
+        a time, longest first, each cutting what earlier ones left, leftmost occurrence first
+        (llama.cpp's order). Control tokens only with `special`, and none inside `literal`."""
+        pieces: list[tuple[int, int] | int] = [(0, len(raw))] if raw else []
+        for text, tid, control in self._specials:
+            if (control and not special) or text not in raw:
+                continue
             cut = []
             for p in pieces:
-                if isinstance(p, int) or text not in p:
+                if isinstance(p, int):
                     cut.append(p)
                     continue
-                for k, part in enumerate(p.split(text)):
-                    if k:
-                        cut.append(tid)
-                    if part:
-                        cut.append(part)
+                start, end = p
+                at = raw.find(text, start, end)
+                while at >= 0:
+                    stop = at + len(text)
+                    if control and any(a < stop and at < b for a, b in literal):
+                        at = raw.find(text, at + 1, end)  # data, not a marker: look further
+                        continue
+                    if at > start:
+                        cut.append((start, at))
+                    cut.append(tid)
+                    start = stop
+                    at = raw.find(text, start, end)
+                if start < end:
+                    cut.append((start, end))
             pieces = cut
         return pieces
 
@@ -198,6 +214,13 @@ class Tokenizer:
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
         return self.chat.render(messages, add_generation_prompt)
 
+    def chat_ids(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
+        """Token ids of a conversation: the template's markers are special tokens, the messages'
+        own text never is (a user who types <｜end▁of▁sentence｜> gets those characters)."""
+        text = self.apply_chat_template(messages, add_generation_prompt)
+        has_bos = bool(self.bos_text) and text.startswith(self.bos_text)
+        return self.tokenize(text, add_bos=not has_bos and self.add_bos, literal=_content_spans(text, messages))
+
 
 def _leading_hex(digits: str) -> int:
     """The value of the leading hex digits (0 if none), as one byte: what strtol reads there."""
@@ -207,3 +230,20 @@ def _leading_hex(digits: str) -> int:
             break
         n = n * 16 + int(ch, 16)
     return n & 0xFF
+
+
+def _content_spans(text: str, messages: list[dict]) -> list[tuple[int, int]]:
+    """Where each message's content appears in the rendered text, in order. A template may show
+    only part of a content (R1's drops the reasoning before </think>): then that part."""
+    spans, pos = [], 0
+    for m in messages:
+        content = m.get("content")
+        if not isinstance(content, str) or not content:
+            continue
+        for shown in (content, content.split("</think>")[-1].strip(), content.strip()):
+            at = text.find(shown, pos) if shown else -1
+            if at >= 0:
+                spans.append((at, at + len(shown)))
+                pos = at + len(shown)
+                break
+    return spans

@@ -168,7 +168,7 @@ def make_plan(cfg: ModelConfig, tensors: dict, hw: Hardware, ctx: int, rules: li
 def plan_model(file, hw: Hardware, ctx: int | None = None, rules: list[Rule] = ()) -> Plan:
     """make_plan for an opened GGUFModelFile, with the default context where none is given."""
     cfg = config_from_metadata(file.metadata)
-    ctx = ctx or min(DEFAULT_CTX, cfg.n_ctx_train)
+    ctx = min(DEFAULT_CTX, cfg.n_ctx_train) if ctx is None else ctx
     return make_plan(cfg, file.tensors, hw, ctx, list(rules), model=str(file.paths[0]))
 
 

@@ -1,5 +1,6 @@
 """`hetero chat` in a real pseudo-terminal, and the pieces it is made of."""
 
+import os
 import re
 import sys
 
@@ -12,7 +13,8 @@ from hetero.conversation import ThinkSplitter
 def test_chat_in_a_terminal(synth):
     path = synth("tiny", "Q4_K_M")
     cmd = [sys.executable, "-m", "cli.main", "chat", str(path), "--max-tokens", "40", "--seed", "1"]
-    child = pexpect.spawn(cmd[0], cmd[1:], encoding="utf-8", timeout=120, dimensions=(40, 160))
+    env = {**os.environ, "COLUMNS": "160", "LINES": "40"}  # the terminal's size, not the test runner's
+    child = pexpect.spawn(cmd[0], cmd[1:], encoding="utf-8", timeout=120, dimensions=(40, 160), env=env)
     child.expect("you>")
     child.sendline("Hello! Who are you?")
     child.expect(r"reply \d+ tokens at [0-9.]+ tok/s")

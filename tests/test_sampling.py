@@ -5,7 +5,8 @@ import math
 import pytest
 import torch
 
-from hetero.sampling import SamplingParams, filtered_probs, sample
+from hetero.errors import HeteroError
+from hetero.sampling import MIN_TEMPERATURE, SamplingParams, filtered_probs, sample
 
 LOGITS = torch.log(torch.tensor([0.5, 0.2, 0.15, 0.1, 0.05]))
 
@@ -47,6 +48,17 @@ def test_seeded_sampling_repeats_and_spreads():
     assert len({sample(logits, params, g) for _ in range(200)}) > 5
 
 
-def test_invalid_settings_are_rejected():
-    with pytest.raises(ValueError):
-        SamplingParams(top_p=0.0)
+@pytest.mark.parametrize(
+    "settings, option",
+    [({"top_p": 0.0}, "--top-p"), ({"top_p": 2.0}, "--top-p"), ({"temperature": float("nan")}, "--temperature"),
+     ({"temperature": 1e-320}, "--temperature"), ({"temperature": -1.0}, "--temperature"),
+     ({"temperature": float("inf")}, "--temperature"), ({"top_k": -1}, "--top-k"), ({"min_p": 1.5}, "--min-p")],
+)  # fmt: skip
+def test_invalid_settings_are_one_line_naming_the_option(settings, option):
+    with pytest.raises(HeteroError, match=f"^{option} "):
+        SamplingParams(**settings)
+
+
+def test_the_smallest_temperature_allowed_samples_finite_probabilities():
+    p = filtered_probs(torch.randn(50) * 30, SamplingParams(temperature=MIN_TEMPERATURE))
+    assert torch.isfinite(p).all() and abs(float(p.sum()) - 1) < 1e-9

@@ -7,6 +7,9 @@ intermediate with llama.cpp's own quantizer (llama-cpp-python, the dev extra), w
 type choices are exactly llama.cpp's, for tests that compare with llama.cpp on its own files.
 """
 
+import contextlib
+import os
+import shutil
 import tempfile
 import zlib
 from collections.abc import Callable
@@ -52,22 +55,65 @@ def write_synthetic(
         raise HeteroError(f"the {preset} preset is a full-size model; write it with --header-only")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    if quant in FLOAT_TYPES:
-        return _write(path, p, preset, _float_types(FLOAT_TYPES[quant]), seed, splits, progress)
-    if quantizer == "hetero":
-        if quant not in MIXES:
-            raise HeteroError(
-                f"hetero's quantizer writes {', '.join(MIXES)}; {quant} needs llama.cpp's "
-                "(--quantizer llama.cpp, with pip install -e '.[dev]')"
-            )
-        return _write(path, p, preset, lambda name, shape: tensor_type(name, shape, quant, p.n_layer, p.n_expert), seed,
-                      splits, progress)  # fmt: skip
-    with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
-        source = Path(tmp) / "f16.gguf"
-        _write(source, p, preset, _float_types(GGMLQuantizationType.F16), seed, 1, progress)
-        target = Path(tmp) / "q.gguf" if splits > 1 else path
-        llama_cpp.quantize(source, target, quant)
-        return resplit(target, path, splits) if splits > 1 else [path]
+    if quantizer == "hetero" and quant not in (*FLOAT_TYPES, *MIXES):
+        raise HeteroError(
+            f"hetero's quantizer writes {', '.join(MIXES)}; {quant} needs llama.cpp's "
+            "(--quantizer llama.cpp, with pip install -e '.[dev]')"
+        )
+    with staging(path.parent) as stage:
+        staged = stage / path.name
+        if quant in FLOAT_TYPES:
+            files = _write(staged, p, preset, _float_types(FLOAT_TYPES[quant]), seed, splits, progress)
+        elif quantizer == "hetero":
+            files = _write(staged, p, preset, lambda name, shape: tensor_type(name, shape, quant, p.n_layer,
+                           p.n_expert), seed, splits, progress)  # fmt: skip
+        else:
+            source = stage / "f16.intermediate"
+            _write(source, p, preset, _float_types(GGMLQuantizationType.F16), seed, 1, progress)
+            target = stage / "q.intermediate" if splits > 1 else staged
+            llama_cpp.quantize(source, target, quant)
+            files = resplit(target, staged, splits) if splits > 1 else [staged]
+        return [publish(f, path.parent) for f in files]
+
+
+@contextlib.contextmanager
+def staging(parent: Path):
+    """A hidden folder beside the destination for files being written: an interrupted write
+    leaves no partial file under the final name, and the folder goes with the process (on
+    error or Ctrl-C at once; after a kill, the next writer in that folder removes it)."""
+    for old in parent.glob(".hetero-write-*"):
+        pid = old.name.split("-")[2]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(old, ignore_errors=True)
+    stage = Path(tempfile.mkdtemp(dir=parent, prefix=f".hetero-write-{os.getpid()}-"))
+    try:
+        yield stage
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+
+
+def publish(staged: Path, parent: Path) -> Path:
+    """Move a finished file to its final name in one step, its bytes on disk first."""
+    with open(staged, "rb") as f:
+        os.fsync(f.fileno())
+    final = parent / staged.name
+    os.replace(staged, final)
+    dir_fd = os.open(parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+    return final
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def preset_config(p: Preset) -> ModelConfig:
