@@ -69,61 +69,80 @@ def config_from_metadata(meta: dict) -> ModelConfig:
             raise HeteroError(f"GGUF metadata lacks required key {full}")
         return default
 
+    def integer(key, default=None, required=False) -> int:
+        """A count or width: an integer (a per-layer array whose entries agree), 0 to 2**31."""
+        value = _scalar(get(key, default, required), f"{arch}.{key}")
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
+        if not isinstance(value, int) or not 0 <= value < 2**31:
+            raise HeteroError(f"GGUF metadata {arch}.{key} is {_shown(value)} where a count belongs")
+        return int(value)
+
+    def number(key, default=None, required=False) -> float:
+        """A finite real number (scales, epsilons, rope constants)."""
+        value = _scalar(get(key, default, required), f"{arch}.{key}")
+        if not isinstance(value, int | float) or not math.isfinite(value):
+            raise HeteroError(f"GGUF metadata {arch}.{key} is {_shown(value)} where a finite number belongs")
+        return float(value)
+
     split_kv_b = f"{arch}.attention.key_length_mla" in meta
-    key_len = get("attention.key_length_mla" if split_kv_b else "attention.key_length", required=True)
-    v_len = get("attention.value_length_mla" if split_kv_b else "attention.value_length", required=True)
-    rope_dim = get("rope.dimension_count", required=True)
-    n_vocab = get("vocab_size") or len(meta.get("tokenizer.ggml.tokens", ())) or None
+    key_len = integer("attention.key_length_mla" if split_kv_b else "attention.key_length", required=True)
+    v_len = integer("attention.value_length_mla" if split_kv_b else "attention.value_length", required=True)
+    rope_dim = integer("rope.dimension_count", required=True)
+    n_vocab = integer("vocab_size", 0) or len(meta.get("tokenizer.ggml.tokens", ()) or ()) or None
     if n_vocab is None:
         raise HeteroError(f"GGUF metadata lacks {arch}.vocab_size and a token list")
-    gating_id = int(get("expert_gating_func", 0))
+    gating_id = integer("expert_gating_func", 0)
     if gating_id not in GATING:
         raise HeteroError(f"unsupported {arch}.expert_gating_func {gating_id} (1 softmax, 2 sigmoid)")
-    scaling = str(get("rope.scaling.type", "none" if get("rope.scaling.factor") is None else "linear"))
+    scaling = get("rope.scaling.type", "none" if get("rope.scaling.factor") is None else "linear")
     if scaling not in ("none", "linear", "yarn"):
-        raise HeteroError(f"unsupported rope scaling type {scaling!r}")
-    factor = float(get("rope.scaling.factor", 1.0) or 1.0)
-    ctx = int(get("context_length", required=True))
-    log_mul = float(get("rope.scaling.yarn_log_multiplier", 0.0))
+        raise HeteroError(f"unsupported rope scaling type {_shown(scaling)}")
+    factor = number("rope.scaling.factor", 1.0) or 1.0
+    ctx = integer("context_length", required=True)
 
     cfg = ModelConfig(
-        n_layer=int(get("block_count", required=True)),
-        n_embd=int(get("embedding_length", required=True)),
-        n_head=int(_scalar(get("attention.head_count", required=True), f"{arch}.attention.head_count")),
+        n_layer=integer("block_count", required=True),
+        n_embd=integer("embedding_length", required=True),
+        n_head=integer("attention.head_count", required=True),
         n_vocab=int(n_vocab),
         n_ctx_train=ctx,
-        rms_eps=float(get("attention.layer_norm_rms_epsilon", required=True)),
-        q_lora_rank=int(get("attention.q_lora_rank", 0) or 0),
-        kv_lora_rank=int(get("attention.kv_lora_rank", required=True)),
-        qk_nope_dim=int(key_len) - int(rope_dim),
-        qk_rope_dim=int(rope_dim),
-        v_head_dim=int(v_len),
+        rms_eps=number("attention.layer_norm_rms_epsilon", required=True),
+        q_lora_rank=integer("attention.q_lora_rank", 0),
+        kv_lora_rank=integer("attention.kv_lora_rank", required=True),
+        qk_nope_dim=key_len - rope_dim,
+        qk_rope_dim=rope_dim,
+        v_head_dim=v_len,
         split_kv_b=split_kv_b,
-        n_ff_dense=int(_scalar(get("feed_forward_length", 0), f"{arch}.feed_forward_length")),
-        n_ff_expert=int(
-            _scalar(get("expert_feed_forward_length", required=True), f"{arch}.expert_feed_forward_length")
-        ),
-        n_expert=int(get("expert_count", required=True)),
-        n_expert_used=int(get("expert_used_count", required=True)),
-        n_expert_shared=int(get("expert_shared_count", 0)),
-        n_dense_lead=int(get("leading_dense_block_count", 0)),
+        n_ff_dense=integer("feed_forward_length", 0),
+        n_ff_expert=integer("expert_feed_forward_length", required=True),
+        n_expert=integer("expert_count", required=True),
+        n_expert_used=integer("expert_used_count", required=True),
+        n_expert_shared=integer("expert_shared_count", 0),
+        n_dense_lead=integer("leading_dense_block_count", 0),
         gating=GATING[gating_id],
-        n_group=int(get("expert_group_count", 1) or 1),
-        n_group_used=int(get("expert_group_used_count", 1) or 1),
-        norm_topk=bool(get("expert_weights_norm", False)),
-        routed_scale=float(get("expert_weights_scale", 1.0)),
-        rope_base=float(get("rope.freq_base", 10000.0)),
+        n_group=integer("expert_group_count", 1) or 1,
+        n_group_used=integer("expert_group_used_count", 1) or 1,
+        norm_topk=bool(integer("expert_weights_norm", 0)),
+        routed_scale=number("expert_weights_scale", 1.0),
+        rope_base=number("rope.freq_base", 10000.0),
         rope_scaling=scaling,
         rope_factor=factor if scaling != "none" else 1.0,
-        yarn_orig_ctx=int(get("rope.scaling.original_context_length", ctx)),
+        yarn_orig_ctx=integer("rope.scaling.original_context_length", ctx),
         # The converter stores 0.1 * mscale_all_dim; keep the original quantity.
-        yarn_log_mul=log_mul / 0.1,
-        yarn_beta_fast=float(get("rope.scaling.yarn_beta_fast", 32.0)),
-        yarn_beta_slow=float(get("rope.scaling.yarn_beta_slow", 1.0)),
-        rope_attn_factor=float(get("rope.scaling.attn_factor", 1.0)),
+        yarn_log_mul=number("rope.scaling.yarn_log_multiplier", 0.0) / 0.1,
+        yarn_beta_fast=number("rope.scaling.yarn_beta_fast", 32.0),
+        yarn_beta_slow=number("rope.scaling.yarn_beta_slow", 1.0),
+        rope_attn_factor=number("rope.scaling.attn_factor", 1.0),
     )
     _check(cfg)
     return cfg
+
+
+def _shown(value) -> str:
+    if isinstance(value, list):
+        return f"a list of {len(value)}"
+    return f"{type(value).__name__} {value!r}"[:80]
 
 
 def _scalar(value, key: str):
@@ -150,7 +169,16 @@ def _check(cfg: ModelConfig) -> None:
         problems.append("expert_used_count exceeds the experts in the groups used")
     if not 0 <= cfg.n_dense_lead <= cfg.n_layer:
         problems.append(f"leading_dense_block_count {cfg.n_dense_lead} outside 0..{cfg.n_layer}")
-    if cfg.rope_factor <= 0 or not math.isfinite(cfg.rope_factor):
+    if cfg.rope_factor <= 0:
         problems.append(f"rope scaling factor {cfg.rope_factor} must be positive")
+    for name in ("n_layer", "n_embd", "n_head", "n_vocab", "n_ctx_train", "kv_lora_rank", "n_ff_expert", "n_expert"):
+        if getattr(cfg, name) < 1:
+            problems.append(f"{name} is {getattr(cfg, name)}")
+    if not 0 < cfg.rms_eps < 1:
+        problems.append(f"layer_norm_rms_epsilon {cfg.rms_eps} is not in (0, 1)")
+    if cfg.rope_base <= 0:
+        problems.append(f"rope.freq_base {cfg.rope_base} must be positive")
+    if cfg.routed_scale <= 0:
+        problems.append(f"expert_weights_scale {cfg.routed_scale} must be positive")
     if problems:
         raise HeteroError("invalid deepseek2 metadata: " + "; ".join(problems))

@@ -40,11 +40,12 @@ def generate_steps(
     if room <= 0:
         raise ValueError(f"prompt of {len(prompt_ids)} tokens does not fit the {cache.max_tokens}-token context")
     t0 = time.perf_counter()
-    logits = model.forward(prompt_ids, cache, last_only=True)[-1]
+    logits = _checked(model, model.forward(prompt_ids, cache, last_only=True)[-1], lambda: prompt_ids)
     prefill_s = time.perf_counter() - t0
     t1 = time.perf_counter()
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
     pending = ""  # text held back because it may begin a stop string
+    done: list[int] = []
     for i in range(min(max_tokens, room)):
         token = sample(logits.float().cpu(), sampling, generator)
         if token in model.tokenizer.eog_ids:
@@ -58,11 +59,21 @@ def generate_steps(
         safe = len(pending) - _partial_stop(pending, stop)
         yield Step(token, pending[:safe], len(prompt_ids), prefill_s, time.perf_counter() - t1)
         pending = pending[safe:]
+        done.append(token)
         if i + 1 < min(max_tokens, room):
-            logits = model.forward([token], cache)[-1]
+            logits = _checked(model, model.forward([token], cache)[-1], lambda: [*prompt_ids, *done])
     tail = pending + decoder.decode(b"", final=True)
     if tail:
         yield Step(-1, tail, len(prompt_ids), prefill_s, time.perf_counter() - t1)
+
+
+def _checked(model, logits: torch.Tensor, ids) -> torch.Tensor:
+    """A logits row [V] that is not all finite, or is flat (a block with an infinite scale can
+    come out of an integer kernel as zeros), stops generation with a diagnosis: sampling noise
+    from it would look like an answer."""
+    if bool(torch.isfinite(logits).all()) and bool(logits.max() > logits.min()):
+        return logits
+    raise model.broken_output_error(ids())
 
 
 def _stop_index(text: str, stop: tuple[str, ...]) -> int | None:

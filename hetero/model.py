@@ -82,6 +82,26 @@ class Model:
             raise ValueError(f"token id outside the vocabulary of {self.config.n_vocab}")
         return self.net.forward(ids, cache, last_only)
 
+    def broken_output_error(self, token_ids) -> HeteroError:
+        """Why a logits row came out non-finite (or flat): the tokens run again through the
+        multi-token path with a check after every layer, naming the first layer at fault."""
+        bad = []
+
+        def watch(layer: int, x: torch.Tensor) -> None:
+            if not bad and not bool(torch.isfinite(x).all()):
+                bad.append(layer)
+
+        ids = torch.as_tensor(list(token_ids), dtype=torch.long)
+        logits = self.net.forward(ids, self.new_cache(len(ids)), last_only=True, watch=watch)
+        if bad:
+            where = f"from layer {bad[0]} on"
+        elif not bool(torch.isfinite(logits).all()):
+            where = "in the output head"
+        else:
+            where = "somewhere the diagnosis pass did not see (all its layers were finite)"
+        return HeteroError(f"the model's output is not finite numbers ({where}): the file's weights or scales "
+                           "are probably damaged (NaN or inf)")  # fmt: skip
+
     def logits(self, token_ids) -> np.ndarray:
         """Logits float32 [len(token_ids), vocab] from one prefill of a fresh cache."""
         ids = list(token_ids)

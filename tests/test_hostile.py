@@ -43,27 +43,40 @@ def refused(r: dict, message: str, seconds: float = 60, rss_gib: float = 1.5) ->
 
 
 def with_metadata(src: Path, dst: Path, **changes) -> Path:
-    """A copy of a GGUF with some metadata values replaced (strings, or lists of strings/ints)."""
+    """A copy of a GGUF with metadata values replaced or added: a list keeps its key's element
+    type, a scalar gets the type of its Python value (so a float can become a string)."""
     reader = GGUFReader(src)
     w = GGUFWriter(dst, str(reader.fields["general.architecture"].contents()))
     for field in reader.fields.values():
         if field.name.startswith("GGUF.") or field.name == "general.architecture":
             continue
-        value = changes.pop(field.name, field.contents())
         sub = field.types[-1] if len(field.types) > 1 else None
-        w.add_key_value(field.name, value, field.types[0], sub_type=sub)
+        if field.name in changes and not isinstance(changes[field.name], list):
+            value = changes.pop(field.name)
+            w.add_key_value(field.name, value, _value_type(value))
+        else:
+            w.add_key_value(field.name, changes.pop(field.name, field.contents()), field.types[0], sub_type=sub)
     for key, value in changes.items():  # new keys
-        kind = GGUFValueType.STRING if isinstance(value, str) else GGUFValueType.UINT32
-        w.add_key_value(key, value, kind)
+        w.add_key_value(key, value, _value_type(value))
+    _copy_tensors(reader, w)
+    return dst
+
+
+def _value_type(value) -> GGUFValueType:
+    return {str: GGUFValueType.STRING, float: GGUFValueType.FLOAT32}.get(type(value), GGUFValueType.UINT32)
+
+
+def _copy_tensors(reader: GGUFReader, w: GGUFWriter, edit=lambda name, data: None) -> None:
     for t in reader.tensors:
         w.add_tensor_info(t.name, t.data.shape, t.data.dtype, t.n_bytes, t.tensor_type)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_ti_data_to_file()
     for t in reader.tensors:
-        w.write_tensor_data(t.data)
+        data = t.data.copy()
+        edit(t.name, data)
+        w.write_tensor_data(data)
     w.close()
-    return dst
 
 
 @pytest.fixture(scope="module")
@@ -220,3 +233,47 @@ def test_an_interrupted_demo_write_recovers(tmp_path):
     final.write_bytes(b"not a model at all")
     third = hetero("demo", "--max-tokens", "2", env={"XDG_CACHE_HOME": str(tmp_path)}, timeout=300)
     assert third["rc"] == 0 and "does not open" in third["err"] and (cache / (final.name + ".broken")).exists()
+
+
+# -- numbers ---------------------------------------------------------------------------------------
+
+
+def with_tensor(src: Path, dst: Path, name: str, edit) -> Path:
+    """A copy of a GGUF with one tensor's data changed by `edit(array)` (in place)."""
+    reader = GGUFReader(src)
+    w = GGUFWriter(dst, str(reader.fields["general.architecture"].contents()))
+    for field in reader.fields.values():
+        if not field.name.startswith("GGUF.") and field.name != "general.architecture":
+            sub = field.types[-1] if len(field.types) > 1 else None
+            w.add_key_value(field.name, field.contents(), field.types[0], sub_type=sub)
+    _copy_tensors(reader, w, lambda tname, data: edit(data) if tname == name else None)
+    return dst
+
+
+def test_a_nan_weight_stops_generation_naming_the_layer(synth, tmp_path):
+    def poison(a):
+        a.reshape(-1)[7] = float("nan")
+
+    path = with_tensor(synth("tiny", "F32"), tmp_path / "nan.gguf", "blk.1.attn_output.weight", poison)
+    refused(hetero("chat", str(path), "--prompt", "hi", "--max-tokens", "3"), "from layer 1 on")
+
+
+def test_an_infinite_block_scale_stops_generation(tiny, tmp_path):
+    def infinite_scale(a):  # Q8_0: each 34-byte block starts with its float16 scale
+        a.reshape(-1)[:2] = [0x00, 0x7C]
+
+    path = with_tensor(tiny, tmp_path / "inf.gguf", "blk.2.ffn_down_exps.weight", infinite_scale)
+    refused(hetero("chat", str(path), "--prompt", "hi", "--max-tokens", "3"), "not finite numbers")
+
+
+@pytest.mark.parametrize(
+    "key, value, message",
+    [("deepseek2.attention.layer_norm_rms_epsilon", float("nan"), "where a finite number belongs"),
+     ("deepseek2.rope.freq_base", float("inf"), "where a finite number belongs"),
+     ("deepseek2.expert_weights_scale", float("nan"), "where a finite number belongs"),
+     ("deepseek2.block_count", "three", "where a count belongs")],
+)  # fmt: skip
+def test_bad_numbers_in_metadata_are_one_line(tiny, tmp_path, key, value, message):
+    path = with_metadata(tiny, tmp_path / "bad.gguf", **{key: value})
+    for command in (["info"], ["chat", "--prompt", "hi"]):
+        refused(hetero(command[0], str(path), *command[1:]), message, seconds=30)

@@ -220,16 +220,17 @@ class DeepSeek2:
         return LatentKVCache(c.n_layer, max_tokens, c.kv_lora_rank, c.qk_rope_dim, self.device, self.cache_dtype)
 
     @torch.inference_mode()
-    def forward(self, ids: torch.Tensor, cache: LatentKVCache, last_only: bool = False) -> torch.Tensor:
-        """ids [T] at positions cache.length.. -> logits [T, vocab] (or [1, vocab] if last_only)."""
+    def forward(self, ids: torch.Tensor, cache: LatentKVCache, last_only: bool = False, watch=None) -> torch.Tensor:
+        """ids [T] at positions cache.length.. -> logits [T, vocab] (or [1, vocab] if last_only).
+        `watch(layer, x)` sees the residual stream after each layer (diagnosis; this path only)."""
         start = cache.length
         if start + ids.shape[0] > cache.max_tokens:
             raise ValueError(f"context full: {start} + {ids.shape[0]} tokens > {cache.max_tokens}")
-        if self.decode_step is not None and ids.shape[0] == 1:
+        if self.decode_step is not None and ids.shape[0] == 1 and watch is None:
             return self.decode_step(int(ids[0]), cache)
         chunk = self.prefill_chunk(start + ids.shape[0])
         if ids.shape[0] > chunk:  # a long prompt goes through in chunks: bounded attention scores
-            parts = [self.forward(ids[i : i + chunk], cache, last_only) for i in range(0, ids.shape[0], chunk)]
+            parts = [self.forward(ids[i : i + chunk], cache, last_only, watch) for i in range(0, ids.shape[0], chunk)]
             return parts[-1] if last_only else torch.cat(parts)
         positions = torch.arange(start, start + ids.shape[0])
         cos, sin = rope_tables(self.cfg, positions, self.device)
@@ -238,6 +239,8 @@ class DeepSeek2:
             x = x + self.attention(i, layer, rms_norm(x, layer.attn_norm, self.cfg.rms_eps), cache, start, cos, sin)
             h = rms_norm(x, layer.ffn_norm, self.cfg.rms_eps)
             x = x + (self.moe(layer, h) if layer.experts else self.mlp(layer, h))
+            if watch is not None:
+                watch(i, x)
         cache.length = start + ids.shape[0]
         if last_only:
             x = x[-1:]
