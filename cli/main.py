@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 from typing import Annotated
 
+import click
 import typer
 from rich.console import Console
 from rich.markup import escape
@@ -46,6 +47,14 @@ def _global(
     STATE["debug"] = debug
 
 
+def check_threads(threads: int | None) -> None:
+    from cpu_ops.executor import MAX_THREADS_PER_CPU
+
+    cpus = os.cpu_count() or 1
+    if threads is not None and not 1 <= threads <= MAX_THREADS_PER_CPU * cpus:
+        raise HeteroError(f"--threads {threads}: this machine has {cpus} CPUs (use 1 to {cpus})")
+
+
 def check_generation_options(max_tokens: int, temperature: float, top_p: float = 1.0) -> None:
     """Refuse bad generation options before anything is loaded (one line each)."""
     from hetero.sampling import sampling_problem
@@ -81,13 +90,25 @@ def friendly_errors(fn):
         except BrokenPipeError:  # `hetero info x | head`: the reader has what it wanted
             _quiet_stdout()
             raise typer.Exit(0) from None
+        except (typer.Exit, typer.Abort, click.ClickException):
+            raise
         except (HeteroError, ValueError, OSError) as e:
             if STATE["debug"]:
                 raise
-            err_console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+            err_console.print(f"[bold red]error:[/] {escape(_one_line(e))}", highlight=False, soft_wrap=True)
+            raise typer.Exit(2) from None
+        except Exception as e:  # a bug, or an input hetero does not yet check: still one line
+            if STATE["debug"]:
+                raise
+            err_console.print(f"[bold red]error:[/] {escape(_one_line(e))} (an unexpected {type(e).__name__}: "
+                              "rerun with --debug for the traceback)", highlight=False, soft_wrap=True)  # fmt: skip
             raise typer.Exit(2) from None
 
     return wrapper
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split()) or type(e).__name__
 
 
 def _quiet_stdout() -> None:
@@ -344,6 +365,7 @@ def bench(
 
     if device not in ("cpu", "auto"):
         raise HeteroError(f"--device {device}: choose cpu or auto")
+    check_threads(threads)
     if numa not in ("auto", "off"):
         raise HeteroError(f"--numa {numa}: choose auto or off")
     file = GGUFModelFile(model)
@@ -436,6 +458,7 @@ def chat(
     from cli.chat import ChatOptions, run_chat
 
     check_generation_options(max_tokens, temperature, top_p)
+    check_threads(threads)
     warn_if_gpu_stands_in(gpu_mem)
     loaded = load_with_progress(model, n_ctx=ctx, gpu_mem=gpu_mem, threads=threads)
     opts = ChatOptions(max_tokens, temperature, top_p, seed, hide_thinking)

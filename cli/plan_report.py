@@ -3,6 +3,7 @@
 from itertools import groupby
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from cli.units import gib
@@ -67,3 +68,6 @@ def render_plan(plan: Plan, console: Console) -> None:
     )
     for a in pred.assumptions:
         console.print(f"[dim]  assumes {a}[/]")
+    if plan.ignored:
+        names = ", ".join(plan.ignored[:5]) + (f" and {len(plan.ignored) - 5} more" if len(plan.ignored) > 5 else "")
+        console.print(f"[dim]ignored {len(plan.ignored)} tensor(s) the model does not use: {escape(names)}[/]")

@@ -29,6 +29,7 @@ import numpy as np
 
 from cpu_ops.spin import SPIN_POLLS, spin_until
 from cpu_ops.topology import Topology, detect_topology
+from hetero.errors import HeteroError
 
 Task = Callable[[], None]
 _PAD = 16  # int64s between two workers' counters: each on its own cache line
@@ -75,11 +76,14 @@ class Worker:
     node: int
 
 
+MAX_THREADS_PER_CPU = 8  # beyond this a thread count is a typo, not oversubscription
+
+
 def plan_workers(topology: Topology, threads: int | None, pin: bool = True) -> list[Worker]:
     """`threads` workers (default: one per CPU) spread over the nodes in proportion to their CPUs."""
     threads = topology.n_cpus if threads is None else threads
-    if threads < 1:
-        raise ValueError("threads must be at least 1")
+    if not 1 <= threads <= MAX_THREADS_PER_CPU * topology.n_cpus:
+        raise HeteroError(f"--threads {threads}: this machine has {topology.n_cpus} CPUs (use 1 to {topology.n_cpus})")
     shares = [0] * len(topology.nodes)
     for _ in range(threads):  # greedy: the node with the fewest workers per CPU gets the next
         node = min(range(len(shares)), key=lambda i: (shares[i] / len(topology.nodes[i]), i))

@@ -46,6 +46,8 @@ class GGUFModelFile:
         self.paths = paths
         headers = [read_header(p) for p in paths]
         self.metadata = headers[0].metadata
+        _check_split_parts(headers)
+        self._identity = [_identity(p) for p in paths]
         self.tensors: dict[str, TensorInfo] = {}
         for header in headers:
             data = np.memmap(header.path, np.uint8, "r") if header.tensors else None
@@ -68,6 +70,41 @@ class GGUFModelFile:
     def get(self, key: str, default=None):
         return self.metadata.get(key, default)
 
+    def check_unchanged(self) -> None:
+        """The files are still the ones opened (size and modification time): a model file
+        replaced or cut short under a running model would otherwise fault (SIGBUS) on a read."""
+        for path, seen in zip(self.paths, self._identity, strict=True):
+            try:
+                now = _identity(path)
+            except OSError:
+                now = None
+            if now != seen:
+                raise HeteroError(f"{path} changed on disk since it was opened; load the model again")
+
+
+def _identity(path: Path) -> tuple[int, int]:
+    st = path.stat()
+    return st.st_size, st.st_mtime_ns
+
+
+def _check_split_parts(headers) -> None:
+    """Each part of a split set says which part it is, of how many, of a set of how many
+    tensors, as the first does. (A part of another model with the same shapes and split
+    layout says the same: headers cannot tell it apart.)"""
+    if len(headers) == 1:
+        return
+    first = headers[0].metadata
+    for i, h in enumerate(headers):
+        m = h.metadata
+        said = (m.get("split.no"), m.get("split.count"), m.get("split.tensors.count"))
+        if said != (i, len(headers), first.get("split.tensors.count")):
+            part = said[0] + 1 if isinstance(said[0], int) else said[0]  # split.no counts from 0
+            raise HeteroError(f"{h.path}: not part {i + 1} of {len(headers)} of this split set (its header says "
+                              f"part {part} of {said[1]}, {said[2]} tensors)")  # fmt: skip
+        arch = m.get("general.architecture")
+        if i and arch is not None and arch != first.get("general.architecture"):
+            raise HeteroError(f"{h.path}: architecture {arch!r} differs from the first part's")
+
 
 def split_paths(path: Path) -> list[Path]:
     """All files of a model: [path] for a single file, every split in order for a split set."""
@@ -78,7 +115,9 @@ def split_paths(path: Path) -> list[Path]:
     match = SPLIT_NAME.match(path.name)
     if not match:
         return [path]
-    count = int(match["count"])
+    count, index = int(match["count"]), int(match["no"])
+    if not 1 <= index <= count:
+        raise HeteroError(f"{path}: a split name says part {index} of {count}")
     paths = [path.with_name(f"{match['stem']}-{i:05d}-of-{count:05d}.gguf") for i in range(1, count + 1)]
     missing = [p.name for p in paths if not p.is_file()]
     if missing:

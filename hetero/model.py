@@ -120,6 +120,7 @@ class Model:
 
     def generate_steps(self, prompt: str | list[int] | list[dict], max_tokens: int = 256, stop=(), **sampling):
         """Like generate, yielding Step records (token, text, timings) for UIs and benchmarks."""
+        self.file.check_unchanged()
         if isinstance(prompt, str):
             ids = self.tokenize(prompt)
         elif prompt and isinstance(prompt[0], dict):
@@ -166,7 +167,7 @@ def load_model(
     file = path if isinstance(path, GGUFModelFile) else GGUFModelFile(path)
     if plan is None:
         plan = default_plan(file, n_ctx, gpu_mem, rules)
-    elif {p.name for p in plan.placements} != set(file.tensors):
+    elif {p.name for p in plan.placements} | set(plan.ignored) != set(file.tensors):
         raise HeteroError("the plan was made for a different model (tensor names differ)")
     if not plan.fits:
         raise HeteroError("the plan does not fit: " + "; ".join(plan.problems) + f" ({plan.suggestion})")

@@ -62,7 +62,13 @@ def parse_rate(text: str) -> float:
     m = re.fullmatch(r"\s*([0-9.]+)\s*(GB/s|TB/s|MB/s)?\s*", text, re.I)
     if not m:
         raise HeteroError(f"cannot read bandwidth {text!r}; write e.g. 300GB/s")
-    return float(m[1]) * {"MB/S": 1e6, "GB/S": 1e9, "TB/S": 1e12}[(m[2] or "GB/s").upper()]
+    try:
+        rate = float(m[1]) * {"MB/S": 1e6, "GB/S": 1e9, "TB/S": 1e12}[(m[2] or "GB/s").upper()]
+    except ValueError:
+        raise HeteroError(f"cannot read bandwidth {text!r}; write e.g. 300GB/s") from None
+    if not 1e6 <= rate < 1e15:
+        raise HeteroError(f"bandwidth {text!r} is not a plausible memory bandwidth (1 MB/s to 1000 TB/s)")
+    return rate
 
 
 def detect(probe_bandwidth: bool = True) -> Hardware:
@@ -113,7 +119,7 @@ def with_overrides(hw: Hardware, gpu=None, gpu_mem=None, cpu_bw=None, ram=None, 
             hw = replace(hw, gpu_mem=size)
         notes.append(f"--gpu-mem {gpu_mem}")
     if cpu_bw is not None:
-        bw = CPU_MEMORY.get(cpu_bw.lower()) if isinstance(cpu_bw, str) else float(cpu_bw)
+        bw = CPU_MEMORY.get(cpu_bw.lower()) if isinstance(cpu_bw, str) else parse_rate(f"{float(cpu_bw) / 1e9}GB/s")
         hw = replace(hw, cpu_bw=bw if bw is not None else parse_rate(cpu_bw))
         notes.append(f"--cpu-bw {cpu_bw}")
     if ram is not None:

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 from hetero.config import ModelConfig, config_from_metadata
 from hetero.errors import HeteroError
+from hetero.models.deepseek2_tensors import expected_tensors, optional_tensors
 from placement.cost import GPU_PRIORITY, TensorCost, kv_cache_bytes, tensor_costs
 from placement.hardware import GiB, Hardware
 from placement.predict import PREFILL_TOKENS, Prediction, predict
@@ -58,6 +59,7 @@ class Plan:
     suggestion: str
     prediction: Prediction
     rules: tuple[str, ...] = field(default=())
+    ignored: tuple[str, ...] = field(default=())  # tensors in the file that the model does not use
 
     def weights_bytes(self, device: str) -> int:
         return sum(p.bytes for p in self.placements if p.device == device)
@@ -76,9 +78,14 @@ class Plan:
 
 
 def make_plan(cfg: ModelConfig, tensors: dict, hw: Hardware, ctx: int, rules: list[Rule] = (), model: str = "") -> Plan:
-    """Place every tensor of a model (name -> TensorInfo; only shapes and types are read)."""
+    """Place every tensor of a model (name -> TensorInfo; only shapes and types are read).
+    Tensors the architecture does not use (rope_freqs, anything unknown) are left in the file
+    and listed as ignored."""
     if ctx <= 0 or ctx > cfg.n_ctx_train:
         raise HeteroError(f"--ctx {ctx} must be between 1 and the model's {cfg.n_ctx_train}")
+    used = set(expected_tensors(cfg, "output.weight" not in tensors)) | set(optional_tensors(cfg))
+    ignored = tuple(sorted(n for n in tensors if n not in used))
+    tensors = {n: t for n, t in tensors.items() if n in used}
     costs = tensor_costs(cfg, tensors, ctx)
     has_gpu = hw.gpu_mem > 0
     kv_device = "gpu" if has_gpu else "cpu"
@@ -162,6 +169,7 @@ def make_plan(cfg: ModelConfig, tensors: dict, hw: Hardware, ctx: int, rules: li
         suggestion=_suggestion(problems, hw, dense_need, kv, cfg, ctx, cpu_need),
         prediction=prediction,
         rules=tuple(r.source for r in rules),
+        ignored=ignored,
     )
 
 

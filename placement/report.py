@@ -37,6 +37,7 @@ def plan_to_json(plan: Plan) -> dict:
         "suggestion": plan.suggestion,
         "prediction": {**asdict(plan.prediction), "assumptions": list(plan.prediction.assumptions)},
         "rules": list(plan.rules),
+        "ignored": list(plan.ignored),
     }
 
 
@@ -58,4 +59,5 @@ def plan_from_json(data: dict) -> Plan:
         suggestion=data["suggestion"],
         prediction=Prediction(**pred),
         rules=tuple(data["rules"]),
+        ignored=tuple(data.get("ignored", ())),
     )

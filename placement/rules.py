@@ -61,12 +61,16 @@ def load_rules(path: str | Path) -> list[Rule]:
         data = tomllib.loads(path.read_text())
     except (OSError, tomllib.TOMLDecodeError) as e:
         raise HeteroError(f"rules file {path}: {e}") from None
+    entries = data.get("rule", [])
+    if not isinstance(entries, list):
+        raise HeteroError(f"rules file {path}: 'rule' must be a list of tables ([[rule]] entries)")
     rules = []
-    for i, entry in enumerate(data.get("rule", [])):
+    for i, entry in enumerate(entries):
         where = f"{path.name} rule {i + 1}"
         if not isinstance(entry, dict) or "match" not in entry or "device" not in entry:
             raise HeteroError(f"{where}: needs 'match' and 'device'")
-        rules.append(make_rule(str(entry["match"]), str(entry["device"]), entry.get("format"), where))
+        fmt = entry.get("format")
+        rules.append(make_rule(str(entry["match"]), str(entry["device"]), None if fmt is None else str(fmt), where))
     return rules
 
 

@@ -277,3 +277,62 @@ def test_bad_numbers_in_metadata_are_one_line(tiny, tmp_path, key, value, messag
     path = with_metadata(tiny, tmp_path / "bad.gguf", **{key: value})
     for command in (["info"], ["chat", "--prompt", "hi"]):
         refused(hetero(command[0], str(path), *command[1:]), message, seconds=30)
+
+
+# -- files -----------------------------------------------------------------------------------------
+
+
+def test_bad_split_names_and_strangers_are_one_line(synth, tmp_path):
+    import shutil
+
+    parts = [Path(p) for p in sorted(synth("tiny", "Q8_0", splits=3).parent.glob("*tiny-Q8_0-0000?-of-00003.gguf"))]
+    for i, p in enumerate(parts):
+        shutil.copy(p, tmp_path / f"m-0000{i + 1}-of-00003.gguf")
+    shutil.copy(tmp_path / "m-00001-of-00003.gguf", tmp_path / "z-00001-of-00000.gguf")
+    refused(hetero("info", str(tmp_path / "z-00001-of-00000.gguf")), "says part 1 of 0", seconds=30)
+    shutil.copy(parts[2], tmp_path / "m-00002-of-00003.gguf")  # part 3 standing in for part 2
+    refused(hetero("info", str(tmp_path / "m-00001-of-00003.gguf")), "not part 2 of 3", seconds=30)
+
+
+def test_unknown_extra_tensors_are_ignored_with_a_note(tiny, tmp_path):
+    import numpy as np
+
+    reader = GGUFReader(tiny)
+    path = tmp_path / "extra.gguf"
+    w = GGUFWriter(path, "deepseek2")
+    for field in reader.fields.values():
+        if not field.name.startswith("GGUF.") and field.name != "general.architecture":
+            w.add_key_value(field.name, field.contents(), field.types[0],
+                            sub_type=field.types[-1] if len(field.types) > 1 else None)  # fmt: skip
+    w.add_tensor("rope_freqs.weight", np.ones(16, np.float32))
+    w.add_tensor("junk.thing", np.ones((4, 4), np.float32))
+    for t in reader.tensors:
+        w.add_tensor(t.name, t.data, raw_shape=t.data.shape, raw_dtype=t.tensor_type)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    plan = hetero("plan", str(path))
+    assert plan["rc"] == 0 and "ignored 2 tensor(s) the model does not use: junk.thing, rope_freqs.weight" in (
+        " ".join(plan["out"].split())
+    )
+    r = hetero("chat", str(path), "--prompt", "hi", "--max-tokens", "2")
+    assert r["rc"] == 0 and "Traceback" not in r["err"], r["err"]
+
+
+def test_a_model_file_changed_under_a_chat_is_one_line(tiny, tmp_path):
+    import shutil
+
+    path = tmp_path / "moving.gguf"
+    shutil.copy(tiny, path)
+    pipes = {"stdin": subprocess.PIPE, "stdout": subprocess.PIPE, "stderr": subprocess.PIPE}
+    argv = [sys.executable, "-m", "cli.main", "chat", str(path), "--max-tokens", "2"]
+    chat = subprocess.Popen(argv, cwd=ROOT, text=True, **pipes)
+    chat.stdin.write("hello\n")
+    chat.stdin.flush()
+    while "tok/s" not in chat.stderr.readline():  # the first reply's status line
+        pass
+    with open(path, "r+b") as f:
+        f.truncate(path.stat().st_size // 2)
+    out, err = chat.communicate("again\n/exit\n", timeout=120)
+    assert chat.returncode == 2 and "changed on disk since it was opened" in err and "Traceback" not in err, err
