@@ -12,6 +12,7 @@ Layout (v2/v3, little-endian):
     padding to `general.alignment` (default 32) | tensor data (offsets are relative to here)
 """
 
+import math
 import mmap
 import struct
 from dataclasses import dataclass
@@ -132,7 +133,7 @@ def _parse(c: _Cursor, size: int) -> GGUFHeader:
         if not 1 <= n_dims <= MAX_DIMS:
             c.fail(f"tensor {name} has {n_dims} dimensions")
         ne = tuple(c.u64(f"{name} dimension") for _ in range(n_dims))
-        if any(d == 0 or d > 1 << 40 for d in ne):
+        if any(d == 0 or d > 1 << 40 for d in ne) or math.prod(ne) > 1 << 50:  # 2**50 values: past any model
             c.fail(f"tensor {name} has dimensions {ne}")
         entries.append((name, ne, c.u32(f"{name} type"), c.u64(f"{name} offset")))
     align = metadata.get("general.alignment", 32)

@@ -45,6 +45,7 @@ def broken(tmp_path_factory, synth):
         "truncated header": (d / "head.gguf", "corrupt or truncated GGUF header"),
         "hostile counts": (d / "hostile.gguf", "absurd counts"),
         "hostile string": (d / "string.gguf", "runs past the end"),
+        "overflowing dims": (d / "dims.gguf", "has dimensions (549755813888, 549755813888)"),
         "architecture": (gguf_with(d / "llama.gguf", "llama"), "unsupported architecture 'llama'"),
         "quant type": (
             gguf_with(d / "iq2.gguf", "deepseek2", GGMLQuantizationType.IQ2_XXS),
@@ -56,11 +57,14 @@ def broken(tmp_path_factory, synth):
     (d / "head.gguf").write_bytes(good[:5000])
     (d / "hostile.gguf").write_bytes(b"GGUF" + struct.pack("<IQQ", 3, 2**62, 2**62) + b"\0" * 64)
     (d / "string.gguf").write_bytes(b"GGUF" + struct.pack("<IQQQ", 3, 0, 1, 2**63) + b"\0" * 64)
+    name = b"blk.0.attn_norm.weight"  # 2**39 x 2**39 values: each dimension plausible, the product not
+    tensor = struct.pack("<Q", len(name)) + name + struct.pack("<IQQIQ", 2, 2**39, 2**39, 0, 0)
+    (d / "dims.gguf").write_bytes(b"GGUF" + struct.pack("<IQQ", 3, 1, 0) + tensor + b"\0" * 64)
     return files
 
 
 CASES = ["missing", "directory", "not gguf", "truncated data", "truncated header", "hostile counts",
-         "hostile string", "architecture", "quant type"]  # fmt: skip
+         "hostile string", "overflowing dims", "architecture", "quant type"]  # fmt: skip
 
 
 @pytest.mark.parametrize("command", ["info", "plan", "chat"])

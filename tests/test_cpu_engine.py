@@ -16,6 +16,7 @@ from cpu_ops.executor import Executor, plan_workers
 from cpu_ops.experts import CpuExperts, Stack
 from cpu_ops.matmul import CpuMatrix
 from cpu_ops.topology import Topology, detect_topology, parse_cpulist, simulated
+from hetero.errors import HeteroError
 from hetero.quants import dequantize
 
 
@@ -39,8 +40,9 @@ def test_workers_spread_over_nodes_in_proportion():
     assert [w.cpu for w in workers] == [0, 1, 4, 6]
     assert len({w.cpu for w in plan_workers(topo, None)}) == 8
     assert all(w.cpu is None for w in plan_workers(topo, 3, pin=False))
-    with pytest.raises(ValueError):
-        plan_workers(topo, 0)
+    for bad in (0, 65):  # 65 > 8 per CPU: a typo, not oversubscription
+        with pytest.raises(HeteroError, match=f"--threads {bad}: this machine has 8 CPUs"):
+            plan_workers(topo, bad)
 
 
 def test_workers_are_pinned_and_jobs_run_asynchronously():

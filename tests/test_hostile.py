@@ -262,7 +262,8 @@ def test_an_infinite_block_scale_stops_generation(tiny, tmp_path):
     def infinite_scale(a):  # Q8_0: each 34-byte block starts with its float16 scale
         a.reshape(-1)[:2] = [0x00, 0x7C]
 
-    path = with_tensor(tiny, tmp_path / "inf.gguf", "blk.2.ffn_down_exps.weight", infinite_scale)
+    # the shared expert: every token reads it, whichever experts the router picks
+    path = with_tensor(tiny, tmp_path / "inf.gguf", "blk.2.ffn_down_shexp.weight", infinite_scale)
     refused(hetero("chat", str(path), "--prompt", "hi", "--max-tokens", "3"), "not finite numbers")
 
 
