@@ -48,11 +48,11 @@ def _global(
 
 
 def check_threads(threads: int | None) -> None:
-    from cpu_ops.executor import MAX_THREADS_PER_CPU
+    """--threads checked before loading, by the rule the executor applies (the CPUs we may use)."""
+    from cpu_ops.executor import check_threads as check
+    from cpu_ops.topology import detect_topology
 
-    cpus = os.cpu_count() or 1
-    if threads is not None and not 1 <= threads <= MAX_THREADS_PER_CPU * cpus:
-        raise HeteroError(f"--threads {threads}: this machine has {cpus} CPUs (use 1 to {cpus})")
+    check(threads, detect_topology().n_cpus)
 
 
 def check_generation_options(max_tokens: int, temperature: float, top_p: float = 1.0) -> None:
@@ -71,7 +71,9 @@ def warn_if_gpu_stands_in(gpu_mem: str | None) -> None:
     for use. Say so once rather than run ~10x slower in silence."""
     import torch
 
-    if gpu_mem not in (None, "0", "0GiB", "0GB") and not torch.cuda.is_available():
+    from placement.hardware import parse_size
+
+    if gpu_mem is not None and parse_size(gpu_mem) > 0 and not torch.cuda.is_available():
         err_console.print(
             f"[yellow]warning:[/] no CUDA GPU detected: with --gpu-mem {gpu_mem} the CPU stands in for the GPU "
             "(for testing; much slower than leaving --gpu-mem out)",
@@ -478,6 +480,7 @@ def demo(
 
     Example: hetero demo            (no download: writes the demo model once, ~106 MiB)
     """
+    from cli.chat import ChatUI
     from cli.plan_report import render_plan
     from hetero.summary import summarize
 
@@ -491,8 +494,9 @@ def demo(
     console.print(f"\n[bold]user:[/] {escape(visible(prompt))}\n[bold]assistant:[/] ", end="")
     last, tokens = None, 0
     messages = [{"role": "user", "content": prompt}]
+    ui = ChatUI(console)  # how model text reaches the screen: escaped on a terminal, raw into a pipe
     for step in loaded.generate_steps(messages, max_tokens, temperature=temperature, seed=seed):
-        console.print(visible(step.text) if console.is_terminal else step.text, end="", markup=False, highlight=False)
+        ui.piece("answer", step.text)
         last, tokens = step, tokens + (step.token >= 0)
     console.print()
     if last is not None:

@@ -79,11 +79,16 @@ class Worker:
 MAX_THREADS_PER_CPU = 8  # beyond this a thread count is a typo, not oversubscription
 
 
+def check_threads(threads: int | None, n_cpus: int) -> None:
+    """A thread count the user asked for: at least 1, and not absurdly many for the CPUs we have."""
+    if threads is not None and not 1 <= threads <= MAX_THREADS_PER_CPU * n_cpus:
+        raise HeteroError(f"--threads {threads}: this machine has {n_cpus} CPUs (use 1 to {n_cpus})")
+
+
 def plan_workers(topology: Topology, threads: int | None, pin: bool = True) -> list[Worker]:
     """`threads` workers (default: one per CPU) spread over the nodes in proportion to their CPUs."""
+    check_threads(threads, topology.n_cpus)
     threads = topology.n_cpus if threads is None else threads
-    if not 1 <= threads <= MAX_THREADS_PER_CPU * topology.n_cpus:
-        raise HeteroError(f"--threads {threads}: this machine has {topology.n_cpus} CPUs (use 1 to {topology.n_cpus})")
     shares = [0] * len(topology.nodes)
     for _ in range(threads):  # greedy: the node with the fewest workers per CPU gets the next
         node = min(range(len(shares)), key=lambda i: (shares[i] / len(topology.nodes[i]), i))

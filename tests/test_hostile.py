@@ -11,8 +11,9 @@ import time
 from pathlib import Path
 
 import pytest
-from gguf import GGUFReader, GGUFValueType, GGUFWriter
+from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType, GGUFWriter
 
+from hetero.synth.writer import copy_metadata
 from hetero.tokenizer import Tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -42,41 +43,42 @@ def refused(r: dict, message: str, seconds: float = 60, rss_gib: float = 1.5) ->
     assert r["seconds"] < seconds and r["rss"] < rss_gib * 2**30, (r["seconds"], r["rss"] / 2**30)
 
 
-def with_metadata(src: Path, dst: Path, **changes) -> Path:
-    """A copy of a GGUF with metadata values replaced or added: a list keeps its key's element
-    type, a scalar gets the type of its Python value (so a float can become a string)."""
+def rewrite(src: Path, dst: Path, changes: dict | None = None, edit=None, extra: dict | None = None) -> Path:
+    """A copy of a GGUF with metadata values replaced or added (a list keeps its key's element
+    type, a scalar gets the type of its Python value, so a float can become a string), tensor
+    data changed by `edit(name, array)` in place, and `extra` tensors (name -> float32 array)."""
+    changes = changes or {}
     reader = GGUFReader(src)
     w = GGUFWriter(dst, str(reader.fields["general.architecture"].contents()))
-    for field in reader.fields.values():
-        if field.name.startswith("GGUF.") or field.name == "general.architecture":
-            continue
-        sub = field.types[-1] if len(field.types) > 1 else None
-        if field.name in changes and not isinstance(changes[field.name], list):
-            value = changes.pop(field.name)
-            w.add_key_value(field.name, value, _value_type(value))
+    copy_metadata(reader, w, skip=changes)
+    for key, value in changes.items():
+        field = reader.fields.get(key)
+        if isinstance(value, list) and field is not None:
+            w.add_key_value(key, value, field.types[0], sub_type=field.types[-1])
         else:
-            w.add_key_value(field.name, changes.pop(field.name, field.contents()), field.types[0], sub_type=sub)
-    for key, value in changes.items():  # new keys
-        w.add_key_value(key, value, _value_type(value))
-    _copy_tensors(reader, w)
+            w.add_key_value(key, value, _value_type(value))
+    tensors = [(t.name, t.data, t.tensor_type) for t in reader.tensors]
+    tensors += [(name, data, GGMLQuantizationType.F32) for name, data in (extra or {}).items()]
+    for name, data, kind in tensors:
+        w.add_tensor_info(name, data.shape, data.dtype, data.nbytes, kind)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_ti_data_to_file()
+    for name, data, _ in tensors:
+        data = data.copy()
+        if edit is not None:
+            edit(name, data)
+        w.write_tensor_data(data)
+    w.close()
     return dst
+
+
+def with_metadata(src: Path, dst: Path, **changes) -> Path:
+    return rewrite(src, dst, changes)
 
 
 def _value_type(value) -> GGUFValueType:
     return {str: GGUFValueType.STRING, float: GGUFValueType.FLOAT32}.get(type(value), GGUFValueType.UINT32)
-
-
-def _copy_tensors(reader: GGUFReader, w: GGUFWriter, edit=lambda name, data: None) -> None:
-    for t in reader.tensors:
-        w.add_tensor_info(t.name, t.data.shape, t.data.dtype, t.n_bytes, t.tensor_type)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_ti_data_to_file()
-    for t in reader.tensors:
-        data = t.data.copy()
-        edit(t.name, data)
-        w.write_tensor_data(data)
-    w.close()
 
 
 @pytest.fixture(scope="module")
@@ -240,14 +242,7 @@ def test_an_interrupted_demo_write_recovers(tmp_path):
 
 def with_tensor(src: Path, dst: Path, name: str, edit) -> Path:
     """A copy of a GGUF with one tensor's data changed by `edit(array)` (in place)."""
-    reader = GGUFReader(src)
-    w = GGUFWriter(dst, str(reader.fields["general.architecture"].contents()))
-    for field in reader.fields.values():
-        if not field.name.startswith("GGUF.") and field.name != "general.architecture":
-            sub = field.types[-1] if len(field.types) > 1 else None
-            w.add_key_value(field.name, field.contents(), field.types[0], sub_type=sub)
-    _copy_tensors(reader, w, lambda tname, data: edit(data) if tname == name else None)
-    return dst
+    return rewrite(src, dst, edit=lambda tname, data: edit(data) if tname == name else None)
 
 
 def test_a_nan_weight_stops_generation_naming_the_layer(synth, tmp_path):
@@ -298,21 +293,8 @@ def test_bad_split_names_and_strangers_are_one_line(synth, tmp_path):
 def test_unknown_extra_tensors_are_ignored_with_a_note(tiny, tmp_path):
     import numpy as np
 
-    reader = GGUFReader(tiny)
-    path = tmp_path / "extra.gguf"
-    w = GGUFWriter(path, "deepseek2")
-    for field in reader.fields.values():
-        if not field.name.startswith("GGUF.") and field.name != "general.architecture":
-            w.add_key_value(field.name, field.contents(), field.types[0],
-                            sub_type=field.types[-1] if len(field.types) > 1 else None)  # fmt: skip
-    w.add_tensor("rope_freqs.weight", np.ones(16, np.float32))
-    w.add_tensor("junk.thing", np.ones((4, 4), np.float32))
-    for t in reader.tensors:
-        w.add_tensor(t.name, t.data, raw_shape=t.data.shape, raw_dtype=t.tensor_type)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    extra = {"rope_freqs.weight": np.ones(16, np.float32), "junk.thing": np.ones((4, 4), np.float32)}
+    path = rewrite(tiny, tmp_path / "extra.gguf", extra=extra)
     plan = hetero("plan", str(path))
     assert plan["rc"] == 0 and "ignored 2 tensor(s) the model does not use: junk.thing, rope_freqs.weight" in (
         " ".join(plan["out"].split())

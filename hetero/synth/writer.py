@@ -16,11 +16,12 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFReader, GGUFWriter
+from gguf import GGMLQuantizationType, GGUFReader, GGUFWriter
 
 from hetero.config import ModelConfig, config_from_metadata
 from hetero.errors import HeteroError
 from hetero.models.deepseek2_tensors import expected_tensors, optional_tensors
+from hetero.quants import row_bytes
 from hetero.synth import llama_cpp
 from hetero.synth.presets import HEADER_ONLY, Preset, make_preset
 from hetero.synth.quantize import MIXES, quantize, tensor_type
@@ -214,9 +215,8 @@ def _write(path, p: Preset, name: str, type_of, seed: int, splits: int, progress
             dtype = np.dtype(_NUMPY_FLOAT[kind])
             w.add_tensor_info(tname, shape, dtype, int(np.prod(shape)) * dtype.itemsize)
         else:
-            size, block = GGML_QUANT_SIZES[kind]
-            row_bytes = shape[-1] // size * block
-            w.add_tensor_info(tname, (*shape[:-1], row_bytes), np.dtype(np.uint8), int(np.prod(shape[:-1])) * row_bytes,
+            per_row = row_bytes(kind, shape[-1], tname)
+            w.add_tensor_info(tname, (*shape[:-1], per_row), np.dtype(np.uint8), int(np.prod(shape[:-1])) * per_row,
                               raw_dtype=kind)  # fmt: skip
     files = w.format_shard_names(path)
     w.write_header_to_file()
@@ -277,11 +277,7 @@ def resplit(source: Path, target: Path, splits: int) -> list[Path]:
     reader = GGUFReader(source)
     arch = str(reader.fields["general.architecture"].contents())
     w = GGUFWriter(target, arch, split_max_tensors=-(-len(reader.tensors) // splits))
-    for field in reader.fields.values():
-        if field.name.startswith("GGUF.") or field.name == "general.architecture":
-            continue
-        sub = field.types[-1] if len(field.types) > 1 else None
-        w.add_key_value(field.name, field.contents(), field.types[0], sub_type=sub)
+    copy_metadata(reader, w)
     for t in reader.tensors:
         w.add_tensor_info(t.name, t.data.shape, t.data.dtype, t.n_bytes, GGMLQuantizationType(t.tensor_type))
     files = w.format_shard_names(target)
@@ -292,3 +288,13 @@ def resplit(source: Path, target: Path, splits: int) -> list[Path]:
         w.write_tensor_data(t.data)
     w.close()
     return files
+
+
+def copy_metadata(reader: GGUFReader, w: GGUFWriter, skip=()) -> None:
+    """Every key of `reader` into `w` with its own type, but the ones GGUFWriter writes itself
+    (GGUF.*, general.architecture) and those in `skip`."""
+    for field in reader.fields.values():
+        if field.name.startswith("GGUF.") or field.name == "general.architecture" or field.name in skip:
+            continue
+        sub = field.types[-1] if len(field.types) > 1 else None
+        w.add_key_value(field.name, field.contents(), field.types[0], sub_type=sub)
