@@ -197,11 +197,11 @@ def test_compiled_kernels_are_cached_under_a_hash_of_the_sources():
     cache directory is named by a hash of all of cpu_ops (a change there recompiles)."""
     import numba
 
-    import cpu_ops
+    from cpu_ops.kernel_cache import cache_dir
 
     if os.environ.get("NUMBA_CACHE_DIR"):
         pytest.skip("the user chose the cache directory")
-    cache = cpu_ops._cache_dir()
+    cache = cache_dir()
     assert numba.config.CACHE_DIR == str(cache) and len(cache.name) == 16
     rng = np.random.default_rng()
     stack, _ = _stack(T.Q4_K, 4, D, rng)

@@ -10,7 +10,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_the_kit_runs_every_stage_with_the_cpu_standing_in(tmp_path):
-    from cpu_ops import _cache_dir
+    from cpu_ops.kernel_cache import cache_dir as _cache_dir
 
     env = {**os.environ, "NUMBA_CACHE_DIR": str(_cache_dir())}  # the suite's compiled kernels
     env.pop("TRITON_INTERPRET", None)  # as run by hand: conftest sets it for this process only

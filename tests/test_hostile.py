@@ -215,7 +215,7 @@ def test_a_hundred_thousand_metadata_keys_load_in_seconds(tiny, tmp_path):
 def test_an_interrupted_demo_write_recovers(tmp_path):
     """Kill the demo while it writes its model: nothing is left under the final name, and the
     next run writes it and runs; an unreadable file left by an older version is set aside."""
-    from cpu_ops import _cache_dir
+    from cpu_ops.kernel_cache import cache_dir as _cache_dir
 
     env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path), "NUMBA_CACHE_DIR": str(_cache_dir())}
     cache = tmp_path / "hetero"
@@ -236,6 +236,35 @@ def test_an_interrupted_demo_write_recovers(tmp_path):
     third = hetero("demo", "--max-tokens", "2", env={"XDG_CACHE_HOME": str(tmp_path)}, timeout=300)
     assert third["rc"] == 0 and "does not open" in third["err"] and (cache / (final.name + ".broken")).exists()
 
+
+
+def test_a_corrupt_kernel_cache_recovers_with_one_warning(tiny, tmp_path):
+    """Damaged compiled kernels (cut short, overwritten) are set aside with one warning line and
+    compiled again; the run answers, and the next run loads the fresh entries silently."""
+    import shutil
+
+    from cpu_ops.kernel_cache import cache_dir
+
+    cache = tmp_path / "numba"
+    env = {"NUMBA_CACHE_DIR": str(cache)}
+    args = ("chat", str(tiny), "--prompt", "hi", "--max-tokens", "3", "--temperature", "0")
+    if cache_dir().exists():  # start from the suite's kernels rather than compiling them all
+        shutil.copytree(cache_dir(), cache)
+    first = hetero(*args, env=env, timeout=300)
+    assert first["rc"] == 0, first["err"][-1000:]
+    damaged = sorted(cache.rglob("*.nbc"))
+    assert damaged
+    for i, path in enumerate(damaged):
+        data = path.read_bytes()
+        path.write_bytes(data[: len(data) // 2] if i % 2 else os.urandom(64))
+    second = hetero(*args, env=env, timeout=300)
+    warnings = [line for line in second["err"].splitlines() if "warning" in line]
+    assert second["rc"] == 0 and "Traceback" not in second["err"] and "Exception" not in second["err"], second["err"]
+    assert len(warnings) == 1 and "compiled-kernel cache did not load" in warnings[0], second["err"]
+    assert second["out"] == first["out"]  # greedy: the recompiled kernels answer the same
+    assert list(cache.rglob("set-aside/*/*.nbc"))
+    third = hetero(*args, env=env, timeout=300)
+    assert third["rc"] == 0 and "warning" not in third["err"] and third["out"] == first["out"], third["err"]
 
 # -- numbers ---------------------------------------------------------------------------------------
 

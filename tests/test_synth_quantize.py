@@ -74,7 +74,7 @@ def test_mixes_hetero_cannot_write_name_the_way_out(tmp_path):
 def test_demo_runs_where_llama_cpp_cannot_be_imported(tmp_path):
     """The README's main job on a machine without llama-cpp-python: the demo model is written,
     tokenized and run by hetero alone."""
-    from cpu_ops import _cache_dir
+    from cpu_ops.kernel_cache import cache_dir as _cache_dir
 
     shim = tmp_path / "shim" / "llama_cpp"
     shim.mkdir(parents=True)

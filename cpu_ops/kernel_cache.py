@@ -1,0 +1,84 @@
+"""Where numba keeps the compiled CPU kernels, and what happens when a cached kernel is unreadable.
+
+The kernels are cached on disk (numba `cache=True`) under a directory named by a hash of this
+package's sources: numba only checks the timestamp of the file that defines a function, and
+the kernels are built from IR generated in other modules (blocks.py, simd.py).
+
+A cache file can be damaged (a full disk, a bit flip, a copy cut short). numba would then raise
+from deep inside the first call of that kernel, often on a worker thread, on every later run.
+Instead, a kernel whose cached files do not load has them moved to a `set-aside` folder beside
+the cache, one warning line is printed (once per process), and numba compiles it again, which
+writes a fresh entry.
+"""
+
+import hashlib
+import os
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numba
+from numba.core import caching
+
+_LOCK = threading.Lock()
+_WARNED = False
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "hetero" / "numba"
+
+
+def cache_dir() -> Path:
+    """This version of the kernels: a hash of cpu_ops' sources and numba's version."""
+    sources = b"".join(p.read_bytes() for p in sorted(Path(__file__).parent.glob("*.py")))
+    key = hashlib.sha256(sources + numba.__version__.encode()).hexdigest()[:16]
+    return cache_root() / key
+
+
+def install() -> None:
+    """Point numba at our cache directory (unless NUMBA_CACHE_DIR chooses one) and guard its loads."""
+    if not os.environ.get("NUMBA_CACHE_DIR"):
+        numba.config.CACHE_DIR = str(cache_dir())
+    if not getattr(caching.Cache.load_overload, "_hetero_guard", False):
+        caching.Cache.load_overload = _guarded(caching.Cache.load_overload)
+
+
+def _guarded(load_overload):
+    def load_or_set_aside(cache, sig, target_context):
+        try:
+            return load_overload(cache, sig, target_context)
+        except Exception as e:  # unpickling, a truncated file, an object file that does not link
+            with _LOCK:
+                aside = _set_aside(cache._cache_file)
+                _warn_once(cache, e, aside)
+            return None  # numba compiles the kernel again and saves a fresh entry
+
+    load_or_set_aside._hetero_guard = True
+    return load_or_set_aside
+
+
+def _set_aside(cache_file) -> Path:
+    """Move one kernel's index and data files (name.nbi, name.N.nbc) out of numba's way."""
+    index = Path(cache_file._index_path)
+    aside = index.parent.parent / "set-aside" / time.strftime("%Y%m%d-%H%M%S")
+    aside.mkdir(parents=True, exist_ok=True)
+    stem = index.name[: -len(".nbi")]
+    for path in index.parent.glob(f"{stem}.*"):
+        if path.suffix in (".nbi", ".nbc"):
+            os.replace(path, aside / path.name)
+    return aside
+
+
+def _warn_once(cache, error: Exception, aside: Path) -> None:
+    global _WARNED
+    if _WARNED:
+        return
+    _WARNED = True
+    reason = " ".join(str(error).split())[:120] or type(error).__name__
+    name = Path(cache._cache_file._index_path).name.split("-")[0]
+    sys.stderr.write(
+        f"warning: the compiled-kernel cache did not load ({name}: {type(error).__name__}: {reason}); "
+        f"moved the unreadable files to {aside} and compiling again\n"
+    )
+    sys.stderr.flush()
