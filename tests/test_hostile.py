@@ -237,7 +237,6 @@ def test_an_interrupted_demo_write_recovers(tmp_path):
     assert third["rc"] == 0 and "does not open" in third["err"] and (cache / (final.name + ".broken")).exists()
 
 
-
 def test_a_corrupt_kernel_cache_recovers_with_one_warning(tiny, tmp_path):
     """Damaged compiled kernels (cut short, overwritten) are set aside with one warning line and
     compiled again; the run answers, and the next run loads the fresh entries silently."""
@@ -265,6 +264,7 @@ def test_a_corrupt_kernel_cache_recovers_with_one_warning(tiny, tmp_path):
     assert list(cache.rglob("set-aside/*/*.nbc"))
     third = hetero(*args, env=env, timeout=300)
     assert third["rc"] == 0 and "warning" not in third["err"] and third["out"] == first["out"], third["err"]
+
 
 # -- numbers ---------------------------------------------------------------------------------------
 
