@@ -6,11 +6,14 @@ from dataclasses import dataclass
 from rich.console import Console
 from rich.markup import escape
 
+from cli.chat_input import TerminalInput, read_message
 from cli.visible import visible
 from hetero.conversation import Conversation, ThinkSplitter
 from hetero.sampling import sampling_problem
 
+COMMANDS = ["/reset", "/system", "/temp", "/stats", "/exit"]
 HELP = "/reset  /system TEXT  /temp X  /stats  /exit"
+MULTILINE_HELP = 'Alt-Enter for a new line, or end a line with \\, or wrap a message in """'
 
 
 @dataclass
@@ -37,9 +40,15 @@ class ChatUI:
         self.console = console
         self.rich = console.is_terminal
         self.err = Console(stderr=True)
+        self._editor = None
 
     def ask(self) -> str:
-        return self.console.input("[bold cyan]you>[/] ") if self.rich else input()
+        """The next message: edited with history on a terminal, read plainly from a pipe."""
+        if self.rich and sys.stdin.isatty():
+            if self._editor is None:
+                self._editor = TerminalInput(COMMANDS)
+            return read_message(self._editor.read_line, "you> ", "...> ")
+        return read_message(lambda _: input(), "", "")
 
     def piece(self, kind: str, text: str) -> None:
         if not self.rich:
@@ -140,7 +149,10 @@ def run_chat(model, console: Console, opts: ChatOptions, system: str = "", promp
         conv.turns.append({"role": "user", "content": prompt})
         reply(model, conv, opts, ui, stats)
         return
-    ui.note(f"chatting with {model.file.paths[0].name} ({model.n_ctx}-token context). {HELP}. Ctrl-C stops a reply.")
+    ui.note(
+        f"chatting with {model.file.paths[0].name} ({model.n_ctx}-token context). {HELP}. "
+        f"{MULTILINE_HELP}. Ctrl-C stops a reply, Ctrl-D leaves."
+    )
     while True:
         try:
             line = ui.ask()

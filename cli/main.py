@@ -17,6 +17,8 @@ from rich.table import Table
 from cli.units import gib
 from cli.visible import visible
 from hetero.errors import HeteroError
+from hetero.paths import cache_home
+from placement.hardware import CPU_MEMORY, GPUS
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Run giant MoE GGUF models on one GPU plus CPU RAM.")
 console = Console()
@@ -24,6 +26,16 @@ err_console = Console(stderr=True)
 STATE = {"debug": False}
 
 DEMO_PRESET, DEMO_QUANT = "v3", "Q4_K_M"
+NO_OVERCOMMIT_HELP = "Refuse a plan whose CPU share exceeds RAM, instead of reading the rest from disk as used."
+GPU_MEM_HELP = "GPU budget, e.g. 24GiB; 0 for CPU-only."
+GPU_MEM_DEFAULT = "the detected GPU's memory; none without CUDA"
+CTX_DEFAULT = "4096, or the model's own if smaller"
+THREADS_DEFAULT = "the CPUs this process may use"
+OVERRIDE_HELP = "PATTERN=DEVICE[:FORMAT], e.g. 'exps=cpu' (llama.cpp's -ot); repeat for more; before --rules."
+QUANT_HELP = (
+    "F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q2_K, Q3_K_M, Q4_K_S, Q4_K_M, Q5_K_S, Q5_K_M, Q6_K, IQ4_NL, IQ4_XS "
+    "(the mix of per-tensor types llama.cpp would choose)."
+)
 
 
 def _version(value: bool):
@@ -133,8 +145,9 @@ def load_with_progress(path, **options):
     with err_console.status("opening the model"):
         file = path if isinstance(path, GGUFModelFile) else GGUFModelFile(path)
         if options.get("plan") is None:
-            plan_options = {k: options.pop(k) for k in ("n_ctx", "gpu_mem", "rules") if k in options}
+            plan_options = {k: options.pop(k) for k in ("n_ctx", "gpu_mem", "rules", "overcommit") if k in options}
             options["plan"] = default_plan(file, **plan_options)
+    print_plan_warnings(options["plan"])
     gpu_bytes = options["plan"].weights_bytes("gpu")
     if not gpu_bytes:
         with err_console.status("opening the model"):
@@ -156,6 +169,11 @@ def load_with_progress(path, **options):
     return model
 
 
+def print_plan_warnings(plan) -> None:
+    for warning in plan.warnings:
+        err_console.print(f"[yellow]warning:[/] {escape(warning)}", highlight=False, soft_wrap=True)
+
+
 def engine_name(model) -> str:
     """Which paths ran: the numba engine (threads) or the reference torch ops on the CPU, and the
     hybrid decode step when the plan uses the GPU."""
@@ -165,10 +183,6 @@ def engine_name(model) -> str:
         return cpu
     gpu = "CUDA" if model.device.type == "cuda" else "the CPU standing in for a GPU"
     return f"{cpu}; the GPU's part on {gpu}"
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "hetero"
 
 
 def write_with_progress(out: Path, preset: str, quant: str, **kwargs) -> list[Path]:
@@ -194,7 +208,7 @@ def ensure_demo_model() -> Path:
 
     from hetero.gguf_file import GGUFModelFile
 
-    path = cache_dir() / f"demo-{DEMO_PRESET}-{DEMO_QUANT}.gguf"
+    path = cache_home() / f"demo-{DEMO_PRESET}-{DEMO_QUANT}.gguf"
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path.parent / f".{path.name}.lock", "w") as lock:
         try:
@@ -220,12 +234,17 @@ def ensure_demo_model() -> Path:
 @friendly_errors
 def synth(
     out: Annotated[Path, typer.Argument(help="Output .gguf path.")],
-    preset: Annotated[str, typer.Option(help="tiny | v2-lite | v3")] = "tiny",
-    quant: Annotated[str, typer.Option(help="F32, F16, Q8_0, Q4_K_M, Q5_K_M, Q6_K, IQ4_XS, ...")] = "Q4_K_M",
-    layers: Annotated[int | None, typer.Option(help="Number of layers (default: the preset's).")] = None,
+    preset: Annotated[
+        str,
+        typer.Option(help="tiny, v2-lite (DeepSeek-V2-Lite), v3 (V3-shaped, small) or r1 (DeepSeek-R1, full size)."),
+    ] = "tiny",
+    quant: Annotated[str, typer.Option(help=QUANT_HELP)] = "Q4_K_M",
+    layers: Annotated[int | None, typer.Option(help="Number of layers.", show_default="the preset's")] = None,
     seed: Annotated[int, typer.Option(help="Random seed of the weights.")] = 0,
     splits: Annotated[int, typer.Option(help="Write a split set of this many files.")] = 1,
-    header_only: Annotated[bool, typer.Option(help="Declare every tensor, write no weights (sparse file).")] = False,
+    header_only: Annotated[
+        bool, typer.Option("--header-only", help="Declare every tensor, write no weights (a sparse file).")
+    ] = False,
     quantizer: Annotated[
         str, typer.Option(help="hetero (numpy, built in) or llama.cpp (its own quantizer; needs the dev extra).")
     ] = "hetero",
@@ -295,20 +314,40 @@ def print_summary(s: dict) -> None:
 @friendly_errors
 def plan(
     model: Annotated[Path, typer.Argument(help="GGUF file (any file of a split set).")],
-    gpu_mem: Annotated[str | None, typer.Option(help="GPU budget, e.g. 24GiB; 0 for CPU-only.")] = None,
-    ctx: Annotated[int | None, typer.Option(help="Context length for the KV cache [default: 4096].")] = None,
-    gpu: Annotated[str | None, typer.Option(help="Named GPU: rtx4090, rtx3090, rtx5090, h100, ... or none.")] = None,
-    cpu_bw: Annotated[str | None, typer.Option(help="CPU memory bandwidth: 300GB/s or ddr5-4800x8.")] = None,
-    cpu_cores: Annotated[int | None, typer.Option(help="CPU cores (prefill FLOPs).")] = None,
-    ram: Annotated[str | None, typer.Option(help="CPU RAM, e.g. 512GiB.")] = None,
-    rules: Annotated[Path | None, typer.Option(help="TOML rules file (regex -> device, format).")] = None,
-    override: Annotated[list[str] | None, typer.Option(help="PATTERN=DEVICE[:FORMAT], e.g. 'exps=cpu'.")] = None,
+    gpu_mem: Annotated[str | None, typer.Option(help=GPU_MEM_HELP, show_default=GPU_MEM_DEFAULT)] = None,
+    ctx: Annotated[int | None, typer.Option(help="Context length for the KV cache.", show_default=CTX_DEFAULT)] = None,
+    gpu: Annotated[
+        str | None, typer.Option(help=f"Plan for a named GPU: {', '.join(GPUS)}, or none.", show_default="detected")
+    ] = None,
+    cpu_bw: Annotated[
+        str | None,
+        typer.Option(
+            help=f"CPU memory bandwidth: 300GB/s, or {', '.join(CPU_MEMORY)}.",
+            show_default="measured once for this machine, cached",
+        ),
+    ] = None,
+    cpu_cores: Annotated[int | None, typer.Option(help="CPU cores (prefill FLOPs).", show_default="detected")] = None,
+    ram: Annotated[str | None, typer.Option(help="CPU RAM, e.g. 512GiB.", show_default="detected")] = None,
+    rules: Annotated[Path | None, typer.Option(help="TOML rules file (format above).", show_default="none")] = None,
+    override: Annotated[list[str] | None, typer.Option(help=OVERRIDE_HELP, show_default="none")] = None,
+    disk_bw: Annotated[
+        str | None, typer.Option(help="Read speed of the model's disk, for plans over RAM.", show_default="2GB/s")
+    ] = None,
+    no_overcommit: Annotated[bool, typer.Option("--no-overcommit", help=NO_OVERCOMMIT_HELP)] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object (docs/plan-schema.md).")] = False,
 ):
-    """Decide what goes on the GPU and what stays in CPU RAM, from the header alone, and predict speed.
+    r"""Decide what goes on the GPU and what stays in CPU RAM, from the header alone, and predict speed.
 
     Example: hetero plan DeepSeek-R1-Q4_K_M-00001-of-00009.gguf --gpu rtx4090 --ctx 8192 --cpu-bw ddr5-4800x8
     Exit code 2 when the plan does not fit.
+
+    Rules file (--rules FILE), TOML; the first rule whose regex is found in a tensor's name wins,
+    and --override rules come first:
+
+    \[\[rule]]
+    match = 'blk\.(3|4)\.ffn_.*_exps'   # a regular expression, searched in the tensor name
+    device = "gpu"                        # gpu or cpu
+    format = "int4"                       # optional, GPU only: int4, int8, f16, bf16, f32
     """
     from cli.plan_report import render_plan
     from hetero.gguf_file import GGUFModelFile
@@ -319,10 +358,10 @@ def plan(
 
     file = GGUFModelFile(model)
     all_rules = [parse_override(o) for o in override or []] + (load_rules(rules) if rules else [])
-    with err_console.status("measuring memory bandwidth", spinner="dots"):
-        hw = detect(probe_bandwidth=cpu_bw is None)
-    hw = with_overrides(hw, gpu=gpu, gpu_mem=gpu_mem, cpu_bw=cpu_bw, ram=ram, cpu_cores=cpu_cores)
-    result = plan_model(file, hw, ctx, all_rules)
+    with err_console.status("measuring memory bandwidth (once for this machine)", spinner="dots"):
+        hw = detect(measure_cpu=cpu_bw is None)
+    hw = with_overrides(hw, gpu=gpu, gpu_mem=gpu_mem, cpu_bw=cpu_bw, ram=ram, cpu_cores=cpu_cores, disk_bw=disk_bw)
+    result = plan_model(file, hw, ctx, all_rules, overcommit=not no_overcommit)
     if as_json:
         print(json.dumps(plan_to_json(result)))
     else:
@@ -336,18 +375,19 @@ def plan(
 def bench(
     model: Annotated[Path, typer.Argument(help="GGUF file (any file of a split set).")],
     device: Annotated[str, typer.Option(help="cpu (CPU-only plan) or auto (the detected GPU, if any).")] = "auto",
-    threads: Annotated[int | None, typer.Option(help="CPU threads (default: all cores).")] = None,
+    threads: Annotated[int | None, typer.Option(help="CPU threads.", show_default=THREADS_DEFAULT)] = None,
     numa: Annotated[str, typer.Option(help="auto (experts split over NUMA nodes) or off.")] = "auto",
     prompt_tokens: Annotated[int, typer.Option(help="Prompt length for prefill.")] = 64,
     gen_tokens: Annotated[int, typer.Option(help="Tokens to decode.")] = 16,
     reps: Annotated[int, typer.Option(help="Repetitions; medians are reported.")] = 3,
-    gpu_mem: Annotated[str | None, typer.Option(help="GPU budget, e.g. 24GiB.")] = None,
-    ctx: Annotated[int | None, typer.Option(help="Context length for the plan [default: 4096].")] = None,
-    override: Annotated[list[str] | None, typer.Option(help="PATTERN=DEVICE[:FORMAT], e.g. 'exps=cpu'.")] = None,
+    gpu_mem: Annotated[str | None, typer.Option(help=GPU_MEM_HELP, show_default=GPU_MEM_DEFAULT)] = None,
+    ctx: Annotated[int | None, typer.Option(help="Context length for the plan.", show_default=CTX_DEFAULT)] = None,
+    override: Annotated[list[str] | None, typer.Option(help=OVERRIDE_HELP, show_default="none")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
     profile: Annotated[
         bool, typer.Option("--profile", help="Per-layer decode timeline: GPU busy, CPU experts, waiting.")
     ] = False,
+    no_overcommit: Annotated[bool, typer.Option("--no-overcommit", help=NO_OVERCOMMIT_HELP)] = False,
 ):
     """Measure prefill and decode tokens/s (medians over repetitions) beside the planner's prediction.
 
@@ -371,12 +411,13 @@ def bench(
     if numa not in ("auto", "off"):
         raise HeteroError(f"--numa {numa}: choose auto or off")
     file = GGUFModelFile(model)
-    with err_console.status("measuring memory bandwidth", spinner="dots"):
+    with err_console.status("measuring memory bandwidth (once for this machine)", spinner="dots"):
         hw = detect()
     rules = [parse_override(o) for o in override or []]
     if device != "cpu":
         warn_if_gpu_stands_in(gpu_mem)
-    plan = plan_model(file, with_overrides(hw, gpu_mem="0" if device == "cpu" else gpu_mem), ctx, rules)
+    hw = with_overrides(hw, gpu_mem="0" if device == "cpu" else gpu_mem, stand_in=True)
+    plan = plan_model(file, hw, ctx, rules, overcommit=not no_overcommit)
     if profile and not plan.weights_bytes("gpu"):
         raise HeteroError(
             "--profile times the hybrid decode step, and this plan puts nothing on the GPU; give --gpu-mem "
@@ -412,6 +453,7 @@ def bench(
         "decode_weight_bytes_per_token": {"cpu": cpu_bytes, "gpu": gpu_bytes},
         "achieved_cpu_gb_s": cpu_bytes * result.decode_median / 1e9,
         "cpu_read_bandwidth_gb_s": hw.cpu_bw / 1e9,
+        "hardware_source": hw.source,
     }
     if timeline is not None:
         report["profile"] = profile_json(timeline)
@@ -430,9 +472,10 @@ def bench(
     )
     console.print(
         f"decode reads {cpu_bytes / 2**20:.1f} MiB of weights per token on the CPU: "
-        f"{report['achieved_cpu_gb_s']:.2f} GB/s achieved of {hw.cpu_bw / 1e9:.1f} GB/s measured "
+        f"{report['achieved_cpu_gb_s']:.2f} GB/s achieved of {hw.cpu_bw / 1e9:.1f} GB/s "
         f"({statistics.median(result.decode_tok_s) * cpu_bytes / hw.cpu_bw:.1%})"
     )
+    console.print(f"[dim]{escape(hw.source)}[/]")
     if timeline is not None:
         print_profile(console, timeline, loaded.device)
 
@@ -441,28 +484,35 @@ def bench(
 @friendly_errors
 def chat(
     model: Annotated[Path, typer.Argument(help="A deepseek2 GGUF (any file of a split set).")],
-    prompt: Annotated[str | None, typer.Option(help="Answer this one message and exit.")] = None,
+    prompt: Annotated[
+        str | None, typer.Option(help="Answer this one message and exit.", show_default="an interactive chat")
+    ] = None,
     system: Annotated[str, typer.Option(help="System prompt.")] = "",
     max_tokens: Annotated[int, typer.Option(help="Most tokens per reply.")] = 512,
     temperature: Annotated[float, typer.Option(help="0 for greedy.")] = 0.6,
     top_p: Annotated[float, typer.Option(help="Nucleus sampling mass.")] = 0.95,
-    seed: Annotated[int | None, typer.Option(help="Sampling seed (default: random).")] = None,
-    hide_thinking: Annotated[bool, typer.Option(help="Fold DeepSeek-R1's <think> reasoning away.")] = False,
-    gpu_mem: Annotated[str | None, typer.Option(help="GPU budget, e.g. 24GiB; 0 for CPU-only.")] = None,
-    ctx: Annotated[int | None, typer.Option(help="Context length [default: 4096].")] = None,
-    threads: Annotated[int | None, typer.Option(help="CPU threads (default: all cores).")] = None,
+    seed: Annotated[int | None, typer.Option(help="Sampling seed.", show_default="random")] = None,
+    hide_thinking: Annotated[
+        bool, typer.Option("--hide-thinking", help="Fold DeepSeek-R1's <think> reasoning away.")
+    ] = False,
+    gpu_mem: Annotated[str | None, typer.Option(help=GPU_MEM_HELP, show_default=GPU_MEM_DEFAULT)] = None,
+    ctx: Annotated[int | None, typer.Option(help="Context length.", show_default=CTX_DEFAULT)] = None,
+    threads: Annotated[int | None, typer.Option(help="CPU threads.", show_default=THREADS_DEFAULT)] = None,
+    no_overcommit: Annotated[bool, typer.Option("--no-overcommit", help=NO_OVERCOMMIT_HELP)] = False,
 ):
     """Chat in the terminal with the model's own chat template; replies stream as they are made.
 
     Example: hetero chat DeepSeek-R1-Q4_K_M-00001-of-00009.gguf --gpu-mem 24GiB --ctx 8192
-    In the chat: /reset, /system TEXT, /temp X, /stats, /exit; Ctrl-C stops the current reply.
+    In the chat: /reset, /system TEXT, /temp X, /stats, /exit; Ctrl-C stops the current reply, Ctrl-D leaves.
+    Alt-Enter starts a new line (or end a line with \\, or wrap a message in three double quotes);
+    Up, Down and Ctrl-R search the history ($XDG_STATE_HOME/hetero/chat_history).
     """
     from cli.chat import ChatOptions, run_chat
 
     check_generation_options(max_tokens, temperature, top_p)
     check_threads(threads)
     warn_if_gpu_stands_in(gpu_mem)
-    loaded = load_with_progress(model, n_ctx=ctx, gpu_mem=gpu_mem, threads=threads)
+    loaded = load_with_progress(model, n_ctx=ctx, gpu_mem=gpu_mem, threads=threads, overcommit=not no_overcommit)
     opts = ChatOptions(max_tokens, temperature, top_p, seed, hide_thinking)
     run_chat(loaded, console, opts, system, prompt)
 

@@ -50,6 +50,8 @@ def render_plan(plan: Plan, console: Console) -> None:
         console.print("GPU: none (CPU-only plan)")
     ram = f" of {gib(hw.ram)}" if hw.ram else ""
     console.print(f"CPU RAM: {gib(plan.used_bytes('cpu'))}{ram} ({hw.cpu_cores} cores, {hw.numa_nodes} NUMA node(s))")
+    for warning in plan.warnings:
+        console.print(f"[yellow]warning:[/] {escape(warning)}")
     if plan.fits:
         console.print("[bold green]fits[/]")
     else:
@@ -61,10 +63,11 @@ def render_plan(plan: Plan, console: Console) -> None:
         f"expected: decode [bold]{pred.decode_tok_s:.1f} tok/s[/] ({pred.bound}-bound: "
         f"GPU busy {pred.decode_gpu_ms:.1f} ms, CPU busy {pred.decode_cpu_ms:.1f} ms per token), "
         f"prefill {pred.prefill_tok_s:.0f} tok/s"
+        + (f", reading {gib(pred.disk_bytes_per_token)} a token from disk" if pred.disk_bytes_per_token else "")
     )
+    gpu = f"GPU {hw.gpu_bw / 1e9:.0f} GB/s, " if hw.gpu_mem else ""
     console.print(
-        f"[dim]hardware: {hw.source}; GPU {hw.gpu_bw / 1e9:.0f} GB/s, CPU {hw.cpu_bw / 1e9:.0f} GB/s, "
-        f"{hw.cpu_flops / 1e12:.1f} TFLOP/s[/]"
+        f"[dim]hardware: {escape(hw.source)}; {gpu}CPU {hw.cpu_bw / 1e9:.0f} GB/s, {hw.cpu_flops / 1e12:.1f} TFLOP/s[/]"
     )
     for a in pred.assumptions:
         console.print(f"[dim]  assumes {a}[/]")

@@ -21,19 +21,17 @@ from pathlib import Path
 import numba
 from numba.core import caching
 
+from hetero.paths import cache_home
+
 _LOCK = threading.Lock()
 _WARNED = False
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "hetero" / "numba"
 
 
 def cache_dir() -> Path:
     """This version of the kernels: a hash of cpu_ops' sources and numba's version."""
     sources = b"".join(p.read_bytes() for p in sorted(Path(__file__).parent.glob("*.py")))
     key = hashlib.sha256(sources + numba.__version__.encode()).hexdigest()[:16]
-    return cache_root() / key
+    return cache_home() / "numba" / key
 
 
 def install() -> None:

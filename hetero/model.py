@@ -139,9 +139,13 @@ class Model:
                 yield step.text
 
 
-def default_plan(file: GGUFModelFile, n_ctx: int | None = None, gpu_mem=None, rules: list[Rule] = ()) -> Plan:
-    """The plan load_model makes when given none: this machine (bandwidth not probed), the budget."""
-    return plan_model(file, with_overrides(detect(probe_bandwidth=False), gpu_mem=gpu_mem), n_ctx, rules)
+def default_plan(
+    file: GGUFModelFile, n_ctx: int | None = None, gpu_mem=None, rules: list[Rule] = (), overcommit: bool = True
+) -> Plan:
+    """The plan load_model makes when given none: this machine (its cached CPU bandwidth), the
+    budget; without CUDA a GPU budget is played by the CPU, and predicted as such."""
+    hw = with_overrides(detect(), gpu_mem=gpu_mem, stand_in=True)
+    return plan_model(file, hw, n_ctx, rules, overcommit=overcommit)
 
 
 def load_model(
@@ -154,6 +158,7 @@ def load_model(
     threads: int | None = None,
     numa: str = "auto",
     cpu_kernels: bool = True,
+    overcommit: bool = True,
 ) -> Model:
     """Open a deepseek2 GGUF (single file, or any file of a split set, or an opened one) for inference.
 
@@ -162,11 +167,12 @@ def load_model(
     (e.g. from `hetero plan --json`), which then decides everything; gpu_device: the torch
     device that plays the plan's "gpu" (default cuda, else the CPU as a stand-in); threads,
     numa ('auto' or 'off'): the CPU engine's workers; cpu_kernels=False runs CPU weights through
-    the reference torch ops instead (also what machines without AVX2 get).
+    the reference torch ops instead (also what machines without AVX2 get); overcommit=False
+    refuses a plan whose CPU share exceeds RAM instead of running it from the page cache.
     """
     file = path if isinstance(path, GGUFModelFile) else GGUFModelFile(path)
     if plan is None:
-        plan = default_plan(file, n_ctx, gpu_mem, rules)
+        plan = default_plan(file, n_ctx, gpu_mem, rules, overcommit)
     elif {p.name for p in plan.placements} | set(plan.ignored) != set(file.tensors):
         raise HeteroError("the plan was made for a different model (tensor names differ)")
     if not plan.fits:

@@ -22,6 +22,7 @@ class Hardware:
     cpu_bw: float  # bytes/s of DRAM read bandwidth, all nodes
     cpu_flops: float  # FLOP/s of the cores together
     source: str  # how these numbers were obtained
+    disk_bw: float = 2e9  # bytes/s of page-cache misses on the model file (plans over RAM only)
 
 
 # name -> (memory, bandwidth, dense fp16 tensor FLOP/s), from the vendors' data sheets.
@@ -34,6 +35,11 @@ GPUS = {
     "l40s": (48 * GiB, 864e9, 362e12),
     "a100-80g": (80 * GiB, 2039e9, 312e12),
     "h100": (80 * GiB, 3350e9, 989e12),
+    "h200": (141 * 10**9, 4800e9, 989e12),
+    "rtx3080": (10 * GiB, 760e9, 59e12),
+    "rtx4070": (12 * GiB, 504e9, 58e12),
+    "a10": (24 * GiB, 600e9, 125e12),
+    "l4": (24 * GiB, 300e9, 121e12),
 }
 # memory configuration -> theoretical read bandwidth (channels x MT/s x 8 bytes).
 CPU_MEMORY = {
@@ -45,6 +51,8 @@ CPU_MEMORY = {
     "ddr5-4800x16": 614.4e9,
 }
 UNKNOWN_GPU_BW, UNKNOWN_GPU_FLOPS = 1000e9, 150e12  # an RTX 4090-class card
+ASSUMED_GPU = "none detected; assumed RTX 4090-class"
+STAND_IN_GPU = "the CPU standing in for a GPU"
 CPU_FLOPS_PER_CORE = 100e9  # AVX-512 FMA at ~3 GHz; AMX would be far higher
 
 
@@ -71,14 +79,22 @@ def parse_rate(text: str) -> float:
     return rate
 
 
-def detect(probe_bandwidth: bool = True) -> Hardware:
-    """This machine: cores, NUMA nodes, RAM, measured DRAM bandwidth, and the CUDA GPU if any."""
+def detect(measure_cpu: bool = True) -> Hardware:
+    """This machine: cores, NUMA nodes, RAM, its CPU read bandwidth (measured once and cached,
+    placement.cpu_bandwidth) and the CUDA GPU if any. measure_cpu=False when --cpu-bw will
+    replace the figure anyway."""
     cores = os.cpu_count() or 1
     nodes = len(list(Path("/sys/devices/system/node").glob("node[0-9]*"))) or 1
     ram = meminfo("MemTotal")
-    cpu_bw = measure_read_bandwidth() if probe_bandwidth else 20e9
-    source = "detected" if probe_bandwidth else "detected (CPU bandwidth assumed, not measured)"
-    hw = Hardware("none", 0, 0.0, 0.0, cores, nodes, ram, cpu_bw, cores * CPU_FLOPS_PER_CORE, source)
+    notes = ["detected"]
+    cpu_bw = 0.0
+    if measure_cpu:
+        from placement.cpu_bandwidth import cached_cpu_bandwidth
+
+        measured = cached_cpu_bandwidth()
+        cpu_bw = measured.bytes_per_s
+        notes.append(measured.describe())
+    hw = Hardware("none", 0, 0.0, 0.0, cores, nodes, ram, cpu_bw, cores * CPU_FLOPS_PER_CORE, "")
     try:
         import torch
 
@@ -87,19 +103,31 @@ def detect(probe_bandwidth: bool = True) -> Hardware:
             known = _lookup_gpu(props.name)
             bw, flops = (known[1], known[2]) if known else (UNKNOWN_GPU_BW, UNKNOWN_GPU_FLOPS)
             hw = replace(hw, gpu_name=props.name, gpu_mem=props.total_memory, gpu_bw=bw, gpu_flops=flops)
+            if not known:
+                notes.append(f"{props.name} is not in hetero's GPU table: assumed {bw / 1e9:.0f} GB/s")
+        else:
+            notes.append("no GPU detected")
     except (ImportError, RuntimeError):
-        pass
-    return hw
+        notes.append("no GPU detected")
+    return replace(hw, source="; ".join(notes))
 
 
-def with_overrides(hw: Hardware, gpu=None, gpu_mem=None, cpu_bw=None, ram=None, cpu_cores=None) -> Hardware:
-    """Apply --gpu NAME, --gpu-mem SIZE, --cpu-bw RATE|MEMCONFIG, --ram SIZE, --cpu-cores N on top of hw."""
+def with_overrides(
+    hw: Hardware, gpu=None, gpu_mem=None, cpu_bw=None, ram=None, cpu_cores=None, disk_bw=None, stand_in=False
+) -> Hardware:
+    """Apply --gpu NAME, --gpu-mem SIZE, --cpu-bw RATE|MEMCONFIG, --ram SIZE, --cpu-cores N,
+    --disk-bw RATE on top of hw. A GPU budget where no GPU was detected plans for an assumed
+    RTX 4090-class card, or, with stand_in (a run, not a plan), for the CPU that will play it."""
     notes = []
     if cpu_cores is not None:
         if cpu_cores < 1:
             raise HeteroError(f"--cpu-cores {cpu_cores} must be at least 1")
         hw = replace(hw, cpu_cores=cpu_cores, cpu_flops=cpu_cores * CPU_FLOPS_PER_CORE)
         notes.append(f"--cpu-cores {cpu_cores}")
+    if cpu_bw is not None:
+        bw = CPU_MEMORY.get(cpu_bw.lower()) if isinstance(cpu_bw, str) else parse_rate(f"{float(cpu_bw) / 1e9}GB/s")
+        hw = replace(hw, cpu_bw=bw if bw is not None else parse_rate(cpu_bw))
+        notes.append(f"--cpu-bw {cpu_bw}")
     if gpu is not None:
         if gpu == "none":
             hw = replace(hw, gpu_name="none", gpu_mem=0, gpu_bw=0.0, gpu_flops=0.0)
@@ -113,18 +141,19 @@ def with_overrides(hw: Hardware, gpu=None, gpu_mem=None, cpu_bw=None, ram=None, 
         size = parse_size(gpu_mem) if isinstance(gpu_mem, str) else int(gpu_mem)
         if size == 0:
             hw = replace(hw, gpu_name="none", gpu_mem=0, gpu_bw=0.0, gpu_flops=0.0)
+        elif hw.gpu_name == "none" and stand_in:  # device memory read as fast as the CPU reads RAM
+            hw = replace(hw, gpu_name=STAND_IN_GPU, gpu_mem=size, gpu_bw=hw.cpu_bw, gpu_flops=hw.cpu_flops)
         elif hw.gpu_name == "none":
-            hw = replace(hw, gpu_name="gpu", gpu_mem=size, gpu_bw=UNKNOWN_GPU_BW, gpu_flops=UNKNOWN_GPU_FLOPS)
+            hw = replace(hw, gpu_name=ASSUMED_GPU, gpu_mem=size, gpu_bw=UNKNOWN_GPU_BW, gpu_flops=UNKNOWN_GPU_FLOPS)
         else:
             hw = replace(hw, gpu_mem=size)
         notes.append(f"--gpu-mem {gpu_mem}")
-    if cpu_bw is not None:
-        bw = CPU_MEMORY.get(cpu_bw.lower()) if isinstance(cpu_bw, str) else parse_rate(f"{float(cpu_bw) / 1e9}GB/s")
-        hw = replace(hw, cpu_bw=bw if bw is not None else parse_rate(cpu_bw))
-        notes.append(f"--cpu-bw {cpu_bw}")
     if ram is not None:
         hw = replace(hw, ram=parse_size(ram) if isinstance(ram, str) else int(ram))
         notes.append(f"--ram {ram}")
+    if disk_bw is not None:
+        hw = replace(hw, disk_bw=parse_rate(disk_bw) if isinstance(disk_bw, str) else float(disk_bw))
+        notes.append(f"--disk-bw {disk_bw}")
     return replace(hw, source=hw.source + (" + " + " ".join(notes) if notes else ""))
 
 
@@ -148,7 +177,7 @@ def meminfo(field: str) -> int:
 
 
 def measure_read_bandwidth(megabytes: int = 256) -> float:
-    """Bytes/s of a parallel read with every CPU, over a buffer far larger than the caches."""
+    """Bytes/s of a parallel read with every CPU, measured now (benchmarks; plans use the cached figure)."""
     from cpu_ops.bandwidth import read_bandwidth
 
-    return read_bandwidth(megabytes)
+    return read_bandwidth(megabytes)[0]

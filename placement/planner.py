@@ -9,7 +9,9 @@ Order of play:
 4. spare VRAM goes to whole layers of routed experts, smallest first (KTransformers' static
    rules leave it idle), when at least 5% of the MoE layers fit: below that the CPU traffic
    saved is within the prediction's error and the VRAM is worth more as headroom;
-5. everything else stays in CPU RAM, quantized as in the file.
+5. everything else stays in CPU RAM, quantized as in the file. When that is more than the
+   machine's RAM, the plan still runs (as llama.cpp does) with pages read from disk as they
+   are used: a warning, and a prediction that counts those reads; overcommit=False refuses.
 """
 
 import math
@@ -60,6 +62,7 @@ class Plan:
     prediction: Prediction
     rules: tuple[str, ...] = field(default=())
     ignored: tuple[str, ...] = field(default=())  # tensors in the file that the model does not use
+    warnings: tuple[str, ...] = field(default=())  # it runs, but not as well as it could (over RAM)
 
     def weights_bytes(self, device: str) -> int:
         return sum(p.bytes for p in self.placements if p.device == device)
@@ -77,10 +80,19 @@ class Plan:
         return used
 
 
-def make_plan(cfg: ModelConfig, tensors: dict, hw: Hardware, ctx: int, rules: list[Rule] = (), model: str = "") -> Plan:
+def make_plan(
+    cfg: ModelConfig,
+    tensors: dict,
+    hw: Hardware,
+    ctx: int,
+    rules: list[Rule] = (),
+    model: str = "",
+    overcommit: bool = True,
+) -> Plan:
     """Place every tensor of a model (name -> TensorInfo; only shapes and types are read).
     Tensors the architecture does not use (rope_freqs, anything unknown) are left in the file
-    and listed as ignored."""
+    and listed as ignored. overcommit: a CPU share over RAM runs from the page cache (warned)
+    rather than being refused."""
     if ctx <= 0 or ctx > cfg.n_ctx_train:
         raise HeteroError(f"--ctx {ctx} must be between 1 and the model's {cfg.n_ctx_train}")
     used = set(expected_tensors(cfg, "output.weight" not in tensors)) | set(optional_tensors(cfg))
@@ -153,9 +165,16 @@ def make_plan(cfg: ModelConfig, tensors: dict, hw: Hardware, ctx: int, rules: li
 
     placements = tuple(_placement(c, devices[c.name], formats.get(c.name)) for c in costs)
     cpu_need = sum(p.bytes for p in placements if p.device == "cpu") + (0 if has_gpu else kv)
-    if hw.ram and cpu_need > hw.ram:
+    overflow = max(0, cpu_need - hw.ram) if hw.ram else 0
+    warnings = []
+    if overflow and overcommit:
+        warnings.append(
+            f"CPU RAM: the plan needs {_gib(cpu_need)} but the machine has {_gib(hw.ram)}; {_gib(overflow)} of "
+            "weights will be read from disk as they are used (slower; --no-overcommit refuses instead)"
+        )
+    elif overflow:
         problems.append(f"CPU RAM: the plan needs {_gib(cpu_need)} but the machine has {_gib(hw.ram)}")
-    prediction = predict(costs, devices, hw, kv, kv_device)
+    prediction = predict(costs, devices, hw, kv, kv_device, overflow)
     return Plan(
         model=model,
         hardware=hw,
@@ -170,14 +189,15 @@ def make_plan(cfg: ModelConfig, tensors: dict, hw: Hardware, ctx: int, rules: li
         prediction=prediction,
         rules=tuple(r.source for r in rules),
         ignored=ignored,
+        warnings=tuple(warnings),
     )
 
 
-def plan_model(file, hw: Hardware, ctx: int | None = None, rules: list[Rule] = ()) -> Plan:
+def plan_model(file, hw: Hardware, ctx: int | None = None, rules: list[Rule] = (), overcommit: bool = True) -> Plan:
     """make_plan for an opened GGUFModelFile, with the default context where none is given."""
     cfg = config_from_metadata(file.metadata)
     ctx = min(DEFAULT_CTX, cfg.n_ctx_train) if ctx is None else ctx
-    return make_plan(cfg, file.tensors, hw, ctx, list(rules), model=str(file.paths[0]))
+    return make_plan(cfg, file.tensors, hw, ctx, list(rules), model=str(file.paths[0]), overcommit=overcommit)
 
 
 def _placement(c: TensorCost, device: str, fmt: str | None) -> Placement:

@@ -29,24 +29,46 @@ class Prediction:
     decode_gpu_ms: float  # busy time per token on each side
     decode_cpu_ms: float
     assumptions: tuple[str, ...] = ASSUMPTIONS
+    disk_bytes_per_token: float = 0.0  # page-cache misses when the CPU's weights exceed RAM
 
 
-def predict(costs: list[TensorCost], devices: dict[str, str], hw: Hardware, kv_bytes: int, kv_device: str):
-    """costs of every tensor, devices[name] in {"gpu", "cpu"}, the KV cache size and where it lives."""
+def evicted_shares(costs: list[TensorCost], devices: dict[str, str], overflow: int) -> dict[str, float]:
+    """When the CPU's weights exceed RAM by `overflow` bytes, the share of each CPU tensor that
+    lives on disk rather than in the page cache: the least-read bytes first (routed experts,
+    read A/E per token), as the kernel's LRU keeps the pages touched every token."""
+    shares = {}
+    for c in sorted((c for c in costs if devices[c.name] == "cpu"), key=lambda c: (c.read_fraction_decode, c.name)):
+        if overflow <= 0:
+            break
+        shares[c.name] = min(1.0, overflow / c.gguf_bytes)
+        overflow -= c.gguf_bytes
+    return shares
+
+
+def predict(
+    costs: list[TensorCost], devices: dict[str, str], hw: Hardware, kv_bytes: int, kv_device: str, overflow: int = 0
+):
+    """costs of every tensor, devices[name] in {"gpu", "cpu"}, the KV cache size and where it
+    lives; overflow: bytes of the CPU's share beyond RAM, read from disk as they are used."""
     gpu_bw = hw.gpu_bw * GPU_BW_EFFICIENCY
     cpu_bw = hw.cpu_bw * CPU_BW_EFFICIENCY
+    on_disk = evicted_shares(costs, devices, overflow)
+    disk_per_token = 0.0
     layers: dict[int, dict[str, float]] = {}
     for c in costs:
         on_gpu = devices[c.name] == "gpu"
         part = "ffn" if c.kind in FFN_KINDS else "rest"
         bytes_read = (c.gpu_bytes if on_gpu else c.gguf_bytes) * c.read_fraction_decode
+        missed = bytes_read * on_disk.get(c.name, 0.0)
+        disk_per_token += missed
         slot = layers.setdefault(c.layer, {})
         key = f"{'gpu' if on_gpu else 'cpu'}_{part}"
-        slot[key] = slot.get(key, 0.0) + bytes_read / (gpu_bw if on_gpu else cpu_bw)
+        slot[key] = slot.get(key, 0.0) + bytes_read / (gpu_bw if on_gpu else cpu_bw) + missed / hw.disk_bw
         pre = f"pre_{'gpu' if on_gpu else 'cpu'}"
         flops = c.flops_per_token * PREFILL_TOKENS / ((hw.gpu_flops if on_gpu else hw.cpu_flops) * FLOPS_EFFICIENCY)
         touched = (c.gpu_bytes if on_gpu else c.gguf_bytes) * min(1.0, c.read_fraction_decode * PREFILL_TOKENS)
-        slot[pre] = slot.get(pre, 0.0) + max(flops, touched / (gpu_bw if on_gpu else cpu_bw))
+        from_disk = touched * on_disk.get(c.name, 0.0) / hw.disk_bw
+        slot[pre] = slot.get(pre, 0.0) + max(flops, touched / (gpu_bw if on_gpu else cpu_bw)) + from_disk
     kv_per_layer = kv_bytes / max(1, len([k for k in layers if k >= 0]))
     decode = prefill = gpu_busy = cpu_busy = 0.0
     for layer, s in layers.items():
@@ -61,10 +83,17 @@ def predict(costs: list[TensorCost], devices: dict[str, str], hw: Hardware, kv_b
         prefill += max(s.get("pre_gpu", 0.0), s.get("pre_cpu", 0.0)) + (SYNC_S if mixed else 0.0)
         gpu_busy += g_rest + g_ffn
         cpu_busy += c_rest + c_ffn
+    disk = (
+        (f"{overflow / 2**30:.1f} GiB of the CPU's weights do not fit in RAM: read from disk at "
+         f"{hw.disk_bw / 1e9:.1f} GB/s as they are used, least-read bytes first (the page cache keeps the rest)",)
+        if overflow > 0 else ()
+    )  # fmt: skip
     return Prediction(
         decode_tok_s=1.0 / decode if decode else 0.0,
         prefill_tok_s=PREFILL_TOKENS / prefill if prefill else 0.0,
         bound="cpu" if cpu_busy >= gpu_busy else "gpu",
         decode_gpu_ms=gpu_busy * 1e3,
         decode_cpu_ms=cpu_busy * 1e3,
+        assumptions=ASSUMPTIONS + disk,
+        disk_bytes_per_token=disk_per_token,
     )

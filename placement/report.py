@@ -38,6 +38,7 @@ def plan_to_json(plan: Plan) -> dict:
         "prediction": {**asdict(plan.prediction), "assumptions": list(plan.prediction.assumptions)},
         "rules": list(plan.rules),
         "ignored": list(plan.ignored),
+        "warnings": list(plan.warnings),
     }
 
 
@@ -60,4 +61,5 @@ def plan_from_json(data: dict) -> Plan:
         prediction=Prediction(**pred),
         rules=tuple(data["rules"]),
         ignored=tuple(data.get("ignored", ())),
+        warnings=tuple(data.get("warnings", ())),
     )

@@ -102,3 +102,62 @@ def test_the_run_says_which_paths_it_took(synth, keep_torch_threads):
     assert engine_name(hetero.load_model(path, threads=1)) == "CPU engine, 1 thread"
     hybrid = hetero.load_model(path, threads=1, gpu_mem="8GiB", rules=[parse_override("exps=cpu")])
     assert engine_name(hybrid) == "CPU engine, 1 thread; the GPU's part on the CPU standing in for a GPU"
+
+
+def test_plan_over_ram_warns_and_no_overcommit_refuses(synth):
+    path = str(synth("v2-lite", "Q4_K_M", n_layer=2))
+    r = runner.invoke(app, ["plan", path, "--ram", "64MiB", "--cpu-bw", "20GB/s"])
+    assert r.exit_code == 0 and "warning:" in r.output and "from disk" in " ".join(r.output.split()), r.output
+    r = runner.invoke(app, ["plan", path, "--ram", "64MiB", "--cpu-bw", "20GB/s", "--no-overcommit"])
+    assert r.exit_code == 2 and "does not fit" in r.output and "CPU RAM" in r.output
+
+
+def test_plan_says_no_gpu_was_detected(synth):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    r = runner.invoke(app, ["plan", str(synth("tiny", "Q8_0")), "--gpu-mem", "24GiB", "--cpu-bw", "20GB/s"])
+    text = " ".join(r.output.split())
+    assert r.exit_code == 0 and "no GPU detected" in text and "assumed RTX 4090-class" in text, text
+
+
+def test_plan_demo_and_bench_use_one_cached_cpu_bandwidth(synth, tmp_path, keep_torch_threads, monkeypatch):
+    """One figure for the machine, whichever command predicts: the cached one, shown with its method."""
+    from placement.cpu_bandwidth import cached_cpu_bandwidth
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    cached_cpu_bandwidth(lambda: (12.345e9, "a probe written by the test"))
+    path = str(synth("tiny", "Q8_0"))
+    plan = runner.invoke(app, ["plan", path, "--json"])
+    assert json.loads(plan.stdout)["hardware"]["cpu_bw"] == 12.345e9
+    bench = runner.invoke(app, ["bench", path, "--device", "cpu", "--reps", "1", "--gen-tokens", "2", "--json"])
+    assert json.loads(bench.stdout)["cpu_read_bandwidth_gb_s"] == 12.345
+    demo = runner.invoke(app, ["demo", path, "--max-tokens", "2"])
+    text = " ".join(demo.output.split())
+    assert demo.exit_code == 0 and "CPU 12 GB/s" in text and "a probe written by the test" in text, text
+
+
+def test_help_shows_every_default_and_the_rules_format():
+    """An option without a value of its own says what it falls back to; flags are plain flags;
+    synth lists every preset and type it writes; plan documents the rules file."""
+    import typer
+
+    from hetero.synth.presets import PRESETS
+    from hetero.synth.writer import QUANTS
+
+    group = typer.main.get_command(app)
+    unclear = []
+    for name, command in group.commands.items():
+        for param in command.params:
+            if param.param_type_name != "option" or param.name == "help":
+                continue
+            if param.is_flag and (param.default is not False or param.secondary_opts):
+                unclear.append((name, param.name))
+            elif not param.is_flag and param.default is None and not isinstance(param.show_default, str):
+                unclear.append((name, param.name))
+    assert not unclear
+    synth_help = " ".join(runner.invoke(app, ["synth", "--help"], env={"COLUMNS": "200"}).output.split())
+    assert all(p in synth_help for p in PRESETS) and all(q in synth_help for q in QUANTS)
+    plan_help = runner.invoke(app, ["plan", "--help"], env={"COLUMNS": "200"}).output
+    assert "[[rule]]" in plan_help and "match = " in plan_help and "device = " in plan_help

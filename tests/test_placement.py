@@ -163,3 +163,67 @@ def test_plan_json_loads_back_into_the_model(synth, tmp_path):
     model = hetero.load_model(path, plan=plan)
     assert model.plan is plan and model.n_ctx == plan.ctx
     assert model.logits([1, 2, 3]).shape == (3, model.config.n_vocab)
+
+
+def test_a_plan_over_ram_runs_from_the_page_cache_with_disk_reads_predicted(r1_header, synth):
+    """Over RAM is a warning (llama.cpp runs such files from the page cache); the prediction
+    counts the bytes that miss it: the least-read weights (routed experts) leave RAM first, so a
+    token reads overflow x A/E from disk while the overflow is within the experts."""
+    hw = with_overrides(WORKSTATION, gpu="rtx4090")
+    roomy = plan_for(r1_header[0], "24GiB", hw=hw)
+    overflow = 40 * GiB
+    tight_ram = roomy.used_bytes("cpu") - overflow
+    tight = plan_for(r1_header[0], "24GiB", hw=with_overrides(hw, ram=tight_ram))
+    assert tight.fits and not roomy.warnings and "read from disk" in tight.warnings[0]
+    cfg = config_from_metadata(GGUFModelFile(r1_header[0]).metadata)
+    expected = overflow * cfg.n_expert_used / cfg.n_expert
+    assert tight.prediction.disk_bytes_per_token == pytest.approx(expected, rel=1e-6)
+    assert roomy.prediction.disk_bytes_per_token == 0
+    step = 1 / tight.prediction.decode_tok_s - 1 / roomy.prediction.decode_tok_s
+    assert step == pytest.approx(expected / hw.disk_bw, rel=1e-6)  # the CPU side bounds both
+    f = GGUFModelFile(r1_header[0])
+    strict = make_plan(cfg, f.tensors, with_overrides(hw, ram=tight_ram), 8192, overcommit=False)
+    assert not strict.fits and "CPU RAM" in strict.problems[0]
+    assert plan_from_json(json.loads(json.dumps(plan_to_json(tight)))) == tight
+    path = synth("tiny", "Q4_K_M")  # and such a plan runs
+    model = hetero.load_model(path, plan=plan_for(path, None, ctx=64, hw=with_overrides(WORKSTATION, ram=2**20)))
+    assert model.plan.warnings and np.isfinite(model.logits([1, 2, 3])).all()
+
+
+def test_a_gpu_budget_without_a_gpu_is_named_in_the_plan():
+    none = Hardware("none", 0, 0.0, 0.0, 2, 1, 16 * GiB, 30e9, 2e11, "detected; no GPU detected")
+    assumed = with_overrides(none, gpu_mem="24GiB")
+    assert "none detected" in assumed.gpu_name and "4090" in assumed.gpu_name and assumed.gpu_bw == 1000e9
+    stand_in = with_overrides(none, gpu_mem="24GiB", stand_in=True)
+    assert "CPU standing in" in stand_in.gpu_name and stand_in.gpu_bw == none.cpu_bw
+    named = with_overrides(none, gpu="rtx3090", gpu_mem="20GiB")
+    assert named.gpu_name == "rtx3090" and named.gpu_mem == 20 * GiB and named.gpu_bw == 936e9
+
+
+def test_the_cpu_bandwidth_is_measured_once_and_cached(tmp_path, monkeypatch):
+    from placement import cpu_bandwidth
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    calls = []
+
+    def measure():
+        calls.append(1)
+        return 31.5e9 + len(calls), "a test probe"
+
+    first = cpu_bandwidth.cached_cpu_bandwidth(measure)
+    assert cpu_bandwidth.cached_cpu_bandwidth(measure) == first and len(calls) == 1
+    assert first.bytes_per_s == 31.5e9 + 1 and "a test probe" in first.describe() and first.date in first.describe()
+    path = tmp_path / "hetero" / "cpu-bandwidth.json"
+    assert [p.name for p in path.parent.iterdir()] == [path.name]  # written by rename: no temporary left
+    entry = json.loads(path.read_text())
+    for broken in ({**entry, "machine": {**entry["machine"], "cpus": 999}}, {**entry, "version": 1}, "{not json"):
+        path.write_text(broken if isinstance(broken, str) else json.dumps(broken))
+        assert cpu_bandwidth.cached_cpu_bandwidth(measure).bytes_per_s == 31.5e9 + len(calls)
+    assert len(calls) == 4
+
+
+def test_the_bandwidth_probe_reads_every_element_once():
+    from cpu_ops.bandwidth import read_bandwidth
+
+    rate, method = read_bandwidth(megabytes=16, repeats=1)
+    assert rate > 0 and "16 MiB" in method and "thread" in method
