@@ -347,7 +347,7 @@ def plan(
     \[\[rule]]
     match = 'blk\.(3|4)\.ffn_.*_exps'   # a regular expression, searched in the tensor name
     device = "gpu"                        # gpu or cpu
-    format = "int4"                       # optional, GPU only: int4, int8, f16, bf16, f32
+    format = "int4"                       # optional, GPU only: must be the format the type takes
     """
     from cli.plan_report import render_plan
     from hetero.gguf_file import GGUFModelFile
@@ -401,7 +401,7 @@ def bench(
     from cli.profile_report import print_profile, profile_json
     from hetero.bench import profile_decode, run_bench
     from hetero.gguf_file import GGUFModelFile
-    from placement.hardware import detect, with_overrides
+    from hetero.model import run_hardware
     from placement.planner import plan_model
     from placement.rules import parse_override
 
@@ -412,11 +412,10 @@ def bench(
         raise HeteroError(f"--numa {numa}: choose auto or off")
     file = GGUFModelFile(model)
     with err_console.status("measuring memory bandwidth (once for this machine)", spinner="dots"):
-        hw = detect()
+        hw = run_hardware("0" if device == "cpu" else gpu_mem, numa)
     rules = [parse_override(o) for o in override or []]
     if device != "cpu":
         warn_if_gpu_stands_in(gpu_mem)
-    hw = with_overrides(hw, gpu_mem="0" if device == "cpu" else gpu_mem, stand_in=True)
     plan = plan_model(file, hw, ctx, rules, overcommit=not no_overcommit)
     if profile and not plan.weights_bytes("gpu"):
         raise HeteroError(

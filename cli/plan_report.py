@@ -9,6 +9,12 @@ from rich.table import Table
 from cli.units import gib
 from placement.planner import Plan
 
+EXECUTORS = {
+    "native": "native (one compiled call per token on the CPU engine's workers)",
+    "hybrid": "hybrid (GPU segments between the CPU-expert hand-offs; CUDA graphs where a segment is all GPU)",
+    "eager": "eager (the forward pass op by op)",
+}
+
 
 def layer_ranges(layers: list[int]) -> str:
     """[0, 1, 2, 5, 6] -> '0-2, 5-6'; -1 (outside the layer stack: embedding, head) -> 'top'."""
@@ -28,17 +34,21 @@ def render_plan(plan: Plan, console: Console) -> None:
     hw = plan.hardware
     groups: dict[tuple, dict] = {}
     for p in plan.placements:
-        g = groups.setdefault((p.kind, p.device, p.format), {"layers": set(), "count": 0, "bytes": 0})
+        g = groups.setdefault((p.kind, p.device, p.format, p.backend), {"layers": set(), "count": 0, "bytes": 0})
         g["layers"].add(p.layer)
         g["count"] += 1
         g["bytes"] += p.bytes
-    table = Table("tensor kind", "layers", "device", "format", "tensors", "bytes", title=f"placement of {plan.model}")
-    for (kind, device, fmt), g in sorted(groups.items(), key=lambda kv: (kv[0][1] != "gpu", -kv[1]["bytes"])):
+    columns = ("tensor kind", "layers", "device", "format", "backend", "tensors", "bytes")
+    table = Table(*columns, title=f"placement of {escape(plan.model)}")
+    for (kind, device, fmt, backend), g in sorted(groups.items(), key=lambda kv: (kv[0][1] != "gpu", -kv[1]["bytes"])):
         style = "green" if device == "gpu" else "cyan"
-        table.add_row(
-            kind, layer_ranges(sorted(g["layers"])), f"[{style}]{device}[/]", fmt, str(g["count"]), gib(g["bytes"])
-        )
+        shown = f"[bold red]{backend}[/]" if backend == "reference" else backend
+        layers = layer_ranges(sorted(g["layers"]))
+        table.add_row(kind, layers, f"[{style}]{device}[/]", fmt, shown, str(g["count"]), gib(g["bytes"]))
     console.print(table)
+    console.print(
+        f"decode step: {EXECUTORS[plan.executor]}; KV cache {plan.kv_cache_dtype} on the {plan.kv_cache_device.upper()}"
+    )
     reserved = ", ".join(f"{label} {gib(b)}" for label, b in plan.reserved)
     if hw.gpu_mem:
         console.print(

@@ -23,6 +23,7 @@ from gguf import GGML_QUANT_SIZES
 from gguf import GGMLQuantizationType as QType
 from llvmlite import ir
 
+from cpu_ops.capabilities import ENGINE_TYPES, values_per_block
 from cpu_ops.simd import (
     F16,
     F32,
@@ -272,7 +273,7 @@ class BlockKind:
 def _kind(code: int, qtype: QType, body) -> BlockKind:
     """Geometry from gguf's table; float types (one value per "block") are taken 32 at a time."""
     block, size = GGML_QUANT_SIZES[qtype]
-    values = max(block, 32)
+    values = values_per_block(qtype)
     return BlockKind(code, values, size * values // block, body)
 
 
@@ -288,4 +289,6 @@ _BODIES = {
     QType.F16: f16,
     QType.BF16: bf16,
 }
+if tuple(_BODIES) != ENGINE_TYPES:  # the declaration the planner reads and the kernels agree
+    raise ImportError("cpu_ops.blocks and cpu_ops.capabilities.ENGINE_TYPES list different types")
 BLOCKS: dict[QType, BlockKind] = {qt: _kind(i, qt, body) for i, (qt, body) in enumerate(_BODIES.items())}

@@ -24,9 +24,10 @@ import numpy as np
 
 from cpu_ops.activations import QuantizedActivations, quantize, quantize_into
 from cpu_ops.blocks import BLOCKS
+from cpu_ops.capabilities import experts_run_on_engine
 from cpu_ops.executor import Executor, Handle
 from cpu_ops.kernels import MATMUL
-from cpu_ops.matmul import split, supported
+from cpu_ops.matmul import split
 from cpu_ops.spin import SpinBarrier
 
 
@@ -153,7 +154,7 @@ class WorkerShare:
 
 
 def supported_stacks(gate: Stack, up: Stack, down: Stack) -> bool:
-    return all(supported(s.qtype, s.in_features) for s in (gate, up, down)) and gate.qtype == up.qtype
+    return experts_run_on_engine(*((s.qtype, s.in_features) for s in (gate, up, down)))
 
 
 class CpuExperts:

@@ -6,16 +6,14 @@ import numpy as np
 
 from cpu_ops.activations import QuantizedActivations, quantize
 from cpu_ops.blocks import BLOCKS
+from cpu_ops.capabilities import runs_on_engine
 from cpu_ops.executor import Executor
 from cpu_ops.kernels import MATMUL, MATMUL_STACK
 
 INLINE_BYTES = 1 << 20  # smaller matrices run on the calling thread: a hand-off (~70 us) costs more
 
 
-def supported(qtype, in_features: int) -> bool:
-    """Whether the CPU kernels multiply this type at this row width."""
-    kind = BLOCKS.get(qtype)
-    return kind is not None and in_features % kind.values == 0
+supported = runs_on_engine  # whether the CPU kernels multiply this type at this row width
 
 
 @functools.cache  # called per matmul on the decode path with a handful of distinct arguments

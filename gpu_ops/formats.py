@@ -26,8 +26,9 @@ import torch
 from gguf import GGML_QUANT_SIZES
 from gguf import GGMLQuantizationType as QType
 
+from gpu_ops.capabilities import TILE  # rows per tile: the Triton kernels' BLOCK_N
+
 BLOCK, BLOCK_BYTES = GGML_QUANT_SIZES[QType.Q4_K]  # 256 values, 144 bytes
-TILE = 64  # rows per tile: the Triton kernels' BLOCK_N
 
 
 def tiles_for(rows: int) -> int:

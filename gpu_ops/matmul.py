@@ -19,11 +19,13 @@ from contextvars import ContextVar
 import torch
 from gguf import GGMLQuantizationType as QType
 
+from gpu_ops.capabilities import GPU_FORMATS, has_gpu_format
 from gpu_ops.formats import TILE, Int4Rows, Int8Rows, repack_q4_k, repack_q5_0, repack_q6_k, repack_q8_0, tiles_for
 
 GpuWeights = Int4Rows | Int8Rows
-_REPACK = {QType.Q4_K: (repack_q4_k, 256), QType.Q6_K: (repack_q6_k, 256), QType.Q8_0: (repack_q8_0, 32),
-           QType.Q5_0: (repack_q5_0, 32)}  # fmt: skip
+_REPACK = {QType.Q4_K: repack_q4_k, QType.Q6_K: repack_q6_k, QType.Q8_0: repack_q8_0, QType.Q5_0: repack_q5_0}
+if set(_REPACK) != set(GPU_FORMATS):  # the declaration the planner reads and the repacks agree
+    raise ImportError("gpu_ops.matmul and gpu_ops.capabilities.GPU_FORMATS list different types")
 
 DECODE_TOKENS = 8  # up to this many rows the GEMV kernel runs (weights read once); above, the GEMM
 TORCH_CHUNK_VALUES = 1 << 20  # floats dequantized at a time on the torch path
@@ -50,11 +52,6 @@ def placed(n_bytes: int) -> None:
         callback(n_bytes)
 
 
-def has_gpu_format(qtype, in_features: int) -> bool:
-    entry = _REPACK.get(qtype)
-    return entry is not None and in_features % entry[1] == 0
-
-
 def repack(raw, qtype, in_features: int, device: torch.device | None = None, groups: int = 1) -> GpuWeights | None:
     """GGUF rows (uint8 [rows, row_bytes]; `groups` stacked matrices of equal height) in their GPU
     format, or None if the type has none.
@@ -65,7 +62,7 @@ def repack(raw, qtype, in_features: int, device: torch.device | None = None, gro
     """
     if not has_gpu_format(qtype, in_features):
         return None
-    convert = _REPACK[qtype][0]
+    convert = _REPACK[qtype]
     if device is None:
         return convert(raw, in_features, groups)
     rows = raw.shape[0]

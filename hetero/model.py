@@ -1,6 +1,7 @@
 """The public model object: load a GGUF, get logits, tokenize, generate."""
 
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -13,13 +14,15 @@ from hetero.errors import HeteroError
 from hetero.generate import Step, generate_steps
 from hetero.gguf_file import GGUFModelFile
 from hetero.kv_cache import LatentKVCache
+from hetero.loader import OpBuilder
 from hetero.models.deepseek2 import DeepSeek2
-from hetero.models.deepseek2_decode import native_decode
+from hetero.models.deepseek2_decode import NativeDecode, native_decode
 from hetero.models.deepseek2_static import HybridDecode
 from hetero.models.deepseek2_tensors import validate_tensors
+from hetero.ops import ExpertBank
 from hetero.sampling import SamplingParams
 from hetero.tokenizer import Tokenizer
-from placement.hardware import detect, with_overrides
+from placement.hardware import Hardware, detect, with_overrides
 from placement.planner import Plan, plan_model
 from placement.rules import Rule
 
@@ -43,23 +46,47 @@ class Model:
         self.n_ctx = plan.ctx
         # "gpu" in a plan is CUDA when present; otherwise the CPU stands in (same code path).
         gpu = torch.device(gpu_device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        cpu = torch.device("cpu")
-        devices = {p.name: (gpu if p.device == "gpu" else cpu) for p in plan.placements}
-        self.device = gpu if plan.weights_bytes("gpu") else cpu
-        on_cpu = {p.name for p in plan.placements if p.device == "cpu"}
-        self.executor = Executor(threads, numa) if cpu_kernels and HAVE_AVX2 and on_cpu else None
+        self.device = gpu if plan.weights_bytes("gpu") else torch.device("cpu")
+        engine = any(p.backend == "cpu-engine" for p in plan.placements)
+        self.executor = Executor(threads, numa) if cpu_kernels and HAVE_AVX2 and engine else None
         if threads and self.executor is None:
             torch.set_num_threads(threads)
-
-        def engine(name: str) -> Executor | None:
-            return self.executor if name in on_cpu else None
-
-        on_gpu = {p.name for p in plan.placements if p.device == "gpu"}
-        self.net = DeepSeek2(self.config, file.tensors, devices.__getitem__, self.device, engine, on_gpu.__contains__)
+        ops = OpBuilder(file.tensors, plan, gpu, self.device, self.executor)
+        self.net = DeepSeek2(self.config, ops, getattr(torch, plan.kv_cache_dtype))
         self.net.decode_step = native_decode(self.net, self.executor)
         if self.net.decode_step is None and plan.weights_bytes("gpu"):
             self.net.decode_step = HybridDecode(self.net)
+        self._check_built_as_planned()
         self.tokenizer = Tokenizer(file.paths[0], file.metadata)
+
+    def backends(self) -> dict[str, str]:
+        """What each weight was built to run on (placement.backends' names), read from the ops."""
+        built = {}
+        for op in self.net.matrix_ops():
+            built.update(op.backends if isinstance(op, ExpertBank) else {op.name: op.backend})
+        return built
+
+    @property
+    def executor_name(self) -> str:
+        step = self.net.decode_step
+        return "native" if isinstance(step, NativeDecode) else "hybrid" if isinstance(step, HybridDecode) else "eager"
+
+    def _check_built_as_planned(self) -> None:
+        """The Plan is what runs: a weight built for another backend than the plan names (a plan
+        made on another machine, or with other options) is an error, not a silent change of speed."""
+        built = self.backends()
+        wrong = [
+            f"{p.name} ({p.backend} in the plan, {built.get(p.name, 'nothing')} here)"
+            for p in self.plan.placements
+            if p.backend not in ("vector", "lookup") and built.get(p.name) != p.backend
+        ]
+        if self.executor_name != self.plan.executor:
+            wrong.insert(0, f"the decode step ({self.plan.executor} in the plan, {self.executor_name} here)")
+        if wrong:
+            more = f" and {len(wrong) - 3} more" if len(wrong) > 3 else ""
+            raise HeteroError(
+                "this machine cannot run the plan as made: " + "; ".join(wrong[:3]) + more + "; make the plan here"
+            )
 
     # -- numbers -------------------------------------------------------------------------------
     def warm_up(self) -> None:
@@ -140,12 +167,27 @@ class Model:
 
 
 def default_plan(
-    file: GGUFModelFile, n_ctx: int | None = None, gpu_mem=None, rules: list[Rule] = (), overcommit: bool = True
+    file: GGUFModelFile,
+    n_ctx: int | None = None,
+    gpu_mem=None,
+    rules: list[Rule] = (),
+    overcommit: bool = True,
+    numa: str = "auto",
+    cpu_kernels: bool = True,
 ) -> Plan:
     """The plan load_model makes when given none: this machine (its cached CPU bandwidth), the
-    budget; without CUDA a GPU budget is played by the CPU, and predicted as such."""
+    budget; without CUDA a GPU budget is played by the CPU, and predicted as such. numa='off'
+    and cpu_kernels=False are run options the plan must know: they change what runs."""
+    return plan_model(file, run_hardware(gpu_mem, numa, cpu_kernels), n_ctx, rules, overcommit=overcommit)
+
+
+def run_hardware(gpu_mem=None, numa: str = "auto", cpu_kernels: bool = True) -> Hardware:
+    """This machine as a run will use it: the GPU budget (the CPU standing in without CUDA),
+    one NUMA node when numa='off', no CPU engine when cpu_kernels=False."""
     hw = with_overrides(detect(), gpu_mem=gpu_mem, stand_in=True)
-    return plan_model(file, hw, n_ctx, rules, overcommit=overcommit)
+    if numa == "off":
+        hw = replace(hw, numa_nodes=1)
+    return hw if cpu_kernels and HAVE_AVX2 else replace(hw, cpu_engine=False)
 
 
 def load_model(
@@ -172,7 +214,7 @@ def load_model(
     """
     file = path if isinstance(path, GGUFModelFile) else GGUFModelFile(path)
     if plan is None:
-        plan = default_plan(file, n_ctx, gpu_mem, rules, overcommit)
+        plan = default_plan(file, n_ctx, gpu_mem, rules, overcommit, numa, cpu_kernels)
     elif {p.name for p in plan.placements} | set(plan.ignored) != set(file.tensors):
         raise HeteroError("the plan was made for a different model (tensor names differ)")
     if not plan.fits:

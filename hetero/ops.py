@@ -16,8 +16,10 @@ import torch.nn.functional as F
 from cpu_ops.executor import Executor
 from cpu_ops.experts import CpuExperts, Stack, supported_stacks
 from cpu_ops.matmul import CpuMatrix, CpuStack, supported
+from gpu_ops.capabilities import FLOATS
 from gpu_ops.experts import GpuExperts, repack_stack
-from gpu_ops.matmul import DECODE_TOKENS, gathered_matmul, gpu_matmul, has_gpu_format, placed, repack
+from gpu_ops.matmul import DECODE_TOKENS, gathered_matmul, gpu_matmul, has_gpu_format, placed, repack, triton_runs_on
+from hetero.errors import HeteroError
 from hetero.gguf_file import TensorInfo
 from hetero.quants import dequantize
 
@@ -68,32 +70,51 @@ def _torch(y: np.ndarray, device: torch.device) -> torch.Tensor:
     return out if device.type == "cpu" else out.to(device)
 
 
-def _cpu_engine(engine: Executor | None, device: torch.device, qtype, in_features: int) -> Executor | None:
-    """The executor when this weight can run through the CPU kernels, else None."""
-    return engine if engine is not None and device.type == "cpu" and supported(qtype, in_features) else None
+GPU_BACKENDS = ("gpu-triton", "gpu-torch")
+
+
+def built_backend(cpu, gpu, backend: str, qtype) -> str:
+    """What an op's calls will run, read from what was built (checked against the plan)."""
+    if cpu is not None:
+        return "cpu-engine"
+    if gpu is not None:
+        return "gpu-triton" if triton_runs_on(gpu.q.device) else "gpu-torch"
+    return "gpu-torch" if backend == "gpu-torch" and qtype in FLOATS else "reference"
+
+
+def check_backend(name: str, backend: str, qtype, in_features: int, device: torch.device, engine) -> None:
+    """Refuse to build what the plan names but this machine or these options cannot run."""
+    if backend == "cpu-engine" and (engine is None or device.type != "cpu" or not supported(qtype, in_features)):
+        raise HeteroError(f"{name}: the plan runs it on the CPU engine, which this load cannot ({qtype.name}; "
+                          "no executor or no kernel); make the plan with the same options")  # fmt: skip
+    if backend in GPU_BACKENDS and qtype not in FLOATS:
+        if not has_gpu_format(qtype, in_features):
+            raise HeteroError(f"{name}: {qtype.name} has no GPU format for the plan's {backend}")
+        if (backend == "gpu-triton") != triton_runs_on(device):
+            can = "cannot" if backend == "gpu-triton" else "does"
+            raise HeteroError(f"{name}: the plan says {backend}, but Triton {can} run on {device}")
 
 
 class QuantLinear:
-    """y = x @ W.T for W [out, in] stored in any supported GGUF block format.
-
-    Where it runs: the CPU engine's kernels when an executor is given for a CPU weight; the GPU
-    formats (gpu_ops: Q4_K, Q6_K, Q8_0, Q5_0 repacked losslessly at load, Triton GEMV for
-    decode) when the plan puts the weight on the GPU, whichever torch device stands in for it;
-    else the reference ops.
+    """y = x @ W.T for W [out, in] stored in any supported GGUF block format, on the backend the
+    plan names (placement.backends): cpu-engine (cpu_ops' kernels on the GGUF blocks),
+    gpu-triton / gpu-torch (gpu_ops' lossless repack: Q4_K, Q6_K, Q8_0, Q5_0; floats as they
+    are), reference (dequantize a slice per call, on whichever device holds the bytes).
     """
 
-    def __init__(self, info: TensorInfo, device: torch.device, engine: Executor | None = None, on_gpu: bool = False):
+    def __init__(self, info: TensorInfo, device: torch.device, backend: str = "reference", engine=None):
         if len(info.shape) != 2:
             raise ValueError(f"{info.name}: expected a matrix, got shape {info.shape}")
-        self.name = info.name
-        self.qtype = info.qtype
+        self.name, self.qtype = info.name, info.qtype
         self.out_features, self.in_features = info.shape
-        self.engine = _cpu_engine(engine, device, info.qtype, self.in_features)
+        check_backend(info.name, backend, info.qtype, self.in_features, device, engine)
+        self.engine = engine if backend == "cpu-engine" else None
         self.cpu = CpuMatrix(info.data, info.qtype, self.in_features) if self.engine else None
-        self.gpu = repack(info.data, info.qtype, self.in_features, device) if on_gpu else None
+        self.gpu = repack(info.data, info.qtype, self.in_features, device) if backend in GPU_BACKENDS else None
         if self.gpu is not None:
             device = torch.device("cpu")  # the GGUF bytes stay in the file map, not on the GPU too
         self.raw = raw_tensor(info, device)
+        self.backend = built_backend(self.cpu, self.gpu, backend, self.qtype)
 
     def weight_rows(self, start: int, stop: int) -> torch.Tensor:
         """Rows [start, stop) of W as float32 [stop - start, in]."""
@@ -134,30 +155,36 @@ class ExpertBank:
         up: TensorInfo,
         down: TensorInfo,
         device: torch.device,
+        backend: str = "reference",
         engine: Executor | None = None,
         shared: tuple[TensorInfo, TensorInfo, TensorInfo] | None = None,
-        on_gpu: bool = False,
     ):
-        """shared: the layer's shared-expert matrices [F', D], [F', D], [D, F'] when they too are
-        on the CPU engine; they then run in the same hand-off (see `includes_shared`).
-        on_gpu: the plan puts these experts on the GPU (gpu_ops.experts, when every stack has a
-        GPU format; the GGUF bytes then stay in the file map)."""
+        """backend: the plan's for all three stacks (cpu-engine: cpu_ops' fused expert MLP;
+        gpu-triton / gpu-torch: gpu_ops.experts, the GGUF bytes staying in the file map;
+        reference). shared: the layer's shared-expert matrices [F', D], [F', D], [D, F'] when the
+        plan fuses them into this hand-off (see `includes_shared`)."""
         self.n_expert, self.n_ff, self.n_embd = gate.shape
+        for t in (gate, up, down):
+            check_backend(t.name, backend, t.qtype, t.shape[2], device, engine)
+        stacks = [Stack(t.data.reshape(t.shape[0], t.shape[1], -1), t.qtype, t.shape[2]) for t in (gate, up, down)]
+        if backend == "cpu-engine" and not supported_stacks(*stacks):
+            raise HeteroError(f"{gate.name}: the CPU engine runs gate and up of one type only")
         self.gpu = None
-        if on_gpu and all(has_gpu_format(t.qtype, t.shape[2]) for t in (gate, up, down)):
-            packed = [repack_stack(t.data, t.qtype, t.shape, device) for t in (gate, up, down)]
-            self.gpu = GpuExperts(*packed)
+        if backend in GPU_BACKENDS:
+            self.gpu = GpuExperts(*(repack_stack(t.data, t.qtype, t.shape, device) for t in (gate, up, down)))
             device = torch.device("cpu")
         self.gate = QuantLinear3(gate, device)
         self.up = QuantLinear3(up, device)
         self.down = QuantLinear3(down, device)
-        stacks = [Stack(t.data.reshape(t.shape[0], t.shape[1], -1), t.qtype, t.shape[2]) for t in (gate, up, down)]
-        cpu = engine is not None and device.type == "cpu" and supported_stacks(*stacks)
-        self.cpu = CpuExperts(*stacks, engine) if cpu else None
+        self.cpu = CpuExperts(*stacks, engine) if backend == "cpu-engine" else None
         self.shared_cpu = None
-        if self.cpu is not None and shared is not None:
+        if shared is not None:
             sh = [Stack(t.data.reshape(1, t.shape[0], -1), t.qtype, t.shape[1]) for t in shared]
-            self.shared_cpu = CpuExperts(*sh, engine) if supported_stacks(*sh) else None
+            if self.cpu is None or not supported_stacks(*sh):
+                raise HeteroError(f"{shared[0].name}: the plan fuses shared experts the CPU engine cannot run")
+            self.shared_cpu = CpuExperts(*sh, engine)
+        built = built_backend(self.cpu, self.gpu and self.gpu.gate, backend, gate.qtype)
+        self.backends = {t.name: built for t in (gate, up, down)}
 
     @property
     def includes_shared(self) -> bool:
@@ -213,17 +240,18 @@ class ExpertResult:
 class QuantLinear3:
     """A stack of matrices [E, out, in] with per-matrix matmul; used for experts and MLA heads."""
 
-    def __init__(self, info: TensorInfo, device: torch.device, engine: Executor | None = None, on_gpu: bool = False):
-        self.name = info.name
-        self.qtype = info.qtype
+    def __init__(self, info: TensorInfo, device: torch.device, backend: str = "reference", engine=None):
+        self.name, self.qtype = info.name, info.qtype
         self.n, self.out_features, self.in_features = info.shape
-        self.engine = _cpu_engine(engine, device, info.qtype, self.in_features)
+        check_backend(info.name, backend, info.qtype, self.in_features, device, engine)
+        self.engine = engine if backend == "cpu-engine" else None
         self.cpu = CpuStack(info.data, info.qtype, self.n, self.in_features) if self.engine else None
-        self.gpu = repack_stack(info.data, info.qtype, info.shape, device) if on_gpu else None
+        self.gpu = repack_stack(info.data, info.qtype, info.shape, device) if backend in GPU_BACKENDS else None
         if self.gpu is not None:
             self.matrix_ids = torch.arange(self.n, device=device)
             device = torch.device("cpu")
         self.raw = raw_tensor(info, device)
+        self.backend = built_backend(self.cpu, self.gpu, backend, self.qtype)
 
     def all(self) -> torch.Tensor:
         """Every matrix as float32 [E, out, in]; only for small stacks (MLA per-head weights)."""

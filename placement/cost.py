@@ -7,12 +7,12 @@ of B tokens reads the fraction 1 - (1 - A/E)^B of it, so at decode its intensity
 a dense weight's but its bytes per FLOP is E/A times worse: it belongs where bytes are cheap.
 """
 
-import math
 from dataclasses import dataclass
 
 from gguf import GGML_QUANT_SIZES
 from gguf import GGMLQuantizationType as T
 
+from gpu_ops.capabilities import gpu_bytes
 from hetero.config import ModelConfig
 from hetero.summary import tensor_kind
 
@@ -28,36 +28,13 @@ GPU_PRIORITY = (
     "routed experts",
 )
 
-# GPU formats (gpu_ops/formats.py). Types gpu_ops repacks today take their exact size there
-# (tests/test_gpu_kernels.py checks it), each matrix's rows padded to whole 64-row tiles: Q4_K
-# as int4, 4 bits + a byte of scale and one of min per 32 values + two float16 per 256; Q6_K
-# as int8 with an int8 scale per 16 and a float16 per 256; Q8_0 and Q5_0 as int8 with a
-# float16 per 32.
-# The other 4-bit families are planned as tiles keeping GGUF's own scales (same size) and the
-# other 5/6/8-bit ones as int8 with one float16 scale per 32 values (until repacked they run
-# from their GGUF bytes, which is no more); floats stay floats.
-INT4_SOURCES = {T.Q4_0, T.Q4_1, T.Q4_K, T.IQ4_NL, T.IQ4_XS, T.Q2_K, T.Q3_K}
-INT8_SOURCES = {T.Q5_0, T.Q5_1, T.Q5_K, T.Q6_K, T.Q8_0}
-REPACKED_BITS_PER_32 = {T.Q4_K: ("int4", 148), T.Q6_K: ("int8", 274), T.Q8_0: ("int8", 272), T.Q5_0: ("int8", 272)}
-
-
-GPU_TILE_ROWS = 64  # gpu_ops.formats.TILE: each matrix's rows are padded to whole tiles
-
 
 def gpu_format(qtype: T, shape: tuple[int, ...], gguf_bytes: int) -> tuple[str, int]:
-    """(format name, bytes on the GPU) for a tensor of this GGUF type and (numpy) shape."""
-    n_values = math.prod(shape)
-    if qtype in REPACKED_BITS_PER_32 and len(shape) >= 2:
-        fmt, bits = REPACKED_BITS_PER_32[qtype]
-        rows = -(-shape[-2] // GPU_TILE_ROWS) * GPU_TILE_ROWS
-        return fmt, math.prod(shape[:-2]) * rows * shape[-1] // 32 * bits // 8
-    if qtype in INT4_SOURCES:
-        return "int4", max(gguf_bytes, n_values * 9 // 16)  # at least 4 bits + a 16-bit scale per 32
-    if qtype in INT8_SOURCES:
-        return "int8", n_values * 17 // 16
-    if qtype == T.F32:
-        return "f32", n_values * 4
-    return ("bf16" if qtype == T.BF16 else "f16"), n_values * 2
+    """(format, bytes on the GPU) of a tensor of this GGUF type and (numpy) shape: its GPU
+    format where gpu_ops has one (gpu_ops.capabilities), else its GGUF type kept as it is (the
+    reference path dequantizes it on every call)."""
+    made = gpu_bytes(qtype, shape)
+    return made if made is not None else (qtype.name, gguf_bytes)
 
 
 @dataclass(frozen=True)
@@ -72,6 +49,7 @@ class TensorCost:
     gpu_bytes: int
     flops_per_token: float  # average over tokens
     read_fraction_decode: float  # share of the bytes one decode step reads
+    row: int = 0  # values per row (the matmul's K); 0 for a vector (norm, bias)
 
     def intensity(self, batch: int) -> float:
         """FLOPs per byte read for a step of `batch` tokens."""
@@ -109,7 +87,10 @@ def tensor_costs(cfg: ModelConfig, tensors: dict, ctx: int) -> list[TensorCost]:
             flops = 2.0 * t.n_values
         if kind == "attention":  # share the per-layer score FLOPs by weight size
             flops += attn_flops * t.n_values / per_layer_attn_values[layer]
-        costs.append(TensorCost(name, kind, layer, t.qtype, t.n_values, gguf_bytes, fmt, gpu_bytes, flops, fraction))
+        row = t.shape[-1] if len(t.shape) >= 2 else 0
+        costs.append(
+            TensorCost(name, kind, layer, t.qtype, t.n_values, gguf_bytes, fmt, gpu_bytes, flops, fraction, row)
+        )
     return costs
 
 

@@ -23,6 +23,8 @@ class Hardware:
     cpu_flops: float  # FLOP/s of the cores together
     source: str  # how these numbers were obtained
     disk_bw: float = 2e9  # bytes/s of page-cache misses on the model file (plans over RAM only)
+    cpu_engine: bool = True  # the CPU can run cpu_ops' kernels (AVX2), and the run may use them
+    gpu_kernels: str = "triton"  # "triton" where Triton runs on the GPU, else "torch"
 
 
 # name -> (memory, bandwidth, dense fp16 tensor FLOP/s), from the vendors' data sheets.
@@ -94,7 +96,11 @@ def detect(measure_cpu: bool = True) -> Hardware:
         measured = cached_cpu_bandwidth()
         cpu_bw = measured.bytes_per_s
         notes.append(measured.describe())
-    hw = Hardware("none", 0, 0.0, 0.0, cores, nodes, ram, cpu_bw, cores * CPU_FLOPS_PER_CORE, "")
+    from cpu_ops.simd import HAVE_AVX2
+
+    hw = Hardware("none", 0, 0.0, 0.0, cores, nodes, ram, cpu_bw, cores * CPU_FLOPS_PER_CORE, "", cpu_engine=HAVE_AVX2)
+    if not HAVE_AVX2:
+        notes.append("no AVX2: CPU weights take the reference path")
     try:
         import torch
 
@@ -103,6 +109,7 @@ def detect(measure_cpu: bool = True) -> Hardware:
             known = _lookup_gpu(props.name)
             bw, flops = (known[1], known[2]) if known else (UNKNOWN_GPU_BW, UNKNOWN_GPU_FLOPS)
             hw = replace(hw, gpu_name=props.name, gpu_mem=props.total_memory, gpu_bw=bw, gpu_flops=flops)
+            hw = replace(hw, gpu_kernels="triton" if _triton_installed() else "torch")
             if not known:
                 notes.append(f"{props.name} is not in hetero's GPU table: assumed {bw / 1e9:.0f} GB/s")
         else:
@@ -143,6 +150,8 @@ def with_overrides(
             hw = replace(hw, gpu_name="none", gpu_mem=0, gpu_bw=0.0, gpu_flops=0.0)
         elif hw.gpu_name == "none" and stand_in:  # device memory read as fast as the CPU reads RAM
             hw = replace(hw, gpu_name=STAND_IN_GPU, gpu_mem=size, gpu_bw=hw.cpu_bw, gpu_flops=hw.cpu_flops)
+            interpreted = os.environ.get("TRITON_INTERPRET") == "1" and _triton_installed()
+            hw = replace(hw, gpu_kernels="triton" if interpreted else "torch")
         elif hw.gpu_name == "none":
             hw = replace(hw, gpu_name=ASSUMED_GPU, gpu_mem=size, gpu_bw=UNKNOWN_GPU_BW, gpu_flops=UNKNOWN_GPU_FLOPS)
         else:
@@ -155,6 +164,12 @@ def with_overrides(
         hw = replace(hw, disk_bw=parse_rate(disk_bw) if isinstance(disk_bw, str) else float(disk_bw))
         notes.append(f"--disk-bw {disk_bw}")
     return replace(hw, source=hw.source + (" + " + " ".join(notes) if notes else ""))
+
+
+def _triton_installed() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("triton") is not None
 
 
 def _lookup_gpu(name: str):

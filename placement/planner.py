@@ -15,13 +15,15 @@ Order of play:
 """
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
+from cpu_ops.capabilities import experts_run_on_engine
 from hetero.config import ModelConfig, config_from_metadata
 from hetero.errors import HeteroError
-from hetero.models.deepseek2_tensors import expected_tensors, optional_tensors
+from hetero.models.deepseek2_tensors import dequantized_on_use, expected_tensors, expert_trios, optional_tensors
+from placement.backends import backend, expert_trio_backend
 from placement.cost import GPU_PRIORITY, TensorCost, kv_cache_bytes, tensor_costs
-from placement.hardware import GiB, Hardware
+from placement.hardware import STAND_IN_GPU, GiB, Hardware
 from placement.predict import PREFILL_TOKENS, Prediction, predict
 from placement.rules import Rule, first_match
 
@@ -39,7 +41,8 @@ class Placement:
     kind: str
     layer: int
     device: str  # "gpu" | "cpu"
-    format: str  # GPU: int4 | int8 | f16 | bf16 | f32; CPU: the GGUF type, kept as is
+    format: str  # GPU: int4 | int8 | f16 | bf16 | f32, or the GGUF type (reference); CPU: the GGUF type
+    backend: str  # the kernel family that runs it (placement.backends)
     bytes: int  # on that device
     decode_read_bytes: int  # of those, read per decode token (A/E of a routed expert stack)
     flops_per_token: float
@@ -62,7 +65,10 @@ class Plan:
     prediction: Prediction
     rules: tuple[str, ...] = field(default=())
     ignored: tuple[str, ...] = field(default=())  # tensors in the file that the model does not use
-    warnings: tuple[str, ...] = field(default=())  # it runs, but not as well as it could (over RAM)
+    warnings: tuple[str, ...] = field(default=())  # it runs, but not as well as it could
+    executor: str = "eager"  # the decode step: native (one call on the CPU engine), hybrid, eager
+    kv_cache_dtype: str = "float32"  # bfloat16 on the GPU, float32 on the CPU
+    fused_shared_layers: tuple[int, ...] = ()  # shared experts run in the routed experts' CPU hand-off
 
     def weights_bytes(self, device: str) -> int:
         return sum(p.bytes for p in self.placements if p.device == device)
@@ -95,17 +101,18 @@ def make_plan(
     rather than being refused."""
     if ctx <= 0 or ctx > cfg.n_ctx_train:
         raise HeteroError(f"--ctx {ctx} must be between 1 and the model's {cfg.n_ctx_train}")
-    used = set(expected_tensors(cfg, "output.weight" not in tensors)) | set(optional_tensors(cfg))
+    tied = "output.weight" not in tensors
+    used = set(expected_tensors(cfg, tied)) | set(optional_tensors(cfg))
     ignored = tuple(sorted(n for n in tensors if n not in used))
     tensors = {n: t for n, t in tensors.items() if n in used}
     costs = tensor_costs(cfg, tensors, ctx)
     has_gpu = hw.gpu_mem > 0
     kv_device = "gpu" if has_gpu else "cpu"
-    kv = kv_cache_bytes(cfg, ctx, 2 if has_gpu else 4)
+    kv_dtype = "bfloat16" if has_gpu and hw.gpu_name != STAND_IN_GPU else "float32"  # the stand-in keeps float32
+    kv = kv_cache_bytes(cfg, ctx, 2 if kv_dtype == "bfloat16" else 4)
     reserved = _reserved(cfg, has_gpu)
     free = hw.gpu_mem - kv - sum(b for _, b in reserved) - int(HEADROOM * hw.gpu_mem) if has_gpu else 0
     devices: dict[str, str] = {}
-    formats: dict[str, str] = {}
 
     # 1. rules
     for c in costs:
@@ -115,8 +122,11 @@ def make_plan(
         if rule.device == "gpu" and not has_gpu:
             raise HeteroError(f"rule {rule.source!r} puts tensors on the GPU, but the plan has no GPU (--gpu-mem 0)")
         devices[c.name] = rule.device
-        if rule.format:
-            formats[c.name] = rule.format
+        if rule.format and rule.format != c.gpu_format:  # the loader converts nothing: say so now
+            raise HeteroError(
+                f"rule {rule.source!r} asks for {rule.format}, but {c.name} ({c.qtype.name}) goes to the GPU as "
+                f"{c.gpu_format}; leave the format out or match it"
+            )
     forced_gpu = sum(c.gpu_bytes for c in costs if devices.get(c.name) == "gpu")
     if forced_gpu > max(free, 0):
         culprits = {first_match(list(rules), c.name).source for c in costs if devices.get(c.name) == "gpu"}
@@ -163,7 +173,19 @@ def make_plan(
         for c in stack:
             devices[c.name] = "gpu" if layer in chosen else "cpu"
 
-    placements = tuple(_placement(c, devices[c.name], formats.get(c.name)) for c in costs)
+    backends = {c.name: backend(c, devices[c.name], hw) for c in costs}
+    by_name = {c.name: c for c in costs}
+    if tied:  # the embedding is also the output head: it takes a matmul backend
+        backends["token_embd.weight"] = backend(replace(by_name["token_embd.weight"], kind="output head"),
+                                                devices["token_embd.weight"], hw)  # fmt: skip
+    for trio in expert_trios(by_name):
+        shared = expert_trio_backend(tuple(by_name[n] for n in trio), devices[trio[0]], hw)
+        backends.update(dict.fromkeys(trio, shared))
+    for name in backends:
+        if dequantized_on_use(name):
+            backends[name] = "reference"
+    fused = tuple(_fused_shared_layers(by_name, backends))
+    placements = tuple(_placement(c, devices[c.name], backends[c.name]) for c in costs)
     cpu_need = sum(p.bytes for p in placements if p.device == "cpu") + (0 if has_gpu else kv)
     overflow = max(0, cpu_need - hw.ram) if hw.ram else 0
     warnings = []
@@ -174,7 +196,14 @@ def make_plan(
         )
     elif overflow:
         problems.append(f"CPU RAM: the plan needs {_gib(cpu_need)} but the machine has {_gib(hw.ram)}")
-    prediction = predict(costs, devices, hw, kv, kv_device, overflow)
+    slow = [p for p in placements if p.backend == "reference"]
+    if slow:
+        types = sorted({f"{p.format} on the {p.device.upper()}" for p in slow})
+        warnings.append(
+            f"{len(slow)} tensors ({_gib(sum(p.bytes for p in slow))}: {', '.join(types)}) have no fast kernel where "
+            "they are placed and run on the reference path, dequantized on every call (counted in the speed above)"
+        )
+    prediction = predict(costs, devices, backends, hw, kv, kv_device, overflow)
     return Plan(
         model=model,
         hardware=hw,
@@ -190,6 +219,9 @@ def make_plan(
         rules=tuple(r.source for r in rules),
         ignored=ignored,
         warnings=tuple(warnings),
+        executor=_executor(cfg, placements, hw),
+        kv_cache_dtype=kv_dtype,
+        fused_shared_layers=fused,
     )
 
 
@@ -200,15 +232,34 @@ def plan_model(file, hw: Hardware, ctx: int | None = None, rules: list[Rule] = (
     return make_plan(cfg, file.tensors, hw, ctx, list(rules), model=str(file.paths[0]), overcommit=overcommit)
 
 
-def _placement(c: TensorCost, device: str, fmt: str | None) -> Placement:
-    if device == "cpu":
-        fmt, size = fmt or c.qtype.name, c.gguf_bytes
-    else:
-        fmt, size = fmt or c.gpu_format, c.gpu_bytes
+def _placement(c: TensorCost, device: str, backend: str) -> Placement:
+    fmt, size = (c.qtype.name, c.gguf_bytes) if device == "cpu" else (c.gpu_format, c.gpu_bytes)
     read = int(size * c.read_fraction_decode)
     return Placement(
-        c.name, c.kind, c.layer, device, fmt, size, read, c.flops_per_token, c.intensity(1), c.intensity(PREFILL_TOKENS)
-    )
+        c.name, c.kind, c.layer, device, fmt, backend, size, read, c.flops_per_token, c.intensity(1),
+        c.intensity(PREFILL_TOKENS),
+    )  # fmt: skip
+
+
+def _fused_shared_layers(costs: dict[str, TensorCost], backends: dict[str, str]):
+    """Layers whose shared experts ride in the routed experts' CPU hand-off: both on the CPU
+    engine, the shared ones a trio the fused kernel takes (one hand-off instead of two)."""
+    for gate, _, _ in expert_trios(costs):
+        shared = [gate.replace("_exps", "_shexp").replace("gate_", w) for w in ("gate_", "up_", "down_")]
+        if backends[gate] == "cpu-engine" and all(backends.get(n) == "cpu-engine" for n in shared):
+            if experts_run_on_engine(*((costs[n].qtype, costs[n].row) for n in shared)):
+                yield costs[gate].layer
+
+
+def _executor(cfg: ModelConfig, placements: tuple[Placement, ...], hw: Hardware) -> str:
+    """native: every weight on the CPU engine, one NUMA node (the step reads the file map, not
+    per-node copies) and the split k_b/v_b layout; hybrid: the GPU holds weights (CUDA graph
+    segments between the CPU-expert hand-offs); eager: the forward pass, op by op."""
+    if any(p.device == "gpu" for p in placements):
+        return "hybrid"
+    if hw.numa_nodes == 1 and cfg.split_kv_b and all(p.backend != "reference" for p in placements):
+        return "native"
+    return "eager"
 
 
 def _reserved(cfg: ModelConfig, has_gpu: bool) -> tuple[tuple[str, int], ...]:

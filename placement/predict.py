@@ -2,18 +2,21 @@
 
 from dataclasses import dataclass
 
+from placement.backends import CPU_ENGINE_EFFICIENCY, GPU_TRITON_EFFICIENCY, read_rate
 from placement.cost import TensorCost
 from placement.hardware import Hardware
 
-GPU_BW_EFFICIENCY = 0.7  # share of HBM/GDDR bandwidth a quantized GEMV reaches
-CPU_BW_EFFICIENCY = 0.5  # share of DRAM bandwidth the CPU expert kernels reach across sockets
+GPU_BW_EFFICIENCY = GPU_TRITON_EFFICIENCY  # share of HBM/GDDR bandwidth a quantized GEMV reaches
+CPU_BW_EFFICIENCY = CPU_ENGINE_EFFICIENCY  # share of DRAM bandwidth the CPU kernels reach across sockets
 FLOPS_EFFICIENCY = 0.5  # share of peak FLOP/s reached by prefill matmuls, both sides
 SYNC_S = 50e-6  # per layer that hands work between GPU and CPU: copy, event, wake-up
 PREFILL_TOKENS = 512
 FFN_KINDS = ("routed experts", "shared experts", "dense FFN", "router")
 ASSUMPTIONS = (
-    f"decode reads every GPU weight once per token at {GPU_BW_EFFICIENCY:.0%} of GPU bandwidth",
-    f"routed experts read A/E of their bytes per token at {CPU_BW_EFFICIENCY:.0%} of CPU bandwidth (on the CPU)",
+    "decode reads every weight once per token at its backend's speed: cpu-engine "
+    f"{CPU_BW_EFFICIENCY:.0%} of CPU bandwidth, gpu-triton {GPU_BW_EFFICIENCY:.0%} of GPU bandwidth, "
+    "reference far less (placement/backends.py)",
+    "routed experts read A/E of their bytes per token",
     "attention reads the whole latent KV cache (a full context) each token",
     "per layer: attention, then shared experts on the GPU overlapped with routed experts on the CPU,"
     f" plus {SYNC_S * 1e6:.0f} µs of hand-off where both sides work",
@@ -46,10 +49,17 @@ def evicted_shares(costs: list[TensorCost], devices: dict[str, str], overflow: i
 
 
 def predict(
-    costs: list[TensorCost], devices: dict[str, str], hw: Hardware, kv_bytes: int, kv_device: str, overflow: int = 0
+    costs: list[TensorCost],
+    devices: dict[str, str],
+    backends: dict[str, str],
+    hw: Hardware,
+    kv_bytes: int,
+    kv_device: str,
+    overflow: int = 0,
 ):
-    """costs of every tensor, devices[name] in {"gpu", "cpu"}, the KV cache size and where it
-    lives; overflow: bytes of the CPU's share beyond RAM, read from disk as they are used."""
+    """costs of every tensor, devices[name] in {"gpu", "cpu"}, backends[name] (placement.backends),
+    the KV cache size and where it lives; overflow: bytes of the CPU's share beyond RAM, read
+    from disk as they are used."""
     gpu_bw = hw.gpu_bw * GPU_BW_EFFICIENCY
     cpu_bw = hw.cpu_bw * CPU_BW_EFFICIENCY
     on_disk = evicted_shares(costs, devices, overflow)
@@ -63,12 +73,13 @@ def predict(
         disk_per_token += missed
         slot = layers.setdefault(c.layer, {})
         key = f"{'gpu' if on_gpu else 'cpu'}_{part}"
-        slot[key] = slot.get(key, 0.0) + bytes_read / (gpu_bw if on_gpu else cpu_bw) + missed / hw.disk_bw
+        rate = read_rate(c, devices[c.name], backends[c.name], hw)
+        slot[key] = slot.get(key, 0.0) + bytes_read / rate + missed / hw.disk_bw
         pre = f"pre_{'gpu' if on_gpu else 'cpu'}"
         flops = c.flops_per_token * PREFILL_TOKENS / ((hw.gpu_flops if on_gpu else hw.cpu_flops) * FLOPS_EFFICIENCY)
         touched = (c.gpu_bytes if on_gpu else c.gguf_bytes) * min(1.0, c.read_fraction_decode * PREFILL_TOKENS)
         from_disk = touched * on_disk.get(c.name, 0.0) / hw.disk_bw
-        slot[pre] = slot.get(pre, 0.0) + max(flops, touched / (gpu_bw if on_gpu else cpu_bw)) + from_disk
+        slot[pre] = slot.get(pre, 0.0) + max(flops, touched / rate) + from_disk
     kv_per_layer = kv_bytes / max(1, len([k for k in layers if k >= 0]))
     decode = prefill = gpu_busy = cpu_busy = 0.0
     for layer, s in layers.items():

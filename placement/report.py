@@ -6,7 +6,7 @@ from placement.hardware import Hardware
 from placement.planner import Placement, Plan
 from placement.predict import Prediction
 
-SCHEMA = "hetero.plan/1"
+SCHEMA = "hetero.plan/2"  # 2: a backend per tensor, the executor and the KV cache dtype
 
 
 def plan_to_json(plan: Plan) -> dict:
@@ -30,7 +30,14 @@ def plan_to_json(plan: Plan) -> dict:
                 "weights_bytes": plan.weights_bytes("cpu"),
             },
         },
-        "kv_cache": {"bytes": plan.kv_cache_bytes, "device": plan.kv_cache_device, "tokens": plan.ctx},
+        "kv_cache": {
+            "bytes": plan.kv_cache_bytes,
+            "device": plan.kv_cache_device,
+            "dtype": plan.kv_cache_dtype,
+            "tokens": plan.ctx,
+        },
+        "executor": plan.executor,
+        "fused_shared_layers": list(plan.fused_shared_layers),
         "reserved": dict(plan.reserved),
         "fits": plan.fits,
         "problems": list(plan.problems),
@@ -44,7 +51,12 @@ def plan_to_json(plan: Plan) -> dict:
 
 def plan_from_json(data: dict) -> Plan:
     if data.get("schema") != SCHEMA:
-        raise ValueError(f"not a {SCHEMA} document")
+        older = str(data.get("schema", "")).startswith("hetero.plan/")
+        raise ValueError(
+            f"a plan of schema {data.get('schema')} from an older hetero: run hetero plan again"
+            if older
+            else f"not a {SCHEMA} document"
+        )
     pred = dict(data["prediction"])
     pred["assumptions"] = tuple(pred["assumptions"])
     return Plan(
@@ -60,6 +72,9 @@ def plan_from_json(data: dict) -> Plan:
         suggestion=data["suggestion"],
         prediction=Prediction(**pred),
         rules=tuple(data["rules"]),
-        ignored=tuple(data.get("ignored", ())),
-        warnings=tuple(data.get("warnings", ())),
+        ignored=tuple(data["ignored"]),
+        warnings=tuple(data["warnings"]),
+        executor=data["executor"],
+        kv_cache_dtype=data["kv_cache"]["dtype"],
+        fused_shared_layers=tuple(data["fused_shared_layers"]),
     )

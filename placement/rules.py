@@ -5,10 +5,13 @@ A TOML rules file:
     [[rule]]
     match = 'blk\\.(3|4)\\.ffn_.*_exps'   # re.search on the tensor name
     device = "gpu"                        # "gpu" | "cpu"
-    format = "int4"                       # optional; default: the planner's choice
+    format = "int4"                       # optional: checks the GPU format the type takes
 
 and the command-line shorthand `--override 'exps=cpu'` (PATTERN=DEVICE[:FORMAT]), in the spirit
 of llama.cpp's `-ot exps=CPU`. The first matching rule wins; command-line rules come first.
+Formats are not converted: a GPU tensor takes its type's GPU format (int4 for Q4_K, int8 for
+Q6_K, Q8_0 and Q5_0, floats as they are, any other type its GGUF blocks on the reference path),
+and a rule's format, when given, must name that one.
 """
 
 import re

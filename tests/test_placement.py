@@ -104,10 +104,15 @@ def test_rules_file_and_override(r1_header, tmp_path):
 def test_plan_round_trips_through_json(r1_header):
     plan = plan_for(r1_header[0], "48GiB", rules=[parse_override("blk\\.3\\.attn_q_b=cpu")])
     data = json.loads(json.dumps(plan_to_json(plan)))
-    for key in ("tensors", "devices", "kv_cache", "fits", "prediction"):
+    for key in ("tensors", "devices", "kv_cache", "fits", "prediction", "executor"):
         assert key in data
     assert {"decode_tok_s", "prefill_tok_s", "bound"} <= set(data["prediction"])
+    assert data["schema"] == "hetero.plan/2" and data["executor"] == "hybrid"
+    assert data["kv_cache"]["dtype"] == "bfloat16"
+    assert all(t["backend"] for t in data["tensors"])
     assert plan_from_json(data) == plan
+    with pytest.raises(ValueError, match="older hetero: run hetero plan again"):
+        plan_from_json({**data, "schema": "hetero.plan/1"})
 
 
 def test_sizes_and_rates():
@@ -227,3 +232,73 @@ def test_the_bandwidth_probe_reads_every_element_once():
 
     rate, method = read_bandwidth(megabytes=16, repeats=1)
     assert rate > 0 and "16 MiB" in method and "thread" in method
+
+
+def test_the_plan_names_a_backend_for_every_tensor_and_the_model_runs_exactly_those(synth):
+    """CPU-only (the native step on the engine), hybrid on the CPU standing in for the GPU, and
+    a file with weights no fast kernel takes (tiny Q4_K_M's Q5_1 MLA heads): each load builds
+    the backends and the decode step its plan names."""
+    v2 = synth("v2-lite", "Q4_K_M", n_layer=2)
+    tiny = synth("tiny", "Q4_K_M")
+    for path, gpu_mem, executor in ((v2, None, "native"), (v2, "8GiB", "hybrid"), (tiny, None, "eager")):
+        model = hetero.load_model(path, gpu_mem=gpu_mem)
+        plan = model.plan
+        assert plan.executor == executor == model.executor_name
+        assert all(p.backend in ("cpu-engine", "gpu-triton", "gpu-torch", "reference", "vector", "lookup")
+                   for p in plan.placements)  # fmt: skip
+        built = model.backends()
+        matrices = [p for p in plan.placements if p.backend not in ("vector", "lookup")]
+        assert matrices and all(built[p.name] == p.backend for p in matrices)
+    assert {p.backend for p in hetero.load_model(v2, gpu_mem="8GiB").plan.placements if p.device == "gpu"} >= {
+        "gpu-torch"
+    }
+    slow = [p for p in hetero.load_model(tiny).plan.placements if p.backend == "reference"]
+    assert slow and all(p.format == "Q5_1" for p in slow)
+
+
+def test_a_plan_made_for_other_options_is_refused(synth):
+    path = synth("tiny", "Q4_K_M")
+    plan = hetero.load_model(path).plan  # the CPU engine
+    with pytest.raises(HeteroError, match="the plan runs it on the CPU engine, which this load cannot"):
+        hetero.load_model(path, plan=plan, cpu_kernels=False)
+    import dataclasses
+
+    native = hetero.load_model(synth("v2-lite", "Q4_K_M", n_layer=2)).plan
+    assert native.executor == "native"
+    with pytest.raises(HeteroError, match="the decode step \\(eager in the plan, native here\\)"):
+        hetero.load_model(native.model, plan=dataclasses.replace(native, executor="eager"))
+
+
+def test_weights_on_the_reference_path_are_predicted_slow_and_warned(r1_header):
+    """DeepSeek-R1 with Q2_K routed experts (the UD-Q2_K_XL mix's experts) has no CPU kernel
+    for them yet: the plan says so, and predicts the reference path's speed, not the engine's."""
+    import dataclasses
+
+    from gguf import GGMLQuantizationType as QT
+
+    from placement.backends import expert_trio_backend, read_rate
+    from placement.cost import tensor_costs
+    from placement.predict import predict
+
+    f = GGUFModelFile(r1_header[0])
+    cfg = config_from_metadata(f.metadata)
+    q2 = {n: dataclasses.replace(t, qtype=QT.Q2_K) if "_exps" in n else t for n, t in f.tensors.items()}
+    hw = with_overrides(WORKSTATION, gpu="rtx3090")
+    plan = make_plan(cfg, q2, hw, 8192)
+    experts = [p for p in plan.placements if p.kind == "routed experts"]
+    assert {p.backend for p in experts} == {"reference"} and {p.format for p in experts} == {"Q2_K"}
+    assert any("Q2_K on the CPU" in w and "reference path" in w for w in plan.warnings)
+    costs = tensor_costs(cfg, {n: t for n, t in q2.items() if n in {p.name for p in plan.placements}}, 8192)
+    devices = {p.name: p.device for p in plan.placements}
+    backends = {p.name: p.backend for p in plan.placements}
+    as_engine = {**backends, **{p.name: "cpu-engine" for p in experts}}
+    fast = predict(costs, devices, as_engine, hw, plan.kv_cache_bytes, plan.kv_cache_device)
+    step = 1 / plan.prediction.decode_tok_s - 1 / fast.decode_tok_s
+    by_name = {c.name: c for c in costs}
+    extra = sum(
+        p.decode_read_bytes / read_rate(by_name[p.name], "cpu", "reference", hw)
+        - p.decode_read_bytes / read_rate(by_name[p.name], "cpu", "cpu-engine", hw)
+        for p in experts
+    )
+    assert step == pytest.approx(extra, rel=1e-6) and plan.prediction.decode_tok_s < 0.2 * fast.decode_tok_s
+    assert expert_trio_backend(tuple(by_name[p.name] for p in experts[:3]), "cpu", hw) == "reference"

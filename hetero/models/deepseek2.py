@@ -4,31 +4,19 @@ Shape key: T new tokens, S cached + new tokens, D hidden, H heads, R latent (kv_
 N nope dims, P rope dims, V value dims, E experts, A experts used per token.
 """
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from cpu_ops.executor import Executor
 from hetero.config import ModelConfig
-from hetero.gguf_file import TensorInfo
 from hetero.kv_cache import LatentKVCache
-from hetero.ops import Embedding, ExpertBank, QuantLinear, QuantLinear3, vector
+from hetero.loader import OpBuilder
+from hetero.ops import ExpertBank, QuantLinear
 from hetero.rope import apply_rope, attention_scales, rope_tables
 from hetero.routing import route
 
 SCORES_BYTES = 256 << 20  # attention scores of one layer for one prefill pass (the planner's activations hold them)
-Placer = Callable[[str], torch.device]
-EngineOf = Callable[[str], Executor | None]  # the CPU engine for a weight the plan puts on the CPU
-
-
-def no_engine(name: str) -> None:
-    return None
-
-
-def nothing_on_gpu(name: str) -> bool:
-    return False
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -43,22 +31,12 @@ class HeadWeights:
     per call into wk [H, R, N] and wv [H, V, R].
     """
 
-    def __init__(
-        self,
-        cfg: ModelConfig,
-        tensors: dict[str, TensorInfo],
-        prefix: str,
-        place: Placer,
-        engine: EngineOf,
-        on_gpu: Callable[[str], bool],
-    ):
+    def __init__(self, cfg: ModelConfig, ops: OpBuilder, prefix: str):
         self.cfg = cfg
         if cfg.split_kv_b:
-            k, v = prefix + "attn_k_b.weight", prefix + "attn_v_b.weight"
-            self.k_b = QuantLinear3(tensors[k], place(k), engine(k), on_gpu(k))
-            self.v_b = QuantLinear3(tensors[v], place(v), engine(v), on_gpu(v))
+            self.k_b, self.v_b = ops.stack(prefix + "attn_k_b.weight"), ops.stack(prefix + "attn_v_b.weight")
         else:
-            self.kv_b = QuantLinear(tensors[prefix + "attn_kv_b.weight"], place(prefix + "attn_kv_b.weight"))
+            self.kv_b = ops.matrix(prefix + "attn_kv_b.weight")
 
     def absorb_q(self, q_nope: torch.Tensor) -> torch.Tensor:
         """[T, H, N] -> q_nope @ W_UK per head: [T, H, R]."""
@@ -126,33 +104,14 @@ class Layer:
         return all(m is not None and m.cpu is not None for m in mats)
 
 
-def build_layers(
-    cfg: ModelConfig,
-    tensors: dict[str, TensorInfo],
-    place: Placer,
-    home,
-    engine: EngineOf = no_engine,
-    on_gpu: Callable[[str], bool] = nothing_on_gpu,
-) -> list[Layer]:
-    """Each weight goes where `place` says; small vectors (norms, biases) live with the activations."""
+def build_layers(cfg: ModelConfig, ops: OpBuilder) -> list[Layer]:
+    """Each weight as the plan places it (ops); small vectors (norms, biases) live with the activations."""
+    lin, vec = ops.matrix, ops.vector
 
-    def lin(name):
-        return QuantLinear(tensors[name], place(name), engine(name), on_gpu(name)) if name in tensors else None
-
-    def vec(name):
-        return vector(tensors[name], home) if name in tensors else None
-
-    def experts(prefix):
+    def experts(i: int, prefix: str) -> ExpertBank:
         names = [prefix + f"ffn_{w}_exps.weight" for w in ("gate", "up", "down")]
-        shared = [prefix + f"ffn_{w}_shexp.weight" for w in ("gate", "up", "down")]
-        with_shared = all(n in tensors and engine(n) is not None for n in shared) and engine(names[0]) is not None
-        return ExpertBank(
-            *(tensors[n] for n in names),
-            place(names[0]),
-            engine(names[0]),
-            shared=tuple(tensors[n] for n in shared) if with_shared else None,
-            on_gpu=on_gpu(names[0]),
-        )
+        shared = tuple(prefix + f"ffn_{w}_shexp.weight" for w in ("gate", "up", "down"))
+        return ops.experts(i, *names, shared)
 
     layers = []
     for i in range(cfg.n_layer):
@@ -168,7 +127,7 @@ def build_layers(
                 q_b=lin(p + "attn_q_b.weight"),
                 kv_a=lin(p + "attn_kv_a_mqa.weight"),
                 kv_a_norm=vec(p + "attn_kv_a_norm.weight"),
-                heads=HeadWeights(cfg, tensors, p, place, engine, on_gpu),
+                heads=HeadWeights(cfg, ops, p),
                 out=lin(p + "attn_output.weight"),
                 ffn_norm=vec(p + "ffn_norm.weight"),
                 gate=lin(p + f"ffn_gate{ffn}.weight"),
@@ -176,7 +135,7 @@ def build_layers(
                 down=lin(p + f"ffn_down{ffn}.weight"),
                 router=lin(p + "ffn_gate_inp.weight") if moe else None,
                 router_bias=vec(p + "exp_probs_b.bias") if moe else None,
-                experts=experts(p) if moe else None,
+                experts=experts(i, p) if moe else None,
             )
         )
     return layers
@@ -185,30 +144,34 @@ def build_layers(
 class DeepSeek2:
     """Embedding -> layers (MLA attention, dense FFN or MoE) -> norm -> logits."""
 
-    def __init__(
-        self,
-        cfg: ModelConfig,
-        tensors: dict[str, TensorInfo],
-        place: Placer,
-        home: torch.device,
-        engine: EngineOf = no_engine,
-        on_gpu: Callable[[str], bool] = nothing_on_gpu,
-    ):
-        """place(name) -> the torch device of that weight; home: where activations and the cache live;
-        engine(name) -> the CPU executor for weights the plan puts on the CPU (None: reference ops)."""
+    def __init__(self, cfg: ModelConfig, ops: OpBuilder, cache_dtype: torch.dtype = torch.float32):
+        """ops: the plan's weights (hetero.loader); activations and the cache live at ops.home;
+        cache_dtype: the plan's (bfloat16 on a GPU, float32 on the CPU)."""
         self.cfg = cfg
-        self.device = home
-        self.embed = Embedding(tensors["token_embd.weight"], place("token_embd.weight"))
-        self.layers = build_layers(cfg, tensors, place, home, engine, on_gpu)
-        self.output_norm = vector(tensors["output_norm.weight"], home)
-        head = "output.weight" if "output.weight" in tensors else "token_embd.weight"
-        self.output = QuantLinear(tensors[head], place(head), engine(head), on_gpu(head))
+        self.device = ops.home
+        self.embed = ops.embedding("token_embd.weight")
+        self.layers = build_layers(cfg, ops)
+        self.output_norm = ops.vector("output_norm.weight")
+        head = "output.weight" if "output.weight" in ops.tensors else "token_embd.weight"
+        self.output = ops.matrix(head)
         self.kq_scale = attention_scales(cfg).kq_scale
         self.attention_form = "auto"  # or "absorbed" / "expanded" (tests compare the two)
-        # bfloat16 on a GPU, as the planner budgets it (half the memory and the bytes attention
-        # reads per token); float32 on the CPU, where the native step and llama.cpp parity use it
-        self.cache_dtype = torch.bfloat16 if home.type == "cuda" else torch.float32
+        self.cache_dtype = cache_dtype
         self.decode_step = None  # one-token step: NativeDecode (all on the CPU engine) or HybridDecode (GPU)
+
+    def matrix_ops(self):
+        """Every op that multiplies by a weight matrix: what the plan's backends are checked against."""
+        for layer in self.layers:
+            heads = layer.heads
+            yield from (heads.k_b, heads.v_b) if self.cfg.split_kv_b else (heads.kv_b,)
+            for op in (layer.q, layer.q_a, layer.q_b, layer.kv_a, layer.out, layer.gate, layer.up, layer.down):
+                if op is not None:
+                    yield op
+            if layer.router is not None:
+                yield layer.router
+            if layer.experts is not None:
+                yield layer.experts
+        yield self.output
 
     def prefill_chunk(self, positions: int) -> int:
         """Tokens per prefill pass so that one layer's attention scores [T, H, S] (float32) stay

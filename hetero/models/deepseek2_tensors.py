@@ -69,3 +69,15 @@ def validate_tensors(cfg: ModelConfig, present: dict[str, tuple[int, ...]]) -> b
         if name in present and tuple(present[name]) != shape:
             raise HeteroError(f"tensor {name} has shape {tuple(present[name])}, config implies {shape}")
     return tied
+
+
+def dequantized_on_use(name: str) -> bool:
+    """Weights the forward pass only dequantizes (never multiplies in place): the legacy joint
+    MLA projection attn_kv_b, split into per-head W_UK and W_UV when used."""
+    return name.endswith(".attn_kv_b.weight")
+
+
+def expert_trios(names) -> list[tuple[str, str, str]]:
+    """(gate, up, down) names of each layer's routed experts among `names`: they run as one op."""
+    gates = sorted(n for n in names if n.endswith(".ffn_gate_exps.weight"))
+    return [(g, g.replace("gate_exps", "up_exps"), g.replace("gate_exps", "down_exps")) for g in gates]

@@ -1,0 +1,59 @@
+"""The one loader: each placement of a Plan becomes the op that runs it, on the backend it names.
+
+Nothing is re-decided here or at call time: a placement whose backend this machine or these
+options cannot build (the CPU engine without an executor, Triton where it cannot run) is an
+error naming the tensor. The model's description (hetero/models/deepseek2.py) asks this object
+for its weights by name.
+"""
+
+import torch
+
+from cpu_ops.executor import Executor
+from hetero.gguf_file import TensorInfo
+from hetero.ops import Embedding, ExpertBank, QuantLinear, QuantLinear3, vector
+from placement.planner import Plan
+
+
+class OpBuilder:
+    def __init__(
+        self,
+        tensors: dict[str, TensorInfo],
+        plan: Plan,
+        gpu: torch.device,
+        home: torch.device,
+        executor: Executor | None,
+    ):
+        """gpu: the torch device that plays the plan's "gpu"; home: where activations live."""
+        self.tensors = tensors
+        self.placements = {p.name: p for p in plan.placements}
+        self.fused_shared = set(plan.fused_shared_layers)
+        self.gpu, self.home, self.executor = gpu, home, executor
+
+    def device(self, name: str) -> torch.device:
+        return self.gpu if self.placements[name].device == "gpu" else torch.device("cpu")
+
+    def backend(self, name: str) -> str:
+        return self.placements[name].backend
+
+    def matrix(self, name: str) -> QuantLinear | None:
+        """y = x @ W.T for a weight the file has, else None (optional tensors)."""
+        if name not in self.tensors:
+            return None
+        return QuantLinear(self.tensors[name], self.device(name), self.backend(name), self.executor)
+
+    def stack(self, name: str) -> QuantLinear3:
+        return QuantLinear3(self.tensors[name], self.device(name), self.backend(name), self.executor)
+
+    def vector(self, name: str) -> torch.Tensor | None:
+        """A norm weight or bias, float32 where the activations are."""
+        return vector(self.tensors[name], self.home) if name in self.tensors else None
+
+    def embedding(self, name: str) -> Embedding:
+        return Embedding(self.tensors[name], self.device(name))
+
+    def experts(self, layer: int, gate: str, up: str, down: str, shared: tuple[str, str, str]) -> ExpertBank:
+        """A layer's routed experts; the shared ones ride in the same CPU hand-off when the plan
+        fuses them (placement.planner: both on the CPU engine)."""
+        fused = tuple(self.tensors[n] for n in shared) if layer in self.fused_shared else None
+        infos = (self.tensors[gate], self.tensors[up], self.tensors[down])
+        return ExpertBank(*infos, self.device(gate), self.backend(gate), self.executor, shared=fused)
