@@ -133,9 +133,10 @@ def _quiet_stdout() -> None:
     os.dup2(devnull, sys.stdout.fileno())
 
 
-def load_with_progress(path, **options):
+def load_with_progress(path, warn: bool = True, **options):
     """load_model (with a bar by bytes for the weights it puts on the GPU), then read the
-    CPU's weights into RAM with a bar by bytes."""
+    CPU's weights into RAM with a bar by bytes. warn: print the plan's warnings (callers that
+    render the whole plan leave them to it)."""
     import hetero
     from gpu_ops.matmul import report_placed_bytes
     from hetero.gguf_file import GGUFModelFile
@@ -146,8 +147,10 @@ def load_with_progress(path, **options):
         file = path if isinstance(path, GGUFModelFile) else GGUFModelFile(path)
         if options.get("plan") is None:
             plan_options = {k: options.pop(k) for k in ("n_ctx", "gpu_mem", "rules", "overcommit") if k in options}
-            options["plan"] = default_plan(file, **plan_options)
-    print_plan_warnings(options["plan"])
+            run_options = {k: options[k] for k in ("numa", "cpu_kernels", "gpu_device") if k in options}
+            options["plan"] = default_plan(file, **plan_options, **run_options)
+    if warn:
+        print_plan_warnings(options["plan"])
     gpu_bytes = options["plan"].weights_bytes("gpu")
     if not gpu_bytes:
         with err_console.status("opening the model"):
@@ -537,7 +540,7 @@ def demo(
     builtin = model is None
     if builtin:
         model = ensure_demo_model()
-    loaded = load_with_progress(model)
+    loaded = load_with_progress(model, warn=False)  # render_plan below prints the warnings
     print_summary(summarize(loaded.file))
     render_plan(loaded.plan, console)
     console.print(f"\n[bold]user:[/] {escape(visible(prompt))}\n[bold]assistant:[/] ", end="")

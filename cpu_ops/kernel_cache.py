@@ -48,7 +48,10 @@ def _guarded(load_overload):
             return load_overload(cache, sig, target_context)
         except Exception as e:  # unpickling, a truncated file, an object file that does not link
             with _LOCK:
-                aside = _set_aside(cache._cache_file)
+                try:
+                    aside = f"moved the unreadable files to {_set_aside(cache._cache_file)}"
+                except OSError as why:  # a read-only cache: compile anyway, this run only
+                    aside = f"could not move them aside ({why.strerror or why})"
                 _warn_once(cache, e, aside)
             return None  # numba compiles the kernel again and saves a fresh entry
 
@@ -68,7 +71,7 @@ def _set_aside(cache_file) -> Path:
     return aside
 
 
-def _warn_once(cache, error: Exception, aside: Path) -> None:
+def _warn_once(cache, error: Exception, aside: str) -> None:
     global _WARNED
     if _WARNED:
         return
@@ -77,6 +80,6 @@ def _warn_once(cache, error: Exception, aside: Path) -> None:
     name = Path(cache._cache_file._index_path).name.split("-")[0]
     sys.stderr.write(
         f"warning: the compiled-kernel cache did not load ({name}: {type(error).__name__}: {reason}); "
-        f"moved the unreadable files to {aside} and compiling again\n"
+        f"{aside}; compiling again\n"
     )
     sys.stderr.flush()

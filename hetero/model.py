@@ -174,17 +174,24 @@ def default_plan(
     overcommit: bool = True,
     numa: str = "auto",
     cpu_kernels: bool = True,
+    gpu_device: str | None = None,
 ) -> Plan:
     """The plan load_model makes when given none: this machine (its cached CPU bandwidth), the
     budget; without CUDA a GPU budget is played by the CPU, and predicted as such. numa='off'
     and cpu_kernels=False are run options the plan must know: they change what runs."""
-    return plan_model(file, run_hardware(gpu_mem, numa, cpu_kernels), n_ctx, rules, overcommit=overcommit)
+    hw = run_hardware(gpu_mem, numa, cpu_kernels, gpu_device)
+    return plan_model(file, hw, n_ctx, rules, overcommit=overcommit)
 
 
-def run_hardware(gpu_mem=None, numa: str = "auto", cpu_kernels: bool = True) -> Hardware:
-    """This machine as a run will use it: the GPU budget (the CPU standing in without CUDA),
-    one NUMA node when numa='off', no CPU engine when cpu_kernels=False."""
-    hw = with_overrides(detect(), gpu_mem=gpu_mem, stand_in=True)
+def run_hardware(gpu_mem=None, numa: str = "auto", cpu_kernels: bool = True, gpu_device: str | None = None) -> Hardware:
+    """This machine as a run will use it: the GPU budget (played by the CPU without CUDA, or when
+    gpu_device names a non-CUDA device), one NUMA node when numa='off', no CPU engine when
+    cpu_kernels=False."""
+    hw = detect()
+    if gpu_device is not None and torch.device(gpu_device).type != "cuda" and hw.gpu_name != "none":
+        budget = hw.gpu_mem if gpu_mem is None else gpu_mem
+        hw, gpu_mem = replace(hw, gpu_name="none", gpu_mem=0, gpu_bw=0.0, gpu_flops=0.0), budget
+    hw = with_overrides(hw, gpu_mem=gpu_mem, stand_in=True)
     if numa == "off":
         hw = replace(hw, numa_nodes=1)
     return hw if cpu_kernels and HAVE_AVX2 else replace(hw, cpu_engine=False)
@@ -214,9 +221,11 @@ def load_model(
     """
     file = path if isinstance(path, GGUFModelFile) else GGUFModelFile(path)
     if plan is None:
-        plan = default_plan(file, n_ctx, gpu_mem, rules, overcommit, numa, cpu_kernels)
+        plan = default_plan(file, n_ctx, gpu_mem, rules, overcommit, numa, cpu_kernels, gpu_device)
     elif {p.name for p in plan.placements} | set(plan.ignored) != set(file.tensors):
         raise HeteroError("the plan was made for a different model (tensor names differ)")
+    if not overcommit and plan.prediction.disk_bytes_per_token:
+        raise HeteroError("the plan's CPU share exceeds RAM (overcommit=False): " + "; ".join(plan.warnings))
     if not plan.fits:
         raise HeteroError("the plan does not fit: " + "; ".join(plan.problems) + f" ({plan.suggestion})")
     return Model(file, plan, gpu_device, threads, numa, cpu_kernels)

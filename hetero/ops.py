@@ -170,7 +170,7 @@ class ExpertBank:
         if backend == "cpu-engine" and not supported_stacks(*stacks):
             raise HeteroError(f"{gate.name}: the CPU engine runs gate and up of one type only")
         self.gpu = None
-        if backend in GPU_BACKENDS:
+        if backend in GPU_BACKENDS and gate.qtype not in FLOATS:  # float experts: torch on the device
             self.gpu = GpuExperts(*(repack_stack(t.data, t.qtype, t.shape, device) for t in (gate, up, down)))
             device = torch.device("cpu")
         self.gate = QuantLinear3(gate, device)

@@ -50,7 +50,7 @@ def expert_trio_backend(trio: tuple[TensorCost, TensorCost, TensorCost], device:
         return "cpu-engine" if fused else "reference"
     if all(has_gpu_format(c.qtype, c.row) for c in trio):
         return "gpu-triton" if hw.gpu_kernels == "triton" else "gpu-torch"
-    return "reference"
+    return "gpu-torch" if all(c.qtype in FLOATS for c in trio) else "reference"
 
 
 def read_rate(c: TensorCost, device: str, name: str, hw: Hardware) -> float:

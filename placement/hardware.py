@@ -85,8 +85,10 @@ def detect(measure_cpu: bool = True) -> Hardware:
     """This machine: cores, NUMA nodes, RAM, its CPU read bandwidth (measured once and cached,
     placement.cpu_bandwidth) and the CUDA GPU if any. measure_cpu=False when --cpu-bw will
     replace the figure anyway."""
+    from cpu_ops.topology import detect_topology
+
     cores = os.cpu_count() or 1
-    nodes = len(list(Path("/sys/devices/system/node").glob("node[0-9]*"))) or 1
+    nodes = len(detect_topology().nodes)  # as the executor counts them: nodes with CPUs we may use
     ram = meminfo("MemTotal")
     notes = ["detected"]
     cpu_bw = 0.0
@@ -109,7 +111,7 @@ def detect(measure_cpu: bool = True) -> Hardware:
             known = _lookup_gpu(props.name)
             bw, flops = (known[1], known[2]) if known else (UNKNOWN_GPU_BW, UNKNOWN_GPU_FLOPS)
             hw = replace(hw, gpu_name=props.name, gpu_mem=props.total_memory, gpu_bw=bw, gpu_flops=flops)
-            hw = replace(hw, gpu_kernels="triton" if _triton_installed() else "torch")
+            hw = replace(hw, gpu_kernels=_gpu_kernels("cuda"))
             if not known:
                 notes.append(f"{props.name} is not in hetero's GPU table: assumed {bw / 1e9:.0f} GB/s")
         else:
@@ -150,8 +152,7 @@ def with_overrides(
             hw = replace(hw, gpu_name="none", gpu_mem=0, gpu_bw=0.0, gpu_flops=0.0)
         elif hw.gpu_name == "none" and stand_in:  # device memory read as fast as the CPU reads RAM
             hw = replace(hw, gpu_name=STAND_IN_GPU, gpu_mem=size, gpu_bw=hw.cpu_bw, gpu_flops=hw.cpu_flops)
-            interpreted = os.environ.get("TRITON_INTERPRET") == "1" and _triton_installed()
-            hw = replace(hw, gpu_kernels="triton" if interpreted else "torch")
+            hw = replace(hw, gpu_kernels=_gpu_kernels("cpu"))
         elif hw.gpu_name == "none":
             hw = replace(hw, gpu_name=ASSUMED_GPU, gpu_mem=size, gpu_bw=UNKNOWN_GPU_BW, gpu_flops=UNKNOWN_GPU_FLOPS)
         else:
@@ -166,10 +167,13 @@ def with_overrides(
     return replace(hw, source=hw.source + (" + " + " ".join(notes) if notes else ""))
 
 
-def _triton_installed() -> bool:
-    import importlib.util
+def _gpu_kernels(device: str) -> str:
+    """Whether the GPU's part will run Triton kernels on this device type: the ops' own rule."""
+    import torch
 
-    return importlib.util.find_spec("triton") is not None
+    from gpu_ops.matmul import triton_runs_on
+
+    return "triton" if triton_runs_on(torch.device(device)) else "torch"
 
 
 def _lookup_gpu(name: str):

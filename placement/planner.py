@@ -127,6 +127,13 @@ def make_plan(
                 f"rule {rule.source!r} asks for {rule.format}, but {c.name} ({c.qtype.name}) goes to the GPU as "
                 f"{c.gpu_format}; leave the format out or match it"
             )
+    for trio in expert_trios({c.name: c for c in costs}):
+        sides = {devices.get(n) for n in trio}
+        if len(sides) > 1:  # gate, up and down run as one op, on one device
+            raise HeteroError(
+                f"the rules split {trio[0].rsplit('.', 2)[0]}'s routed experts between devices; gate, up and "
+                "down run as one op: match all three (e.g. 'ffn_.*_exps')"
+            )
     forced_gpu = sum(c.gpu_bytes for c in costs if devices.get(c.name) == "gpu")
     if forced_gpu > max(free, 0):
         culprits = {first_match(list(rules), c.name).source for c in costs if devices.get(c.name) == "gpu"}
@@ -186,7 +193,9 @@ def make_plan(
             backends[name] = "reference"
     fused = tuple(_fused_shared_layers(by_name, backends))
     placements = tuple(_placement(c, devices[c.name], backends[c.name]) for c in costs)
-    cpu_need = sum(p.bytes for p in placements if p.device == "cpu") + (0 if has_gpu else kv)
+    if has_gpu and not any(p.device == "gpu" for p in placements):  # rules sent everything to the CPU
+        kv_device, kv_dtype, kv = "cpu", "float32", kv_cache_bytes(cfg, ctx, 4)
+    cpu_need = sum(p.bytes for p in placements if p.device == "cpu") + (kv if kv_device == "cpu" else 0)
     overflow = max(0, cpu_need - hw.ram) if hw.ram else 0
     warnings = []
     if overflow and overcommit:
@@ -233,7 +242,9 @@ def plan_model(file, hw: Hardware, ctx: int | None = None, rules: list[Rule] = (
 
 
 def _placement(c: TensorCost, device: str, backend: str) -> Placement:
-    fmt, size = (c.qtype.name, c.gguf_bytes) if device == "cpu" else (c.gpu_format, c.gpu_bytes)
+    """On the CPU, and on the reference path anywhere, a tensor keeps its GGUF blocks."""
+    kept = device == "cpu" or backend == "reference"
+    fmt, size = (c.qtype.name, c.gguf_bytes) if kept else (c.gpu_format, c.gpu_bytes)
     read = int(size * c.read_fraction_decode)
     return Placement(
         c.name, c.kind, c.layer, device, fmt, backend, size, read, c.flops_per_token, c.intensity(1),
@@ -249,6 +260,9 @@ def _fused_shared_layers(costs: dict[str, TensorCost], backends: dict[str, str])
         if backends[gate] == "cpu-engine" and all(backends.get(n) == "cpu-engine" for n in shared):
             if experts_run_on_engine(*((costs[n].qtype, costs[n].row) for n in shared)):
                 yield costs[gate].layer
+
+
+EXECUTORS = ("native", "hybrid", "eager")
 
 
 def _executor(cfg: ModelConfig, placements: tuple[Placement, ...], hw: Hardware) -> str:

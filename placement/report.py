@@ -2,8 +2,9 @@
 
 from dataclasses import asdict
 
+from placement.backends import BACKENDS
 from placement.hardware import Hardware
-from placement.planner import Placement, Plan
+from placement.planner import EXECUTORS, Placement, Plan
 from placement.predict import Prediction
 
 SCHEMA = "hetero.plan/2"  # 2: a backend per tensor, the executor and the KV cache dtype
@@ -49,6 +50,18 @@ def plan_to_json(plan: Plan) -> dict:
     }
 
 
+def _check_names(data: dict) -> None:
+    """Values that choose code (backend, executor, cache dtype) must be ones hetero knows."""
+    known = {
+        "executor": (data.get("executor"), EXECUTORS),
+        "kv_cache.dtype": (data.get("kv_cache", {}).get("dtype"), ("float32", "bfloat16")),
+        **{f"{t.get('name')}.backend": (t.get("backend"), BACKENDS) for t in data.get("tensors", [])},
+    }
+    for key, (value, allowed) in known.items():
+        if value not in allowed:
+            raise ValueError(f"plan: {key} is {value!r}, not one of {', '.join(allowed)}")
+
+
 def plan_from_json(data: dict) -> Plan:
     if data.get("schema") != SCHEMA:
         older = str(data.get("schema", "")).startswith("hetero.plan/")
@@ -57,6 +70,7 @@ def plan_from_json(data: dict) -> Plan:
             if older
             else f"not a {SCHEMA} document"
         )
+    _check_names(data)
     pred = dict(data["prediction"])
     pred["assumptions"] = tuple(pred["assumptions"])
     return Plan(
