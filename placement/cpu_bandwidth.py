@@ -28,10 +28,11 @@ class Measured:
         return f"CPU bandwidth measured {self.date} ({self.method})"
 
 
-def cached_cpu_bandwidth(measure=None) -> Measured:
-    """This machine's figure from the cache, or measured now and cached. measure() -> (bytes/s, method)."""
+def cached_cpu_bandwidth(ram: int, numa_nodes: int, measure=None) -> Measured:
+    """This machine's figure (ram bytes, numa_nodes as detected) from the cache, or measured now
+    and cached. measure() -> (bytes/s, method)."""
     path = cache_home() / "cpu-bandwidth.json"
-    key = machine_key()
+    key = machine_key(ram, numa_nodes)
     try:
         entry = json.loads(path.read_text())
         if entry.get("machine") == key and entry.get("version") == VERSION and entry["bytes_per_s"] > 0:
@@ -47,10 +48,8 @@ def cached_cpu_bandwidth(measure=None) -> Measured:
     return result
 
 
-def machine_key() -> dict:
+def machine_key(ram: int, numa_nodes: int) -> dict:
     """What the figure depends on: CPU model, usable CPUs, NUMA nodes, RAM (GiB)."""
-    from placement.hardware import meminfo
-
     model = ""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -60,8 +59,7 @@ def machine_key() -> dict:
     except OSError:
         pass
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    nodes = len(list(Path("/sys/devices/system/node").glob("node[0-9]*"))) or 1
-    return {"cpu": model, "cpus": cpus, "numa_nodes": nodes, "ram_gib": round(meminfo("MemTotal") / 2**30)}
+    return {"cpu": model, "cpus": cpus, "numa_nodes": numa_nodes, "ram_gib": round(ram / 2**30)}
 
 
 def _write_atomically(path: Path, text: str) -> None:

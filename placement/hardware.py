@@ -95,7 +95,7 @@ def detect(measure_cpu: bool = True) -> Hardware:
     if measure_cpu:
         from placement.cpu_bandwidth import cached_cpu_bandwidth
 
-        measured = cached_cpu_bandwidth()
+        measured = cached_cpu_bandwidth(ram, nodes)
         cpu_bw = measured.bytes_per_s
         notes.append(measured.describe())
     from cpu_ops.simd import HAVE_AVX2

@@ -125,9 +125,11 @@ def test_plan_says_no_gpu_was_detected(synth):
 def test_plan_demo_and_bench_use_one_cached_cpu_bandwidth(synth, tmp_path, keep_torch_threads, monkeypatch):
     """One figure for the machine, whichever command predicts: the cached one, shown with its method."""
     from placement.cpu_bandwidth import cached_cpu_bandwidth
+    from placement.hardware import detect
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    cached_cpu_bandwidth(lambda: (12.345e9, "a probe written by the test"))
+    here = detect(measure_cpu=False)
+    cached_cpu_bandwidth(here.ram, here.numa_nodes, lambda: (12.345e9, "a probe written by the test"))
     path = str(synth("tiny", "Q8_0"))
     plan = runner.invoke(app, ["plan", path, "--json"])
     assert json.loads(plan.stdout)["hardware"]["cpu_bw"] == 12.345e9

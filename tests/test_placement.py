@@ -215,15 +215,15 @@ def test_the_cpu_bandwidth_is_measured_once_and_cached(tmp_path, monkeypatch):
         calls.append(1)
         return 31.5e9 + len(calls), "a test probe"
 
-    first = cpu_bandwidth.cached_cpu_bandwidth(measure)
-    assert cpu_bandwidth.cached_cpu_bandwidth(measure) == first and len(calls) == 1
+    first = cpu_bandwidth.cached_cpu_bandwidth(16 * GiB, 1, measure)
+    assert cpu_bandwidth.cached_cpu_bandwidth(16 * GiB, 1, measure) == first and len(calls) == 1
     assert first.bytes_per_s == 31.5e9 + 1 and "a test probe" in first.describe() and first.date in first.describe()
     path = tmp_path / "hetero" / "cpu-bandwidth.json"
     assert [p.name for p in path.parent.iterdir()] == [path.name]  # written by rename: no temporary left
     entry = json.loads(path.read_text())
     for broken in ({**entry, "machine": {**entry["machine"], "cpus": 999}}, {**entry, "version": 1}, "{not json"):
         path.write_text(broken if isinstance(broken, str) else json.dumps(broken))
-        assert cpu_bandwidth.cached_cpu_bandwidth(measure).bytes_per_s == 31.5e9 + len(calls)
+        assert cpu_bandwidth.cached_cpu_bandwidth(16 * GiB, 1, measure).bytes_per_s == 31.5e9 + len(calls)
     assert len(calls) == 4
 
 
