@@ -23,10 +23,10 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 from tokenizer_corpus import corpus, write_vocab_file  # noqa: E402
 
-from hetero.gguf_header import read_header  # noqa: E402
 from hetero.pretokenize import KNOWN  # noqa: E402
 from hetero.synth.llama_cpp import quiet_stderr  # noqa: E402
 from hetero.tokenizer import Tokenizer  # noqa: E402
+from modelfile.gguf_header import read_header  # noqa: E402
 
 
 def text_of(kib: int) -> bytes:

@@ -16,8 +16,8 @@ from rich.table import Table
 
 from cli.units import gib
 from cli.visible import visible
-from hetero.errors import HeteroError
-from hetero.paths import cache_home
+from modelfile.errors import HeteroError
+from modelfile.paths import cache_home
 from placement.hardware import CPU_MEMORY, GPUS
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Run giant MoE GGUF models on one GPU plus CPU RAM.")
@@ -138,10 +138,9 @@ def load_with_progress(path, warn: bool = True, **options):
     CPU's weights into RAM with a bar by bytes. warn: print the plan's warnings (callers that
     render the whole plan leave them to it)."""
     import hetero
-    from gpu_ops.matmul import report_placed_bytes
-    from hetero.gguf_file import GGUFModelFile
     from hetero.model import default_plan
     from hetero.prefetch import prefetch
+    from modelfile.gguf_file import GGUFModelFile
 
     with err_console.status("opening the model"):
         file = path if isinstance(path, GGUFModelFile) else GGUFModelFile(path)
@@ -159,8 +158,7 @@ def load_with_progress(path, warn: bool = True, **options):
         columns = (TextColumn("[bold]placing weights on the GPU"), BarColumn(), DownloadColumn(), TimeRemainingColumn())
         with Progress(*columns, console=err_console, transient=True) as bar:
             task = bar.add_task("gpu", total=gpu_bytes)
-            with report_placed_bytes(lambda n: bar.advance(task, n)):
-                model = hetero.load_model(file, **options)
+            model = hetero.load_model(file, on_gpu_bytes=lambda n: bar.advance(task, n), **options)
     columns = (TextColumn("[bold]reading weights"), BarColumn(), DownloadColumn(), TimeRemainingColumn())
     with Progress(*columns, console=err_console, transient=True) as bar:
         task = bar.add_task("read", total=None)
@@ -209,7 +207,7 @@ def ensure_demo_model() -> Path:
     moved aside with a warning and written again."""
     import fcntl
 
-    from hetero.gguf_file import GGUFModelFile
+    from modelfile.gguf_file import GGUFModelFile
 
     path = cache_home() / f"demo-{DEMO_PRESET}-{DEMO_QUANT}.gguf"
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -281,8 +279,8 @@ def info(
 
     Example: hetero info DeepSeek-R1-Q4_K_M-00001-of-00009.gguf
     """
-    from hetero.gguf_file import GGUFModelFile
-    from hetero.summary import summarize
+    from modelfile.gguf_file import GGUFModelFile
+    from modelfile.summary import summarize
 
     summary = summarize(GGUFModelFile(model))
     if as_json:
@@ -353,7 +351,7 @@ def plan(
     format = "int4"                       # optional, GPU only: must be the format the type takes
     """
     from cli.plan_report import render_plan
-    from hetero.gguf_file import GGUFModelFile
+    from modelfile.gguf_file import GGUFModelFile
     from placement.hardware import detect, with_overrides
     from placement.planner import plan_model
     from placement.report import plan_to_json
@@ -403,8 +401,8 @@ def bench(
 
     from cli.profile_report import print_profile, profile_json
     from hetero.bench import profile_decode, run_bench
-    from hetero.gguf_file import GGUFModelFile
     from hetero.model import run_hardware
+    from modelfile.gguf_file import GGUFModelFile
     from placement.planner import plan_model
     from placement.rules import parse_override
 
@@ -534,7 +532,7 @@ def demo(
     """
     from cli.chat import ChatUI
     from cli.plan_report import render_plan
-    from hetero.summary import summarize
+    from modelfile.summary import summarize
 
     check_generation_options(max_tokens, temperature)
     builtin = model is None

@@ -44,7 +44,7 @@ from cpu_ops.simd import (
     to_float,
     vec,
 )
-from hetero.quants.legacy import IQ4_LEVELS
+from modelfile.quants.legacy import IQ4_LEVELS
 
 
 @dataclass(frozen=True)

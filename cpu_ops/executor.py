@@ -29,7 +29,7 @@ import numpy as np
 
 from cpu_ops.spin import SPIN_POLLS, spin_until
 from cpu_ops.topology import Topology, detect_topology
-from hetero.errors import HeteroError
+from modelfile.errors import HeteroError
 
 Task = Callable[[], None]
 _PAD = 16  # int64s between two workers' counters: each on its own cache line

@@ -21,7 +21,7 @@ from pathlib import Path
 import numba
 from numba.core import caching
 
-from hetero.paths import cache_home
+from modelfile.paths import cache_home
 
 _LOCK = threading.Lock()
 _WARNED = False

@@ -17,7 +17,7 @@ import tracemalloc
 from jinja2 import TemplateError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from hetero.errors import HeteroError
+from modelfile.errors import HeteroError
 
 # DeepSeek-V3/R1's chat format, used when a file carries no template.
 FALLBACK_TEMPLATE = (

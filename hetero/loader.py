@@ -9,8 +9,8 @@ for its weights by name.
 import torch
 
 from cpu_ops.executor import Executor
-from hetero.gguf_file import TensorInfo
 from hetero.ops import Embedding, ExpertBank, QuantLinear, QuantLinear3, vector
+from modelfile.gguf_file import TensorInfo
 from placement.planner import Plan
 
 

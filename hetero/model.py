@@ -1,6 +1,7 @@
 """The public model object: load a GGUF, get logits, tokenize, generate."""
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import nullcontext
 from dataclasses import replace
 from pathlib import Path
 
@@ -9,19 +10,20 @@ import torch
 
 from cpu_ops.executor import Executor
 from cpu_ops.simd import HAVE_AVX2
-from hetero.config import ModelConfig, config_from_metadata
-from hetero.errors import HeteroError
+from gpu_ops.matmul import report_placed_bytes
 from hetero.generate import Step, generate_steps
-from hetero.gguf_file import GGUFModelFile
 from hetero.kv_cache import LatentKVCache
 from hetero.loader import OpBuilder
 from hetero.models.deepseek2 import DeepSeek2
 from hetero.models.deepseek2_decode import NativeDecode, native_decode
 from hetero.models.deepseek2_static import HybridDecode
-from hetero.models.deepseek2_tensors import validate_tensors
 from hetero.ops import ExpertBank
 from hetero.sampling import SamplingParams
 from hetero.tokenizer import Tokenizer
+from modelfile.config import ModelConfig, config_from_metadata
+from modelfile.deepseek2_tensors import validate_tensors
+from modelfile.errors import HeteroError
+from modelfile.gguf_file import GGUFModelFile
 from placement.hardware import Hardware, detect, with_overrides
 from placement.planner import Plan, plan_model
 from placement.rules import Rule
@@ -208,6 +210,7 @@ def load_model(
     numa: str = "auto",
     cpu_kernels: bool = True,
     overcommit: bool = True,
+    on_gpu_bytes: Callable[[int], None] | None = None,
 ) -> Model:
     """Open a deepseek2 GGUF (single file, or any file of a split set, or an opened one) for inference.
 
@@ -217,7 +220,8 @@ def load_model(
     device that plays the plan's "gpu" (default cuda, else the CPU as a stand-in); threads,
     numa ('auto' or 'off'): the CPU engine's workers; cpu_kernels=False runs CPU weights through
     the reference torch ops instead (also what machines without AVX2 get); overcommit=False
-    refuses a plan whose CPU share exceeds RAM instead of running it from the page cache.
+    refuses a plan whose CPU share exceeds RAM instead of running it from the page cache;
+    on_gpu_bytes(n) hears of every n bytes of weights put on the GPU (a progress bar).
     """
     file = path if isinstance(path, GGUFModelFile) else GGUFModelFile(path)
     if plan is None:
@@ -228,7 +232,8 @@ def load_model(
         raise HeteroError("the plan's CPU share exceeds RAM (overcommit=False): " + "; ".join(plan.warnings))
     if not plan.fits:
         raise HeteroError("the plan does not fit: " + "; ".join(plan.problems) + f" ({plan.suggestion})")
-    return Model(file, plan, gpu_device, threads, numa, cpu_kernels)
+    with report_placed_bytes(on_gpu_bytes) if on_gpu_bytes else nullcontext():
+        return Model(file, plan, gpu_device, threads, numa, cpu_kernels)
 
 
 __all__ = ["Model", "Step", "load_model"]

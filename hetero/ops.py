@@ -19,9 +19,9 @@ from cpu_ops.matmul import CpuMatrix, CpuStack, supported
 from gpu_ops.capabilities import FLOATS
 from gpu_ops.experts import GpuExperts, repack_stack
 from gpu_ops.matmul import DECODE_TOKENS, gathered_matmul, gpu_matmul, has_gpu_format, placed, repack, triton_runs_on
-from hetero.errors import HeteroError
-from hetero.gguf_file import TensorInfo
-from hetero.quants import dequantize
+from modelfile.errors import HeteroError
+from modelfile.gguf_file import TensorInfo
+from modelfile.quants import dequantize
 
 CHUNK_VALUES = 1 << 20  # 4 MiB of float32 per dequantized slice (its temporaries are a few times that)
 

@@ -10,7 +10,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from hetero.gguf_file import GGUFModelFile
+from modelfile.gguf_file import GGUFModelFile
 from placement.hardware import meminfo
 
 PAGE = 4096

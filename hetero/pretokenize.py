@@ -20,8 +20,8 @@ from functools import cache
 
 import numpy as np
 
-from hetero.errors import HeteroError
 from hetero.unicode_categories import RANGE_CLASSES, RANGE_STARTS
+from modelfile.errors import HeteroError
 
 # Unicode's White_Space property (unchanged since Unicode 6.3): what llama.cpp calls whitespace.
 WHITESPACE = (*range(0x9, 0xE), 0x20, 0x85, 0xA0, 0x1680, *range(0x2000, 0x200B), 0x2028, 0x2029, 0x202F,

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from hetero.config import ModelConfig
+from modelfile.config import ModelConfig
 
 
 @dataclass(frozen=True)

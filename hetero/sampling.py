@@ -5,7 +5,7 @@ from dataclasses import dataclass
 
 import torch
 
-from hetero.errors import HeteroError
+from modelfile.errors import HeteroError
 
 # Below this a temperature divides logits into infinities (1e-320 does); 0 already means greedy.
 MIN_TEMPERATURE, MAX_TEMPERATURE = 1e-4, 100.0

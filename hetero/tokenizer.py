@@ -14,8 +14,8 @@ from tokenizers import Tokenizer as _BPEEngine
 from tokenizers import models
 
 from hetero.chat_template import ChatTemplate
-from hetero.errors import HeteroError
 from hetero.pretokenize import check_pre_tokenizer, decode_utf8, encode_utf8, split_words
+from modelfile.errors import HeteroError
 
 # GGUF token types (tokenizer.ggml.token_type).
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6

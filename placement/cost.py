@@ -13,8 +13,8 @@ from gguf import GGML_QUANT_SIZES
 from gguf import GGMLQuantizationType as T
 
 from gpu_ops.capabilities import gpu_bytes
-from hetero.config import ModelConfig
-from hetero.summary import tensor_kind
+from modelfile.config import ModelConfig
+from modelfile.summary import tensor_kind
 
 # The order in which kinds earn GPU memory (the planner's primary key).
 GPU_PRIORITY = (

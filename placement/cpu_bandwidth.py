@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from hetero.paths import cache_home
+from modelfile.paths import cache_home
 
 VERSION = 2  # the probe's method; bump when it changes (1 was a float sum, core-bound)
 

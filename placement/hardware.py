@@ -5,7 +5,7 @@ import re
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from hetero.errors import HeteroError
+from modelfile.errors import HeteroError
 
 GiB = 2**30
 

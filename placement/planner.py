@@ -18,9 +18,9 @@ import math
 from dataclasses import dataclass, field, replace
 
 from cpu_ops.capabilities import experts_run_on_engine
-from hetero.config import ModelConfig, config_from_metadata
-from hetero.errors import HeteroError
-from hetero.models.deepseek2_tensors import dequantized_on_use, expected_tensors, expert_trios, optional_tensors
+from modelfile.config import ModelConfig, config_from_metadata
+from modelfile.deepseek2_tensors import dequantized_on_use, expected_tensors, expert_trios, optional_tensors
+from modelfile.errors import HeteroError
 from placement.backends import backend, expert_trio_backend
 from placement.cost import GPU_PRIORITY, TensorCost, kv_cache_bytes, tensor_costs
 from placement.hardware import STAND_IN_GPU, GiB, Hardware

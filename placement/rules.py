@@ -19,7 +19,7 @@ import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
-from hetero.errors import HeteroError
+from modelfile.errors import HeteroError
 
 DEVICES = ("gpu", "cpu")
 GPU_FORMATS = ("int4", "int8", "f16", "bf16", "f32")  # CPU tensors keep their GGUF blocks

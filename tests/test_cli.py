@@ -6,9 +6,9 @@ import pytest
 from typer.testing import CliRunner
 
 from cli.main import app
-from hetero.models.deepseek2_tensors import expected_tensors
 from hetero.synth.presets import make_preset
 from hetero.synth.writer import preset_config
+from modelfile.deepseek2_tensors import expected_tensors
 
 runner = CliRunner()
 

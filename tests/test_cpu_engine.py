@@ -16,8 +16,8 @@ from cpu_ops.executor import Executor, plan_workers
 from cpu_ops.experts import CpuExperts, Stack
 from cpu_ops.matmul import CpuMatrix
 from cpu_ops.topology import Topology, detect_topology, parse_cpulist, simulated
-from hetero.errors import HeteroError
-from hetero.quants import dequantize
+from modelfile.errors import HeteroError
+from modelfile.quants import dequantize
 
 
 def test_cpulist_and_detected_topology(tmp_path):

@@ -16,7 +16,7 @@ from cpu_ops.activations import quantize
 from cpu_ops.blocks import BLOCKS
 from cpu_ops.executor import Executor
 from cpu_ops.matmul import INLINE_BYTES, CpuMatrix, CpuStack, supported
-from hetero.quants import dequantize
+from modelfile.quants import dequantize
 
 FLOATS = (T.F32, T.F16, T.BF16)
 

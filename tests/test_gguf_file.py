@@ -6,10 +6,10 @@ import struct
 import pytest
 
 import hetero
-from hetero.config import config_from_metadata
-from hetero.errors import HeteroError
-from hetero.gguf_file import GGUFModelFile
-from hetero.models.deepseek2_tensors import validate_tensors
+from modelfile.config import config_from_metadata
+from modelfile.deepseek2_tensors import validate_tensors
+from modelfile.errors import HeteroError
+from modelfile.gguf_file import GGUFModelFile
 
 
 def test_split_set_merges_tensors_and_finds_the_rest(synth):

@@ -2,8 +2,8 @@
 
 import os
 
-from hetero.gguf_file import GGUFModelFile
-from hetero.summary import summarize
+from modelfile.gguf_file import GGUFModelFile
+from modelfile.summary import summarize
 
 
 def test_r1_shapes_and_sizes_from_the_header(r1_header):

@@ -166,7 +166,7 @@ def test_a_gpu_budget_without_a_gpu_says_the_cpu_stands_in(tiny):
 
 
 def test_user_text_that_spells_a_control_token_stays_text(tiny):
-    from hetero.gguf_header import read_header
+    from modelfile.gguf_header import read_header
 
     tok = Tokenizer(tiny, read_header(tiny).metadata)
     eos = tok.eos_id

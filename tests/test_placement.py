@@ -10,9 +10,9 @@ from typer.testing import CliRunner
 
 import hetero
 from cli.main import app
-from hetero.config import config_from_metadata
-from hetero.errors import HeteroError
-from hetero.gguf_file import GGUFModelFile
+from modelfile.config import config_from_metadata
+from modelfile.errors import HeteroError
+from modelfile.gguf_file import GGUFModelFile
 from placement.hardware import GiB, Hardware, parse_rate, parse_size, with_overrides
 from placement.planner import make_plan
 from placement.report import plan_from_json, plan_to_json

@@ -1,7 +1,7 @@
 """Prefetch reads every tensor byte range once and reports progress up to the total."""
 
-from hetero.gguf_file import GGUFModelFile
 from hetero.prefetch import prefetch
+from modelfile.gguf_file import GGUFModelFile
 
 
 def test_prefetch_reports_all_bytes(synth):

@@ -7,8 +7,8 @@ from gguf import GGML_QUANT_SIZES
 from gguf import GGMLQuantizationType as T
 from gguf.quants import dequantize as gguf_dequantize
 
-from hetero.errors import HeteroError
-from hetero.quants import BLOCK_FORMATS, dequantize, row_bytes
+from modelfile.errors import HeteroError
+from modelfile.quants import BLOCK_FORMATS, dequantize, row_bytes
 
 # Byte offsets of the float16 factors inside each block: random bytes there could spell NaN.
 F16_FIELDS = {

@@ -5,10 +5,10 @@ import math
 import pytest
 import torch
 
-from hetero.config import ModelConfig
 from hetero.rope import apply_rope, attention_scales, rope_angles, yarn_correction_range
 from hetero.synth.presets import make_preset
 from hetero.synth.writer import preset_config
+from modelfile.config import ModelConfig
 
 
 def config(**overrides) -> ModelConfig:

@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from hetero.errors import HeteroError
 from hetero.sampling import MIN_TEMPERATURE, SamplingParams, filtered_probs, sample
+from modelfile.errors import HeteroError
 
 LOGITS = torch.log(torch.tensor([0.5, 0.2, 0.15, 0.1, 0.05]))
 

@@ -13,9 +13,9 @@ from gguf import GGUFReader
 from gguf import quants as gguf_quants
 
 import hetero
-from hetero.errors import HeteroError
 from hetero.synth.quantize import MIXES, quantize
 from hetero.synth.writer import write_synthetic
+from modelfile.errors import HeteroError
 
 # Relative RMS error of round-to-nearest on Gaussian rows (measured 0.077, 0.037, 0.019, 0.0053,
 # 0.043, 0.041): a block laid out wrongly (a nibble or scale in the wrong place) is off by ~100%.

@@ -10,11 +10,11 @@ from conftest import oracle
 from tokenizer_corpus import build_test_vocab, corpus, random_string, write_vocab_file
 
 import hetero
-from hetero.errors import HeteroError
-from hetero.gguf_header import read_header
 from hetero.synth.llama_cpp import quiet_stderr
 from hetero.synth.vocab import Vocab
 from hetero.tokenizer import Tokenizer
+from modelfile.errors import HeteroError
+from modelfile.gguf_header import read_header
 
 
 @pytest.fixture(scope="module")

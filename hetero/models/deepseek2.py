@@ -9,12 +9,12 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from hetero.config import ModelConfig
 from hetero.kv_cache import LatentKVCache
 from hetero.loader import OpBuilder
 from hetero.ops import ExpertBank, QuantLinear
 from hetero.rope import apply_rope, attention_scales, rope_tables
 from hetero.routing import route
+from modelfile.config import ModelConfig
 
 SCORES_BYTES = 256 << 20  # attention scores of one layer for one prefill pass (the planner's activations hold them)
 

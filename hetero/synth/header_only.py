@@ -13,9 +13,9 @@ import numpy as np
 from gguf import GGML_QUANT_SIZES, GGUFWriter
 from gguf import GGMLQuantizationType as T
 
-from hetero.models.deepseek2_tensors import expected_tensors, optional_tensors
 from hetero.synth.presets import PRESETS, Preset
 from hetero.synth.writer import ARCH, preset_config, put_metadata
+from modelfile.deepseek2_tensors import expected_tensors, optional_tensors
 
 
 def _more_bits(layer: int, n_layer: int) -> bool:

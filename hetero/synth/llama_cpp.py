@@ -6,7 +6,7 @@ import contextlib
 import os
 from pathlib import Path
 
-from hetero.errors import HeteroError
+from modelfile.errors import HeteroError
 
 
 def available() -> bool:

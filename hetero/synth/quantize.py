@@ -15,7 +15,7 @@ import numpy as np
 from gguf import GGMLQuantizationType as T
 from gguf import quants as gguf_quants
 
-from hetero.errors import HeteroError
+from modelfile.errors import HeteroError
 
 QK_K = 256
 F16_MAX = 65504.0

@@ -18,14 +18,14 @@ from pathlib import Path
 import numpy as np
 from gguf import GGMLQuantizationType, GGUFReader, GGUFWriter
 
-from hetero.config import ModelConfig, config_from_metadata
-from hetero.errors import HeteroError
-from hetero.models.deepseek2_tensors import expected_tensors, optional_tensors
-from hetero.quants import row_bytes
 from hetero.synth import llama_cpp
 from hetero.synth.presets import HEADER_ONLY, Preset, make_preset
 from hetero.synth.quantize import MIXES, quantize, tensor_type
 from hetero.synth.vocab import CHAT_TEMPLATE, PAD, Vocab, build_vocab
+from modelfile.config import ModelConfig, config_from_metadata
+from modelfile.deepseek2_tensors import expected_tensors, optional_tensors
+from modelfile.errors import HeteroError
+from modelfile.quants import row_bytes
 
 ARCH = "deepseek2"
 FLOAT_TYPES = {"F32": GGMLQuantizationType.F32, "F16": GGMLQuantizationType.F16}

@@ -2,8 +2,8 @@
 
 from collections import Counter
 
-from hetero.config import config_from_metadata
-from hetero.gguf_file import GGUFModelFile
+from modelfile.config import config_from_metadata
+from modelfile.gguf_file import GGUFModelFile
 
 KINDS = (
     ("routed experts", ("_exps.",)),

@@ -7,8 +7,8 @@ import torch
 from gguf import GGML_QUANT_SIZES
 from gguf import GGMLQuantizationType as T
 
-from hetero.errors import HeteroError
-from hetero.quants import kquants, legacy
+from modelfile.errors import HeteroError
+from modelfile.quants import kquants, legacy
 
 
 def _float(dtype: torch.dtype) -> Callable[[torch.Tensor], torch.Tensor]:

@@ -3,7 +3,7 @@
 import math
 from dataclasses import dataclass
 
-from hetero.errors import HeteroError
+from modelfile.errors import HeteroError
 
 SUPPORTED_ARCHITECTURES = ("deepseek2",)
 GATING = {0: "softmax", 1: "softmax", 2: "sigmoid"}  # 0: old V2 files that predate the key

@@ -4,8 +4,8 @@ One table serves three readers: the loader validates files against it, the synth
 creates exactly these tensors, and the planner costs them.
 """
 
-from hetero.config import ModelConfig
-from hetero.errors import HeteroError
+from modelfile.config import ModelConfig
+from modelfile.errors import HeteroError
 
 
 def expected_tensors(cfg: ModelConfig, tied_output: bool = False) -> dict[str, tuple[int, ...]]:

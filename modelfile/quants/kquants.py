@@ -7,7 +7,7 @@ carries the float16 factors `d` (and `dmin`) that those integers multiply.
 
 import torch
 
-from hetero.quants.legacy import IQ4_LEVELS, f16
+from modelfile.quants.legacy import IQ4_LEVELS, f16
 
 
 def _shifted(x: torch.Tensor, shifts: tuple[int, ...]) -> torch.Tensor:

@@ -12,9 +12,9 @@ from pathlib import Path
 import numpy as np
 from gguf import GGMLQuantizationType
 
-from hetero.errors import HeteroError
-from hetero.gguf_header import GGUFHeader, TensorEntry, read_header
-from hetero.quants import row_bytes
+from modelfile.errors import HeteroError
+from modelfile.gguf_header import GGUFHeader, TensorEntry, read_header
+from modelfile.quants import row_bytes
 
 SPLIT_NAME = re.compile(r"^(?P<stem>.*)-(?P<no>\d{5})-of-(?P<count>\d{5})\.gguf$")
 

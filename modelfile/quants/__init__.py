@@ -3,6 +3,6 @@
 Each format is one function registered by its ggml type; `dequantize` dispatches by table.
 """
 
-from hetero.quants.table import BLOCK_FORMATS, block_geometry, dequantize, row_bytes
+from modelfile.quants.table import BLOCK_FORMATS, block_geometry, dequantize, row_bytes
 
 __all__ = ["BLOCK_FORMATS", "block_geometry", "dequantize", "row_bytes"]

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from hetero.errors import HeteroError
+from modelfile.errors import HeteroError
 
 MAGIC = b"GGUF"
 MAX_DIMS = 4
