@@ -81,3 +81,24 @@ def expert_trios(names) -> list[tuple[str, str, str]]:
     """(gate, up, down) names of each layer's routed experts among `names`: they run as one op."""
     gates = sorted(n for n in names if n.endswith(".ffn_gate_exps.weight"))
     return [(g, g.replace("gate_exps", "up_exps"), g.replace("gate_exps", "down_exps")) for g in gates]
+
+
+def shared_trio(routed_gate: str) -> tuple[str, str, str]:
+    """The layer's shared-expert (gate, up, down) names, from its routed gate's name."""
+    prefix = routed_gate[: -len("ffn_gate_exps.weight")]
+    return tuple(prefix + f"ffn_{w}_shexp.weight" for w in ("gate", "up", "down"))
+
+
+def cached_values_per_token(cfg: ModelConfig) -> int:
+    """MLA caches the latent (kv_lora_rank) and the rope part of the key per token and layer."""
+    return cfg.kv_lora_rank + cfg.qk_rope_dim
+
+
+def attention_flops(cfg: ModelConfig, ctx: int) -> float:
+    """Scores and the weighted sum over a ctx-long latent cache, absorbed form, per token."""
+    return 2 * 2 * cfg.n_head * (cfg.kv_lora_rank + cfg.qk_rope_dim) * ctx
+
+
+def prefill_values_per_token(cfg: ModelConfig) -> int:
+    """A prefill token's activations on the GPU: latent queries of all heads (twice), 8 hidden-size buffers."""
+    return 2 * cfg.n_head * (cfg.kv_lora_rank + cfg.qk_rope_dim) + 8 * cfg.n_embd

@@ -2,14 +2,14 @@
 
 from collections import Counter
 
-from modelfile.config import config_from_metadata
+from modelfile.families import family_of
 from modelfile.gguf_file import GGUFModelFile
 
 KINDS = (
     ("routed experts", ("_exps.",)),
     ("shared experts", ("_shexp.",)),
     ("router", ("ffn_gate_inp.", "exp_probs_b.")),
-    ("attention", ("attn_q", "attn_kv", "attn_k_b", "attn_v_b", "attn_output")),
+    ("attention", ("attn_q", "attn_kv", "attn_k_b", "attn_v_b", "attn_k.", "attn_v.", "attn_output")),
     ("dense FFN", ("ffn_gate.", "ffn_up.", "ffn_down.")),
     ("norms", ("norm.",)),
     ("embedding", ("token_embd.",)),
@@ -26,7 +26,7 @@ def tensor_kind(name: str) -> str:
 
 def summarize(file: GGUFModelFile) -> dict:
     """A JSON-ready summary. Active parameters count one embedding row and A/E of each routed expert stack."""
-    cfg = config_from_metadata(file.metadata)
+    cfg = family_of(file.metadata).config(file.metadata)
     by_kind: dict[str, dict[str, int]] = {}
     types: Counter = Counter()
     total = active = 0

@@ -14,6 +14,7 @@ from gguf import GGMLQuantizationType as T
 
 from gpu_ops.capabilities import gpu_bytes
 from modelfile.config import ModelConfig
+from modelfile.families import family_of_config
 from modelfile.summary import tensor_kind
 
 # The order in which kinds earn GPU memory (the planner's primary key).
@@ -66,7 +67,7 @@ def tensor_costs(cfg: ModelConfig, tensors: dict, ctx: int) -> list[TensorCost]:
     """Costs of every tensor; `tensors` maps name -> TensorInfo (only headers are used)."""
     used = cfg.n_expert_used / cfg.n_expert
     # Attention scores and the weighted sum over a `ctx`-token latent cache, absorbed form.
-    attn_flops = 2 * 2 * cfg.n_head * (cfg.kv_lora_rank + cfg.qk_rope_dim) * ctx
+    attn_flops = family_of_config(cfg).attention_flops(cfg, ctx)
     per_layer_attn_values: dict[int, int] = {}
     for name, t in tensors.items():
         if tensor_kind(name) == "attention":
@@ -95,8 +96,8 @@ def tensor_costs(cfg: ModelConfig, tensors: dict, ctx: int) -> list[TensorCost]:
 
 
 def kv_cache_bytes(cfg: ModelConfig, ctx: int, bytes_per_value: int = 2) -> int:
-    """The latent cache: (kv_lora_rank + rope dims) values per token per layer, bf16 on the GPU."""
-    return cfg.n_layer * ctx * (cfg.kv_lora_rank + cfg.qk_rope_dim) * bytes_per_value
+    """The KV cache of ctx tokens over every layer (the family says what a layer caches)."""
+    return cfg.n_layer * ctx * family_of_config(cfg).cached_values_per_token(cfg) * bytes_per_value
 
 
 def _layer(name: str) -> int:

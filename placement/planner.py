@@ -18,9 +18,9 @@ import math
 from dataclasses import dataclass, field, replace
 
 from cpu_ops.capabilities import experts_run_on_engine
-from modelfile.config import ModelConfig, config_from_metadata
-from modelfile.deepseek2_tensors import dequantized_on_use, expected_tensors, expert_trios, optional_tensors
+from modelfile.config import ModelConfig
 from modelfile.errors import HeteroError
+from modelfile.families import Family, family_of, family_of_config
 from placement.backends import backend, expert_trio_backend
 from placement.cost import GPU_PRIORITY, TensorCost, kv_cache_bytes, tensor_costs
 from placement.hardware import STAND_IN_GPU, GiB, Hardware
@@ -102,7 +102,8 @@ def make_plan(
     if ctx <= 0 or ctx > cfg.n_ctx_train:
         raise HeteroError(f"--ctx {ctx} must be between 1 and the model's {cfg.n_ctx_train}")
     tied = "output.weight" not in tensors
-    used = set(expected_tensors(cfg, tied)) | set(optional_tensors(cfg))
+    family = family_of_config(cfg)
+    used = set(family.expected_tensors(cfg, tied)) | set(family.optional_tensors(cfg))
     ignored = tuple(sorted(n for n in tensors if n not in used))
     tensors = {n: t for n, t in tensors.items() if n in used}
     costs = tensor_costs(cfg, tensors, ctx)
@@ -110,7 +111,7 @@ def make_plan(
     kv_device = "gpu" if has_gpu else "cpu"
     kv_dtype = "bfloat16" if has_gpu and hw.gpu_name != STAND_IN_GPU else "float32"  # the stand-in keeps float32
     kv = kv_cache_bytes(cfg, ctx, 2 if kv_dtype == "bfloat16" else 4)
-    reserved = _reserved(cfg, has_gpu)
+    reserved = _reserved(family, cfg, has_gpu)
     free = hw.gpu_mem - kv - sum(b for _, b in reserved) - int(HEADROOM * hw.gpu_mem) if has_gpu else 0
     devices: dict[str, str] = {}
 
@@ -127,7 +128,7 @@ def make_plan(
                 f"rule {rule.source!r} asks for {rule.format}, but {c.name} ({c.qtype.name}) goes to the GPU as "
                 f"{c.gpu_format}; leave the format out or match it"
             )
-    for trio in expert_trios({c.name: c for c in costs}):
+    for trio in family.expert_trios({c.name: c for c in costs}):
         sides = {devices.get(n) for n in trio}
         if len(sides) > 1:  # gate, up and down run as one op, on one device
             raise HeteroError(
@@ -185,13 +186,13 @@ def make_plan(
     if tied:  # the embedding is also the output head: it takes a matmul backend
         backends["token_embd.weight"] = backend(replace(by_name["token_embd.weight"], kind="output head"),
                                                 devices["token_embd.weight"], hw)  # fmt: skip
-    for trio in expert_trios(by_name):
+    for trio in family.expert_trios(by_name):
         shared = expert_trio_backend(tuple(by_name[n] for n in trio), devices[trio[0]], hw)
         backends.update(dict.fromkeys(trio, shared))
     for name in backends:
-        if dequantized_on_use(name):
+        if family.dequantized_on_use(name):
             backends[name] = "reference"
-    fused = tuple(_fused_shared_layers(by_name, backends))
+    fused = tuple(_fused_shared_layers(family, by_name, backends))
     placements = tuple(_placement(c, devices[c.name], backends[c.name]) for c in costs)
     if has_gpu and not any(p.device == "gpu" for p in placements):  # rules sent everything to the CPU
         kv_device, kv_dtype, kv = "cpu", "float32", kv_cache_bytes(cfg, ctx, 4)
@@ -236,7 +237,7 @@ def make_plan(
 
 def plan_model(file, hw: Hardware, ctx: int | None = None, rules: list[Rule] = (), overcommit: bool = True) -> Plan:
     """make_plan for an opened GGUFModelFile, with the default context where none is given."""
-    cfg = config_from_metadata(file.metadata)
+    cfg = family_of(file.metadata).config(file.metadata)
     ctx = min(DEFAULT_CTX, cfg.n_ctx_train) if ctx is None else ctx
     return make_plan(cfg, file.tensors, hw, ctx, list(rules), model=str(file.paths[0]), overcommit=overcommit)
 
@@ -252,12 +253,12 @@ def _placement(c: TensorCost, device: str, backend: str) -> Placement:
     )  # fmt: skip
 
 
-def _fused_shared_layers(costs: dict[str, TensorCost], backends: dict[str, str]):
+def _fused_shared_layers(family: Family, costs: dict[str, TensorCost], backends: dict[str, str]):
     """Layers whose shared experts ride in the routed experts' CPU hand-off: both on the CPU
     engine, the shared ones a trio the fused kernel takes (one hand-off instead of two)."""
-    for gate, _, _ in expert_trios(costs):
-        shared = [gate.replace("_exps", "_shexp").replace("gate_", w) for w in ("gate_", "up_", "down_")]
-        if backends[gate] == "cpu-engine" and all(backends.get(n) == "cpu-engine" for n in shared):
+    for gate, _, _ in family.expert_trios(costs):
+        shared = family.shared_trio(gate)  # () for a family without shared experts
+        if shared and backends[gate] == "cpu-engine" and all(backends.get(n) == "cpu-engine" for n in shared):
             if experts_run_on_engine(*((costs[n].qtype, costs[n].row) for n in shared)):
                 yield costs[gate].layer
 
@@ -271,17 +272,21 @@ def _executor(cfg: ModelConfig, placements: tuple[Placement, ...], hw: Hardware)
     segments between the CPU-expert hand-offs); eager: the forward pass, op by op."""
     if any(p.device == "gpu" for p in placements):
         return "hybrid"
-    if hw.numa_nodes == 1 and cfg.split_kv_b and all(p.backend != "reference" for p in placements):
+    if (
+        hw.numa_nodes == 1
+        and family_of_config(cfg).native_step(cfg)
+        and all(p.backend != "reference" for p in placements)
+    ):
         return "native"
     return "eager"
 
 
-def _reserved(cfg: ModelConfig, has_gpu: bool) -> tuple[tuple[str, int], ...]:
+def _reserved(family: Family, cfg: ModelConfig, has_gpu: bool) -> tuple[tuple[str, int], ...]:
     if not has_gpu:
         return ()
-    # A prefill chunk's bf16 activations: latent queries of all heads (twice), 8 hidden-size
-    # buffers; plus float32 logits of one token.
-    width = 2 * cfg.n_head * (cfg.kv_lora_rank + cfg.qk_rope_dim) + 8 * cfg.n_embd
+    # A prefill chunk's bf16 activations (the family says how many per token), plus float32
+    # logits of one token.
+    width = family.prefill_values_per_token(cfg)
     return (
         ("activations", PREFILL_CHUNK * width * 2 + cfg.n_vocab * 4),
         ("CUDA graphs", CUDA_GRAPHS),

@@ -1,5 +1,6 @@
 """The planner on published shapes (header-only files), its rules, JSON, and the model executing it."""
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -338,3 +339,78 @@ def test_a_given_plan_is_held_to_the_load_options(synth):
     data["tensors"][0]["backend"] = "warp-drive"
     with pytest.raises(ValueError, match="backend is 'warp-drive'"):
         plan_from_json(data)
+
+
+def test_a_new_model_family_is_planned_from_its_own_entry(monkeypatch):
+    """A toy family (grouped-query attention, routed experts) declared in one entry is planned:
+    its tensors placed, its KV cache and attention FLOPs from its own hooks. Nothing else of the
+    planner changes for it."""
+    from gguf import GGML_QUANT_SIZES
+    from gguf import GGMLQuantizationType as QT
+
+    from modelfile import deepseek2_tensors, families
+    from modelfile.gguf_file import TensorInfo
+
+    @dataclasses.dataclass(frozen=True)
+    class ToyConfig:
+        n_layer: int = 2
+        n_embd: int = 512
+        n_head: int = 8
+        n_kv_head: int = 2
+        head_dim: int = 64
+        n_expert: int = 8
+        n_expert_used: int = 2
+        n_ff: int = 768
+        n_vocab: int = 1000
+        n_ctx_train: int = 4096
+
+    def toy_tensors(c: ToyConfig, tied: bool) -> dict:
+        out = {"token_embd.weight": (c.n_vocab, c.n_embd), "output_norm.weight": (c.n_embd,)}
+        out |= {} if tied else {"output.weight": (c.n_vocab, c.n_embd)}
+        for i in range(c.n_layer):
+            p = f"blk.{i}."
+            out |= {p + "attn_norm.weight": (c.n_embd,), p + "ffn_norm.weight": (c.n_embd,)}
+            out |= {p + "attn_q.weight": (c.n_head * c.head_dim, c.n_embd)}
+            out |= {p + f"attn_{w}.weight": (c.n_kv_head * c.head_dim, c.n_embd) for w in "kv"}
+            out |= {p + "attn_output.weight": (c.n_embd, c.n_head * c.head_dim)}
+            out |= {
+                p + "ffn_gate_inp.weight": (c.n_expert, c.n_embd),
+                p + "ffn_down_exps.weight": (c.n_expert, c.n_embd, c.n_ff),
+            }
+            out |= {p + f"ffn_{w}_exps.weight": (c.n_expert, c.n_ff, c.n_embd) for w in ("gate", "up")}
+        return out
+
+    toy = families.Family(
+        architecture="toymoe",
+        config_type=ToyConfig,
+        config=lambda meta: ToyConfig(),
+        expected_tensors=toy_tensors,
+        optional_tensors=lambda c: {},
+        cached_values_per_token=lambda c: 2 * c.n_kv_head * c.head_dim,
+        attention_flops=lambda c, ctx: 4 * c.n_head * c.head_dim * ctx,
+        prefill_values_per_token=lambda c: 8 * c.n_embd,
+        expert_trios=deepseek2_tensors.expert_trios,  # GGUF's own naming of expert stacks
+        shared_trio=lambda gate: (),
+        dequantized_on_use=lambda name: False,
+        native_step=lambda c: False,
+    )
+    monkeypatch.setitem(families.FAMILIES, "toymoe", toy)
+    cfg = ToyConfig()
+
+    def info(name, shape):
+        qtype = QT.F32 if len(shape) == 1 or "gate_inp" in name else QT.Q4_K
+        block, size = GGML_QUANT_SIZES[qtype]
+        n = int(np.prod(shape))
+        return TensorInfo(name, qtype, shape, np.empty((n // block * size,), np.uint8), None)
+
+    tensors = {n: info(n, s) for n, s in toy_tensors(cfg, False).items()}
+    hw = with_overrides(WORKSTATION, gpu="rtx4090")
+    plan = make_plan(cfg, tensors, hw, 1024)
+    assert plan.fits and not plan.ignored and {p.name for p in plan.placements} == set(tensors)
+    assert plan.kv_cache_bytes == 2 * 1024 * (2 * 2 * 64) * 2 and plan.executor == "hybrid"
+    kinds = devices_by_kind(plan)
+    assert kinds["attention"] == {"gpu"} and plan.prediction.decode_tok_s > 0
+    assert {p.backend for p in plan.placements if p.kind == "routed experts"} <= {"gpu-triton", "gpu-torch"}
+    cpu_only = make_plan(cfg, tensors, with_overrides(WORKSTATION, gpu="none"), 1024)
+    assert cpu_only.executor == "eager" and cpu_only.kv_cache_bytes == 2 * 1024 * 256 * 4
+    assert {p.backend for p in cpu_only.placements if p.kind == "routed experts"} == {"cpu-engine"}

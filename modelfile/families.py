@@ -1,0 +1,65 @@
+"""The model families hetero reads, by GGUF `general.architecture`: what the header-level code
+(the planner, `info`, validation) needs to know of one, in one entry.
+
+An entry holds the family's config parser and tensor inventory and the planner's cost hooks:
+the values one layer caches per token, attention FLOPs per token over a context, the
+activations a prefill token holds on the GPU, which tensors run together as one expert op,
+and which are only dequantized. The planner and `hetero info` name no tensor of any family;
+the runtime parts (the forward pass, its cache and decode steps) live in hetero/models/.
+"""
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from modelfile import deepseek2_tensors as ds2
+from modelfile.config import ModelConfig
+from modelfile.config import config_from_metadata as deepseek2_config
+from modelfile.errors import HeteroError
+
+
+@dataclass(frozen=True)
+class Family:
+    architecture: str  # general.architecture
+    config_type: type
+    config: Callable[[dict], object]  # metadata -> config (checked)
+    expected_tensors: Callable[[object, bool], dict]  # (config, tied output) -> name -> shape
+    optional_tensors: Callable[[object], dict]
+    cached_values_per_token: Callable[[object], int]  # one layer's KV cache
+    attention_flops: Callable[[object, int], float]  # per token and layer over a ctx-long cache
+    prefill_values_per_token: Callable[[object], int]  # activations a prefill token holds at once
+    expert_trios: Callable[[object], list[tuple[str, str, str]]]  # names -> (gate, up, down) per layer
+    shared_trio: Callable[[str], tuple[str, str, str]]  # a routed gate's name -> the layer's shared experts
+    dequantized_on_use: Callable[[str], bool]
+    native_step: Callable[[object], bool]  # whether the native CPU decode step runs this config
+
+
+DEEPSEEK2 = Family(
+    architecture="deepseek2",
+    config_type=ModelConfig,
+    config=deepseek2_config,
+    expected_tensors=ds2.expected_tensors,
+    optional_tensors=ds2.optional_tensors,
+    cached_values_per_token=ds2.cached_values_per_token,
+    attention_flops=ds2.attention_flops,
+    prefill_values_per_token=ds2.prefill_values_per_token,
+    expert_trios=ds2.expert_trios,
+    shared_trio=ds2.shared_trio,
+    dequantized_on_use=ds2.dequantized_on_use,
+    native_step=lambda cfg: cfg.split_kv_b,  # the step multiplies the split k_b / v_b heads
+)
+FAMILIES = {f.architecture: f for f in (DEEPSEEK2,)}
+
+
+def family_of(metadata: dict) -> Family:
+    arch = metadata.get("general.architecture")
+    if arch not in FAMILIES:
+        raise HeteroError(f"unsupported architecture {arch!r} (hetero runs: {', '.join(FAMILIES)})")
+    return FAMILIES[arch]
+
+
+def family_of_config(cfg) -> Family:
+    """The family a parsed config belongs to."""
+    for family in FAMILIES.values():
+        if isinstance(cfg, family.config_type):
+            return family
+    raise TypeError(f"no model family parses into {type(cfg).__name__}")
