@@ -1,4 +1,4 @@
-"""A whole DeepSeek-2 decode step (one token, every weight on the CPU engine) in native code.
+"""A whole decode step (one token, every weight on the CPU engine) in native code.
 
 Between the kernels of a decode step the Python forward pass spends ~4 ms of a ~25 ms step on
 the V2-Lite-shaped file (a thousand interpreter calls and small torch ops), and each of its ~25
@@ -8,9 +8,11 @@ walk their graph the same way), so a step is one hand-off. Small vector work (no
 routing) is done by every worker on a private copy: identical inputs give identical results,
 which saves a barrier each time.
 
-Weights are addressed by a table built at load (hetero/models/deepseek2_decode.py): address,
-kernel code, rows, row width, row bytes, values per block, activation group, a row per tensor. The math is that of
-hetero.models.deepseek2, which stays the reference; tests compare the two.
+The step interprets a program: one row per block of the model's description (modelfile/blocks.py),
+built at load by hetero/models/native.py, with one body per block kind here (_mla, _mlp, _moe).
+Weights are addressed by a tensor table (address, kernel code, rows, row width, row bytes, values
+per block, activation group; a row per tensor). The math is that of the torch blocks
+(hetero/models/blocks.py), which stay the reference; tests compare the two.
 """
 
 import numba
@@ -23,19 +25,33 @@ from cpu_ops.activations import quantize_into
 from cpu_ops.blocks import BLOCKS
 from cpu_ops.kernels import MATMUL
 from cpu_ops.spin import SPIN_POLLS, _load_acquire, fetch_add, spin_until
+from modelfile.blocks import MATRICES, VECTORS
 
 # columns of the tensor table
 ADDR, CODE, ROWS, WIDTH, ROW_BYTES, VALUES, GROUP = range(7)
-# columns of the layer table: tensor rows (-1: absent), then offsets into the float parameters
-Q, QA, QB, KVA, KB, VB, OUT, GATE, UP, DOWN, ROUTER, GATE_E, UP_E, DOWN_E = range(14)
-ATTN_NORM, KV_NORM, QA_NORM, FFN_NORM, BIAS = range(14, 19)
-LAYER_COLUMNS = 19
-# integer configuration
-(
-    C_EMBD, C_HEAD, C_NOPE, C_ROPE, C_VDIM, C_RANK, C_EXPERTS, C_USED, C_SIGMOID, C_GROUPS, C_GROUPS_USED,
-    C_NORM_TOPK, C_OUTPUT, C_OUTPUT_NORM, C_FF_EXPERT,
-) = range(15)  # fmt: skip
-N_CONFIG = 15
+
+# The program: one row per block of the model's description, its columns generated from the
+# block vocabulary (modelfile/blocks.py): the kind's code, the block's cache layer, the offset
+# of its input norm in the float parameters, then one column per role of any kind (a tensor
+# table row for a matrix, a parameter offset for a vector; -1 where the block has none).
+KINDS = tuple(MATRICES)
+ROLES = tuple(dict.fromkeys(role for kind in KINDS for role in (*MATRICES[kind], *VECTORS[kind])))
+COLUMNS = {name: i for i, name in enumerate(("kind", "cache_layer", "norm", *ROLES))}
+_KIND, _CACHE, _NORM = COLUMNS["kind"], COLUMNS["cache_layer"], COLUMNS["norm"]
+_MLA, _MLP, _MOE = KINDS.index("mla"), KINDS.index("mlp"), KINDS.index("moe")
+_Q, _QA, _QB, _KVA, _KB, _VB, _OUT = (COLUMNS[r] for r in ("q", "q_a", "q_b", "kv_a", "k_b", "v_b", "out"))
+_QA_NORM, _KV_NORM = COLUMNS["q_a_norm"], COLUMNS["kv_a_norm"]
+_GATE, _UP, _DOWN = COLUMNS["gate"], COLUMNS["up"], COLUMNS["down"]
+_ROUTER, _BIAS = COLUMNS["router"], COLUMNS["bias"]
+_GATE_E, _UP_E, _DOWN_E = COLUMNS["gate_exps"], COLUMNS["up_exps"], COLUMNS["down_exps"]
+
+# the integer configuration: the model config's fields by name, then what the step adds
+CONFIG_FIELDS = ("n_embd", "n_head", "qk_nope_dim", "qk_rope_dim", "v_head_dim", "kv_lora_rank", "n_expert",
+                 "n_expert_used", "n_group", "n_group_used", "norm_topk", "n_ff_expert")  # fmt: skip
+CONFIG = {name: i for i, name in enumerate((*CONFIG_FIELDS, "sigmoid", "output", "output_norm"))}
+_C_EMBD, _C_HEAD, _C_NOPE, _C_ROPE, _C_VDIM, _C_RANK = (CONFIG[f] for f in CONFIG_FIELDS[:6])
+_C_EXPERTS, _C_USED, _C_GROUPS, _C_GROUPS_USED, _C_NORM_TOPK, _C_FF_EXPERT = (CONFIG[f] for f in CONFIG_FIELDS[6:])
+_C_SIGMOID, _C_OUTPUT, _C_OUTPUT_NORM = CONFIG["sigmoid"], CONFIG["output"], CONFIG["output_norm"]
 
 _CODES = [kind.code for kind in BLOCKS.values()]
 assert _CODES == list(range(len(_CODES))), "the dispatch below assumes codes 0..9"
@@ -209,92 +225,116 @@ def route(logits, bias, sigmoid, n_used, n_group, n_group_used, normalize, scale
 
 
 @numba.njit(nogil=True, cache=True)
+def _mla(worker, n_workers, barrier, tensors, row, params, cfg, eps, kq_scale, xn, cache, pos, cos, sin,
+         q_buf, kv_buf, ov_buf, out):  # fmt: skip
+    """MLA for one token, absorbed form, over this block's cache layer [S_max, R+P]: the new row
+    is written at pos, heads are shared among the workers; out [D] gets this worker's rows."""
+    n_head, nope, rope = cfg[_C_HEAD], cfg[_C_NOPE], cfg[_C_ROPE]
+    vdim, rank = cfg[_C_VDIM], cfg[_C_RANK]
+    h0, h1 = n_head * worker // n_workers, n_head * (worker + 1) // n_workers
+    if row[_QA] >= 0:
+        qa = kv_buf[rank + rope :]  # the q_lora latent, behind kv in the same buffer
+        _matmul(tensors, row[_QA], xn, qa, worker, n_workers)
+        _barrier(barrier, n_workers)
+        qan = _rms_norm(qa.copy(), params[row[_QA_NORM] : row[_QA_NORM] + qa.size], eps)
+        _matmul(tensors, row[_QB], qan, q_buf, worker, n_workers)
+    else:
+        _matmul(tensors, row[_Q], xn, q_buf, worker, n_workers)
+    _matmul(tensors, row[_KVA], xn, kv_buf[: rank + rope], worker, n_workers)
+    _barrier(barrier, n_workers)
+
+    new = cache[pos]
+    if worker == 0:
+        new[:rank] = _rms_norm(kv_buf[:rank], params[row[_KV_NORM] : row[_KV_NORM] + rank], eps)
+        new[rank:] = _rope(kv_buf[rank : rank + rope], cos, sin)
+    q_lat = np.empty((n_head, rank), np.float32)
+    q_rot = np.empty((n_head, rope), np.float32)
+    for h in range(h0, h1):
+        base = h * (nope + rope)
+        _rows(tensors, row[_KB], q_buf[base : base + nope].copy(), q_lat[h], h * rank, 0, rank)
+        q_rot[h] = _rope(q_buf[base + nope : base + nope + rope], cos, sin)
+    _barrier(barrier, n_workers)  # the new cache row is in
+
+    for h in range(h0, h1):
+        o = _attend(cache[: pos + 1], q_lat[h], q_rot[h], kq_scale)
+        _rows(tensors, row[_VB], o, ov_buf[h * vdim : (h + 1) * vdim], h * vdim, 0, vdim)
+    _barrier(barrier, n_workers)
+    _matmul(tensors, row[_OUT], ov_buf.copy(), out, worker, n_workers)
+
+
+@numba.njit(nogil=True, cache=True)
+def _mlp(worker, n_workers, barrier, tensors, row, xn, h_buf, out):
+    """The gated SiLU MLP: gate/up by rows, then down by rows into out [D]."""
+    d0, d1 = _share(out.size, worker, n_workers)
+    f = tensors[row[_GATE], ROWS]
+    a, b = _share(f, worker, n_workers)
+    g, u = np.empty(f, np.float32), np.empty(f, np.float32)
+    _rows(tensors, row[_GATE], xn, g, 0, a, b)
+    _rows(tensors, row[_UP], xn, u, 0, a, b)
+    h_buf[0, a:b] = _silu_times(g[a:b], u[a:b])
+    _barrier(barrier, n_workers)
+    _rows(tensors, row[_DOWN], h_buf[0, :f].copy(), out, 0, d0, d1)
+
+
+@numba.njit(nogil=True, cache=True)
+def _moe(worker, n_workers, barrier, tensors, row, params, cfg, routed_scale, xn, router_buf, h_buf, out):
+    """Router, then the chosen experts and the shared ones: gate/up by rows of each, a barrier,
+    down by rows of the output, weighted and summed into out [D]."""
+    d, f_exp = out.size, cfg[_C_FF_EXPERT]
+    d0, d1 = _share(d, worker, n_workers)
+    _matmul(tensors, row[_ROUTER], xn, router_buf, worker, n_workers)
+    _barrier(barrier, n_workers)
+    bias = params[row[_BIAS] : row[_BIAS] + router_buf.size] if row[_BIAS] >= 0 else params[:0]
+    ids, weights = route(router_buf.copy(), bias, cfg[_C_SIGMOID], cfg[_C_USED], cfg[_C_GROUPS],
+                         cfg[_C_GROUPS_USED], cfg[_C_NORM_TOPK], routed_scale)  # fmt: skip
+    n_used = ids.size
+    a, b = _share(f_exp, worker, n_workers)
+    g, u = np.empty(f_exp, np.float32), np.empty(f_exp, np.float32)
+    for j in range(n_used):
+        _rows(tensors, row[_GATE_E], xn, g, ids[j] * f_exp, a, b)
+        _rows(tensors, row[_UP_E], xn, u, ids[j] * f_exp, a, b)
+        h_buf[j, a:b] = _silu_times(g[a:b], u[a:b])
+    f_sh = tensors[row[_GATE], ROWS] if row[_GATE] >= 0 else 0
+    if f_sh:
+        a, b = _share(f_sh, worker, n_workers)
+        gs, us = np.empty(f_sh, np.float32), np.empty(f_sh, np.float32)
+        _rows(tensors, row[_GATE], xn, gs, 0, a, b)
+        _rows(tensors, row[_UP], xn, us, 0, a, b)
+        h_buf[n_used, a:b] = _silu_times(gs[a:b], us[a:b])
+    _barrier(barrier, n_workers)
+    part = np.empty(d, np.float32)
+    out[d0:d1] = 0.0
+    for j in range(n_used):
+        _rows(tensors, row[_DOWN_E], h_buf[j, :f_exp].copy(), part, ids[j] * d, d0, d1)
+        out[d0:d1] += weights[j] * part[d0:d1]
+    if f_sh:
+        _rows(tensors, row[_DOWN], h_buf[n_used, :f_sh].copy(), part, 0, d0, d1)
+        out[d0:d1] += part[d0:d1]
+
+
+@numba.njit(nogil=True, cache=True)
 def decode_token(
-    worker, n_workers, barrier, tensors, layers, params, cfg, eps, kq_scale, routed_scale,
+    worker, n_workers, barrier, tensors, program, params, cfg, eps, kq_scale, routed_scale,
     x_in, cache, pos, cos, sin, q_buf, kv_buf, ov_buf, tmp, router_buf, h_buf, logits,
 ):  # fmt: skip
-    """One token through every layer and the output head: this worker's share of each op.
-    Shared buffers (q_buf .. logits) are written by row ranges and read after a barrier."""
-    d, n_head, nope, rope = cfg[C_EMBD], cfg[C_HEAD], cfg[C_NOPE], cfg[C_ROPE]
-    vdim, rank, f_exp = cfg[C_VDIM], cfg[C_RANK], cfg[C_FF_EXPERT]
+    """One token through every block of the program and the output head: this worker's share
+    of each op. Each block's body writes its rows of tmp; after a barrier every worker adds all
+    of tmp to its private residual x. Shared buffers (q_buf .. logits) are written by row
+    ranges and read after a barrier."""
+    d = cfg[_C_EMBD]
     x = x_in.copy()
-    h0, h1 = n_head * worker // n_workers, n_head * (worker + 1) // n_workers
-    for li in range(layers.shape[0]):
-        lt = layers[li]
-        xn = _rms_norm(x, params[lt[ATTN_NORM] : lt[ATTN_NORM] + d], eps)
-        if lt[QA] >= 0:
-            qa = kv_buf[rank + rope :]  # the q_lora latent, behind kv in the same buffer
-            _matmul(tensors, lt[QA], xn, qa, worker, n_workers)
-            _barrier(barrier, n_workers)
-            qan = _rms_norm(qa.copy(), params[lt[QA_NORM] : lt[QA_NORM] + qa.size], eps)
-            _matmul(tensors, lt[QB], qan, q_buf, worker, n_workers)
+    for bi in range(program.shape[0]):
+        row = program[bi]
+        xn = _rms_norm(x, params[row[_NORM] : row[_NORM] + d], eps)
+        kind = row[_KIND]
+        if kind == _MLA:
+            _mla(worker, n_workers, barrier, tensors, row, params, cfg, eps, kq_scale, xn, cache[row[_CACHE]],
+                 pos, cos, sin, q_buf, kv_buf, ov_buf, tmp)  # fmt: skip
+        elif kind == _MLP:
+            _mlp(worker, n_workers, barrier, tensors, row, xn, h_buf, tmp)
         else:
-            _matmul(tensors, lt[Q], xn, q_buf, worker, n_workers)
-        _matmul(tensors, lt[KVA], xn, kv_buf[: rank + rope], worker, n_workers)
-        _barrier(barrier, n_workers)
-
-        row = cache[li, pos]
-        if worker == 0:
-            row[:rank] = _rms_norm(kv_buf[:rank], params[lt[KV_NORM] : lt[KV_NORM] + rank], eps)
-            row[rank:] = _rope(kv_buf[rank : rank + rope], cos, sin)
-        q_lat = np.empty((n_head, rank), np.float32)
-        q_rot = np.empty((n_head, rope), np.float32)
-        for h in range(h0, h1):
-            base = h * (nope + rope)
-            _rows(tensors, lt[KB], q_buf[base : base + nope].copy(), q_lat[h], h * rank, 0, rank)
-            q_rot[h] = _rope(q_buf[base + nope : base + nope + rope], cos, sin)
-        _barrier(barrier, n_workers)  # the new cache row is in
-
-        for h in range(h0, h1):
-            o = _attend(cache[li, : pos + 1], q_lat[h], q_rot[h], kq_scale)
-            _rows(tensors, lt[VB], o, ov_buf[h * vdim : (h + 1) * vdim], h * vdim, 0, vdim)
-        _barrier(barrier, n_workers)
-
-        _matmul(tensors, lt[OUT], ov_buf.copy(), tmp, worker, n_workers)
+            _moe(worker, n_workers, barrier, tensors, row, params, cfg, routed_scale, xn, router_buf, h_buf, tmp)
         _barrier(barrier, n_workers)
         x += tmp
-        hn = _rms_norm(x, params[lt[FFN_NORM] : lt[FFN_NORM] + d], eps)
-
-        d0, d1 = _share(d, worker, n_workers)
-        if lt[ROUTER] < 0:  # dense FFN: gate/up by rows, then down by rows
-            f = tensors[lt[GATE], ROWS]
-            a, b = _share(f, worker, n_workers)
-            g, u = np.empty(f, np.float32), np.empty(f, np.float32)
-            _rows(tensors, lt[GATE], hn, g, 0, a, b)
-            _rows(tensors, lt[UP], hn, u, 0, a, b)
-            h_buf[0, a:b] = _silu_times(g[a:b], u[a:b])
-            _barrier(barrier, n_workers)
-            _rows(tensors, lt[DOWN], h_buf[0, :f].copy(), tmp, 0, d0, d1)
-        else:
-            _matmul(tensors, lt[ROUTER], hn, router_buf, worker, n_workers)
-            _barrier(barrier, n_workers)
-            bias = params[lt[BIAS] : lt[BIAS] + router_buf.size] if lt[BIAS] >= 0 else params[:0]
-            ids, weights = route(router_buf.copy(), bias, cfg[C_SIGMOID], cfg[C_USED], cfg[C_GROUPS],
-                                 cfg[C_GROUPS_USED], cfg[C_NORM_TOPK], routed_scale)  # fmt: skip
-            n_used = ids.size
-            a, b = _share(f_exp, worker, n_workers)
-            g, u = np.empty(f_exp, np.float32), np.empty(f_exp, np.float32)
-            for j in range(n_used):
-                _rows(tensors, lt[GATE_E], hn, g, ids[j] * f_exp, a, b)
-                _rows(tensors, lt[UP_E], hn, u, ids[j] * f_exp, a, b)
-                h_buf[j, a:b] = _silu_times(g[a:b], u[a:b])
-            f_sh = tensors[lt[GATE], ROWS] if lt[GATE] >= 0 else 0
-            if f_sh:
-                a, b = _share(f_sh, worker, n_workers)
-                gs, us = np.empty(f_sh, np.float32), np.empty(f_sh, np.float32)
-                _rows(tensors, lt[GATE], hn, gs, 0, a, b)
-                _rows(tensors, lt[UP], hn, us, 0, a, b)
-                h_buf[n_used, a:b] = _silu_times(gs[a:b], us[a:b])
-            _barrier(barrier, n_workers)
-            part = np.empty(d, np.float32)
-            tmp[d0:d1] = 0.0
-            for j in range(n_used):
-                _rows(tensors, lt[DOWN_E], h_buf[j, :f_exp].copy(), part, ids[j] * d, d0, d1)
-                tmp[d0:d1] += weights[j] * part[d0:d1]
-            if f_sh:
-                _rows(tensors, lt[DOWN], h_buf[n_used, :f_sh].copy(), part, 0, d0, d1)
-                tmp[d0:d1] += part[d0:d1]
-        _barrier(barrier, n_workers)
-        x += tmp
-    xn = _rms_norm(x, params[cfg[C_OUTPUT_NORM] : cfg[C_OUTPUT_NORM] + d], eps)
-    _matmul(tensors, cfg[C_OUTPUT], xn, logits, worker, n_workers)
+    xn = _rms_norm(x, params[cfg[_C_OUTPUT_NORM] : cfg[_C_OUTPUT_NORM] + d], eps)
+    _matmul(tensors, cfg[_C_OUTPUT], xn, logits, worker, n_workers)

@@ -92,7 +92,7 @@ class DecodeProfile:
 
 def profile_decode(model, prompt_tokens: int, steps: int, seed: int = 0) -> DecodeProfile:
     """Decode `steps` tokens after a random prompt with the hybrid step's timeline switched on."""
-    from hetero.models.deepseek2_static import HybridDecode, StepProfile
+    from hetero.models.hybrid import HybridDecode, StepProfile
 
     step = model.net.decode_step
     if not isinstance(step, HybridDecode):

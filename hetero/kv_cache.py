@@ -1,33 +1,51 @@
-"""The MLA latent KV cache: per token and layer, one normalized latent [R] and one roped key [r].
+"""The KV cache: per attention block and token, one row of the width the family caches.
 
-This is what makes MLA cheap to serve: (R + r) values per token per layer, shared by all
-heads, instead of 2 * H * head_dim. For DeepSeek-V3 that is 576 values against 32768.
+For MLA the row is the normalized latent [R] and the roped key [P]: (R + P) values per token
+and layer, shared by all heads, instead of 2 * H * head_dim (576 against 32768 for
+DeepSeek-V3). The width comes from the family's `cached_values_per_token`, the same number
+the planner budgets; every executor reads and writes the cache through this object.
 """
 
+import numpy as np
 import torch
 
 
-class LatentKVCache:
-    def __init__(self, n_layer: int, max_tokens: int, kv_lora_rank: int, rope_dim: int, device, dtype=torch.float32):
+class KVCache:
+    def __init__(self, n_layer: int, max_tokens: int, width: int, device, dtype=torch.float32):
         self.max_tokens = max_tokens
-        self.rank = kv_lora_rank
-        self.buf = torch.zeros(n_layer, max_tokens, kv_lora_rank + rope_dim, device=device, dtype=dtype)
+        self._buf = torch.zeros(n_layer, max_tokens, width, device=device, dtype=dtype)
         self.length = 0  # tokens committed for every layer
 
     @property
     def bytes(self) -> int:
-        return self.buf.numel() * self.buf.element_size()
+        return self._buf.numel() * self._buf.element_size()
 
-    def write(self, layer: int, start: int, latent: torch.Tensor, k_rope: torch.Tensor) -> None:
-        """latent [T, R] and k_rope [T, r] for positions start..start+T-1."""
-        stop = start + latent.shape[0]
-        self.buf[layer, start:stop, : self.rank] = latent
-        self.buf[layer, start:stop, self.rank :] = k_rope
+    @property
+    def dtype(self) -> torch.dtype:
+        return self._buf.dtype
 
-    def read(self, layer: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(latents [S, R], rope keys [S, r]) for positions 0..stop-1."""
-        view = self.buf[layer, :stop]
-        return view[:, : self.rank], view[:, self.rank :]
+    def write(self, layer: int, start: int, rows: torch.Tensor) -> None:
+        """rows [T, W] for positions start..start+T-1."""
+        self._buf[layer, start : start + rows.shape[0]] = rows
+
+    def write_at(self, layer: int, pos: torch.Tensor, row: torch.Tensor) -> None:
+        """row [1, W] at the position held in a device tensor pos [1] (graph-capturable)."""
+        self._buf[layer].index_copy_(0, pos, row.to(self._buf.dtype))
+
+    def read(self, layer: int, stop: int) -> torch.Tensor:
+        """Rows [S, W] for positions 0..stop-1 (a view)."""
+        return self._buf[layer, :stop]
+
+    def layer(self, layer: int) -> torch.Tensor:
+        """The layer's whole buffer [max_tokens, W] (the decode kernels mask past the length)."""
+        return self._buf[layer]
+
+    def host_array(self) -> np.ndarray:
+        """All layers as one float32 numpy array [L, max_tokens, W] sharing the memory (the native
+        step writes its rows in place); only for a float32 cache on the CPU."""
+        if self._buf.device.type != "cpu" or self._buf.dtype != torch.float32:
+            raise ValueError("the native step needs a float32 cache on the CPU")
+        return self._buf.numpy()
 
     def reset(self) -> None:
         self.length = 0

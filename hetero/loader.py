@@ -2,7 +2,7 @@
 
 Nothing is re-decided here or at call time: a placement whose backend this machine or these
 options cannot build (the CPU engine without an executor, Triton where it cannot run) is an
-error naming the tensor. The model's description (hetero/models/deepseek2.py) asks this object
+error naming the tensor. The blocks (hetero/models/blocks.py) ask this object
 for its weights by name.
 """
 

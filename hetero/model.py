@@ -12,17 +12,17 @@ from cpu_ops.executor import Executor
 from cpu_ops.simd import HAVE_AVX2
 from gpu_ops.matmul import report_placed_bytes
 from hetero.generate import Step, generate_steps
-from hetero.kv_cache import LatentKVCache
+from hetero.kv_cache import KVCache
 from hetero.loader import OpBuilder
-from hetero.models.deepseek2 import DeepSeek2
-from hetero.models.deepseek2_decode import NativeDecode, native_decode
-from hetero.models.deepseek2_static import HybridDecode
+from hetero.models.hybrid import HybridDecode
+from hetero.models.native import NativeDecode, native_decode
+from hetero.models.net import Net
 from hetero.ops import ExpertBank
 from hetero.sampling import SamplingParams
 from hetero.tokenizer import Tokenizer
-from modelfile.config import ModelConfig, config_from_metadata
-from modelfile.deepseek2_tensors import validate_tensors
+from modelfile.blocks import Description
 from modelfile.errors import HeteroError
+from modelfile.families import family_of, validate_tensors
 from modelfile.gguf_file import GGUFModelFile
 from placement.hardware import Hardware, detect, with_overrides
 from placement.planner import Plan, plan_model
@@ -30,7 +30,8 @@ from placement.rules import Rule
 
 
 class Model:
-    """A loaded deepseek2 model. Weights stay memory-mapped and quantized, placed as `plan` says."""
+    """A loaded model of any family in modelfile.families. Weights stay memory-mapped and
+    quantized, placed as `plan` says."""
 
     def __init__(
         self,
@@ -40,10 +41,16 @@ class Model:
         threads: int | None = None,
         numa: str = "auto",
         cpu_kernels: bool = True,
+        description: Description | None = None,
     ):
+        """description: the model as blocks; by default the family's for this file (tests pass
+        altered ones to see every executor follow)."""
         self.file = file
-        self.config: ModelConfig = config_from_metadata(file.metadata)
-        self.tied_output = validate_tensors(self.config, {n: t.shape for n, t in file.tensors.items()})
+        family = family_of(file.metadata)
+        self.config = family.config(file.metadata)
+        self.tied_output = validate_tensors(family, self.config, {n: t.shape for n, t in file.tensors.items()})
+        if family.describe is None:
+            raise HeteroError(f"hetero plans {family.architecture} files but cannot run them yet")
         self.plan = plan
         self.n_ctx = plan.ctx
         # "gpu" in a plan is CUDA when present; otherwise the CPU stands in (same code path).
@@ -54,7 +61,9 @@ class Model:
         if threads and self.executor is None:
             torch.set_num_threads(threads)
         ops = OpBuilder(file.tensors, plan, gpu, self.device, self.executor)
-        self.net = DeepSeek2(self.config, ops, getattr(torch, plan.kv_cache_dtype))
+        description = description or family.describe(self.config, file.tensors)
+        cache_width = family.cached_values_per_token(self.config)
+        self.net = Net(self.config, description, ops, cache_width, getattr(torch, plan.kv_cache_dtype))
         self.net.decode_step = native_decode(self.net, self.executor)
         if self.net.decode_step is None and plan.weights_bytes("gpu"):
             self.net.decode_step = HybridDecode(self.net)
@@ -77,10 +86,11 @@ class Model:
         """The Plan is what runs: a weight built for another backend than the plan names (a plan
         made on another machine, or with other options) is an error, not a silent change of speed."""
         built = self.backends()
+        used = self.net.description.tensor_names()  # a test's altered description may leave some out
         wrong = [
             f"{p.name} ({p.backend} in the plan, {built.get(p.name, 'nothing')} here)"
             for p in self.plan.placements
-            if p.backend not in ("vector", "lookup") and built.get(p.name) != p.backend
+            if p.backend not in ("vector", "lookup") and built.get(p.name) != p.backend and p.name in used
         ]
         if self.executor_name != self.plan.executor:
             wrong.insert(0, f"the decode step ({self.plan.executor} in the plan, {self.executor_name} here)")
@@ -99,10 +109,10 @@ class Model:
         self.forward([0, 0], cache)
         self.forward([0], cache)
 
-    def new_cache(self, max_tokens: int | None = None) -> LatentKVCache:
+    def new_cache(self, max_tokens: int | None = None) -> KVCache:
         return self.net.new_cache(max_tokens or self.n_ctx)
 
-    def forward(self, token_ids, cache: LatentKVCache, last_only: bool = False) -> torch.Tensor:
+    def forward(self, token_ids, cache: KVCache, last_only: bool = False) -> torch.Tensor:
         """Append tokens to the cache; returns their logits [T, vocab] float32 (or the last row)."""
         ids = torch.as_tensor(list(token_ids), dtype=torch.long)
         if ids.numel() == 0:

@@ -4,8 +4,8 @@ One table serves three readers: the loader validates files against it, the synth
 creates exactly these tensors, and the planner costs them.
 """
 
+from modelfile.blocks import Block, Description
 from modelfile.config import ModelConfig
-from modelfile.errors import HeteroError
 
 
 def expected_tensors(cfg: ModelConfig, tied_output: bool = False) -> dict[str, tuple[int, ...]]:
@@ -57,20 +57,6 @@ def optional_tensors(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     return {f"blk.{i}.exp_probs_b.bias": (cfg.n_expert,) for i in range(cfg.n_layer) if cfg.is_moe(i)}
 
 
-def validate_tensors(cfg: ModelConfig, present: dict[str, tuple[int, ...]]) -> bool:
-    """Check names and shapes; returns whether the output head is tied to the embedding."""
-    tied = "output.weight" not in present
-    for name, shape in expected_tensors(cfg, tied).items():
-        if name not in present:
-            raise HeteroError(f"missing tensor {name} (expected shape {shape})")
-        if tuple(present[name]) != shape:
-            raise HeteroError(f"tensor {name} has shape {tuple(present[name])}, config implies {shape}")
-    for name, shape in optional_tensors(cfg).items():
-        if name in present and tuple(present[name]) != shape:
-            raise HeteroError(f"tensor {name} has shape {tuple(present[name])}, config implies {shape}")
-    return tied
-
-
 def dequantized_on_use(name: str) -> bool:
     """Weights the forward pass only dequantizes (never multiplies in place): the legacy joint
     MLA projection attn_kv_b, split into per-head W_UK and W_UV when used."""
@@ -102,3 +88,34 @@ def attention_flops(cfg: ModelConfig, ctx: int) -> float:
 def prefill_values_per_token(cfg: ModelConfig) -> int:
     """A prefill token's activations on the GPU: latent queries of all heads (twice), 8 hidden-size buffers."""
     return 2 * cfg.n_head * (cfg.kv_lora_rank + cfg.qk_rope_dim) + 8 * cfg.n_embd
+
+
+def describe(cfg: ModelConfig, names) -> Description:
+    """The model as blocks (modelfile/blocks.py): per layer an MLA block, then an MLP (leading
+    dense layers) or an MoE block. names: the file's tensors (optional ones are left out)."""
+    present = set(names)
+
+    def roles(prefix: str, table: dict[str, str]) -> dict[str, str]:
+        return {role: prefix + t for role, t in table.items() if prefix + t in present}
+
+    blocks = []
+    for i in range(cfg.n_layer):
+        p = f"blk.{i}."
+        blocks.append(Block("mla", i, p + "attn_norm.weight", roles(p, _MLA)))
+        kind = "moe" if cfg.is_moe(i) else "mlp"
+        blocks.append(Block(kind, i, p + "ffn_norm.weight", roles(p, _MOE if kind == "moe" else _MLP)))
+    head = "output.weight" if "output.weight" in present else "token_embd.weight"
+    return Description("token_embd.weight", tuple(blocks), "output_norm.weight", head)
+
+
+_MLA = {
+    "q": "attn_q.weight", "q_a": "attn_q_a.weight", "q_a_norm": "attn_q_a_norm.weight", "q_b": "attn_q_b.weight",
+    "kv_a": "attn_kv_a_mqa.weight", "kv_a_norm": "attn_kv_a_norm.weight", "k_b": "attn_k_b.weight",
+    "v_b": "attn_v_b.weight", "kv_b": "attn_kv_b.weight", "out": "attn_output.weight",
+}  # fmt: skip
+_MLP = {"gate": "ffn_gate.weight", "up": "ffn_up.weight", "down": "ffn_down.weight"}
+_MOE = {
+    "router": "ffn_gate_inp.weight", "bias": "exp_probs_b.bias", "gate_exps": "ffn_gate_exps.weight",
+    "up_exps": "ffn_up_exps.weight", "down_exps": "ffn_down_exps.weight", "gate": "ffn_gate_shexp.weight",
+    "up": "ffn_up_shexp.weight", "down": "ffn_down_shexp.weight",
+}  # fmt: skip

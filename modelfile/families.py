@@ -1,17 +1,19 @@
 """The model families hetero reads, by GGUF `general.architecture`: what the header-level code
 (the planner, `info`, validation) needs to know of one, in one entry.
 
-An entry holds the family's config parser and tensor inventory and the planner's cost hooks:
-the values one layer caches per token, attention FLOPs per token over a context, the
-activations a prefill token holds on the GPU, which tensors run together as one expert op,
-and which are only dequantized. The planner and `hetero info` name no tensor of any family;
-the runtime parts (the forward pass, its cache and decode steps) live in hetero/models/.
+An entry holds the family's config parser and tensor inventory, the planner's cost hooks (the
+values one layer caches per token, attention FLOPs per token over a context, the activations a
+prefill token holds on the GPU, which tensors run together as one expert op, and which are
+only dequantized), and its description: the model as a list of blocks (modelfile/blocks.py),
+from which the runtime derives the eager forward, the hybrid step and the native step, and
+whose cache is `cached_values_per_token` wide. Nothing outside an entry names its tensors.
 """
 
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from modelfile import deepseek2_tensors as ds2
+from modelfile.blocks import Description
 from modelfile.config import ModelConfig
 from modelfile.config import config_from_metadata as deepseek2_config
 from modelfile.errors import HeteroError
@@ -31,6 +33,8 @@ class Family:
     shared_trio: Callable[[str], tuple[str, str, str]]  # a routed gate's name -> the layer's shared experts
     dequantized_on_use: Callable[[str], bool]
     native_step: Callable[[object], bool]  # whether the native CPU decode step runs this config
+    # (config, tensor names) -> the model as blocks; None: planned and summarized, not yet run
+    describe: Callable[[object, object], Description] | None = None
 
 
 DEEPSEEK2 = Family(
@@ -46,6 +50,7 @@ DEEPSEEK2 = Family(
     shared_trio=ds2.shared_trio,
     dequantized_on_use=ds2.dequantized_on_use,
     native_step=lambda cfg: cfg.split_kv_b,  # the step multiplies the split k_b / v_b heads
+    describe=ds2.describe,
 )
 FAMILIES = {f.architecture: f for f in (DEEPSEEK2,)}
 
@@ -63,3 +68,18 @@ def family_of_config(cfg) -> Family:
         if isinstance(cfg, family.config_type):
             return family
     raise TypeError(f"no model family parses into {type(cfg).__name__}")
+
+
+def validate_tensors(family: Family, cfg, present: dict[str, tuple[int, ...]]) -> bool:
+    """Check a file's names and shapes against the family's inventory; returns whether the
+    output head is tied to the embedding (no output.weight)."""
+    tied = "output.weight" not in present
+    for name, shape in family.expected_tensors(cfg, tied).items():
+        if name not in present:
+            raise HeteroError(f"missing tensor {name} (expected shape {shape})")
+        if tuple(present[name]) != shape:
+            raise HeteroError(f"tensor {name} has shape {tuple(present[name])}, config implies {shape}")
+    for name, shape in family.optional_tensors(cfg).items():
+        if name in present and tuple(present[name]) != shape:
+            raise HeteroError(f"tensor {name} has shape {tuple(present[name])}, config implies {shape}")
+    return tied

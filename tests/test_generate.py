@@ -3,7 +3,7 @@
 import torch
 
 from hetero.generate import generate_steps
-from hetero.kv_cache import LatentKVCache
+from hetero.kv_cache import KVCache
 
 
 class ScriptedModel:
@@ -23,7 +23,7 @@ class ScriptedModel:
         self.tokenizer = Tok()
 
     def new_cache(self):
-        return LatentKVCache(1, 64, 4, 2, "cpu")
+        return KVCache(1, 64, 6, "cpu")
 
     def forward(self, ids, cache, last_only=False):
         logits = torch.zeros(1, 100)

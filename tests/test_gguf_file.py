@@ -7,8 +7,8 @@ import pytest
 
 import hetero
 from modelfile.config import config_from_metadata
-from modelfile.deepseek2_tensors import validate_tensors
 from modelfile.errors import HeteroError
+from modelfile.families import DEEPSEEK2, validate_tensors
 from modelfile.gguf_file import GGUFModelFile
 
 
@@ -96,11 +96,11 @@ def test_shape_mismatch_names_the_tensor(synth):
     shapes = {n: t.shape for n, t in f.tensors.items()}
     shapes["blk.1.attn_kv_a_mqa.weight"] = (100, 256)
     with pytest.raises(HeteroError, match=r"blk.1.attn_kv_a_mqa.weight has shape \(100, 256\)"):
-        validate_tensors(cfg, shapes)
+        validate_tensors(DEEPSEEK2, cfg, shapes)
     del shapes["blk.2.ffn_up_exps.weight"]
     shapes["blk.1.attn_kv_a_mqa.weight"] = f.tensors["blk.1.attn_kv_a_mqa.weight"].shape
     with pytest.raises(HeteroError, match="missing tensor blk.2.ffn_up_exps.weight"):
-        validate_tensors(cfg, shapes)
+        validate_tensors(DEEPSEEK2, cfg, shapes)
 
 
 def test_config_reads_every_v3_mechanism(synth):

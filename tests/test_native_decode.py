@@ -77,9 +77,9 @@ def _compiled_signatures(model) -> int:
     dispatchers = [*cpu_ops.kernels.MATMUL.values(), *cpu_ops.kernels.MATMUL_STACK.values()]
     for module in (cpu_ops.activations, cpu_ops.decode, cpu_ops.spin):
         dispatchers += [v for v in vars(module).values() if isinstance(v, numba.core.dispatcher.Dispatcher)]
-    for layer in model.net.layers:
-        if layer.experts is not None:
-            dispatchers += [layer.experts.cpu.gate_up, layer.experts.cpu.down]
+    for block in model.net.blocks:
+        if block.block.kind == "moe":
+            dispatchers += [block.experts.cpu.gate_up, block.experts.cpu.down]
     return sum(len(d.signatures) for d in dispatchers)
 
 

@@ -145,9 +145,10 @@ def test_load_model_executes_the_plan(synth):
         assert cpu_only.plan.weights_bytes("gpu") == 0
         kinds = devices_by_kind(hybrid.plan)
         assert kinds["routed experts"] == {"cpu"} and kinds["attention"] == {"gpu"}
-        assert (hybrid.net.layers[1].experts.cpu is not None) == cpu_kernels  # experts on the engine
-        assert hybrid.net.layers[1].q.cpu is None  # the GPU's weights never take the CPU kernels
-        assert hybrid.net.layers[1].q.gpu is not None and cpu_only.net.layers[1].q.gpu is None
+        assert (hybrid.net.find(1, "moe").experts.cpu is not None) == cpu_kernels  # experts on the engine
+        q, cpu_q = hybrid.net.find(1, "mla").q, cpu_only.net.find(1, "mla").q
+        assert q.cpu is None  # the GPU's weights never take the CPU kernels
+        assert q.gpu is not None and cpu_q.gpu is None
         ids = ids or [cpu_only.tokenizer.bos_id, *np.random.default_rng().integers(0, 600, 11).tolist()]
         ours, ref = hybrid.logits(ids), cpu_only.logits(ids)
         token = int(ref[-1].argmax())

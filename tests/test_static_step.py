@@ -6,8 +6,8 @@ import pytest
 import torch
 
 import hetero
-from hetero.models.deepseek2 import expanded_is_cheaper
-from hetero.models.deepseek2_static import HybridDecode, StaticDecode, StepProfile
+from hetero.models.blocks import Moe, expanded_is_cheaper
+from hetero.models.hybrid import HybridDecode, StaticDecode, StepProfile
 from placement.rules import parse_override
 from tests.conftest import llama_logits, random_prompt
 
@@ -46,9 +46,9 @@ def test_static_step_equals_the_plain_forward(synth, case, monkeypatch):
     fast = _decode(model, ids, step)
     stages = step.step.stages
     if rules:  # one segment per MoE layer's hand-off, then the last one
-        assert len(stages) == sum(layer.experts is not None for layer in model.net.layers) + 1
+        assert len(stages) == sum(isinstance(b, Moe) for b in model.net.blocks) + 1
     else:
-        assert len(stages) == 1 and model.net.layers[1].experts.gpu is not None
+        assert len(stages) == 1 and model.net.find(1, "moe").experts.gpu is not None
     reference = _decode(model, ids, None)
     np.testing.assert_allclose(fast, reference, rtol=0, atol=1e-5 * np.abs(reference).max())
 
@@ -64,7 +64,7 @@ def test_static_step_overlaps_shared_experts_with_the_cpu(synth, monkeypatch):
     model.forward([1, 2], cache)
     for t in (3, 4, 5):
         model.forward([t], cache)
-    moe_layers = [i for i, layer in enumerate(model.net.layers) if layer.experts is not None]
+    moe_layers = [b.block.layer for b in model.net.blocks if isinstance(b, Moe)]
     assert sorted(profile.layers) == moe_layers
     for i in moe_layers:
         hand_off = step.step.stages[moe_layers.index(i)][1]
@@ -84,8 +84,9 @@ def test_segments_are_captured_only_when_all_their_weights_are_on_the_gpu(synth,
     step = StaticDecode(model.net, model.new_cache(4))
     assert step.segment_weights_on("cpu") and not step.segment_weights_on("cuda")
     assert not step.capturable() and not any(seg.capture for seg, _ in step.stages)
-    model.net.layers[1].q.gpu = None  # as if the plan had left one matrix in CPU RAM
-    model.net.layers[1].q.raw = model.net.layers[1].q.raw.to("meta")
+    q = model.net.find(1, "mla").q
+    q.gpu = None  # as if the plan had left one matrix in CPU RAM
+    q.raw = q.raw.to("meta")
     assert not step.segment_weights_on("cpu")
 
 
@@ -98,7 +99,7 @@ def test_a_bfloat16_cache_as_on_a_gpu(synth, monkeypatch):
     ids = random_prompt(9, model.tokenizer.bos_id)
     float32 = _decode(model, ids, None)
     model.net.cache_dtype = torch.bfloat16
-    assert model.new_cache(2).buf.dtype == torch.bfloat16
+    assert model.new_cache(2).dtype == torch.bfloat16
     plain = _decode(model, ids, None)
     static = _decode(model, ids, HybridDecode(model.net))
     np.testing.assert_allclose(static, plain, rtol=0, atol=1e-5 * np.abs(plain).max())
@@ -192,7 +193,7 @@ def test_cuda_graph_replay_equals_eager(synth):
 def test_long_prompts_are_prefilled_in_chunks(synth, monkeypatch):
     """A prompt whose attention scores would pass the budget goes through in chunks of >= 64
     tokens; the logits are those of one pass (F32, reference ops)."""
-    import hetero.models.deepseek2 as ds
+    import hetero.models.net as ds
 
     model = hetero.load_model(synth("tiny", "F32"), cpu_kernels=False)
     ids = random_prompt(150, model.tokenizer.bos_id)

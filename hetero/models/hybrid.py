@@ -2,13 +2,16 @@
 
 One token per call. Everything the step touches lives in tensors made once per cache (the
 token's position, the hidden state, the router's choice, the logits), so on CUDA each
-segment is captured once into a graph and replayed at every position (gpu_ops.graphs). A
-segment runs from one MoE layer's routed-expert hand-off to the next: the previous layer's
-join, then attention, dense FFNs and GPU-placed experts of the layers between, then the
-router. At a hand-off the router's ids and weights and the layer input are copied to pinned
-host buffers inside the graph, the host waits on an event for them, submits the routed
-experts to the CPU engine, launches the shared experts' segment on the GPU meanwhile, waits
-for the CPU, and copies the result up for the next segment to add.
+segment is captured once into a graph and replayed at every position (gpu_ops.graphs).
+
+The segments are cut from the net's blocks (modelfile/blocks.py), not listed by hand: every
+block runs its one-token body (hetero/models/blocks.py) inside a segment, except a block whose
+routed experts run from CPU RAM, which ends one: the previous hand-off's join, then the
+blocks between, then that block's norm and router. At a hand-off the router's ids and
+weights and the block's input are copied to pinned host buffers inside the graph, the host
+waits on an event for them, submits the routed experts to the CPU engine, launches the shared
+experts' segment on the GPU meanwhile, waits for the CPU, and copies the result up for the
+next segment to add.
 
 Without CUDA the same segments run eagerly on the CPU standing in for the GPU: the tests
 compare this step with the plain forward pass there.
@@ -20,10 +23,11 @@ from functools import partial
 
 import torch
 
-from gpu_ops.attention import mla_decode
 from gpu_ops.graphs import Fence, Segment, Stopwatch, graph_pool, host_buffer
-from hetero.kv_cache import LatentKVCache
-from hetero.models.deepseek2 import DeepSeek2, Layer, rms_norm
+from hetero.kv_cache import KVCache
+from hetero.models.blocks import Moe, rms_norm
+from hetero.models.net import Net
+from hetero.ops import ExpertBank
 from hetero.rope import rope_tables
 
 
@@ -44,10 +48,11 @@ class StepProfile:
 
 
 class HandOff:
-    """A MoE layer whose routed experts run on the CPU engine."""
+    """A block whose routed experts run from CPU RAM (the CPU engine, or the reference path)."""
 
-    def __init__(self, step: "StaticDecode", index: int, layer: Layer, shared: Segment | None):
-        self.step, self.index, self.layer, self.shared = step, index, layer, shared
+    def __init__(self, step: "StaticDecode", block: Moe, shared: Segment | None):
+        self.step, self.block, self.shared = step, block, shared
+        self.index = block.block.layer
         self.fence = Fence(step.device)
 
     def __call__(self, watch: Stopwatch | None, times: HandOffTimes | None) -> None:
@@ -59,9 +64,9 @@ class HandOff:
         marks = None
         if self.shared is not None and queued:
             marks = self._run_shared(watch)
-        self.fence.wait()  # the router's choice and the layer input are on the host
+        self.fence.wait()  # the router's choice and the block input are on the host
         t0 = time.perf_counter()
-        result = self.layer.experts.submit(s.h_host, s.ids_host, s.weights_host)
+        result = self.block.experts.submit(s.h_host, s.ids_host, s.weights_host)
         if self.shared is not None and not queued:
             marks = self._run_shared(watch)
         t1 = time.perf_counter()
@@ -80,15 +85,20 @@ class HandOff:
         return (a, watch.mark()) if watch else None
 
 
+def hands_off(block) -> bool:
+    """Whether a block's routed experts leave the GPU's stream for the host: a segment ends there."""
+    return isinstance(block, Moe) and block.experts_on_host
+
+
 class StaticDecode:
-    def __init__(self, net: DeepSeek2, cache: LatentKVCache):
+    def __init__(self, net: Net, cache: KVCache):
         c = net.cfg
         dev = self.device = net.device
         self.net, self.cache = net, cache
         self.pos = torch.zeros(1, dtype=torch.long, device=dev)  # the new token's position
         self.length = torch.ones(1, dtype=torch.long, device=dev)  # valid positions once it is written
         self.x = torch.zeros(1, c.n_embd, device=dev)
-        self.h = torch.zeros(1, c.n_embd, device=dev)  # the FFN input of the current layer
+        self.h = torch.zeros(1, c.n_embd, device=dev)  # the input of a hand-off block
         self.routed = torch.zeros(1, c.n_embd, device=dev)
         self.shared = torch.zeros(1, c.n_embd, device=dev)
         self.logits = torch.zeros(1, c.n_vocab, device=dev)
@@ -103,13 +113,11 @@ class StaticDecode:
         self.profile: StepProfile | None = None
 
     def _segment_weights(self) -> list:
-        """The matrices the segments multiply with (not the routed experts of hand-off layers)."""
+        """The matrices the segments multiply with (not the routed experts of hand-off blocks)."""
         mats = [self.net.output]
-        for layer in self.net.layers:
-            heads = vars(layer.heads)
-            mats += [layer.q, layer.q_a, layer.q_b, layer.kv_a, layer.out, layer.gate, layer.up, layer.down,
-                     layer.router, heads.get("k_b"), heads.get("v_b"), heads.get("kv_b")]  # fmt: skip
-        return [m for m in mats if m is not None]
+        for block in self.net.blocks:
+            mats += [m for m in block.matrix_ops() if not isinstance(m, ExpertBank)]
+        return mats
 
     def segment_weights_on(self, device_type: str) -> bool:
         """Whether every weight the segments read lives on devices of this type ("cuda:0" and
@@ -123,56 +131,39 @@ class StaticDecode:
         return self.device.type == "cuda" and self.segment_weights_on("cuda")
 
     def _stages(self) -> list[tuple[Segment, HandOff | None]]:
-        """(segment, the hand-off that follows it or None) in step order."""
+        """(segment, the hand-off that follows it or None) in step order, cut from the net's
+        blocks: each block runs its one-token body inside a segment, except that a block whose
+        routed experts run from CPU RAM ends the segment (router and input copied to the host)
+        and its result joins at the start of the next."""
         pool = graph_pool(self.device)
         capture = self.captured
         stages, ops = [], []
-        for i, layer in enumerate(self.net.layers):
-            ops.append(partial(self.attention, i, layer))
-            if layer.experts is None:
-                ops.append(partial(self.dense_ffn, layer))
-            elif layer.experts.gpu is not None:
-                ops.append(partial(self.gpu_moe, layer))
-            else:
-                ops.append(partial(self.route_to_host, layer))
-                side = DeepSeek2.shared_on_side(layer)
-                shared = Segment([partial(self.shared_experts, layer)], capture, pool) if side else None
-                stages.append((Segment(ops, capture, pool), HandOff(self, i, layer, shared)))
-                ops = [partial(self.join, side)]
+        for block in self.net.blocks:
+            if not hands_off(block):
+                ops.append(partial(self.residual, block))
+                continue
+            ops.append(partial(self.route_to_host, block))
+            side = block.shared_on_side
+            shared = Segment([partial(self.shared_experts, block)], capture, pool) if side else None
+            stages.append((Segment(ops, capture, pool), HandOff(self, block, shared)))
+            ops = [partial(self.join, side)]
         ops.append(self.head)
         stages.append((Segment(ops, capture, pool), None))
         return stages
 
     # -- the ops (each reads and writes the fixed buffers only) ---------------------------------
-    def attention(self, i: int, layer: Layer) -> None:
-        net, c = self.net, self.net.cfg
-        cos, sin = self.cos.index_select(0, self.pos), self.sin.index_select(0, self.pos)
-        q_nope, q_rope, latent, k_rope = net.project(layer, rms_norm(self.x, layer.attn_norm, c.rms_eps), cos, sin)
-        row = torch.cat([latent, k_rope], dim=-1).to(self.cache.buf.dtype)
-        self.cache.buf[i].index_copy_(0, self.pos, row)
-        q_latent = layer.heads.absorb_q(q_nope)  # [1, H, R]
-        known = None if self.captured else self.cache.length + 1
-        o = mla_decode(q_latent[0], q_rope[0], self.cache.buf[i], self.length, net.kq_scale, known)  # [H, R]
-        self.x += net.attention_out(layer, o[None])
-        self.h.copy_(rms_norm(self.x, layer.ffn_norm, c.rms_eps))
+    def residual(self, block) -> None:
+        self.x += block.decode(rms_norm(self.x, block.norm, self.net.cfg.rms_eps), self)
 
-    def dense_ffn(self, layer: Layer) -> None:
-        self.x += DeepSeek2.mlp(layer, self.h)
-
-    def gpu_moe(self, layer: Layer) -> None:
-        ids, weights = self.net.route(layer, self.h)
-        self.x += layer.experts.submit(self.h, ids, weights).wait()
-        if DeepSeek2.shared_on_side(layer):
-            self.x += DeepSeek2.mlp(layer, self.h)
-
-    def route_to_host(self, layer: Layer) -> None:
-        ids, weights = self.net.route(layer, self.h)
+    def route_to_host(self, block: Moe) -> None:
+        self.h.copy_(rms_norm(self.x, block.norm, self.net.cfg.rms_eps))
+        ids, weights = block.route(self.h)
         self.ids_host.copy_(ids, non_blocking=True)
         self.weights_host.copy_(weights, non_blocking=True)
         self.h_host.copy_(self.h, non_blocking=True)
 
-    def shared_experts(self, layer: Layer) -> None:
-        self.shared.copy_(DeepSeek2.mlp(layer, self.h))
+    def shared_experts(self, block: Moe) -> None:
+        self.shared.copy_(block.shared(self.h))
 
     def join(self, with_shared: bool) -> None:
         self.x += self.routed
@@ -180,12 +171,11 @@ class StaticDecode:
             self.x += self.shared
 
     def head(self) -> None:
-        net = self.net
-        self.logits.copy_(net.output(rms_norm(self.x, net.output_norm, net.cfg.rms_eps)))
+        self.logits.copy_(self.net.head(self.x))
 
     # -- one step --------------------------------------------------------------------------------
     @torch.inference_mode()
-    def __call__(self, token: int, cache: LatentKVCache) -> torch.Tensor:
+    def __call__(self, token: int, cache: KVCache) -> torch.Tensor:
         """Decode `token` at position cache.length -> logits [1, vocab] (a copy)."""
         if cache is not self.cache:
             raise ValueError("this step's buffers belong to another cache")
@@ -221,12 +211,12 @@ class HybridDecode:
     """The decode step of a model with GPU weights: one StaticDecode for the cache in use (a new
     cache gets new buffers, and on CUDA new graphs)."""
 
-    def __init__(self, net: DeepSeek2):
+    def __init__(self, net: Net):
         self.net = net
         self.step: StaticDecode | None = None
         self.profile: StepProfile | None = None  # set to collect a timeline (hetero bench --profile)
 
-    def __call__(self, token: int, cache: LatentKVCache) -> torch.Tensor:
+    def __call__(self, token: int, cache: KVCache) -> torch.Tensor:
         if self.step is None or self.step.cache is not cache:
             self.step = None  # free the old buffers and graphs first
             self.step = StaticDecode(self.net, cache)

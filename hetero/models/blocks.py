@@ -1,0 +1,223 @@
+"""The block kinds of modelfile/blocks.py in torch: what the eager forward and the hybrid step run.
+
+Each kind is a class built from one Block (its weights asked of the loader by role) with one
+body: `__call__(h, run)` for T tokens in the eager pass. MLA also has `decode(h, step)`, its
+one-token body over fixed buffers for the hybrid step (the position comes from a device
+tensor, so a CUDA graph can replay it); the MLP and MoE bodies are the same in both.
+
+Shape key: T new tokens, S cached + new tokens, D hidden, H heads, R latent (kv_lora) width,
+N nope dims, P rope dims, V value dims, E experts, A experts used per token.
+"""
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from gpu_ops.attention import mla_decode
+from hetero.kv_cache import KVCache
+from hetero.loader import OpBuilder
+from hetero.rope import apply_rope, attention_scales
+from hetero.routing import route
+from modelfile.blocks import MATRICES, STACKS, VECTORS, Block
+from modelfile.config import ModelConfig
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight
+
+
+@dataclass
+class Pass:
+    """What an eager pass over T tokens gives every block: the cache, where the tokens start,
+    their rope tables, and the MLA form ("auto", or "absorbed" / "expanded" in tests)."""
+
+    cache: KVCache
+    start: int
+    cos: torch.Tensor
+    sin: torch.Tensor
+    attention_form: str = "auto"
+
+
+class Body:
+    """A block's weights by role, built as the plan places them."""
+
+    def __init__(self, cfg: ModelConfig, ops: OpBuilder, block: Block, cache_layer: int):
+        self.cfg, self.block, self.cache_layer = cfg, block, cache_layer
+        self.norm = ops.vector(block.norm)
+        self.ops = {}
+        for role in MATRICES[block.kind]:
+            if role in block.weights and role not in self.built_elsewhere():
+                build = ops.stack if role in STACKS else ops.matrix
+                self.ops[role] = build(block.weights[role])
+        self.vectors = {r: ops.vector(block.weights[r]) for r in VECTORS[block.kind] if r in block.weights}
+
+    def built_elsewhere(self) -> set[str]:
+        """Roles a kind builds itself (the routed experts, as one bank)."""
+        return set()
+
+    def matrix_ops(self) -> list:
+        return list(self.ops.values())
+
+    def __getattr__(self, role: str):
+        """A role's op or vector by name (None when the file lacks it)."""
+        if role.startswith("__") or role in ("ops", "vectors"):
+            raise AttributeError(role)
+        return self.ops.get(role, self.vectors.get(role))
+
+
+class Mla(Body):
+    """Multi-head latent attention over the latent cache rows [S, R + P]."""
+
+    def __init__(self, cfg: ModelConfig, ops: OpBuilder, block: Block, cache_layer: int):
+        super().__init__(cfg, ops, block, cache_layer)
+        self.kq_scale = attention_scales(cfg).kq_scale
+
+    def project(self, x: torch.Tensor, cos, sin):
+        """Normed input [T, D] -> query (nope part [T, H, N], roped part [T, H, P]) and the
+        tokens' cache rows [T, R + P] (normed latent, roped key)."""
+        c = self.cfg
+        q = self.q_b(rms_norm(self.q_a(x), self.q_a_norm, c.rms_eps)) if self.q_a is not None else self.q(x)
+        q = q.view(x.shape[0], c.n_head, c.qk_head_dim)  # [T, H, N+P]
+        q_nope, q_rope = q[..., : c.qk_nope_dim], apply_rope(q[..., c.qk_nope_dim :], cos, sin)
+        kv = self.kv_a(x)  # [T, R+P]
+        latent = rms_norm(kv[:, : c.kv_lora_rank], self.kv_a_norm, c.rms_eps)  # [T, R]
+        k_rope = apply_rope(kv[:, c.kv_lora_rank :], cos, sin)  # [T, P]
+        return q_nope, q_rope, torch.cat([latent, k_rope], dim=-1)
+
+    def wk_wv(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """W_UK as wk [H, R, N] and W_UV as wv [H, V, R], dequantized (float32). Current GGUFs
+        store them split (k_b [H, R, N], v_b [H, V, R]); older ones joint, kv_b [H*(N+V), R]."""
+        c = self.cfg
+        if self.kv_b is None:
+            return self.k_b.all(), self.v_b.all()
+        kv = self.kv_b.weight_rows(0, self.kv_b.out_features).view(c.n_head, c.qk_nope_dim + c.v_head_dim, -1)
+        return kv[:, : c.qk_nope_dim].transpose(1, 2), kv[:, c.qk_nope_dim :]
+
+    def absorb_q(self, q_nope: torch.Tensor) -> torch.Tensor:
+        """[T, H, N] -> q_nope @ W_UK per head: [T, H, R]."""
+        if self.kv_b is None:
+            return self.k_b.per_matrix(q_nope)
+        return torch.einsum("thn,hrn->thr", q_nope, self.wk_wv()[0].to(q_nope.device))
+
+    def latent_out(self, o: torch.Tensor) -> torch.Tensor:
+        """Latent attention output [T, H, R] -> W_UV per head, then the output projection [T, D]."""
+        if self.kv_b is None:
+            return self.values_out(self.v_b.per_matrix(o))
+        return self.values_out(torch.einsum("thr,hvr->thv", o, self.wk_wv()[1].to(o.device)))
+
+    def values_out(self, o: torch.Tensor) -> torch.Tensor:
+        """Per-head values [T, H, V] -> the output projection [T, D]."""
+        return self.out(o.reshape(o.shape[0], self.cfg.n_head * self.cfg.v_head_dim))
+
+    def __call__(self, x: torch.Tensor, run: Pass) -> torch.Tensor:
+        """T tokens: absorbed or expanded, whichever costs fewer multiply-adds."""
+        t, start, r = x.shape[0], run.start, self.cfg.kv_lora_rank
+        q_nope, q_rope, rows = self.project(x, run.cos, run.sin)
+        run.cache.write(self.cache_layer, start, rows)
+        cached = run.cache.read(self.cache_layer, start + t).float()  # [S, R+P]
+        latents, k_ropes = cached[:, :r], cached[:, r:]
+        form = run.attention_form
+        if form == "auto":
+            form = "expanded" if expanded_is_cheaper(self.cfg, t, start + t) else "absorbed"
+        if form == "expanded":
+            wk, wv = self.wk_wv()  # [H, R, N], [H, V, R]
+            keys = torch.einsum("sr,hrn->hsn", latents, wk.to(x.device))  # [H, S, N]
+            values = torch.einsum("sr,hvr->hsv", latents, wv.to(x.device))  # [H, S, V]
+            scores = torch.einsum("thn,hsn->ths", q_nope, keys)
+        else:
+            scores = torch.matmul(self.absorb_q(q_nope), latents.T)  # [T, H, R] x [R, S]
+        scores = scores.add_(torch.matmul(q_rope, k_ropes.T)).mul_(self.kq_scale)  # [T, H, S]
+        if t > 1:  # a single new token sees every cached position: nothing to mask
+            future = (
+                torch.arange(start + t, device=x.device)[None, :]
+                > torch.arange(start, start + t, device=x.device)[:, None]
+            )
+            scores = scores.masked_fill(future[:, None, :], float("-inf"))
+        probs = torch.softmax(scores, dim=-1)
+        if form == "expanded":
+            return self.values_out(torch.einsum("ths,hsv->thv", probs, values))
+        return self.latent_out(torch.matmul(probs, latents))  # latent output [T, H, R]
+
+    def decode(self, x: torch.Tensor, step) -> torch.Tensor:
+        """One token [1, D] at the position in step.pos (a device tensor), over the cache's
+        fixed buffer; graph-capturable when step.captured (no host-side length then)."""
+        cos, sin = step.cos.index_select(0, step.pos), step.sin.index_select(0, step.pos)
+        q_nope, q_rope, row = self.project(x, cos, sin)
+        step.cache.write_at(self.cache_layer, step.pos, row)
+        known = None if step.captured else step.cache.length + 1
+        rows = step.cache.layer(self.cache_layer)
+        o = mla_decode(self.absorb_q(q_nope)[0], q_rope[0], rows, step.length, self.kq_scale, known)  # [H, R]
+        return self.latent_out(o[None])
+
+
+def expanded_is_cheaper(c: ModelConfig, t: int, s: int) -> bool:
+    """Whether T new tokens over S positions cost fewer multiply-adds with the cache expanded.
+
+    Absorbed: T*H*R*(N+V) to move the queries into the latent space and the outputs back, then
+    T*S*H*(2R+P): every score and value product is R wide. Expanded: S*H*R*(N+V) to turn every
+    cached latent into keys and values, then T*S*H*(N+P+V). Expanded is cheaper when the share
+    of positions cached before this call, (S-T)/S, is below T(2R-N-V)/(R(N+V)): for
+    DeepSeek-V3 (R 512, N 128, P 64, V 128) that is T/171. So a prompt on a fresh cache is
+    expanded, a decoded token over a cache is absorbed, and from 171 new tokens on a chunk is
+    expanded however long the cache.
+    """
+    h, r, n, p, v = c.n_head, c.kv_lora_rank, c.qk_nope_dim, c.qk_rope_dim, c.v_head_dim
+    absorbed = t * h * (n * r + s * (2 * r + p) + r * v)
+    expanded = h * s * r * (n + v) + t * h * s * (n + p + v)
+    return expanded < absorbed
+
+
+class Mlp(Body):
+    def __call__(self, x: torch.Tensor, run: Pass | None = None) -> torch.Tensor:
+        return self.down(F.silu(self.gate(x)) * self.up(x))
+
+    decode = __call__
+
+
+class Moe(Body):
+    """Router -> routed experts (one ExpertBank, on the CPU engine's workers or the GPU) plus the
+    shared experts, an MLP beside them unless the plan fuses them into the experts' hand-off."""
+
+    def __init__(self, cfg: ModelConfig, ops: OpBuilder, block: Block, cache_layer: int):
+        super().__init__(cfg, ops, block, cache_layer)
+        w = block.weights
+        shared = tuple(w.get(r) for r in ("gate", "up", "down"))
+        self.experts = ops.experts(block.layer, w["gate_exps"], w["up_exps"], w["down_exps"], shared)
+
+    def built_elsewhere(self) -> set[str]:
+        return {"gate_exps", "up_exps", "down_exps"}
+
+    def matrix_ops(self) -> list:
+        return [*self.ops.values(), self.experts]
+
+    @property
+    def shared_on_side(self) -> bool:
+        """Whether the shared experts run beside the routed ones (not inside their hand-off)."""
+        return self.gate is not None and not self.experts.includes_shared
+
+    @property
+    def experts_on_host(self) -> bool:
+        """Whether the routed experts run from CPU RAM (the hybrid step's hand-off points)."""
+        return self.experts.gpu is None and self.experts.gate.raw.device.type == "cpu"
+
+    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [T, D] -> expert ids [T, A] and their weights [T, A]."""
+        c = self.cfg
+        return route(self.router(x), c.n_expert_used, c.gating, self.bias, c.n_group, c.n_group_used,
+                     c.norm_topk, c.routed_scale)  # fmt: skip
+
+    def shared(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(F.silu(self.gate(x)) * self.up(x))
+
+    def __call__(self, x: torch.Tensor, run: Pass | None = None) -> torch.Tensor:
+        ids, weights = self.route(x)
+        routed = self.experts.submit(x, ids, weights)  # runs on the CPU workers meanwhile
+        side = self.shared(x) if self.shared_on_side else None
+        out = routed.wait()
+        return out if side is None else out + side
+
+    decode = __call__
+
+
+KINDS = {"mla": Mla, "mlp": Mlp, "moe": Moe}
