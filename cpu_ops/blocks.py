@@ -45,6 +45,7 @@ from cpu_ops.simd import (
     vec,
 )
 from modelfile.quants.legacy import IQ4_LEVELS
+from modelfile.quants.types import QUANT_TYPES, resolve
 
 
 @dataclass(frozen=True)
@@ -277,18 +278,8 @@ def _kind(code: int, qtype: QType, body) -> BlockKind:
     return BlockKind(code, values, size * values // block, body)
 
 
-_BODIES = {
-    QType.Q4_K: q4_k,
-    QType.Q5_K: q5_k,
-    QType.Q6_K: q6_k,
-    QType.IQ4_XS: iq4_xs,
-    QType.Q4_0: q4_0,
-    QType.Q5_0: q5_0,
-    QType.Q8_0: q8_0,
-    QType.F32: f32,
-    QType.F16: f16,
-    QType.BF16: bf16,
+# each engine type's body, as its declaration names it (modelfile/quants/types.py); the code is
+# the integer the kernels dispatch on, in declaration order
+BLOCKS: dict[QType, BlockKind] = {
+    qt: _kind(code, qt, resolve(QUANT_TYPES[qt].engine)) for code, qt in enumerate(ENGINE_TYPES)
 }
-if tuple(_BODIES) != ENGINE_TYPES:  # the declaration the planner reads and the kernels agree
-    raise ImportError("cpu_ops.blocks and cpu_ops.capabilities.ENGINE_TYPES list different types")
-BLOCKS: dict[QType, BlockKind] = {qt: _kind(i, qt, body) for i, (qt, body) in enumerate(_BODIES.items())}

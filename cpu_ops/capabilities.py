@@ -1,5 +1,6 @@
-"""What the CPU engine runs, declared without building its kernels: the planner reads this to
-name each CPU tensor's backend, and cpu_ops.blocks builds a kernel body for exactly these types.
+"""What the CPU engine runs, read from the quant types' declarations (modelfile/quants/types.py)
+without building its kernels: the planner reads this to name each CPU tensor's backend, and
+cpu_ops.blocks builds a kernel body for exactly these types.
 
 The reference path (hetero.ops: dequantize a slice, multiply with torch) runs every other type,
 one to two orders of magnitude slower: measured on the 2-core development machine at one
@@ -10,24 +11,14 @@ Q4_0 0.92, Q8_0 4.1, against 15-25 GB/s for the engine's kernels.
 from gguf import GGML_QUANT_SIZES
 from gguf import GGMLQuantizationType as QType
 
-ENGINE_TYPES = (
-    QType.Q4_K,
-    QType.Q5_K,
-    QType.Q6_K,
-    QType.IQ4_XS,
-    QType.Q4_0,
-    QType.Q5_0,
-    QType.Q8_0,
-    QType.F32,
-    QType.F16,
-    QType.BF16,
-)
+from modelfile.quants.types import freeze
+
+_TYPES = freeze("cpu_ops")
+ENGINE_TYPES = tuple(qt for qt, t in _TYPES.items() if t.engine is not None)  # in declaration order
 # Reference-path speed per core (bytes of weights per second), from the figures above: the
 # K-quant and IQ families unpack bit fields in many small torch ops; the 32-value families are
-# a few vector ops per block.
+# a few vector ops per block. Each type's declaration says which family it belongs to.
 REFERENCE_BYTES_PER_S_PER_CORE = {"k-quant": 0.05e9, "simple": 0.5e9, "float": 5e9}
-SIMPLE_TYPES = {QType.Q4_0, QType.Q4_1, QType.Q5_0, QType.Q5_1, QType.Q8_0, QType.IQ4_NL}
-FLOAT_TYPES = {QType.F32, QType.F16, QType.BF16}
 
 
 def values_per_block(qtype: QType) -> int:
@@ -47,5 +38,4 @@ def experts_run_on_engine(gate: tuple[QType, int], up: tuple[QType, int], down: 
 
 
 def reference_bytes_per_s(qtype: QType, cores: int) -> float:
-    family = "float" if qtype in FLOAT_TYPES else "simple" if qtype in SIMPLE_TYPES else "k-quant"
-    return REFERENCE_BYTES_PER_S_PER_CORE[family] * max(1, cores)
+    return REFERENCE_BYTES_PER_S_PER_CORE[_TYPES[qtype].reference_speed] * max(1, cores)

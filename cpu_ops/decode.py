@@ -22,8 +22,7 @@ from numba.core import types
 from numba.extending import intrinsic
 
 from cpu_ops.activations import quantize_into
-from cpu_ops.blocks import BLOCKS
-from cpu_ops.kernels import MATMUL
+from cpu_ops.kernels import row_dot_any
 from cpu_ops.spin import SPIN_POLLS, _load_acquire, fetch_add, spin_until
 from modelfile.blocks import MATRICES, VECTORS
 
@@ -53,10 +52,6 @@ _C_EMBD, _C_HEAD, _C_NOPE, _C_ROPE, _C_VDIM, _C_RANK = (CONFIG[f] for f in CONFI
 _C_EXPERTS, _C_USED, _C_GROUPS, _C_GROUPS_USED, _C_NORM_TOPK, _C_FF_EXPERT = (CONFIG[f] for f in CONFIG_FIELDS[6:])
 _C_SIGMOID, _C_OUTPUT, _C_OUTPUT_NORM = CONFIG["sigmoid"], CONFIG["output"], CONFIG["output_norm"]
 
-_CODES = [kind.code for kind in BLOCKS.values()]
-assert _CODES == list(range(len(_CODES))), "the dispatch below assumes codes 0..9"
-_M0, _M1, _M2, _M3, _M4, _M5, _M6, _M7, _M8, _M9 = (MATMUL[qt] for qt in BLOCKS)
-
 
 @intrinsic
 def _bytes_at(typingctx, address):
@@ -70,28 +65,10 @@ def _bytes_at(typingctx, address):
 
 @numba.njit(nogil=True, cache=True)
 def _kernel(code, w, w_off, row_stride, n_rows, n_blocks, xq, dx, xs, xf, out, out_col):
-    """One token through the matmul kernel of weight type `code`."""
-    args = (w, w_off, row_stride, n_rows, n_blocks, xq, dx, xs, xf, 0, 1, out, out_col)
-    if code == 0:
-        _M0(*args)
-    elif code == 1:
-        _M1(*args)
-    elif code == 2:
-        _M2(*args)
-    elif code == 3:
-        _M3(*args)
-    elif code == 4:
-        _M4(*args)
-    elif code == 5:
-        _M5(*args)
-    elif code == 6:
-        _M6(*args)
-    elif code == 7:
-        _M7(*args)
-    elif code == 8:
-        _M8(*args)
-    else:
-        _M9(*args)
+    """One token through n_rows rows of a weight of type `code` (a switch over every engine type)."""
+    k = xf.shape[1]
+    for r in range(n_rows):
+        out[0, out_col + r] = row_dot_any(code, w, w_off + r * row_stride, n_blocks, xq, dx, xs, xf, 0, k)
 
 
 @numba.njit(nogil=True, cache=True)

@@ -73,6 +73,33 @@ row_dot = _row_dot_intrinsic(1)
 row_dot4 = _row_dot_intrinsic(4)  # prefill: four tokens per decoded weight block
 
 
+@intrinsic
+def row_dot_any(typingctx, code, w, w_off, n_blocks, xq, dx, xs, xf, x_off, x_stride):
+    """row_dot for a block type known only at run time (the native step's tensors): a switch on
+    `code` over every engine type, each case that type's row loop; NaN for an unknown code."""
+
+    def codegen(context, builder, sig, args):
+        cases, merge = [], builder.append_basic_block("row_done")
+        unknown = builder.append_basic_block("unknown_type")
+        switch = builder.switch(args[0], unknown)
+        for kind in BLOCKS.values():
+            block = builder.append_basic_block(f"type_{kind.code}")
+            switch.add_case(ir.Constant(args[0].type, kind.code), block)
+            builder.position_at_end(block)
+            cases.append((_row_dot_codegen(kind, 1)(context, builder, sig, args), builder.block))
+            builder.branch(merge)
+        builder.position_at_end(unknown)
+        builder.branch(merge)
+        builder.position_at_end(merge)
+        value = builder.phi(F32)
+        for v, block in cases:
+            value.add_incoming(v, block)
+        value.add_incoming(ir.Constant(F32, float("nan")), unknown)
+        return value
+
+    return types.float32(code, w, w_off, n_blocks, xq, dx, xs, xf, x_off, x_stride), codegen
+
+
 def _make_matmul(code: int):
     @numba.njit(nogil=True, cache=True)
     def matmul_rows(w, w_off, row_stride, n_rows, n_blocks, xq, dx, xs, xf, x_off, n_tok, out, out_col):

@@ -1,5 +1,6 @@
-"""What the GPU path runs, and at what size, declared without torch: the planner reads this to
-budget VRAM and name each GPU tensor's backend; gpu_ops.matmul repacks exactly these types.
+"""What the GPU path runs, and at what size, read from the quant types' declarations without
+torch: the planner reads this to budget VRAM and name each GPU tensor's backend;
+gpu_ops.matmul repacks exactly these types.
 
 A GGUF type with a GPU format is repacked losslessly at load into tiles of TILE rows (each
 matrix of a stack padded to whole tiles; gpu_ops/formats.py): Q4_K as int4 (4 bits, a byte of
@@ -13,14 +14,13 @@ import math
 
 from gguf import GGMLQuantizationType as QType
 
+from modelfile.quants.types import freeze
+
 TILE = 64  # rows per tile: the Triton kernels' BLOCK_N
-# type -> (format, values per block the repack walks, bits per 32 values after repacking)
-GPU_FORMATS = {
-    QType.Q4_K: ("int4", 256, 148),
-    QType.Q6_K: ("int8", 256, 274),
-    QType.Q8_0: ("int8", 32, 272),
-    QType.Q5_0: ("int8", 32, 272),
-}
+_TYPES = freeze("gpu_ops")
+# type -> (format, values per block the repack walks, bits per 32 values after repacking), from
+# each type's declaration (modelfile/quants/types.py)
+GPU_FORMATS = {qt: (t.gpu.name, t.gpu.values, t.gpu.bits_per_32) for qt, t in _TYPES.items() if t.gpu is not None}
 FLOATS = {QType.F32: ("f32", 4), QType.F16: ("f16", 2), QType.BF16: ("bf16", 2)}
 
 

@@ -17,15 +17,13 @@ from contextlib import contextmanager
 from contextvars import ContextVar
 
 import torch
-from gguf import GGMLQuantizationType as QType
 
 from gpu_ops.capabilities import GPU_FORMATS, has_gpu_format
-from gpu_ops.formats import TILE, Int4Rows, Int8Rows, repack_q4_k, repack_q5_0, repack_q6_k, repack_q8_0, tiles_for
+from gpu_ops.formats import TILE, Int4Rows, Int8Rows, tiles_for
+from modelfile.quants.types import QUANT_TYPES, resolve
 
 GpuWeights = Int4Rows | Int8Rows
-_REPACK = {QType.Q4_K: repack_q4_k, QType.Q6_K: repack_q6_k, QType.Q8_0: repack_q8_0, QType.Q5_0: repack_q5_0}
-if set(_REPACK) != set(GPU_FORMATS):  # the declaration the planner reads and the repacks agree
-    raise ImportError("gpu_ops.matmul and gpu_ops.capabilities.GPU_FORMATS list different types")
+_REPACK = {qt: resolve(QUANT_TYPES[qt].gpu.repack) for qt in GPU_FORMATS}  # as each type's declaration names it
 
 DECODE_TOKENS = 8  # up to this many rows the GEMV kernel runs (weights read once); above, the GEMM
 TORCH_CHUNK_VALUES = 1 << 20  # floats dequantized at a time on the torch path

@@ -3,9 +3,14 @@
 import numpy as np
 import pytest
 import torch
+from gguf import GGML_QUANT_SIZES
+from test_quants import random_rows
 
 import hetero
+from cpu_ops.blocks import BLOCKS
+from cpu_ops.decode import _kernel as native_kernel
 from cpu_ops.decode import route as native_route
+from cpu_ops.matmul import CpuMatrix
 from hetero.routing import route
 
 
@@ -92,3 +97,21 @@ def test_warm_up_compiles_what_a_prompt_and_a_token_need(synth):
     model.forward([model.tokenizer.bos_id, 5, 17, 33, 2], cache)
     model.forward([9], cache)
     assert _compiled_signatures(model) == before
+
+
+@pytest.mark.parametrize("qtype", list(BLOCKS), ids=lambda t: t.name)
+def test_the_native_dispatch_runs_every_engine_type(qtype):
+    """The native step's switch over the declared types gives each type's own kernel's result
+    (same rows, same quantized activations); an unknown code gives NaN, never another type."""
+    rng = np.random.default_rng()
+    kind, rows = BLOCKS[qtype], 9
+    k = 2 * kind.values
+    raw = random_rows(qtype, rows, k // GGML_QUANT_SIZES[qtype][0], rng)
+    matrix = CpuMatrix(raw, qtype, k)
+    acts = matrix.quantize(rng.standard_normal((1, k)).astype(np.float32))
+    expected = matrix(None, acts)
+    flat = np.ascontiguousarray(raw).reshape(-1)
+    for code, want in ((kind.code, expected), (len(BLOCKS) + 5, np.full_like(expected, np.nan))):
+        out = np.zeros((1, rows), np.float32)
+        native_kernel(code, flat, 0, raw.shape[1], rows, k // kind.values, acts.xq, acts.dx, acts.xs, acts.xf, out, 0)
+        np.testing.assert_array_equal(out, want)

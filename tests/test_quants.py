@@ -8,7 +8,7 @@ from gguf import GGMLQuantizationType as T
 from gguf.quants import dequantize as gguf_dequantize
 
 from modelfile.errors import HeteroError
-from modelfile.quants import BLOCK_FORMATS, dequantize, row_bytes
+from modelfile.quants import QUANT_TYPES, dequantize, row_bytes
 
 # Byte offsets of the float16 factors inside each block: random bytes there could spell NaN.
 F16_FIELDS = {
@@ -48,7 +48,7 @@ def random_rows(qtype: T, rows: int, blocks_per_row: int, rng: np.random.Generat
     return raw.reshape(rows, blocks_per_row * size)
 
 
-@pytest.mark.parametrize("qtype", list(BLOCK_FORMATS), ids=lambda t: t.name)
+@pytest.mark.parametrize("qtype", list(QUANT_TYPES), ids=lambda t: t.name)
 @pytest.mark.parametrize("rows,blocks_per_row", [(1, 1), (5, 3), (3, 7)])
 def test_matches_gguf(qtype, rows, blocks_per_row):
     rng = np.random.default_rng()

@@ -1,0 +1,144 @@
+"""Every GGUF block type hetero reads, declared once: layout, reference, CPU kernel, GPU format.
+
+A declaration names everything the layers above need of a type, so adding one touches only its
+entry here (and the code the entry points to):
+
+- layout and size: gguf's table (values and bytes per block), which the file reader and the
+  planner use;
+- `dequantize`: the reference, torch over whole blocks, bit-exact with gguf's numpy version;
+  it runs any type on any device (slowly) and is what the kernels are tested against;
+- `reference_speed`: which family of the reference path's measured speed the planner assumes
+  (cpu_ops.capabilities);
+- `engine`: the CPU engine's block body (cpu_ops/blocks.py's signature), or None: the type
+  then runs on the reference path on the CPU;
+- `gpu`: the lossless GPU format it is repacked into (gpu_ops/formats.py), or None.
+
+Kernel code lives with its package, so `engine` and the repack are named "module:function"
+and resolved by that package (a callable works too: tests declare toy types that way). The
+kernel packages read this table once, when they are imported (`freeze`); a type declared
+after that could not reach their kernels, so `declare` refuses it.
+"""
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from importlib import import_module
+
+import numpy as np
+import torch
+from gguf import GGML_QUANT_SIZES
+from gguf import GGMLQuantizationType as T
+
+from modelfile.errors import HeteroError
+from modelfile.quants import kquants, legacy
+
+
+@dataclass(frozen=True)
+class GpuFormat:
+    name: str  # the Triton kernels' weight format: "int4" or "int8"
+    values: int  # values per block the repack walks (a row must be a multiple)
+    bits_per_32: int  # bytes x 8 per 32 values after repacking, scales included (the planner's VRAM size)
+    repack: str | Callable  # "module:function" (raw, in_features, groups) -> the packed rows
+
+
+@dataclass(frozen=True)
+class QuantType:
+    qtype: T
+    dequantize: Callable[[torch.Tensor], torch.Tensor]  # blocks uint8 [N, bytes] -> float32 [N, values]
+    reference_speed: str  # "float", "simple" (32-value blocks) or "k-quant" (bit fields, many small ops)
+    engine: str | Callable | None = None  # the CPU engine's block body, "module:function"
+    gpu: GpuFormat | None = None
+
+    @property
+    def layout(self) -> tuple[int, int]:
+        """(values, bytes) per block."""
+        return GGML_QUANT_SIZES[self.qtype]
+
+
+def resolve(ref: str | Callable) -> Callable:
+    """A declaration's "module:function" as the function (a callable is returned as is)."""
+    if callable(ref):
+        return ref
+    module, name = ref.split(":")
+    return getattr(import_module(module), name)
+
+
+def _float(dtype: torch.dtype) -> Callable[[torch.Tensor], torch.Tensor]:
+    def dequant(blocks: torch.Tensor) -> torch.Tensor:
+        return blocks.contiguous().view(dtype).float()
+
+    return dequant
+
+
+def _body(name: str) -> str:
+    return f"cpu_ops.blocks:{name}"
+
+
+def _repack(name: str) -> str:
+    return f"gpu_ops.formats:repack_{name}"
+
+
+QUANT_TYPES: dict[T, QuantType] = {}
+_frozen_by: list[str] = []
+
+
+def declare(t: QuantType) -> QuantType:
+    """Add a type (before the kernel packages are imported: they read the table once)."""
+    if _frozen_by:
+        raise RuntimeError(f"declare {t.qtype.name} before importing {_frozen_by[0]}: it has read the quant types")
+    QUANT_TYPES[t.qtype] = t
+    return t
+
+
+def freeze(reader: str) -> dict[T, QuantType]:
+    """The table as `reader` (a kernel package) builds its kernels from it; no declarations after."""
+    _frozen_by.append(reader)
+    return QUANT_TYPES
+
+
+for _t in (
+    QuantType(T.F32, _float(torch.float32), "float", _body("f32")),
+    QuantType(T.F16, _float(torch.float16), "float", _body("f16")),
+    QuantType(T.BF16, _float(torch.bfloat16), "float", _body("bf16")),
+    QuantType(T.Q4_0, legacy.q4_0, "simple", _body("q4_0")),
+    QuantType(T.Q4_1, legacy.q4_1, "simple"),
+    QuantType(T.Q5_0, legacy.q5_0, "simple", _body("q5_0"), GpuFormat("int8", 32, 272, _repack("q5_0"))),
+    QuantType(T.Q5_1, legacy.q5_1, "simple"),
+    QuantType(T.Q8_0, legacy.q8_0, "simple", _body("q8_0"), GpuFormat("int8", 32, 272, _repack("q8_0"))),
+    QuantType(T.IQ4_NL, legacy.iq4_nl, "simple"),
+    QuantType(T.Q2_K, kquants.q2_k, "k-quant"),
+    QuantType(T.Q3_K, kquants.q3_k, "k-quant"),
+    QuantType(T.Q4_K, kquants.q4_k, "k-quant", _body("q4_k"), GpuFormat("int4", 256, 148, _repack("q4_k"))),
+    QuantType(T.Q5_K, kquants.q5_k, "k-quant", _body("q5_k")),
+    QuantType(T.Q6_K, kquants.q6_k, "k-quant", _body("q6_k"), GpuFormat("int8", 256, 274, _repack("q6_k"))),
+    QuantType(T.IQ4_XS, kquants.iq4_xs, "k-quant", _body("iq4_xs")),
+):
+    declare(_t)
+
+
+def block_geometry(qtype: int, tensor_name: str = "?") -> tuple[int, int]:
+    """(values per block, bytes per block) of a supported type, else a HeteroError."""
+    try:
+        qt = T(qtype)
+    except ValueError:
+        raise HeteroError(f"unsupported quant type {qtype} in tensor {tensor_name}") from None
+    if qt not in QUANT_TYPES:
+        raise HeteroError(f"unsupported quant type {qt.name} in tensor {tensor_name}")
+    return QUANT_TYPES[qt].layout
+
+
+def row_bytes(qtype: int, n_values: int, tensor_name: str = "?") -> int:
+    """Bytes taken by one row of `n_values` values."""
+    block, size = block_geometry(qtype, tensor_name)
+    if n_values % block:
+        raise HeteroError(f"tensor {tensor_name}: row of {n_values} is not a multiple of its block ({block})")
+    return n_values // block * size
+
+
+def dequantize(raw: torch.Tensor | np.ndarray, qtype: int, n_values: int) -> torch.Tensor:
+    """Rows of raw bytes [R, row_bytes] (uint8) -> float32 [R, n_values], on raw's device."""
+    if isinstance(raw, np.ndarray):
+        raw = torch.from_numpy(raw)
+    block, size = block_geometry(qtype)
+    rows = raw.shape[0]
+    blocks = raw.reshape(rows * (n_values // block), size)
+    return QUANT_TYPES[T(qtype)].dequantize(blocks).reshape(rows, n_values)
