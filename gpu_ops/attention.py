@@ -25,15 +25,25 @@ def _kernel():
     return importlib.import_module("gpu_ops.triton_attention")
 
 
-def mla_decode_torch(q_latent, q_rope, cache_rows, length, scale: float, known_length: int | None = None):
+def latent_attention_torch(q_latent, q_rope, rows, scale: float, hidden=None):
+    """MLA's absorbed attention in torch, for any number of tokens: q_latent [..., H, R] and
+    q_rope [..., H, P] against cache rows [S, R + P] -> latent outputs [..., H, R] (float32).
+    hidden: bool, broadcast against the scores [..., H, S], True where a position is not seen
+    (the future in a prompt, past the end of a decode buffer); None: every row is seen."""
     r = q_latent.shape[-1]
+    rows = rows.float()
+    latents, k_ropes = rows[:, :r], rows[:, r:]
+    scores = (q_latent @ latents.T + q_rope @ k_ropes.T) * scale
+    if hidden is not None:
+        scores = scores.masked_fill(hidden, float("-inf"))
+    return torch.softmax(scores, dim=-1) @ latents
+
+
+def mla_decode_torch(q_latent, q_rope, cache_rows, length, scale: float, known_length: int | None = None):
     if known_length is not None:  # not inside a graph: read only the valid rows
-        cache_rows = cache_rows[:known_length]
-    cache_rows = cache_rows.float()
-    latents, k_ropes = cache_rows[:, :r], cache_rows[:, r:]
-    scores = (q_latent @ latents.T + q_rope @ k_ropes.T) * scale  # [H, S_max]
+        return latent_attention_torch(q_latent, q_rope, cache_rows[:known_length], scale)
     past_end = torch.arange(cache_rows.shape[0], device=cache_rows.device) >= length
-    return torch.softmax(scores.masked_fill(past_end, float("-inf")), dim=-1) @ latents
+    return latent_attention_torch(q_latent, q_rope, cache_rows, scale, past_end)
 
 
 def mla_decode(q_latent: torch.Tensor, q_rope: torch.Tensor, cache_rows: torch.Tensor, length: torch.Tensor,

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from gpu_ops.attention import mla_decode
+from gpu_ops.attention import latent_attention_torch, mla_decode
 from hetero.kv_cache import KVCache
 from hetero.loader import OpBuilder
 from hetero.rope import apply_rope, attention_scales
@@ -112,32 +112,28 @@ class Mla(Body):
 
     def __call__(self, x: torch.Tensor, run: Pass) -> torch.Tensor:
         """T tokens: absorbed or expanded, whichever costs fewer multiply-adds."""
-        t, start, r = x.shape[0], run.start, self.cfg.kv_lora_rank
+        t, start = x.shape[0], run.start
         q_nope, q_rope, rows = self.project(x, run.cos, run.sin)
         run.cache.write(self.cache_layer, start, rows)
-        cached = run.cache.read(self.cache_layer, start + t).float()  # [S, R+P]
-        latents, k_ropes = cached[:, :r], cached[:, r:]
+        cached = run.cache.read(self.cache_layer, start + t)  # [S, R+P]
+        future = None
+        if t > 1:  # a single new token sees every cached position: nothing to mask
+            s = torch.arange(start + t, device=x.device)
+            future = (s[None, :] > torch.arange(start, start + t, device=x.device)[:, None])[:, None, :]  # [T, 1, S]
         form = run.attention_form
         if form == "auto":
             form = "expanded" if expanded_is_cheaper(self.cfg, t, start + t) else "absorbed"
-        if form == "expanded":
-            wk, wv = self.wk_wv()  # [H, R, N], [H, V, R]
-            keys = torch.einsum("sr,hrn->hsn", latents, wk.to(x.device))  # [H, S, N]
-            values = torch.einsum("sr,hvr->hsv", latents, wv.to(x.device))  # [H, S, V]
-            scores = torch.einsum("thn,hsn->ths", q_nope, keys)
-        else:
-            scores = torch.matmul(self.absorb_q(q_nope), latents.T)  # [T, H, R] x [R, S]
-        scores = scores.add_(torch.matmul(q_rope, k_ropes.T)).mul_(self.kq_scale)  # [T, H, S]
-        if t > 1:  # a single new token sees every cached position: nothing to mask
-            future = (
-                torch.arange(start + t, device=x.device)[None, :]
-                > torch.arange(start, start + t, device=x.device)[:, None]
-            )
-            scores = scores.masked_fill(future[:, None, :], float("-inf"))
-        probs = torch.softmax(scores, dim=-1)
-        if form == "expanded":
-            return self.values_out(torch.einsum("ths,hsv->thv", probs, values))
-        return self.latent_out(torch.matmul(probs, latents))  # latent output [T, H, R]
+        if form == "absorbed":
+            o = latent_attention_torch(self.absorb_q(q_nope), q_rope, cached, self.kq_scale, future)  # [T, H, R]
+            return self.latent_out(o)
+        latents, k_ropes = cached.float().split([self.cfg.kv_lora_rank, self.cfg.qk_rope_dim], dim=-1)
+        wk, wv = self.wk_wv()  # [H, R, N], [H, V, R]
+        keys = torch.einsum("sr,hrn->hsn", latents, wk.to(x.device))  # [H, S, N]
+        values = torch.einsum("sr,hvr->hsv", latents, wv.to(x.device))  # [H, S, V]
+        scores = (torch.einsum("thn,hsn->ths", q_nope, keys) + q_rope @ k_ropes.T) * self.kq_scale  # [T, H, S]
+        if future is not None:
+            scores = scores.masked_fill(future, float("-inf"))
+        return self.values_out(torch.einsum("ths,hsv->thv", torch.softmax(scores, dim=-1), values))
 
     def decode(self, x: torch.Tensor, step) -> torch.Tensor:
         """One token [1, D] at the position in step.pos (a device tensor), over the cache's
@@ -168,9 +164,14 @@ def expanded_is_cheaper(c: ModelConfig, t: int, s: int) -> bool:
     return expanded < absorbed
 
 
+def gated_mlp(body: Body, x: torch.Tensor) -> torch.Tensor:
+    """down(silu(gate(x)) * up(x)) with a block's gate, up and down: the MLP and the shared experts."""
+    return body.down(F.silu(body.gate(x)) * body.up(x))
+
+
 class Mlp(Body):
     def __call__(self, x: torch.Tensor, run: Pass | None = None) -> torch.Tensor:
-        return self.down(F.silu(self.gate(x)) * self.up(x))
+        return gated_mlp(self, x)
 
     decode = __call__
 
@@ -208,7 +209,7 @@ class Moe(Body):
                      c.norm_topk, c.routed_scale)  # fmt: skip
 
     def shared(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down(F.silu(self.gate(x)) * self.up(x))
+        return gated_mlp(self, x)
 
     def __call__(self, x: torch.Tensor, run: Pass | None = None) -> torch.Tensor:
         ids, weights = self.route(x)
