@@ -22,7 +22,7 @@ from numba.core import types
 from numba.extending import intrinsic
 
 from cpu_ops.activations import quantize_into
-from cpu_ops.kernels import row_dot_any
+from cpu_ops.kernels import matmul_rows_any
 from cpu_ops.spin import SPIN_POLLS, _load_acquire, fetch_add, spin_until
 from modelfile.blocks import MATRICES, VECTORS
 
@@ -65,10 +65,8 @@ def _bytes_at(typingctx, address):
 
 @numba.njit(nogil=True, cache=True)
 def _kernel(code, w, w_off, row_stride, n_rows, n_blocks, xq, dx, xs, xf, out, out_col):
-    """One token through n_rows rows of a weight of type `code` (a switch over every engine type)."""
-    k = xf.shape[1]
-    for r in range(n_rows):
-        out[0, out_col + r] = row_dot_any(code, w, w_off + r * row_stride, n_blocks, xq, dx, xs, xf, 0, k)
+    """One token through n_rows rows of a weight of type `code` into out[out_col:] (1-D)."""
+    matmul_rows_any(code, w, w_off, row_stride, n_rows, n_blocks, xq, dx, xs, xf, out, out_col)
 
 
 @numba.njit(nogil=True, cache=True)
@@ -93,7 +91,7 @@ def _rows(tensors, t, x, out, first_row, start, stop):
     xq, dx, xs, xf = _quantized(x, meta[GROUP])
     w = numba.carray(_bytes_at(meta[ADDR]), (first_row + stop) * meta[ROW_BYTES])
     _kernel(meta[CODE], w, (first_row + start) * meta[ROW_BYTES], meta[ROW_BYTES], stop - start,
-            meta[WIDTH] // meta[VALUES], xq, dx, xs, xf, out.reshape((1, out.size)), start)  # fmt: skip
+            meta[WIDTH] // meta[VALUES], xq, dx, xs, xf, out, start)  # fmt: skip
 
 
 @numba.njit(nogil=True, cache=True)

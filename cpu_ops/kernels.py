@@ -74,30 +74,42 @@ row_dot4 = _row_dot_intrinsic(4)  # prefill: four tokens per decoded weight bloc
 
 
 @intrinsic
-def row_dot_any(typingctx, code, w, w_off, n_blocks, xq, dx, xs, xf, x_off, x_stride):
-    """row_dot for a block type known only at run time (the native step's tensors): a switch on
-    `code` over every engine type, each case that type's row loop; NaN for an unknown code."""
+def matmul_rows_any(typingctx, code, w, w_off, row_stride, n_rows, n_blocks, xq, dx, xs, xf, out, out_col):
+    """One token times n_rows rows of a weight whose block type is known only at run time (the
+    native step's tensors): out[out_col + r] = row r . activations, out a 1-D float32 array. A
+    switch on `code` over every engine type, each case that type's own row loop (the switch
+    inside the loop cost Q8_0 half its speed); an unknown code writes NaN."""
+    row_sig = types.float32(code, w, w_off, n_blocks, xq, dx, xs, xf, types.int64, types.int64)
 
     def codegen(context, builder, sig, args):
-        cases, merge = [], builder.append_basic_block("row_done")
-        unknown = builder.append_basic_block("unknown_type")
-        switch = builder.switch(args[0], unknown)
-        for kind in BLOCKS.values():
-            block = builder.append_basic_block(f"type_{kind.code}")
-            switch.add_case(ir.Constant(args[0].type, kind.code), block)
-            builder.position_at_end(block)
-            cases.append((_row_dot_codegen(kind, 1)(context, builder, sig, args), builder.block))
-            builder.branch(merge)
-        builder.position_at_end(unknown)
-        builder.branch(merge)
-        builder.position_at_end(merge)
-        value = builder.phi(F32)
-        for v, block in cases:
-            value.add_incoming(v, block)
-        value.add_incoming(ir.Constant(F32, float("nan")), unknown)
-        return value
+        code_v, w_a, w_off_v, stride_v, n_rows_v, n_blocks_v, xq_a, dx_a, xs_a, xf_a, out_a, out_col_v = args
+        out_arr = context.make_array(sig.args[10])(context, builder, out_a)
 
-    return types.float32(code, w, w_off, n_blocks, xq, dx, xs, xf, x_off, x_stride), codegen
+        def store(r, value):
+            index = builder.add(out_col_v, r)
+            builder.store(value, cgutils.get_item_pointer(context, builder, sig.args[10], out_arr, [index]))
+
+        done = builder.append_basic_block("rows_done")
+        unknown = builder.append_basic_block("unknown_type")
+        switch = builder.switch(code_v, unknown)
+        zero = const(I64, 0)
+        for kind in BLOCKS.values():
+            case = builder.append_basic_block(f"type_{kind.code}")
+            switch.add_case(ir.Constant(code_v.type, kind.code), case)
+            builder.position_at_end(case)
+            with cgutils.for_range(builder, n_rows_v) as loop:
+                offset = builder.add(w_off_v, builder.mul(loop.index, stride_v))
+                row_args = (code_v, w_a, offset, n_blocks_v, xq_a, dx_a, xs_a, xf_a, zero, zero)
+                store(loop.index, _row_dot_codegen(kind, 1)(context, builder, row_sig, row_args))
+            builder.branch(done)
+        builder.position_at_end(unknown)
+        with cgutils.for_range(builder, n_rows_v) as loop:
+            store(loop.index, ir.Constant(F32, float("nan")))
+        builder.branch(done)
+        builder.position_at_end(done)
+        return context.get_dummy_value()
+
+    return types.none(code, w, w_off, row_stride, n_rows, n_blocks, xq, dx, xs, xf, out, out_col), codegen
 
 
 def _make_matmul(code: int):

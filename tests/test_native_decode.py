@@ -113,5 +113,7 @@ def test_the_native_dispatch_runs_every_engine_type(qtype):
     flat = np.ascontiguousarray(raw).reshape(-1)
     for code, want in ((kind.code, expected), (len(BLOCKS) + 5, np.full_like(expected, np.nan))):
         out = np.zeros((1, rows), np.float32)
-        native_kernel(code, flat, 0, raw.shape[1], rows, k // kind.values, acts.xq, acts.dx, acts.xs, acts.xf, out, 0)
+        native_kernel(
+            code, flat, 0, raw.shape[1], rows, k // kind.values, acts.xq, acts.dx, acts.xs, acts.xf, out[0], 0
+        )
         np.testing.assert_array_equal(out, want)
