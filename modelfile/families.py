@@ -6,17 +6,33 @@ values one layer caches per token, attention FLOPs per token over a context, the
 prefill token holds on the GPU, which tensors run together as one expert op, and which are
 only dequantized), and its description: the model as a list of blocks (modelfile/blocks.py),
 from which the runtime derives the eager forward, the hybrid step and the native step, and
-whose cache is `cached_values_per_token` wide. Nothing outside an entry names its tensors.
+whose cache is `cached_values_per_token` wide; and its synthetic-model recipe (`synth`).
+Nothing outside an entry names its tensors.
 """
 
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from modelfile import deepseek2_synth as ds2_synth
 from modelfile import deepseek2_tensors as ds2
 from modelfile.blocks import Description
 from modelfile.config import ModelConfig
 from modelfile.config import config_from_metadata as deepseek2_config
 from modelfile.errors import HeteroError
+
+
+@dataclass(frozen=True)
+class Synth:
+    """How `hetero synth` and the tests make files of a family: its presets (dataclasses of the
+    family's own fields; overrides replace fields), which are header-only, and per preset the
+    config, tensor shapes (file order) and GGUF keys; per tensor, plausible random values."""
+
+    presets: dict[str, object]
+    header_only: set[str]
+    config: Callable[[object], object]  # preset -> config
+    shapes: Callable[[object], dict]  # preset -> name -> shape
+    metadata: Callable[[object, str], dict]  # (preset, model name) -> GGUF keys (not the tokenizer's)
+    tensor: Callable[[object, str, tuple, int], object]  # (config, name, shape, seed) -> float32 ndarray
 
 
 @dataclass(frozen=True)
@@ -35,6 +51,7 @@ class Family:
     native_step: Callable[[object], bool]  # whether the native CPU decode step runs this config
     # (config, tensor names) -> the model as blocks; None: planned and summarized, not yet run
     describe: Callable[[object, object], Description] | None = None
+    synth: Synth | None = None  # None: no synthetic files of this family
 
 
 DEEPSEEK2 = Family(
@@ -51,6 +68,14 @@ DEEPSEEK2 = Family(
     dequantized_on_use=ds2.dequantized_on_use,
     native_step=lambda cfg: cfg.split_kv_b,  # the step multiplies the split k_b / v_b heads
     describe=ds2.describe,
+    synth=Synth(
+        presets=ds2_synth.PRESETS,
+        header_only=ds2_synth.HEADER_ONLY,
+        config=ds2_synth.preset_config,
+        shapes=ds2_synth.tensor_shapes,
+        metadata=ds2_synth.metadata,
+        tensor=ds2_synth.random_tensor,
+    ),
 )
 FAMILIES = {f.architecture: f for f in (DEEPSEEK2,)}
 
@@ -83,3 +108,12 @@ def validate_tensors(family: Family, cfg, present: dict[str, tuple[int, ...]]) -
         if name in present and tuple(present[name]) != shape:
             raise HeteroError(f"tensor {name} has shape {tuple(present[name])}, config implies {shape}")
     return tied
+
+
+def family_of_preset(name: str) -> Family:
+    """The family whose synthetic presets include `name`."""
+    for family in FAMILIES.values():
+        if family.synth is not None and name in family.synth.presets:
+            return family
+    known = [n for f in FAMILIES.values() if f.synth for n in f.synth.presets]
+    raise ValueError(f"unknown preset {name!r}; choose from {', '.join(known)}")

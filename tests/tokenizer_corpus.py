@@ -14,8 +14,9 @@ from gguf import GGUFWriter, TokenType
 
 from hetero.synth.presets import make_preset
 from hetero.synth.vocab import ASSISTANT, BOS, EOS, PAD, THINK_CLOSE, THINK_OPEN, USER, Vocab, learn_merges
-from hetero.synth.writer import ARCH, put_metadata
+from hetero.synth.writer import put_metadata
 from hetero.tokenizer import byte_alphabet
+from modelfile.deepseek2_synth import ARCH
 
 TRAINING_TEXT = """
 The quick brown fox jumps over the lazy dog. It's 3.14159 and 2,718 — don't you think? We'll see.

@@ -13,9 +13,8 @@ import numpy as np
 from gguf import GGML_QUANT_SIZES, GGUFWriter
 from gguf import GGMLQuantizationType as T
 
-from hetero.synth.presets import PRESETS, Preset
-from hetero.synth.writer import ARCH, preset_config, put_metadata
-from modelfile.deepseek2_tensors import expected_tensors, optional_tensors
+from hetero.synth.presets import PRESETS, family_of
+from hetero.synth.writer import put_metadata
 
 
 def _more_bits(layer: int, n_layer: int) -> bool:
@@ -35,15 +34,13 @@ def q4_k_m_type(name: str, shape: tuple[int, ...], n_layer: int) -> T:
     return T.Q4_K
 
 
-def write_header_only(path: str | Path, preset: Preset = PRESETS["r1"], splits: int = 1) -> list[Path]:
+def write_header_only(path: str | Path, preset=PRESETS["r1"], splits: int = 1) -> list[Path]:
     """Write the file(s); returns their paths. The sparse data region reads as zeros."""
-    cfg = preset_config(preset)
-    shapes = expected_tensors(cfg, preset.tied_output)
-    if preset.selection_bias:
-        shapes.update(optional_tensors(cfg))
+    family = family_of(preset)
+    shapes = family.synth.shapes(preset)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    w = GGUFWriter(path, ARCH, split_max_tensors=-(-len(shapes) // splits) if splits > 1 else 0)
+    w = GGUFWriter(path, family.architecture, split_max_tensors=-(-len(shapes) // splits) if splits > 1 else 0)
     put_metadata(w, preset, "header-only")
     for name, shape in shapes.items():
         qtype = q4_k_m_type(name, shape, preset.n_layer)

@@ -1,4 +1,5 @@
-"""Write a synthetic deepseek2 GGUF: real architecture and tokenizer, random weights.
+"""Write a synthetic GGUF: a family's real architecture (its entry's presets, metadata and
+random weights: modelfile/families.py), a real tokenizer, random weights.
 
 Tensors are streamed one by one (never the whole model in memory). Quantized files are written
 by hetero's own numpy quantizer (hetero/synth/quantize.py: GGUF blocks, and the per-tensor types
@@ -11,7 +12,6 @@ import contextlib
 import os
 import shutil
 import tempfile
-import zlib
 from collections.abc import Callable
 from pathlib import Path
 
@@ -19,15 +19,12 @@ import numpy as np
 from gguf import GGMLQuantizationType, GGUFReader, GGUFWriter
 
 from hetero.synth import llama_cpp
-from hetero.synth.presets import HEADER_ONLY, Preset, make_preset
+from hetero.synth.presets import HEADER_ONLY, family_of, make_preset
 from hetero.synth.quantize import MIXES, quantize, tensor_type
 from hetero.synth.vocab import CHAT_TEMPLATE, PAD, Vocab, build_vocab
-from modelfile.config import ModelConfig, config_from_metadata
-from modelfile.deepseek2_tensors import expected_tensors, optional_tensors
 from modelfile.errors import HeteroError
 from modelfile.quants import row_bytes
 
-ARCH = "deepseek2"
 FLOAT_TYPES = {"F32": GGMLQuantizationType.F32, "F16": GGMLQuantizationType.F16}
 QUANT_FTYPES = ("Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K_M", "Q4_K_S", "Q4_K_M", "Q5_K_S",
                 "Q5_K_M", "Q6_K", "IQ4_NL", "IQ4_XS", "BF16")  # fmt: skip
@@ -117,43 +114,14 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def preset_config(p: Preset) -> ModelConfig:
-    return config_from_metadata(_metadata(p, "check"))
-
-
-def _metadata(p: Preset, name: str) -> dict:
-    k = f"{ARCH}."
-    mla = {"attention.key_length": p.kv_lora_rank + p.qk_rope_dim, "attention.value_length": p.kv_lora_rank,
-           "attention.key_length_mla": p.qk_nope_dim + p.qk_rope_dim, "attention.value_length_mla": p.v_head_dim,
-           "attention.head_count_kv": 1}  # fmt: skip
-    legacy = {"attention.key_length": p.qk_nope_dim + p.qk_rope_dim, "attention.value_length": p.v_head_dim,
-              "attention.head_count_kv": p.n_head}  # fmt: skip
-    meta = {
-        "general.architecture": ARCH,
-        "general.name": f"hetero synthetic {name}",
-        k + "block_count": p.n_layer, k + "context_length": p.n_ctx, k + "embedding_length": p.n_embd,
-        k + "feed_forward_length": p.n_ff_dense, k + "attention.head_count": p.n_head,
-        k + "rope.freq_base": p.rope_base, k + "attention.layer_norm_rms_epsilon": p.rms_eps,
-        k + "expert_used_count": p.n_expert_used, k + "expert_count": p.n_expert,
-        k + "leading_dense_block_count": p.n_dense_lead, k + "vocab_size": p.n_vocab,
-        k + "attention.q_lora_rank": p.q_lora_rank, k + "attention.kv_lora_rank": p.kv_lora_rank,
-        k + "expert_feed_forward_length": p.n_ff_expert, k + "expert_shared_count": p.n_expert_shared,
-        k + "expert_weights_scale": p.routed_scale, k + "expert_weights_norm": p.norm_topk,
-        k + "expert_gating_func": 2 if p.gating == "sigmoid" else 1,
-        k + "expert_group_count": p.n_group, k + "expert_group_used_count": p.n_group_used,
-        k + "rope.dimension_count": p.qk_rope_dim,
-    }  # fmt: skip
-    meta.update({k + key: v for key, v in (mla if p.split_kv_b else legacy).items()})
-    if p.yarn_factor:
-        meta.update({k + "rope.scaling.type": "yarn", k + "rope.scaling.factor": p.yarn_factor,
-                     k + "rope.scaling.original_context_length": p.yarn_orig_ctx,
-                     k + "rope.scaling.yarn_log_multiplier": 0.1 * p.yarn_mscale_all_dim})  # fmt: skip
-    return meta
+def preset_config(p):
+    """The config a preset's file will parse to."""
+    return family_of(p).synth.config(p)
 
 
 def put_metadata(
     w: GGUFWriter,
-    p: Preset,
+    p,
     name: str,
     vocab: Vocab | None = None,
     pre: str = "deepseek-v3",
@@ -161,7 +129,7 @@ def put_metadata(
     add_eos: bool | None = False,
 ) -> None:
     """The model's keys and its tokenizer (add_bos/add_eos None: the key left out)."""
-    for key, value in _metadata(p, name).items():
+    for key, value in family_of(p).synth.metadata(p, name).items():
         if key == "general.architecture":
             continue
         if isinstance(value, bool):
@@ -201,13 +169,11 @@ def _float_types(kind: GGMLQuantizationType) -> Callable[[str, tuple[int, ...]],
 _NUMPY_FLOAT = {GGMLQuantizationType.F32: np.float32, GGMLQuantizationType.F16: np.float16}
 
 
-def _write(path, p: Preset, name: str, type_of, seed: int, splits: int, progress) -> list[Path]:
-    cfg = preset_config(p)
-    shapes = expected_tensors(cfg, p.tied_output)
-    if p.selection_bias:
-        shapes.update(optional_tensors(cfg))
+def _write(path, p, name: str, type_of, seed: int, splits: int, progress) -> list[Path]:
+    family = family_of(p)
+    cfg, shapes = family.synth.config(p), family.synth.shapes(p)
     types = {tname: type_of(tname, shape) for tname, shape in shapes.items()}
-    w = GGUFWriter(path, ARCH, split_max_tensors=-(-len(shapes) // splits) if splits > 1 else 0)
+    w = GGUFWriter(path, family.architecture, split_max_tensors=-(-len(shapes) // splits) if splits > 1 else 0)
     put_metadata(w, p, name)
     for tname, shape in shapes.items():
         kind = types[tname]
@@ -225,7 +191,7 @@ def _write(path, p: Preset, name: str, type_of, seed: int, splits: int, progress
     total = sum(int(np.prod(s)) for s in shapes.values())
     done = 0
     for tname, shape in shapes.items():
-        values = _random_tensor(cfg, tname, shape, seed)
+        values = family.synth.tensor(cfg, tname, shape, seed)
         w.write_tensor_data(_encode(values, types[tname]))
         done += int(np.prod(shape))
         if progress:
@@ -241,35 +207,6 @@ def _encode(values: np.ndarray, kind: GGMLQuantizationType) -> np.ndarray:
     step = max(1, _CHUNK // rows.shape[1])
     blocks = np.concatenate([quantize(rows[i : i + step], kind) for i in range(0, len(rows), step)])
     return blocks.reshape(*values.shape[:-1], -1)
-
-
-def _rng(seed: int, name: str) -> np.random.Generator:
-    return np.random.default_rng([seed, zlib.crc32(name.encode())])
-
-
-def _random_tensor(cfg: ModelConfig, name: str, shape: tuple[int, ...], seed: int) -> np.ndarray:
-    """Weights scaled so activations stay O(1), routers are decisive and logits are not flat."""
-    if name.endswith(("attn_k_b.weight", "attn_v_b.weight")):
-        return _split_kv_b(cfg, name, seed)
-    rng = _rng(seed, name)
-    if name.endswith("norm.weight"):
-        return (1.0 + 0.1 * rng.standard_normal(shape, dtype=np.float32)).astype(np.float32)
-    if name.endswith("exp_probs_b.bias"):
-        return 0.1 * rng.standard_normal(shape, dtype=np.float32)
-    if name == "token_embd.weight":
-        return rng.standard_normal(shape, dtype=np.float32)
-    gain = 4.0 if name == "output.weight" else 3.0 if name.endswith("ffn_gate_inp.weight") else 1.0
-    return rng.standard_normal(shape, dtype=np.float32) * np.float32(gain / np.sqrt(shape[-1]))
-
-
-def _split_kv_b(cfg: ModelConfig, name: str, seed: int) -> np.ndarray:
-    """attn_k_b / attn_v_b cut from the legacy attn_kv_b of the same seed: one model, two layouts."""
-    legacy = name.replace("attn_k_b", "attn_kv_b").replace("attn_v_b", "attn_kv_b")
-    h, n, v, r = cfg.n_head, cfg.qk_nope_dim, cfg.v_head_dim, cfg.kv_lora_rank
-    kv = _random_tensor(cfg, legacy, (h * (n + v), r), seed).reshape(h, n + v, r)
-    if "attn_k_b" in name:
-        return np.ascontiguousarray(kv[:, :n].transpose(0, 2, 1))  # [H, R, N]
-    return np.ascontiguousarray(kv[:, n:])  # [H, V, R]
 
 
 def resplit(source: Path, target: Path, splits: int) -> list[Path]:
