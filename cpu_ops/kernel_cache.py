@@ -1,8 +1,9 @@
 """Where numba keeps the compiled CPU kernels, and what happens when a cached kernel is unreadable.
 
 The kernels are cached on disk (numba `cache=True`) under a directory named by a hash of this
-package's sources: numba only checks the timestamp of the file that defines a function, and
-the kernels are built from IR generated in other modules (blocks.py, simd.py).
+package's sources and of the engine types as declared (modelfile/quants/types.py): numba only
+checks the timestamp of the file that defines a function, and the kernels are built from IR
+generated in other modules (blocks.py, simd.py) for the declared types in their order.
 
 A cache file can be damaged (a full disk, a bit flip, a copy cut short). numba would then raise
 from deep inside the first call of that kernel, often on a worker thread, on every later run.
@@ -12,6 +13,7 @@ writes a fresh entry.
 """
 
 import hashlib
+import inspect
 import os
 import sys
 import threading
@@ -22,16 +24,28 @@ import numba
 from numba.core import caching
 
 from modelfile.paths import cache_home
+from modelfile.quants.types import QUANT_TYPES
 
 _LOCK = threading.Lock()
 _WARNED = False
 
 
 def cache_dir() -> Path:
-    """This version of the kernels: a hash of cpu_ops' sources and numba's version."""
+    """This version of the kernels: a hash of cpu_ops' sources, the engine types as declared
+    (their order gives the codes compiled into the kernels; a body declared outside cpu_ops
+    brings its own source) and numba's version."""
     sources = b"".join(p.read_bytes() for p in sorted(Path(__file__).parent.glob("*.py")))
-    key = hashlib.sha256(sources + numba.__version__.encode()).hexdigest()[:16]
+    key = hashlib.sha256(sources + _declared_engine_types() + numba.__version__.encode()).hexdigest()[:16]
     return cache_home() / "numba" / key
+
+
+def _declared_engine_types() -> bytes:
+    parts = []
+    for qtype, t in QUANT_TYPES.items():
+        if t.engine is not None:
+            body = t.engine if isinstance(t.engine, str) else inspect.getsource(t.engine)
+            parts.append(f"{qtype.name}={body}")
+    return "\n".join(parts).encode()
 
 
 def install() -> None:

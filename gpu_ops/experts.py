@@ -13,10 +13,12 @@ import torch.nn.functional as F
 from gpu_ops.matmul import DECODE_TOKENS, GpuWeights, gathered_matmul, gpu_matmul, repack
 
 
-def repack_stack(data, qtype, shape: tuple[int, int, int], device: torch.device) -> GpuWeights | None:
-    """A GGUF stack of matrices [E, rows, K] in its GPU format (E groups) on device, or None."""
+def repack_stack(data, qtype, shape: tuple[int, int, int], device: torch.device,
+                 triton: bool | None = None) -> GpuWeights | None:  # fmt: skip
+    """A GGUF stack of matrices [E, rows, K] in its GPU format (E groups) on device, or None;
+    triton as for repack."""
     n, rows, k = shape
-    return repack(data.reshape(n * rows, -1), qtype, k, device, groups=n)
+    return repack(data.reshape(n * rows, -1), qtype, k, device, groups=n, triton=triton)
 
 
 class GpuExperts:

@@ -93,6 +93,7 @@ class Int4Rows(TiledRows):
     dmin: torch.Tensor  # float16 [tiles, K / 256, TILE]
     rows_per_group: int
     groups: int
+    triton: bool = False  # which kernels multiply it, fixed when it is built (the plan's backend)
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -158,6 +159,7 @@ class Int8Rows(TiledRows):
     d_group: int  # values per d: 256 (Q6_K) or 32
     rows_per_group: int
     groups: int
+    triton: bool = False  # which kernels multiply it, fixed when it is built (the plan's backend)
 
     SC_GROUP = 16
 

@@ -50,14 +50,24 @@ def placed(n_bytes: int) -> None:
         callback(n_bytes)
 
 
-def repack(raw, qtype, in_features: int, device: torch.device | None = None, groups: int = 1) -> GpuWeights | None:
+def repack(raw, qtype, in_features: int, device: torch.device | None = None, groups: int = 1,
+           triton: bool | None = None) -> GpuWeights | None:  # fmt: skip
     """GGUF rows (uint8 [rows, row_bytes]; `groups` stacked matrices of equal height) in their GPU
     format, or None if the type has none.
 
     With a device the rows go there REPACK_CHUNK_BYTES at a time (whole tiles, or whole groups
     of a stack) into tensors made once, so the CPU never holds more than a chunk of the
-    repacked copy; without, the result is on the CPU.
+    repacked copy; without, the result is on the CPU. triton: whether the Triton kernels or
+    torch multiply it (the plan's gpu-triton / gpu-torch; None: Triton where it runs), fixed
+    here so that no call decides it again.
     """
+    out = _repack(raw, qtype, in_features, device, groups)
+    if out is not None:
+        out.triton = triton_runs_on(device or torch.device("cpu")) if triton is None else triton
+    return out
+
+
+def _repack(raw, qtype, in_features: int, device: torch.device | None, groups: int) -> GpuWeights | None:
     if not has_gpu_format(qtype, in_features):
         return None
     convert = _REPACK[qtype]
@@ -120,7 +130,7 @@ def gpu_matmul(x: torch.Tensor, w: GpuWeights) -> torch.Tensor:
     x = _activations(x)
     if x.shape[1] != w.shape[1]:
         raise ValueError(f"activations of width {x.shape[1]} for rows of {w.shape[1]}")
-    if triton_runs_on(x.device):
+    if w.triton:
         return _triton_kernels().matmul(x, w, DECODE_TOKENS)
     return torch_matmul(x, w)
 
@@ -132,7 +142,7 @@ def gathered_matmul(x: torch.Tensor, w: GpuWeights, ids: torch.Tensor, x_per_tok
     x_per_token, else [T * A, K]. Returns float32 [T * A, w.rows_per_group].
     """
     x = _activations(x)
-    if triton_runs_on(x.device):
+    if w.triton:
         return _triton_kernels().gathered_matmul(x, w, ids, x_per_token)
     n = w.rows_per_group
     flat = ids.reshape(-1)

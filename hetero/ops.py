@@ -78,7 +78,7 @@ def built_backend(cpu, gpu, backend: str, qtype) -> str:
     if cpu is not None:
         return "cpu-engine"
     if gpu is not None:
-        return "gpu-triton" if triton_runs_on(gpu.q.device) else "gpu-torch"
+        return "gpu-triton" if gpu.triton else "gpu-torch"
     return "gpu-torch" if backend == "gpu-torch" and qtype in FLOATS else "reference"
 
 
@@ -110,7 +110,10 @@ class QuantLinear:
         check_backend(info.name, backend, info.qtype, self.in_features, device, engine)
         self.engine = engine if backend == "cpu-engine" else None
         self.cpu = CpuMatrix(info.data, info.qtype, self.in_features) if self.engine else None
-        self.gpu = repack(info.data, info.qtype, self.in_features, device) if backend in GPU_BACKENDS else None
+        triton = backend == "gpu-triton"
+        self.gpu = (
+            repack(info.data, info.qtype, self.in_features, device, triton=triton) if backend in GPU_BACKENDS else None
+        )
         if self.gpu is not None:
             device = torch.device("cpu")  # the GGUF bytes stay in the file map, not on the GPU too
         self.raw = raw_tensor(info, device)
@@ -171,7 +174,8 @@ class ExpertBank:
             raise HeteroError(f"{gate.name}: the CPU engine runs gate and up of one type only")
         self.gpu = None
         if backend in GPU_BACKENDS and gate.qtype not in FLOATS:  # float experts: torch on the device
-            self.gpu = GpuExperts(*(repack_stack(t.data, t.qtype, t.shape, device) for t in (gate, up, down)))
+            triton = backend == "gpu-triton"
+            self.gpu = GpuExperts(*(repack_stack(t.data, t.qtype, t.shape, device, triton) for t in (gate, up, down)))
             device = torch.device("cpu")
         self.gate = QuantLinear3(gate, device)
         self.up = QuantLinear3(up, device)
@@ -246,7 +250,8 @@ class QuantLinear3:
         check_backend(info.name, backend, info.qtype, self.in_features, device, engine)
         self.engine = engine if backend == "cpu-engine" else None
         self.cpu = CpuStack(info.data, info.qtype, self.n, self.in_features) if self.engine else None
-        self.gpu = repack_stack(info.data, info.qtype, info.shape, device) if backend in GPU_BACKENDS else None
+        triton = backend == "gpu-triton"
+        self.gpu = repack_stack(info.data, info.qtype, info.shape, device, triton) if backend in GPU_BACKENDS else None
         if self.gpu is not None:
             self.matrix_ids = torch.arange(self.n, device=device)
             device = torch.device("cpu")

@@ -7,7 +7,9 @@ prefill token holds on the GPU, which tensors run together as one expert op, and
 only dequantized), and its description: the model as a list of blocks (modelfile/blocks.py),
 from which the runtime derives the eager forward, the hybrid step and the native step, and
 whose cache is `cached_values_per_token` wide; and its synthetic-model recipe (`synth`).
-Nothing outside an entry names its tensors.
+Nothing outside an entry names a family's tensors, except llama.cpp's own cross-architecture
+rule tables (tensor kinds for `info`, the quantization type mixes), which name what llama.cpp
+names.
 """
 
 from collections.abc import Callable
@@ -108,12 +110,3 @@ def validate_tensors(family: Family, cfg, present: dict[str, tuple[int, ...]]) -
         if name in present and tuple(present[name]) != shape:
             raise HeteroError(f"tensor {name} has shape {tuple(present[name])}, config implies {shape}")
     return tied
-
-
-def family_of_preset(name: str) -> Family:
-    """The family whose synthetic presets include `name`."""
-    for family in FAMILIES.values():
-        if family.synth is not None and name in family.synth.presets:
-            return family
-    known = [n for f in FAMILIES.values() if f.synth for n in f.synth.presets]
-    raise ValueError(f"unknown preset {name!r}; choose from {', '.join(known)}")

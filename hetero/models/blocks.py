@@ -60,10 +60,11 @@ class Body:
         return list(self.ops.values())
 
     def __getattr__(self, role: str):
-        """A role's op or vector by name (None when the file lacks it)."""
-        if role.startswith("__") or role in ("ops", "vectors"):
-            raise AttributeError(role)
-        return self.ops.get(role, self.vectors.get(role))
+        """A role's op or vector by name (None when the file lacks it); other names are errors."""
+        kind = self.__dict__.get("block")
+        if kind is None or role not in (*MATRICES[kind.kind], *VECTORS[kind.kind]):
+            raise AttributeError(f"{type(self).__name__} has no role or attribute {role!r}")
+        return self.__dict__["ops"].get(role, self.__dict__["vectors"].get(role))
 
 
 class Mla(Body):
@@ -198,9 +199,12 @@ class Moe(Body):
         return self.gate is not None and not self.experts.includes_shared
 
     @property
-    def experts_on_host(self) -> bool:
-        """Whether the routed experts run from CPU RAM (the hybrid step's hand-off points)."""
-        return self.experts.gpu is None and self.experts.gate.raw.device.type == "cpu"
+    def hands_off(self) -> bool:
+        """Whether the routed experts run outside the GPU's stream (the hybrid step ends a segment
+        here): everything but the GPU formats' gathered kernels, which read their expert ids on
+        the device; the CPU engine and the reference path (whose per-expert loop reads the ids
+        on the host, so it cannot sit inside a captured graph) hand off."""
+        return self.experts.gpu is None
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [T, D] -> expert ids [T, A] and their weights [T, A]."""

@@ -87,7 +87,7 @@ class HandOff:
 
 def hands_off(block) -> bool:
     """Whether a block's routed experts leave the GPU's stream for the host: a segment ends there."""
-    return isinstance(block, Moe) and block.experts_on_host
+    return isinstance(block, Moe) and block.hands_off
 
 
 class StaticDecode:
@@ -113,7 +113,8 @@ class StaticDecode:
         self.profile: StepProfile | None = None
 
     def _segment_weights(self) -> list:
-        """The matrices the segments multiply with (not the routed experts of hand-off blocks)."""
+        """The matrices the segments multiply with: all but the routed experts, which either hand
+        off (outside any segment) or are in a GPU format (gathered kernels, on the GPU)."""
         mats = [self.net.output]
         for block in self.net.blocks:
             mats += [m for m in block.matrix_ops() if not isinstance(m, ExpertBank)]

@@ -12,7 +12,7 @@ from cpu_ops import decode as native
 from cpu_ops.blocks import BLOCKS
 from cpu_ops.executor import Executor
 from hetero.kv_cache import KVCache
-from hetero.models.blocks import Moe
+from hetero.models.blocks import Mla, Moe
 from hetero.models.net import Net
 from hetero.ops import QuantLinear
 from hetero.rope import rope_tables
@@ -110,7 +110,7 @@ class NativeDecode:
 
 def _kq_scale(net: Net) -> float:
     """The attention blocks' score scale (all MLA blocks of a net share it)."""
-    scales = {b.kq_scale for b in net.blocks if hasattr(b, "kq_scale")}
+    scales = {b.kq_scale for b in net.blocks if isinstance(b, Mla)}
     return scales.pop() if scales else 1.0
 
 

@@ -2,7 +2,7 @@
 
 from dataclasses import fields, replace
 
-from modelfile.families import FAMILIES, Family, family_of_preset
+from modelfile.families import FAMILIES, Family
 
 PRESETS = {name: p for f in FAMILIES.values() if f.synth for name, p in f.synth.presets.items()}
 HEADER_ONLY = {name for f in FAMILIES.values() if f.synth for name in f.synth.header_only}
@@ -10,7 +10,9 @@ HEADER_ONLY = {name for f in FAMILIES.values() if f.synth for name in f.synth.he
 
 def make_preset(name: str, **overrides):
     """The named preset with some fields replaced (None: keep the preset's)."""
-    preset = family_of_preset(name).synth.presets[name]
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose from {', '.join(PRESETS)}")
+    preset = PRESETS[name]
     unknown = set(overrides) - {f.name for f in fields(preset)}
     if unknown:
         raise ValueError(f"unknown preset fields: {', '.join(sorted(unknown))}")
