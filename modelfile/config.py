@@ -5,7 +5,6 @@ from dataclasses import dataclass
 
 from modelfile.errors import HeteroError
 
-SUPPORTED_ARCHITECTURES = ("deepseek2",)
 GATING = {0: "softmax", 1: "softmax", 2: "sigmoid"}  # 0: old V2 files that predate the key
 
 
@@ -57,9 +56,7 @@ class ModelConfig:
 
 def config_from_metadata(meta: dict) -> ModelConfig:
     """Build and validate the config; a missing or inconsistent key is a HeteroError naming it."""
-    arch = meta.get("general.architecture")
-    if arch not in SUPPORTED_ARCHITECTURES:
-        raise HeteroError(f"unsupported architecture {arch!r} (hetero runs: {', '.join(SUPPORTED_ARCHITECTURES)})")
+    arch = meta.get("general.architecture")  # the family registry (modelfile/families.py) checked it
 
     def get(key, default=None, required=False):
         full = f"{arch}.{key}"

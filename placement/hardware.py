@@ -26,6 +26,11 @@ class Hardware:
     cpu_engine: bool = True  # the CPU can run cpu_ops' kernels (AVX2), and the run may use them
     gpu_kernels: str = "triton"  # "triton" where Triton runs on the GPU, else "torch"
 
+    @property
+    def gpu_is_stand_in(self) -> bool:
+        """Whether the plan's "gpu" is the CPU standing in for one (no CUDA here)."""
+        return self.gpu_name == STAND_IN_GPU
+
 
 # name -> (memory, bandwidth, dense fp16 tensor FLOP/s), from the vendors' data sheets.
 GPUS = {

@@ -23,7 +23,7 @@ from modelfile.errors import HeteroError
 from modelfile.families import Family, family_of, family_of_config
 from placement.backends import backend, expert_trio_backend
 from placement.cost import GPU_PRIORITY, TensorCost, kv_cache_bytes, tensor_costs
-from placement.hardware import STAND_IN_GPU, GiB, Hardware
+from placement.hardware import GiB, Hardware
 from placement.predict import PREFILL_TOKENS, Prediction, predict
 from placement.rules import Rule, first_match
 
@@ -107,9 +107,10 @@ def make_plan(
     ignored = tuple(sorted(n for n in tensors if n not in used))
     tensors = {n: t for n, t in tensors.items() if n in used}
     costs = tensor_costs(cfg, tensors, ctx)
+    by_name = {c.name: c for c in costs}
     has_gpu = hw.gpu_mem > 0
     kv_device = "gpu" if has_gpu else "cpu"
-    kv_dtype = "bfloat16" if has_gpu and hw.gpu_name != STAND_IN_GPU else "float32"  # the stand-in keeps float32
+    kv_dtype = "bfloat16" if has_gpu and not hw.gpu_is_stand_in else "float32"  # the stand-in keeps float32
     kv = kv_cache_bytes(cfg, ctx, 2 if kv_dtype == "bfloat16" else 4)
     reserved = _reserved(family, cfg, has_gpu)
     free = hw.gpu_mem - kv - sum(b for _, b in reserved) - int(HEADROOM * hw.gpu_mem) if has_gpu else 0
@@ -128,7 +129,7 @@ def make_plan(
                 f"rule {rule.source!r} asks for {rule.format}, but {c.name} ({c.qtype.name}) goes to the GPU as "
                 f"{c.gpu_format}; leave the format out or match it"
             )
-    for trio in family.expert_trios({c.name: c for c in costs}):
+    for trio in family.expert_trios(by_name):
         sides = {devices.get(n) for n in trio}
         if len(sides) > 1:  # gate, up and down run as one op, on one device
             raise HeteroError(
@@ -182,7 +183,6 @@ def make_plan(
             devices[c.name] = "gpu" if layer in chosen else "cpu"
 
     backends = {c.name: backend(c, devices[c.name], hw) for c in costs}
-    by_name = {c.name: c for c in costs}
     if tied:  # the embedding is also the output head: it takes a matmul backend
         backends["token_embd.weight"] = backend(replace(by_name["token_embd.weight"], kind="output head"),
                                                 devices["token_embd.weight"], hw)  # fmt: skip

@@ -6,15 +6,13 @@ from placement.backends import CPU_ENGINE_EFFICIENCY, GPU_TRITON_EFFICIENCY, rea
 from placement.cost import TensorCost
 from placement.hardware import Hardware
 
-GPU_BW_EFFICIENCY = GPU_TRITON_EFFICIENCY  # share of HBM/GDDR bandwidth a quantized GEMV reaches
-CPU_BW_EFFICIENCY = CPU_ENGINE_EFFICIENCY  # share of DRAM bandwidth the CPU kernels reach across sockets
 FLOPS_EFFICIENCY = 0.5  # share of peak FLOP/s reached by prefill matmuls, both sides
 SYNC_S = 50e-6  # per layer that hands work between GPU and CPU: copy, event, wake-up
 PREFILL_TOKENS = 512
 FFN_KINDS = ("routed experts", "shared experts", "dense FFN", "router")
 ASSUMPTIONS = (
     "decode reads every weight once per token at its backend's speed: cpu-engine "
-    f"{CPU_BW_EFFICIENCY:.0%} of CPU bandwidth, gpu-triton {GPU_BW_EFFICIENCY:.0%} of GPU bandwidth, "
+    f"{CPU_ENGINE_EFFICIENCY:.0%} of CPU bandwidth, gpu-triton {GPU_TRITON_EFFICIENCY:.0%} of GPU bandwidth, "
     "reference far less (placement/backends.py)",
     "routed experts read A/E of their bytes per token",
     "attention reads the whole latent KV cache (a full context) each token",
@@ -60,8 +58,8 @@ def predict(
     """costs of every tensor, devices[name] in {"gpu", "cpu"}, backends[name] (placement.backends),
     the KV cache size and where it lives; overflow: bytes of the CPU's share beyond RAM, read
     from disk as they are used."""
-    gpu_bw = hw.gpu_bw * GPU_BW_EFFICIENCY
-    cpu_bw = hw.cpu_bw * CPU_BW_EFFICIENCY
+    gpu_bw = hw.gpu_bw * GPU_TRITON_EFFICIENCY
+    cpu_bw = hw.cpu_bw * CPU_ENGINE_EFFICIENCY
     on_disk = evicted_shares(costs, devices, overflow)
     disk_per_token = 0.0
     layers: dict[int, dict[str, float]] = {}
