@@ -165,6 +165,86 @@ def q6_k(b, w, acts):
     return out
 
 
+def _per16_scale_lanes(b, sc16, g):
+    """The 16 x i16 lane scales of 32-value group g when each 16 values has its own scale:
+    vpmaddubsw leaves 16 pair sums, the first 8 from values 0-15, the last 8 from 16-31."""
+    return shuffle(b, sc16, [2 * g] * 8 + [2 * g + 1] * 8)
+
+
+def q2_k(b, w, acts):
+    """d * sc16 * q - dmin * m16 (4-bit scale and min per 16 values, 2-bit q): the 2-bit values
+    through vpmaddubsw, the mins through the x sums per 16.
+
+    Layout (84 bytes): scales [16] (scale low nibble, min high), qs [64], d, dmin. Group g of 32
+    values (g = 4n + j) is bits 2j..2j+1 of qs[32n .. 32n + 32], scales 2g and 2g + 1."""
+    sc_bytes = load(b, w, 0, I8, 16)
+    sc16 = b.zext(b.and_(sc_bytes, splat(I8, 16, 15)), vec(I16, 16))
+    mins16 = b.zext(b.lshr(sc_bytes, splat(I8, 16, 4)), vec(I32, 16))
+    quants, lane_scales = [], []
+    for n in range(2):
+        qs = load(b, w, 16 + 32 * n, I8, 32)
+        for j in range(4):
+            shifted = b.lshr(qs, splat(I8, 32, 2 * j)) if j else qs
+            quants.append(b.and_(shifted, splat(I8, 32, 3)))
+            lane_scales.append(_per16_scale_lanes(b, sc16, 4 * n + j))
+    d, dmin = _splat_f(b, _f16(b, w, 80)), _splat_f(b, _f16(b, w, 82))
+    out = []
+    for a in acts:
+        dots = [
+            madd_i16(b, dot_u8_s8(b, q, load(b, a.xq, 32 * g, I8, 32)), lane_scales[g]) for g, q in enumerate(quants)
+        ]
+        msum = _pairs(b, b.mul(mins16, load(b, a.xs, 0, I32, 16)))
+        v = b.fsub(b.fmul(to_float(b, _sum(b, dots)), d), b.fmul(to_float(b, msum), dmin))
+        out.append(b.fmul(v, _block_scale(b, a)))
+    return out
+
+
+def _q3_k_scales(b, w, at):
+    """The 12 packed bytes of Q3_K -> 16 x i16 signed scales (6 bits, minus 32): low nibbles
+    from bytes 0-7, the two high bits of each from bytes 8-11."""
+    u = [load(b, w, at + 4 * i, I32) for i in range(3)]
+    low4, high2 = const(I32, 0x0F0F0F0F), const(I32, 0x03030303)
+
+    def join(low, shift_low, shift_high):
+        lo = b.and_(b.lshr(low, const(I32, shift_low)) if shift_low else low, low4)
+        hi = b.and_(b.lshr(u[2], const(I32, shift_high)) if shift_high else u[2], high2)
+        return b.or_(lo, b.shl(hi, const(I32, 4)))
+
+    words = [join(u[0], 0, 0), join(u[1], 0, 2), join(u[0], 4, 4), join(u[1], 4, 6)]
+    unsigned = b.zext(b.bitcast(from_scalars(b, words), vec(I8, 16)), vec(I16, 16))
+    return b.sub(unsigned, splat(I16, 16, 32))
+
+
+def q3_k(b, w, acts):
+    """d * sc16 * (q - 4) with q = 2 low bits + 4 * high bit (0..7): unsigned q through
+    vpmaddubsw with signed scales per 16, the 4 offset through the x sums per 16.
+
+    Layout (110 bytes): hmask [32], qs [64], scales [12], d. Group g of 32 values (g = 4n + j)
+    takes bits 2j..2j+1 of qs[32n .. 32n + 32] and bit g of hmask[0 .. 32]."""
+    sc16 = _q3_k_scales(b, w, 96)
+    hmask = load(b, w, 0, I8, 32)
+    quants, lane_scales = [], []
+    for n in range(2):
+        qs = load(b, w, 32 + 32 * n, I8, 32)
+        for j in range(4):
+            g = 4 * n + j
+            low = b.and_(b.lshr(qs, splat(I8, 32, 2 * j)) if j else qs, splat(I8, 32, 3))
+            high = b.and_(b.lshr(hmask, splat(I8, 32, g)) if g else hmask, splat(I8, 32, 1))
+            quants.append(b.or_(low, b.shl(high, splat(I8, 32, 2))))
+            lane_scales.append(_per16_scale_lanes(b, sc16, g))
+    scales32 = b.sext(sc16, vec(I32, 16))
+    d = _splat_f(b, _f16(b, w, 108))
+    out = []
+    for a in acts:
+        dots = [
+            madd_i16(b, dot_u8_s8(b, q, load(b, a.xq, 32 * g, I8, 32)), lane_scales[g]) for g, q in enumerate(quants)
+        ]
+        offsets = _pairs(b, b.mul(scales32, load(b, a.xs, 0, I32, 16)))  # per 32: sum of sc * sum(x) per 16
+        isum = b.sub(_sum(b, dots), b.shl(offsets, splat(I32, 8, 2)))
+        out.append(b.fmul(to_float(b, isum), b.fmul(d, _block_scale(b, a))))
+    return out
+
+
 def iq4_xs(b, w, acts):
     """d * (ls - 32) * table[q]: the non-linear 4-bit grid looked up with vpshufb."""
     table = ir.Constant(vec(I8, 16), list(IQ4_LEVELS))

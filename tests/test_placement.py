@@ -283,8 +283,8 @@ def test_a_plan_made_for_other_options_is_refused(synth):
 
 
 def test_weights_on_the_reference_path_are_predicted_slow_and_warned(r1_header):
-    """DeepSeek-R1 with Q2_K routed experts (the UD-Q2_K_XL mix's experts) has no CPU kernel
-    for them yet: the plan says so, and predicts the reference path's speed, not the engine's."""
+    """DeepSeek-R1 with routed experts in a type the CPU engine has no kernel for (Q4_1; Q2_K
+    until it got one): the plan says so, and predicts the reference path's speed, not the engine's."""
     import dataclasses
 
     from gguf import GGMLQuantizationType as QT
@@ -295,12 +295,12 @@ def test_weights_on_the_reference_path_are_predicted_slow_and_warned(r1_header):
 
     f = GGUFModelFile(r1_header[0])
     cfg = config_from_metadata(f.metadata)
-    q2 = {n: dataclasses.replace(t, qtype=QT.Q2_K) if "_exps" in n else t for n, t in f.tensors.items()}
+    q2 = {n: dataclasses.replace(t, qtype=QT.Q4_1) if "_exps" in n else t for n, t in f.tensors.items()}
     hw = with_overrides(WORKSTATION, gpu="rtx3090")
     plan = make_plan(cfg, q2, hw, 8192)
     experts = [p for p in plan.placements if p.kind == "routed experts"]
-    assert {p.backend for p in experts} == {"reference"} and {p.format for p in experts} == {"Q2_K"}
-    assert any("Q2_K on the CPU" in w and "reference path" in w for w in plan.warnings)
+    assert {p.backend for p in experts} == {"reference"} and {p.format for p in experts} == {"Q4_1"}
+    assert any("Q4_1 on the CPU" in w and "reference path" in w for w in plan.warnings)
     costs = tensor_costs(cfg, {n: t for n, t in q2.items() if n in {p.name for p in plan.placements}}, 8192)
     devices = {p.name: p.device for p in plan.placements}
     backends = {p.name: p.backend for p in plan.placements}
