@@ -21,9 +21,8 @@ from cpu_ops.blocks import BLOCKS
 from cpu_ops.executor import Executor
 from cpu_ops.experts import CpuExperts, Stack
 from cpu_ops.matmul import CpuMatrix
+from modelfile.quants import QUANT_TYPES
 from placement.hardware import measure_read_bandwidth
-
-F16_AT = {T.Q4_K: (0, 2), T.Q5_K: (0, 2), T.Q6_K: (208,), T.IQ4_XS: (0,), T.Q4_0: (0,), T.Q5_0: (0,), T.Q8_0: (0,)}
 
 
 def random_matrix(qtype, rows: int, k: int, rng) -> np.ndarray:
@@ -37,7 +36,7 @@ def random_matrix(qtype, rows: int, k: int, rng) -> np.ndarray:
             vals = (vals.view(np.uint32) >> 16).astype(np.uint16)
         return vals.view(np.uint8).reshape(rows, -1)
     raw = rng.integers(0, 256, (rows * (k // block), size), dtype=np.uint8)
-    for at in F16_AT[qtype]:
+    for at in QUANT_TYPES[qtype].f16_fields:
         raw[:, at : at + 2] = (rng.random(raw.shape[0]) * 0.01).astype(np.float16).view(np.uint8).reshape(-1, 2)
     return raw.reshape(rows, -1)
 

@@ -66,17 +66,35 @@ def test_big_matrix_splits_over_workers(executor):
 
 
 @pytest.mark.parametrize("group", [32, 256])
-def test_activation_rounding_is_half_a_step(group):
+def test_activations_round_as_llama_cpp(group):
+    """llama.cpp's CPU backend quantizes activations per weight type's vec_dot_type: Q8_K for
+    the 256-value types, Q8_0 for the 32-value ones. Both: q = round-half-even(x * m) with
+    m = float32(127 / max|x|) (Q8_K writes the largest value's sign into d and q; the products
+    are the same). Scale: 1 / m as float32 (Q8_K), max|x| / 127 as float16 (Q8_0, the AVX2 path).
+    Written here from those rules in numpy, the engine's values must be identical."""
     rng = np.random.default_rng()
     x = rng.standard_normal((3, 512)).astype(np.float32) * np.array([1e-3, 1.0, 50.0], np.float32)[:, None]
     x[1, :group] = 0  # an all-zero group
+    x[2, 5] = -np.abs(x[2]).max() * 1.5  # a group whose largest value is negative
     a = quantize(x, group)
-    step = np.repeat(a.dx, 32, axis=1)
-    assert np.all(np.abs(a.dequantized() - x) <= 0.5 * step * (1 + 1e-6) + 1e-30)
+    g = x.reshape(3, -1, group)
+    amax = np.abs(g).max(-1, keepdims=True)
+    m = np.where(amax > 0, np.float32(127) / np.where(amax > 0, amax, 1), 0).astype(np.float32)
+    q = np.rint((g * m).astype(np.float32))
+    assert np.array_equal(a.xq, q.reshape(3, -1).astype(np.int8))
+    if group == 256:
+        d = np.where(m > 0, np.float32(1) / np.where(m > 0, m, 1), 0).astype(np.float32)
+    else:
+        d = (amax / np.float32(127)).astype(np.float16).astype(np.float32)
+    assert np.array_equal(a.dx.reshape(3, -1, group // 32), np.broadcast_to(d, (*d.shape[:2], group // 32)))
     assert np.array_equal(a.xs, a.xq.reshape(3, -1, 16).astype(np.int32).sum(-1))
     assert np.all(a.dequantized()[1, :group] == 0)
     assert np.all(np.abs(a.xq).reshape(3, -1, group).max(-1)[[0, 2]] == 127)  # each group uses the full range
-    assert np.all(a.dx.reshape(3, -1, group // 32) == a.dx.reshape(3, -1, group // 32)[..., :1])
+    # what that costs: half a step per value, plus the float16 rounding of the step (Q8_0)
+    exact_step = np.repeat((amax / 127).reshape(3, -1), group, axis=1)
+    step = np.repeat(a.dx, 32, axis=1)
+    bound = 0.5 * exact_step + np.abs(a.xq) * np.abs(step - exact_step)
+    assert np.all(np.abs(a.dequantized() - x) <= bound * (1 + 1e-5) + 1e-30)
 
 
 def test_unsupported_shapes_and_types():

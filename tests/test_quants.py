@@ -11,20 +11,6 @@ from modelfile.errors import HeteroError
 from modelfile.quants import QUANT_TYPES, dequantize, row_bytes
 
 # Byte offsets of the float16 factors inside each block: random bytes there could spell NaN.
-F16_FIELDS = {
-    T.Q4_0: (0,),
-    T.Q4_1: (0, 2),
-    T.Q5_0: (0,),
-    T.Q5_1: (0, 2),
-    T.Q8_0: (0,),
-    T.IQ4_NL: (0,),
-    T.Q2_K: (80, 82),
-    T.Q3_K: (108,),
-    T.Q4_K: (0, 2),
-    T.Q5_K: (0, 2),
-    T.Q6_K: (208,),
-    T.IQ4_XS: (0,),
-}
 
 
 def random_rows(qtype: T, rows: int, blocks_per_row: int, rng: np.random.Generator) -> np.ndarray:
@@ -40,7 +26,7 @@ def random_rows(qtype: T, rows: int, blocks_per_row: int, rng: np.random.Generat
             values.reshape(-1)[:block] = 0
         return values.view(np.uint8).reshape(rows, -1)
     raw = rng.integers(0, 256, size=(rows * blocks_per_row, size), dtype=np.uint8)
-    for offset in F16_FIELDS[qtype]:
+    for offset in QUANT_TYPES[qtype].f16_fields:  # sane float16 scales where the layout has them
         halves = (rng.standard_normal(rows * blocks_per_row) * 0.05).astype(np.float16)
         raw[:, offset : offset + 2] = halves.view(np.uint8).reshape(-1, 2)
     if rows * blocks_per_row > 1:

@@ -47,6 +47,7 @@ class QuantType:
     reference_speed: str  # "float", "simple" (32-value blocks) or "k-quant" (bit fields, many small ops)
     engine: str | Callable | None = None  # the CPU engine's block body, "module:function"
     gpu: GpuFormat | None = None
+    f16_fields: tuple[int, ...] = ()  # byte offsets of the block's float16 scales (random blocks need sane ones)
 
     @property
     def layout(self) -> tuple[int, int]:
@@ -99,18 +100,18 @@ for _t in (
     QuantType(T.F32, _float(torch.float32), "float", _body("f32")),
     QuantType(T.F16, _float(torch.float16), "float", _body("f16")),
     QuantType(T.BF16, _float(torch.bfloat16), "float", _body("bf16")),
-    QuantType(T.Q4_0, legacy.q4_0, "simple", _body("q4_0")),
-    QuantType(T.Q4_1, legacy.q4_1, "simple"),
-    QuantType(T.Q5_0, legacy.q5_0, "simple", _body("q5_0"), GpuFormat("int8", 32, 272, _repack("q5_0"))),
-    QuantType(T.Q5_1, legacy.q5_1, "simple"),
-    QuantType(T.Q8_0, legacy.q8_0, "simple", _body("q8_0"), GpuFormat("int8", 32, 272, _repack("q8_0"))),
-    QuantType(T.IQ4_NL, legacy.iq4_nl, "simple"),
-    QuantType(T.Q2_K, kquants.q2_k, "k-quant", _body("q2_k")),
-    QuantType(T.Q3_K, kquants.q3_k, "k-quant", _body("q3_k")),
-    QuantType(T.Q4_K, kquants.q4_k, "k-quant", _body("q4_k"), GpuFormat("int4", 256, 148, _repack("q4_k"))),
-    QuantType(T.Q5_K, kquants.q5_k, "k-quant", _body("q5_k")),
-    QuantType(T.Q6_K, kquants.q6_k, "k-quant", _body("q6_k"), GpuFormat("int8", 256, 274, _repack("q6_k"))),
-    QuantType(T.IQ4_XS, kquants.iq4_xs, "k-quant", _body("iq4_xs")),
+    QuantType(T.Q4_0, legacy.q4_0, "simple", _body("q4_0"), f16_fields=(0,)),
+    QuantType(T.Q4_1, legacy.q4_1, "simple", f16_fields=(0, 2)),
+    QuantType(T.Q5_0, legacy.q5_0, "simple", _body("q5_0"), GpuFormat("int8", 32, 272, _repack("q5_0")), (0,)),
+    QuantType(T.Q5_1, legacy.q5_1, "simple", f16_fields=(0, 2)),
+    QuantType(T.Q8_0, legacy.q8_0, "simple", _body("q8_0"), GpuFormat("int8", 32, 272, _repack("q8_0")), (0,)),
+    QuantType(T.IQ4_NL, legacy.iq4_nl, "simple", f16_fields=(0,)),
+    QuantType(T.Q2_K, kquants.q2_k, "k-quant", _body("q2_k"), f16_fields=(80, 82)),
+    QuantType(T.Q3_K, kquants.q3_k, "k-quant", _body("q3_k"), f16_fields=(108,)),
+    QuantType(T.Q4_K, kquants.q4_k, "k-quant", _body("q4_k"), GpuFormat("int4", 256, 148, _repack("q4_k")), (0, 2)),
+    QuantType(T.Q5_K, kquants.q5_k, "k-quant", _body("q5_k"), f16_fields=(0, 2)),
+    QuantType(T.Q6_K, kquants.q6_k, "k-quant", _body("q6_k"), GpuFormat("int8", 256, 274, _repack("q6_k")), (208,)),
+    QuantType(T.IQ4_XS, kquants.iq4_xs, "k-quant", _body("iq4_xs"), f16_fields=(0,)),
 ):
     declare(_t)
 
