@@ -139,28 +139,34 @@ def q5_k(b, w, acts):
 
 def q6_k(b, w, acts):
     """d * sc16 * (q - 32): unsigned q through vpmaddubsw, the 32 offset through the x sums."""
-    quants, lane_scales, scales = [], [], []
+    quants, scales = [], []
     for n in range(2):
         ql0, ql1 = load(b, w, 64 * n, I8, 32), load(b, w, 64 * n + 32, I8, 32)
         qh = load(b, w, 128 + 32 * n, I8, 32)
-        sc = b.sext(load(b, w, 192 + 8 * n, I8, 8), vec(I16, 8))
-        scales.append(sc)
+        scales.append(b.sext(load(b, w, 192 + 8 * n, I8, 8), vec(I16, 8)))
         for k, (ql, shift) in enumerate(((ql0, 0), (ql1, 0), (ql0, 4), (ql1, 4))):
             nib = (
                 b.and_(b.lshr(ql, splat(I8, 32, shift)), splat(I8, 32, 15)) if shift else b.and_(ql, splat(I8, 32, 15))
             )
             high = b.shl(b.and_(b.lshr(qh, splat(I8, 32, 2 * k)), splat(I8, 32, 3)), splat(I8, 32, 4))
             quants.append(b.or_(nib, high))
-            lane_scales.append(shuffle(b, sc, [2 * k] * 8 + [2 * k + 1] * 8))
-    sc16 = b.sext(shuffle(b, scales[0], list(range(16)), scales[1]), vec(I32, 16))
-    d = _splat_f(b, _f16(b, w, 208))
+    sc16 = shuffle(b, scales[0], list(range(16)), scales[1])
+    return _offset_body(b, acts, quants, sc16, 5, _splat_f(b, _f16(b, w, 208)))
+
+
+def _offset_body(b, acts, quants, sc16, offset_bits, d):
+    """Shared tail of Q3_K and Q6_K: dx * d * sum over 16-value groups of sc * (q - 2^offset_bits) . x,
+    with 8 groups of 32 unsigned q (vpmaddubsw), signed i16 scales sc16 per 16 values, and the
+    offset taken through the activations' sums per 16."""
+    lane_scales = [_per16_scale_lanes(b, sc16, g) for g in range(len(quants))]
+    scales32 = b.sext(sc16, vec(I32, 16))
     out = []
     for a in acts:
         dots = [
             madd_i16(b, dot_u8_s8(b, q, load(b, a.xq, 32 * g, I8, 32)), lane_scales[g]) for g, q in enumerate(quants)
         ]
-        offsets = _pairs(b, b.mul(sc16, load(b, a.xs, 0, I32, 16)))  # per 32: sum of sc * sum(x) per 16
-        isum = b.sub(_sum(b, dots), b.shl(offsets, splat(I32, 8, 5)))
+        offsets = _pairs(b, b.mul(scales32, load(b, a.xs, 0, I32, 16)))  # per 32: sum of sc * sum(x) per 16
+        isum = b.sub(_sum(b, dots), b.shl(offsets, splat(I32, 8, offset_bits)))
         out.append(b.fmul(to_float(b, isum), b.fmul(d, _block_scale(b, a))))
     return out
 
@@ -221,9 +227,8 @@ def q3_k(b, w, acts):
 
     Layout (110 bytes): hmask [32], qs [64], scales [12], d. Group g of 32 values (g = 4n + j)
     takes bits 2j..2j+1 of qs[32n .. 32n + 32] and bit g of hmask[0 .. 32]."""
-    sc16 = _q3_k_scales(b, w, 96)
     hmask = load(b, w, 0, I8, 32)
-    quants, lane_scales = [], []
+    quants = []
     for n in range(2):
         qs = load(b, w, 32 + 32 * n, I8, 32)
         for j in range(4):
@@ -231,18 +236,7 @@ def q3_k(b, w, acts):
             low = b.and_(b.lshr(qs, splat(I8, 32, 2 * j)) if j else qs, splat(I8, 32, 3))
             high = b.and_(b.lshr(hmask, splat(I8, 32, g)) if g else hmask, splat(I8, 32, 1))
             quants.append(b.or_(low, b.shl(high, splat(I8, 32, 2))))
-            lane_scales.append(_per16_scale_lanes(b, sc16, g))
-    scales32 = b.sext(sc16, vec(I32, 16))
-    d = _splat_f(b, _f16(b, w, 108))
-    out = []
-    for a in acts:
-        dots = [
-            madd_i16(b, dot_u8_s8(b, q, load(b, a.xq, 32 * g, I8, 32)), lane_scales[g]) for g, q in enumerate(quants)
-        ]
-        offsets = _pairs(b, b.mul(scales32, load(b, a.xs, 0, I32, 16)))  # per 32: sum of sc * sum(x) per 16
-        isum = b.sub(_sum(b, dots), b.shl(offsets, splat(I32, 8, 2)))
-        out.append(b.fmul(to_float(b, isum), b.fmul(d, _block_scale(b, a))))
-    return out
+    return _offset_body(b, acts, quants, _q3_k_scales(b, w, 96), 2, _splat_f(b, _f16(b, w, 108)))
 
 
 def iq4_xs(b, w, acts):
