@@ -21,7 +21,9 @@ def test_a_toy_quant_type_runs_from_its_declaration_alone(tmp_path):
     assert r["matmul_error_over_bound"] <= 2e-6  # the bound test_cpu_kernels holds every type to
     assert r["cpu_backends"] == ["cpu-engine"] and r["built"] == ["cpu-engine"]
     assert r["planned_bytes_match"] and r["executor"] == "native"
-    assert r["native_vs_eager"] <= 1e-5  # the same kernels, summed in another order
+    # The native step runs the toy's kernel bit for bit. (Whole-model native against eager is
+    # no oracle for an int8-activation type: float-order differences flip roundings, 1e-3..1e-2.)
+    assert r["native_dispatch_exact"] and r["native_decode_finite"]
     assert r["reference_backends"] == ["reference"]
     # The toy's dequantize with float activations against the engine's int8 activations: 1.6%
     # measured (activation rounding through three layers); a wrong scale or offset is O(1).
