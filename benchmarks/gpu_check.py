@@ -223,6 +223,8 @@ class Kit:
                   "bench-gpu": self.bench_gpu, "bench-hybrid": self.bench_hybrid}  # fmt: skip
         if only & {"bench-gpu", "bench-hybrid"}:
             only |= {"models"}  # the benchmarks run on the models it writes
+        if only:
+            only |= {"install"}  # every stage imports what it installs (a fresh machine has no gguf)
         for name, body in bodies.items():
             if only and name not in only:
                 continue

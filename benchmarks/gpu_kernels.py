@@ -1,6 +1,7 @@
 """GPU decode kernels against the GPU's own memory bandwidth, measured in the same run.
 
 Usage: python benchmarks/gpu_kernels.py [--reps 50] [--json out.json] [--small]
+       [--programs-per-sm 8,32] [--mla-precision tf32]
 
 Decode is memory-bound: one token's GEMV reads every weight byte once, so the figure of merit
 is bytes of the GPU format read per second against a device-to-device copy's bandwidth
@@ -9,6 +10,8 @@ q_b, kv_a, attn_output, shared-expert gate/up/down, output head) in each GPU for
 Int4Rows, Q6_K / Q8_0 -> Int8Rows), 1 token; beside each, torch's bfloat16 matmul on the same
 shape (cuBLAS reading 16-bit weights) as the peer. Then the gathered expert GEMV (8 of 256
 V3 experts, gate + up + down) and the MLA decode attention over 4096 cached positions.
+On CUDA each call is captured in a CUDA graph (as the decode step runs) over enough copies of
+small weights to read 256 MiB, so neither Python's launch cost nor the L2 cache is timed.
 Medians of --reps CUDA-event timings, spread min-max. --small runs tiny shapes (a smoke test
 on any device; figures off CUDA mean nothing).
 """
@@ -40,40 +43,88 @@ def nbytes(w) -> int:
     return sum(t.numel() * t.element_size() for t in vars(w).values() if isinstance(t, torch.Tensor))
 
 
-def timed(fn, reps: int, device) -> list[float]:
-    """Seconds per call: CUDA events around each call on CUDA, the wall clock elsewhere."""
+def copies_of(w, n_bytes: int, rotate_bytes: int):
+    """Enough copies of w (GpuWeights or a tensor) that cycling through them reads rotate_bytes:
+    a weight that fits in the L2 cache (H200: 50 MB) would otherwise be timed from the cache."""
+    import copy
+
+    n = max(1, min(64, -(-rotate_bytes // n_bytes)))
+    if isinstance(w, torch.Tensor):
+        return [w] + [w.clone() for _ in range(n - 1)]
+    out = [w]
+    for _ in range(n - 1):
+        c = copy.copy(w)
+        for name, t in vars(w).items():
+            if isinstance(t, torch.Tensor):
+                setattr(c, name, t.clone())
+        out.append(c)
+    return out
+
+
+def timed(fns, reps: int, device, graph: bool = True) -> list[float]:
+    """Seconds per call. On CUDA the calls (one per weight copy) are captured in one graph and
+    the replays timed with events, as the decode step runs them: no Python launch cost, no
+    cache reuse. Elsewhere (or graph=False) the clock around each call of the first."""
     import time
 
-    fn()
-    out = []
-    for _ in range(reps):
-        if device.type == "cuda":
+    for fn in fns:
+        fn()
+    if device.type == "cuda" and not graph:
+        out = []
+        for _ in range(reps):
             a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             a.record()
-            fn()
+            fns[0]()
             b.record()
             b.synchronize()
             out.append(a.elapsed_time(b) / 1e3)
-        else:
+        return out
+    if device.type != "cuda":
+        out = []
+        for _ in range(reps):
             t0 = time.perf_counter()
-            fn()
+            fns[0]()
             out.append(time.perf_counter() - t0)
+        return out
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for fn in fns:
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for fn in fns:
+            fn()
+    graph.replay()
+    out = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        graph.replay()
+        b.record()
+        b.synchronize()
+        out.append(a.elapsed_time(b) / 1e3 / len(fns))
     return out
 
 
 def copy_bandwidth(device, mib: int, reps: int) -> float:
-    """Device-to-device copy: bytes read + written per second."""
+    """Device-to-device copy: bytes read + written per second. Not from a graph: captured, the
+    copy becomes a memcpy node (the copy engines, 2.7 TB/s on an H200) rather than the SM
+    kernel torch launches eagerly (4.2 TB/s), which is the ceiling a kernel can reach."""
     src = torch.empty(mib << 20, dtype=torch.uint8, device=device)
     dst = torch.empty_like(src)
-    return 2 * src.numel() / statistics.median(timed(lambda: dst.copy_(src), reps, device))
+    return 2 * src.numel() / statistics.median(timed([lambda: dst.copy_(src)], reps, device, graph=False))
 
 
-def row(name: str, n_bytes: int, times: list[float], bw: float) -> dict:
+def row(name: str, n_bytes: int, times: list[float], bw: float, **extra) -> dict:
     gbs = [n_bytes / t / 1e9 for t in times]
     med = statistics.median(gbs)
-    print(f"{name:<28} {med:8.1f} GB/s (runs {min(gbs):.0f}-{max(gbs):.0f})  {med * 1e9 / bw:5.0%} of copy")
+    us = statistics.median(times) * 1e6
+    print(f"{name:<34} {med:8.1f} GB/s (runs {min(gbs):.0f}-{max(gbs):.0f}) {us:8.1f} us  {med * 1e9 / bw:5.0%} of copy"
+          + "".join(f"  {k} {v}" for k, v in extra.items()))  # fmt: skip
     return {"name": name, "bytes": n_bytes, "gb_s": med, "gb_s_min": min(gbs), "gb_s_max": max(gbs),
-            "of_copy": med * 1e9 / bw}  # fmt: skip
+            "us": us, "of_copy": med * 1e9 / bw, **extra}  # fmt: skip
 
 
 def main() -> None:
@@ -81,32 +132,40 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=50)
     ap.add_argument("--json", type=Path)
     ap.add_argument("--small", action="store_true", help="tiny shapes: a smoke test on any device")
+    ap.add_argument("--programs-per-sm", default="", help="also time the GEMVs at these launch sizes (e.g. 8,32)")
+    ap.add_argument("--mla-precision", default="", help="also time MLA attention with these dot precisions (tf32)")
     args = ap.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu (figures mean nothing)"
     scale = 16 if args.small else 1
+    rotate = (8 if args.small else 256) << 20
     rng = np.random.default_rng(0)
     bw = copy_bandwidth(device, 64 if args.small else 2048, args.reps)
     print(f"{name}: device copy {bw / 1e9:.0f} GB/s (read + write)")
+    import gpu_ops.triton_attention as ta
+    import gpu_ops.triton_kernels as tk
+
+    default_per_sm = tk.GEMV_PROGRAMS_PER_SM
+    sweeps = [int(v) for v in args.programs_per_sm.split(",") if v]
     rows = []
     for label, (out, k) in V3_DENSE.items():
         out, k = max(64, out // scale), max(256, k // scale // 256 * 256)
         x = torch.randn(1, k, device=device)
         for qtype in (T.Q4_K, T.Q6_K, T.Q8_0):
             w = repack(random_matrix(qtype, out, k, rng), qtype, k, device)
-            rows.append(
-                row(f"{label} {qtype.name}", nbytes(w), timed(lambda x=x, w=w: gpu_matmul(x, w), args.reps, device), bw)
-            )
+            ws = copies_of(w, nbytes(w), rotate)
+            for per_sm in [default_per_sm, *sweeps]:
+                tk.GEMV_PROGRAMS_PER_SM = per_sm
+                tag = "" if per_sm == default_per_sm else f" @{per_sm}/SM"
+                fns = [lambda x=x, w=w: gpu_matmul(x, w) for w in ws]
+                rows.append(row(f"{label} {qtype.name}{tag}", nbytes(w), timed(fns, args.reps, device), bw))
+            tk.GEMV_PROGRAMS_PER_SM = default_per_sm
+            del ws, w
         dense = torch.randn(out, k, device=device, dtype=torch.bfloat16)
         xb = x.to(torch.bfloat16)
-        rows.append(
-            row(
-                f"{label} bf16 torch",
-                dense.numel() * 2,
-                timed(lambda xb=xb, dense=dense: xb @ dense.T, args.reps, device),
-                bw,
-            )
-        )
+        fns = [lambda d=d, xb=xb: xb @ d.T for d in copies_of(dense, dense.numel() * 2, rotate)]
+        rows.append(row(f"{label} bf16 torch", dense.numel() * 2, timed(fns, args.reps, device), bw))
+        del fns, dense
     # 64 of V3's 256 experts: the same bytes per call (8 experts), a quarter of the memory and set-up
     n_expert, d, f = (32, 512, 256) if args.small else (64, 7168, 2048)
     stack = [repack(random_matrix(T.Q4_K, n_expert * f, d, rng), T.Q4_K, d, device, n_expert) for _ in range(2)]
@@ -116,13 +175,28 @@ def main() -> None:
     ids = torch.from_numpy(rng.choice(n_expert, (1, 8), replace=False)).to(device)
     wts = torch.rand(1, 8, device=device)
     per_expert = (nbytes(stack[0]) + nbytes(stack[1]) + nbytes(down)) // n_expert
-    rows.append(row("8 experts gathered", 8 * per_expert, timed(lambda: experts(x, ids, wts), args.reps, device), bw))
+    call = [lambda: experts(x, ids, wts)]
+    rows.append(row("8 experts gathered", 8 * per_expert, timed(call, args.reps, device), bw))
+    del call
     h, r, p, s = (16, 512, 64, 256) if args.small else (128, 512, 64, 4096)
-    cache = torch.randn(s, r + p, device=device)
     ql, qr = torch.randn(h, r, device=device), torch.randn(h, p, device=device)
     length = torch.tensor([s], device=device)
-    attend = lambda: mla_decode(ql, qr, cache, length, 0.1)  # noqa: E731
-    rows.append(row(f"MLA decode {s} positions", cache.numel() * 4, timed(attend, args.reps, device), bw))
+    default_precision = ta.DOT_PRECISION
+    for dtype in (torch.float32, torch.bfloat16):
+        cache = torch.randn(s, r + p, device=device).to(dtype)
+        lat, kr = cache[:, :r].double(), cache[:, r:].double()
+        scores = (ql.double() @ lat.T + qr.double() @ kr.T) * 0.1
+        ref = torch.softmax(scores, -1) @ lat
+        caches = copies_of(cache, cache.numel() * cache.element_size(), rotate)
+        for precision in [default_precision, *(v for v in args.mla_precision.split(",") if v)]:
+            ta.DOT_PRECISION = precision
+            err = float((mla_decode(ql, qr, cache, length, 0.1) - ref).abs().max() / lat.abs().max())
+            fns = [lambda c=c: mla_decode(ql, qr, c, length, 0.1) for c in caches]
+            tag = "" if precision == default_precision else f" {precision}"
+            rows.append(row(f"MLA decode {s} positions {str(dtype)[6:]}{tag}", cache.numel() * cache.element_size(),
+                            timed(fns, args.reps, device), bw, err=f"{err:.1e}"))  # fmt: skip
+        ta.DOT_PRECISION = default_precision
+        del caches, cache
     if args.json:
         args.json.write_text(json.dumps({"device": name, "copy_gb_s": bw / 1e9, "rows": rows}, indent=1))
 

@@ -53,22 +53,47 @@ def _store(y_ptr, acc, toks, rows, M, N):
 
 
 @triton.jit
-def _accumulate(acc, x, w, DOT: tl.constexpr):
-    """acc [BLOCK_M, BLOCK_N] += x [BLOCK_M, C] @ w [BLOCK_N, C].T"""
-    if DOT:
-        return acc + tl.dot(x, tl.trans(w))
-    return acc + tl.sum(x[:, None, :] * w[None, :, :], axis=2)
+def _zeros(BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, C: tl.constexpr, WIDE: tl.constexpr):
+    """The accumulator: [BLOCK_N, C] partial sums for one token (WIDE), else [BLOCK_M, BLOCK_N]."""
+    if WIDE:
+        acc = tl.zeros((BLOCK_N, C), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    return acc
+
+
+@triton.jit
+def _accumulate(acc, x, w, DOT: tl.constexpr, WIDE: tl.constexpr):
+    """acc += x [BLOCK_M, C] @ w [BLOCK_N, C].T; WIDE (one token) keeps the products apart
+    until _sums, so the loop does no cross-lane reduction per chunk."""
+    if WIDE:
+        acc = acc + w * x
+    elif DOT:
+        acc = acc + tl.dot(x, tl.trans(w))
+    else:
+        acc = acc + tl.sum(x[:, None, :] * w[None, :, :], axis=2)
+    return acc
+
+
+@triton.jit
+def _sums(acc, WIDE: tl.constexpr):
+    """The accumulator as [BLOCK_M, BLOCK_N]."""
+    if WIDE:
+        sums = tl.sum(acc, axis=1)[None, :]
+    else:
+        sums = acc
+    return sums
 
 
 @triton.jit
 def _int4_kernel(x_ptr, q_ptr, sc_ptr, mn_ptr, d_ptr, dmin_ptr, y_ptr, ids_ptr, M, N, K, TPG, SPLIT_CHUNKS,
-                 X_DIV: tl.constexpr, GATHER: tl.constexpr, DOT: tl.constexpr,
+                 X_DIV: tl.constexpr, GATHER: tl.constexpr, DOT: tl.constexpr, WIDE: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
     tile, lane, rows, toks, xrows, first, end = _tile(ids_ptr, TPG, K, SPLIT_CHUNKS, 64, X_DIV, GATHER, BLOCK_M,
                                                       BLOCK_N)  # fmt: skip
     tok_ok = toks < M
     byte = tl.arange(0, 32)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc = _zeros(BLOCK_M, BLOCK_N, 32, WIDE)
     for c in range(first, end):
         packed = tl.load(q_ptr + (tile * (K // 64) + c) * (BLOCK_N * 32) + lane[:, None] * 32 + byte[None, :])
         at = (tile * (K // 256) + c // 4) * BLOCK_N + lane
@@ -82,19 +107,19 @@ def _int4_kernel(x_ptr, q_ptr, sc_ptr, mn_ptr, d_ptr, dmin_ptr, y_ptr, ids_ptr, 
             w = scale[:, None] * nibble.to(tl.float32) - low[:, None]  # [BLOCK_N, 32]
             x = tl.load(x_ptr + xrows[:, None] * K + c * 64 + half * 32 + byte[None, :],
                         mask=tok_ok[:, None], other=0.0).to(tl.float32)  # fmt: skip
-            acc = _accumulate(acc, x, w, DOT)
-    _store(y_ptr, acc, toks, rows, M, N)
+            acc = _accumulate(acc, x, w, DOT, WIDE)
+    _store(y_ptr, _sums(acc, WIDE), toks, rows, M, N)
 
 
 @triton.jit
 def _int8_kernel(x_ptr, q_ptr, d_ptr, sc_ptr, y_ptr, ids_ptr, M, N, K, TPG, SPLIT_CHUNKS, D_GROUP: tl.constexpr,
                  HAS_SC: tl.constexpr, X_DIV: tl.constexpr, GATHER: tl.constexpr, DOT: tl.constexpr,
-                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
+                 WIDE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
     tile, lane, rows, toks, xrows, first, end = _tile(ids_ptr, TPG, K, SPLIT_CHUNKS, 32, X_DIV, GATHER, BLOCK_M,
                                                       BLOCK_N)  # fmt: skip
     tok_ok = toks < M
     byte = tl.arange(0, 32)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc = _zeros(BLOCK_M, BLOCK_N, 32, WIDE)
     for c in range(first, end):
         q = tl.load(q_ptr + (tile * (K // 32) + c) * (BLOCK_N * 32) + lane[:, None] * 32 + byte[None, :])
         d = tl.load(d_ptr + (tile * (K // D_GROUP) + (c * 32) // D_GROUP) * BLOCK_N + lane).to(tl.float32)
@@ -107,16 +132,25 @@ def _int8_kernel(x_ptr, q_ptr, d_ptr, sc_ptr, y_ptr, ids_ptr, M, N, K, TPG, SPLI
             s = d[:, None]
         w = s * q.to(tl.float32)  # [BLOCK_N, 32]
         x = tl.load(x_ptr + xrows[:, None] * K + c * 32 + byte[None, :], mask=tok_ok[:, None], other=0.0).to(tl.float32)
-        acc = _accumulate(acc, x, w, DOT)
-    _store(y_ptr, acc, toks, rows, M, N)
+        acc = _accumulate(acc, x, w, DOT, WIDE)
+    _store(y_ptr, _sums(acc, WIDE), toks, rows, M, N)
+
+
+# Split-K target for decode GEMVs. On an H200 (docs/benchmarks.md, 2026-11-30), 8 programs per
+# SM against 2 took V3's q_a and shared-expert GEMVs from 12-14 us to 8-13 us and attn_output
+# from 155 to 60 us (Q4_K): a GEMV streams its weights, and only many programs in flight cover
+# the memory latency. The output head (2020 tiles) is the same either way.
+GEMV_PROGRAMS_PER_SM = 8
 
 
 @functools.cache
-def programs_wanted(device: torch.device) -> int:
-    """Two programs per SM on a GPU; a few under the interpreter (enough to test the splits)."""
-    if device.type == "cuda":
-        return 2 * torch.cuda.get_device_properties(device).multi_processor_count
-    return 16
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def programs_wanted(device: torch.device, per_sm: int) -> int:
+    """per_sm programs per SM on a GPU; a few under the interpreter (enough to test the splits)."""
+    return per_sm * _sm_count(device) if device.type == "cuda" else 16
 
 
 def _launch(x, w, rows: int, cols: int, tiles: int, ids, x_div: int, block_m: int, dot: bool) -> torch.Tensor:
@@ -130,12 +164,14 @@ def _launch(x, w, rows: int, cols: int, tiles: int, ids, x_div: int, block_m: in
     _, k = w.shape
     chunks = k // (64 if isinstance(w, Int4Rows) else 32)
     grid = (tiles, triton.cdiv(rows, block_m))
-    splits = 1 if dot else max(1, min(chunks, triton.cdiv(programs_wanted(x.device), grid[0] * grid[1])))
+    wanted = programs_wanted(x.device, GEMV_PROGRAMS_PER_SM)
+    splits = 1 if dot else max(1, min(chunks, triton.cdiv(wanted, grid[0] * grid[1])))
     per_split = triton.cdiv(chunks, splits)
     splits = triton.cdiv(chunks, per_split)
     y = torch.empty(splits, rows, cols, dtype=torch.float32, device=x.device)
     gather = ids is not None
-    flags = {"X_DIV": x_div, "GATHER": gather, "DOT": dot, "BLOCK_M": block_m, "BLOCK_N": BLOCK_N}
+    wide = block_m == 1 and not dot
+    flags = {"X_DIV": x_div, "GATHER": gather, "DOT": dot, "WIDE": wide, "BLOCK_M": block_m, "BLOCK_N": BLOCK_N}
     ids = ids if gather else y  # an unused pointer
     args = (rows, cols, k, w.tiles_per_group, per_split)
     if isinstance(w, Int4Rows):

@@ -16,6 +16,10 @@ from hetero.synth.llama_cpp import available as llama_cpp_available
 from hetero.synth.llama_cpp import quiet_stderr
 from hetero.synth.writer import write_synthetic
 
+# Where the GPU side runs in these tests: CUDA where there is one (the GPU check kit's machine),
+# else the CPU standing in for it (CI).
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
 # Quantized test files come from llama.cpp's own quantizer where it is installed (the parity tests
 # compare with llama.cpp on files it made itself); elsewhere (the GPU machine) from hetero's.
 QUANTIZER = "llama.cpp" if llama_cpp_available() else "hetero"

@@ -68,11 +68,13 @@ def main() -> None:
     aligned = pointers | {"N", "K"}
     out = {}
     for name, gather, dot, block_m in (
-        ("gemv", False, False, 1),
+        ("gemv", False, False, 1),  # one token: products kept apart until the end (WIDE)
+        ("8-token gemv", False, False, 8),  # a few tokens: each chunk summed as it comes
         ("gathered", True, False, 1),
         ("gemm", False, True, 32),
     ):
-        flags = {"X_DIV": 1, "GATHER": gather, "DOT": dot, "BLOCK_M": block_m, "BLOCK_N": tk.BLOCK_N}
+        wide = block_m == 1 and not dot
+        flags = {"X_DIV": 1, "GATHER": gather, "DOT": dot, "WIDE": wide, "BLOCK_M": block_m, "BLOCK_N": tk.BLOCK_N}
         out[f"int4 {name}"] = compile_ptx(tk._int4_kernel, int4, aligned, flags)
         for label, d_group, has_sc in (("q8_0", 32, False), ("q6_k", 256, True)):
             flags8 = {**flags, "D_GROUP": d_group, "HAS_SC": has_sc}
@@ -80,7 +82,8 @@ def main() -> None:
     attention = {"ql_ptr": "*fp32", "qr_ptr": "*fp32", "cache_ptr": "*fp32", "len_ptr": "*i64", "m_ptr": "*fp32",
                  "l_ptr": "*fp32", "acc_ptr": "*fp32", "H": "i32", "R": "i32", "P": "i32", "ROW": "i32",
                  "SPLIT_LEN": "i32", "scale": "fp32"}  # fmt: skip
-    blocks = {"BLOCK_H": ta.BLOCK_H, "BLOCK_S": ta.BLOCK_S, "BLOCK_R": 512, "BLOCK_P": 64}
+    blocks = {"BLOCK_H": ta.BLOCK_H, "BLOCK_S": ta.BLOCK_S, "BLOCK_R": 512, "BLOCK_P": 64,
+              "DOT_PRECISION": ta.DOT_PRECISION}  # fmt: skip
     attn_aligned = {
         "ql_ptr",
         "qr_ptr",

@@ -33,7 +33,7 @@ def _loads16(counts: dict[str, int]) -> int:
 
 def test_decode_kernels_load_weights_16_bytes_at_a_time(ptx_counts):
     decode = {k: v for k, v in ptx_counts.items() if k.endswith(("gemv", "gathered"))}
-    assert len(decode) == 6
+    assert len(decode) == 9
     for name, counts in decode.items():
         assert _loads16(counts) >= 1, (name, counts)
         assert not any("mma" in ins for ins in counts), (name, counts)  # GEMV: no tensor cores to wait for

@@ -18,6 +18,7 @@ from placement.hardware import GiB, Hardware, parse_rate, parse_size, with_overr
 from placement.planner import make_plan
 from placement.report import plan_from_json, plan_to_json
 from placement.rules import load_rules, parse_override
+from tests.conftest import DEVICE
 
 WORKSTATION = Hardware("none", 0, 0.0, 0.0, 64, 2, 1024 * GiB, 614e9, 6.4e12, "test workstation")
 DENSE_KINDS = ("attention", "shared experts", "dense FFN", "norms", "router", "output head")
@@ -127,7 +128,7 @@ def _decoded_after(model, ids: list[int], token: int) -> np.ndarray:
     """Logits [1, vocab] of `token` decoded from the cache after a prefill of ids."""
     cache = model.new_cache(len(ids) + 1)
     model.forward(ids, cache)
-    return model.forward([token], cache).numpy()
+    return model.forward([token], cache).cpu().numpy()
 
 
 def test_load_model_executes_the_plan(synth):
@@ -136,11 +137,12 @@ def test_load_model_executes_the_plan(synth):
     Triton kernels under the interpreter: the GEMM for the prompt, split-K GEMVs and the hybrid
     step for a decoded token; their sums run in another order, so the bound is 1e-5 of the
     largest logit); with the CPU engine on the CPU side, the two plans differ by int8
-    activation rounding only."""
+    activation rounding only. On CUDA the GPU side keeps a bfloat16 cache and multiplies
+    prompt tiles in TF32, so there the bound is relative: 1e-2."""
     path = synth("tiny", "Q4_K_M", n_expert_used=8)
     ids = None
     for cpu_kernels in (False, True):
-        cpu_only = hetero.load_model(path, cpu_kernels=cpu_kernels)
+        cpu_only = hetero.load_model(path, gpu_mem=0, cpu_kernels=cpu_kernels)
         hybrid = hetero.load_model(path, gpu_mem="8GiB", rules=[parse_override("exps=cpu")], cpu_kernels=cpu_kernels)
         assert cpu_only.plan.weights_bytes("gpu") == 0
         kinds = devices_by_kind(hybrid.plan)
@@ -154,8 +156,11 @@ def test_load_model_executes_the_plan(synth):
         token = int(ref[-1].argmax())
         ours = np.concatenate([ours, _decoded_after(hybrid, ids, token)])
         ref = np.concatenate([ref, _decoded_after(cpu_only, ids, token)])
+        rel = np.linalg.norm(ours - ref) / np.linalg.norm(ref)
         if cpu_kernels:
-            assert np.linalg.norm(ours - ref) / np.linalg.norm(ref) < 3e-2
+            assert rel < 3e-2
+        elif DEVICE.type == "cuda":  # a bfloat16 cache (under 1%: test_static_step) and TF32 prompt tiles
+            assert rel < 1e-2, rel
         else:
             np.testing.assert_allclose(ours, ref, rtol=0, atol=1e-5 * np.abs(ref).max())
     with pytest.raises(HeteroError, match="does not fit"):
@@ -249,7 +254,7 @@ def test_the_plan_names_a_backend_for_every_tensor_and_the_model_runs_exactly_th
     the backends and the decode step its plan names."""
     v2 = synth("v2-lite", "Q4_K_M", n_layer=2)
     tiny = synth("tiny", "Q4_K_M")
-    for path, gpu_mem, executor in ((v2, None, "native"), (v2, "8GiB", "hybrid"), (tiny, None, "eager")):
+    for path, gpu_mem, executor in ((v2, 0, "native"), (v2, "8GiB", "hybrid"), (tiny, 0, "eager")):
         model = hetero.load_model(path, gpu_mem=gpu_mem)
         plan = model.plan
         assert plan.executor == executor == model.executor_name
@@ -264,19 +269,20 @@ def test_the_plan_names_a_backend_for_every_tensor_and_the_model_runs_exactly_th
     q4k_on_gpu = {
         p.backend for p in hybrid.placements if p.device == "gpu" and p.format == "int4" and p.kind != "embedding"
     }
-    assert q4k_on_gpu == {"gpu-triton" if os.environ.get("TRITON_INTERPRET") == "1" else "gpu-torch"}
-    slow = [p for p in hetero.load_model(tiny).plan.placements if p.backend == "reference"]
+    triton_runs = DEVICE.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+    assert q4k_on_gpu == {"gpu-triton" if triton_runs else "gpu-torch"}
+    slow = [p for p in hetero.load_model(tiny, gpu_mem=0).plan.placements if p.backend == "reference"]
     assert slow and all(p.format == "Q5_1" for p in slow)
 
 
 def test_a_plan_made_for_other_options_is_refused(synth):
     path = synth("tiny", "Q4_K_M")
-    plan = hetero.load_model(path).plan  # the CPU engine
+    plan = hetero.load_model(path, gpu_mem=0).plan  # the CPU engine
     with pytest.raises(HeteroError, match="the plan runs it on the CPU engine, which this load cannot"):
         hetero.load_model(path, plan=plan, cpu_kernels=False)
     import dataclasses
 
-    native = hetero.load_model(synth("v2-lite", "Q4_K_M", n_layer=2)).plan
+    native = hetero.load_model(synth("v2-lite", "Q4_K_M", n_layer=2), gpu_mem=0).plan
     assert native.executor == "native"
     with pytest.raises(HeteroError, match="the decode step \\(eager in the plan, native here\\)"):
         hetero.load_model(native.model, plan=dataclasses.replace(native, executor="eager"))
