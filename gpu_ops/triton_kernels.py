@@ -9,7 +9,10 @@ d * sc * q - dmin * m. int8: 32-value chunks, weights d * q or d * sc * q (Q6_K)
 
 Two ways to multiply a chunk, chosen per launch (DOT):
 - decode (1-8 tokens): broadcast products summed in registers. Decode is memory-bound, so
-  what matters is that each weight byte is read once per call whatever the number of tokens.
+  what matters is that each weight byte is read once per call whatever the number of tokens,
+  and that the loop does little besides: one token keeps its products in a [BLOCK_N, C]
+  accumulator and reduces it once at the end (summing each chunk across lanes as it came
+  took V3's output head from 0.33 to 1.14 ms on an H200).
 - prefill (more tokens): tl.dot on the tile, which puts the tensor cores to work (TF32 on
   float32 tiles: float32's range, a 10-bit mantissa, accumulation in float32).
 
