@@ -26,12 +26,12 @@ from cpu_ops.activations import QuantizedActivations, quantize, quantize_into
 from cpu_ops.blocks import BLOCKS
 from cpu_ops.capabilities import experts_run_on_engine
 from cpu_ops.executor import Executor, Handle
-from cpu_ops.kernels import MATMUL
+from cpu_ops.kernels import rows_of
 from cpu_ops.matmul import split
 from cpu_ops.spin import SpinBarrier
 
 
-def _make_gate_up(gate_mm, up_mm):
+def _make_gate_up(gate_code: int, up_code: int):
     @numba.njit(nogil=True, cache=True)
     def gate_up(
         gw, uw, g_off, u_off, g_rs, u_rs, n_rows, n_blocks, xq, dx, xs, xf, tok_ptr, tok_idx, experts, h, h_col
@@ -55,8 +55,8 @@ def _make_gate_up(gate_mm, up_mm):
                 sdx[j] = dx[t]
                 sxs[j] = xs[t]
                 sf[j] = xf[t]
-            gate_mm(gw, g_off[e], g_rs, n_rows, n_blocks, sq, sdx, sxs, sf, 0, n, g, 0)
-            up_mm(uw, u_off[e], u_rs, n_rows, n_blocks, sq, sdx, sxs, sf, 0, n, u, 0)
+            rows_of(gate_code, gw, g_off[e], g_rs, n_rows, n_blocks, sq, sdx, sxs, sf, 0, n, g, 0)
+            rows_of(up_code, uw, u_off[e], u_rs, n_rows, n_blocks, sq, sdx, sxs, sf, 0, n, u, 0)
             for j in range(n):
                 for f in range(n_rows):
                     h[first + j, h_col + f] = g[j, f] / (np.float32(1.0) + np.exp(-g[j, f])) * u[j, f]
@@ -64,7 +64,7 @@ def _make_gate_up(gate_mm, up_mm):
     return gate_up
 
 
-def _make_down(down_mm):
+def _make_down(down_code: int):
     @numba.njit(nogil=True, cache=True)
     def down(dw, d_off, d_rs, n_rows, n_blocks, h, h_group, tok_ptr, tok_idx, tok_w, experts, out, out_col):
         """out[t, out_col:out_col+n_rows] += w * (down_e rows) @ h[p] for the pairs p of `experts`."""
@@ -80,7 +80,7 @@ def _make_down(down_mm):
             first, n = tok_ptr[e], tok_ptr[e + 1] - tok_ptr[e]
             rows = h[first : first + n]
             quantize_into(rows, hq[:n], hdx[:n], hxs[:n], h_group)
-            down_mm(dw, d_off[e], d_rs, n_rows, n_blocks, hq, hdx, hxs, rows, 0, n, part, 0)
+            rows_of(down_code, dw, d_off[e], d_rs, n_rows, n_blocks, hq, hdx, hxs, rows, 0, n, part, 0)
             for j in range(n):
                 t = tok_idx[first + j]
                 wt = tok_w[first + j]
@@ -127,9 +127,10 @@ def group_by_expert(ids: np.ndarray, weights: np.ndarray, n_expert: int):
 
 @functools.cache
 def _kernel(kind: str, *qtypes):
-    """One compiled kernel per combination of weight types, shared by every layer using it."""
+    """One compiled kernel per combination of weight types, shared by every layer using it (the
+    closures hold the types' codes, so their cache entries are found again by the next process)."""
     make = _make_gate_up if kind == "gate_up" else _make_down
-    return make(*(MATMUL[q] for q in qtypes))
+    return make(*(BLOCKS[q].code for q in qtypes))
 
 
 @dataclass(frozen=True)

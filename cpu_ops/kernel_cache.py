@@ -5,6 +5,13 @@ package's sources and of the engine types as declared (modelfile/quants/types.py
 checks the timestamp of the file that defines a function, and the kernels are built from IR
 generated in other modules (blocks.py, simd.py) for the declared types in their order.
 
+Two processes compiling at once (a server and a benchmark started together, a test and its
+subprocess) would race on numba's index: each reads it, picks the same free data-file number
+for its new kernel, and the last writer's index then names the other process's machine code,
+so a later run multiplies Q2_K weights with another type's kernel (seen: a whole model's logits
+turned to NaN). numba has no lock of its own; every cache read and write here holds one on a
+file in the cache directory (shared to load, exclusive to save).
+
 A cache file can be damaged (a full disk, a bit flip, a copy cut short). numba would then raise
 from deep inside the first call of that kernel, often on a worker thread, on every later run.
 Instead, a kernel whose cached files do not load has them moved to a `set-aside` folder beside
@@ -12,6 +19,8 @@ the cache, one warning line is printed (once per process), and numba compiles it
 writes a fresh entry.
 """
 
+import contextlib
+import fcntl
 import hashlib
 import inspect
 import os
@@ -54,12 +63,39 @@ def install() -> None:
         numba.config.CACHE_DIR = str(cache_dir())
     if not getattr(caching.Cache.load_overload, "_hetero_guard", False):
         caching.Cache.load_overload = _guarded(caching.Cache.load_overload)
+        caching.Cache.save_overload = _locked_save(caching.Cache.save_overload)
+
+
+@contextlib.contextmanager
+def _cache_lock(cache, exclusive: bool):
+    """An inter-process lock on the directory of this kernel's cache files (none if it cannot be made)."""
+    try:
+        path = Path(cache._cache_file._index_path).parent / ".lock"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError:  # a read-only cache: numba cannot write it either
+        yield
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock
+
+
+def _locked_save(save_overload):
+    def save_locked(cache, sig, data):
+        with _cache_lock(cache, exclusive=True):
+            return save_overload(cache, sig, data)
+
+    return save_locked
 
 
 def _guarded(load_overload):
     def load_or_set_aside(cache, sig, target_context):
         try:
-            return load_overload(cache, sig, target_context)
+            with _cache_lock(cache, exclusive=False):
+                return load_overload(cache, sig, target_context)
         except Exception as e:  # unpickling, a truncated file, an object file that does not link
             with _LOCK:
                 try:

@@ -113,22 +113,30 @@ def matmul_rows_any(typingctx, code, w, w_off, row_stride, n_rows, n_blocks, xq,
     return types.none(code, w, w_off, row_stride, n_rows, n_blocks, xq, dx, xs, xf, out, out_col), codegen
 
 
+@numba.njit(nogil=True, inline="always")
+def rows_of(code, w, w_off, row_stride, n_rows, n_blocks, xq, dx, xs, xf, x_off, n_tok, out, out_col):
+    """out[t, out_col + r] = row r . activations of token t (from column x_off), r < n_rows, for
+    weights of block type `code`. Inlined into its caller, where `code` is a closure constant
+    (a literal): kernels that capture the code, not a compiled function, pickle the same in
+    every process, so numba's disk cache finds them again."""
+    k = xf.shape[1]
+    for r in range(n_rows):
+        base = w_off + r * row_stride
+        quads = n_tok // 4 * 4
+        for t in range(0, quads, 4):
+            y = row_dot4(code, w, base, n_blocks, xq, dx, xs, xf, t * k + x_off, k)
+            out[t, out_col + r] = y[0]
+            out[t + 1, out_col + r] = y[1]
+            out[t + 2, out_col + r] = y[2]
+            out[t + 3, out_col + r] = y[3]
+        for t in range(quads, n_tok):
+            out[t, out_col + r] = row_dot(code, w, base, n_blocks, xq, dx, xs, xf, t * k + x_off, k)
+
+
 def _make_matmul(code: int):
     @numba.njit(nogil=True, cache=True)
     def matmul_rows(w, w_off, row_stride, n_rows, n_blocks, xq, dx, xs, xf, x_off, n_tok, out, out_col):
-        """out[t, out_col + r] = row r . activations of token t (from column x_off), r < n_rows."""
-        k = xf.shape[1]
-        for r in range(n_rows):
-            base = w_off + r * row_stride
-            quads = n_tok // 4 * 4
-            for t in range(0, quads, 4):
-                y = row_dot4(code, w, base, n_blocks, xq, dx, xs, xf, t * k + x_off, k)
-                out[t, out_col + r] = y[0]
-                out[t + 1, out_col + r] = y[1]
-                out[t + 2, out_col + r] = y[2]
-                out[t + 3, out_col + r] = y[3]
-            for t in range(quads, n_tok):
-                out[t, out_col + r] = row_dot(code, w, base, n_blocks, xq, dx, xs, xf, t * k + x_off, k)
+        rows_of(code, w, w_off, row_stride, n_rows, n_blocks, xq, dx, xs, xf, x_off, n_tok, out, out_col)
 
     return matmul_rows
 
