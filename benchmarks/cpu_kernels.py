@@ -21,7 +21,7 @@ from cpu_ops.blocks import BLOCKS
 from cpu_ops.executor import Executor
 from cpu_ops.experts import CpuExperts, Stack
 from cpu_ops.matmul import CpuMatrix
-from modelfile.quants import QUANT_TYPES
+from modelfile.quants.types import with_scales
 from placement.hardware import measure_read_bandwidth
 
 
@@ -36,9 +36,7 @@ def random_matrix(qtype, rows: int, k: int, rng) -> np.ndarray:
             vals = (vals.view(np.uint32) >> 16).astype(np.uint16)
         return vals.view(np.uint8).reshape(rows, -1)
     raw = rng.integers(0, 256, (rows * (k // block), size), dtype=np.uint8)
-    for at in QUANT_TYPES[qtype].f16_fields:
-        raw[:, at : at + 2] = (rng.random(raw.shape[0]) * 0.01).astype(np.float16).view(np.uint8).reshape(-1, 2)
-    return raw.reshape(rows, -1)
+    return with_scales(qtype, raw, lambda n: rng.random(n) * 0.01).reshape(rows, -1)
 
 
 def timed(fn, reps: int, probe: list[float]) -> list[float]:

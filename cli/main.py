@@ -34,7 +34,9 @@ THREADS_DEFAULT = "the CPUs this process may use"
 OVERRIDE_HELP = "PATTERN=DEVICE[:FORMAT], e.g. 'exps=cpu' (llama.cpp's -ot); repeat for more; before --rules."
 QUANT_HELP = (
     "F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q2_K, Q3_K_M, Q4_K_S, Q4_K_M, Q5_K_S, Q5_K_M, Q6_K, IQ4_NL, IQ4_XS "
-    "(the mix of per-tensor types llama.cpp would choose)."
+    "(the mix of per-tensor types llama.cpp would choose); or an expert mix, routed experts (and their down "
+    "projections) in low-bit types over a dense mix: Q4_K_M+IQ2_XS, Q4_K_M+IQ1_S/IQ2_XXS, or a release's "
+    "UD-IQ1_S, UD-IQ1_M, UD-IQ2_XXS, UD-Q2_K_XL."
 )
 
 

@@ -14,6 +14,7 @@ import pytest
 from conftest import V3_MECHANISMS, llama_logits, random_prompt, rel_err
 
 import hetero
+from modelfile.gguf_file import GGUFModelFile
 
 FLOAT_CASES = {
     "tiny-softmax-plain-q": ("tiny", "F32", {}),
@@ -31,6 +32,12 @@ QUANT_CASES = {
     "q4_k_m-legacy-kv_b": ("tiny", "Q4_K_M", {"split_kv_b": False, **ALL_EXPERTS}),
     "q8_0-softmax-plain-q": ("tiny", "Q8_0", ALL_EXPERTS),
 }
+
+
+# Routed experts in each low-bit type the releases use (random blocks: hetero's quantizer), over
+# a Q4_K_M dense part; the tiny preset's rows are whole 256-value super-blocks, so every expert
+# tensor is in the named type.
+EXPERT_TYPES = ("IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS", "IQ3_S", "Q2_K", "Q3_K")
 
 
 def compare(path, n_tokens=24):
@@ -102,3 +109,11 @@ def test_native_decode_matches_llama_cpp(synth, case):
     decoded = np.concatenate(steps)
     assert rel_err(decoded[8:], llama_logits(path, ids)[8:]) <= limit
     assert rel_err(decoded, model.logits(ids)) <= (1e-5 if quant == "F32" else 3e-2)  # one flip: ~1.4%
+
+
+@pytest.mark.parametrize("experts", EXPERT_TYPES)
+def test_low_bit_experts_match_llama_cpp(synth, experts):
+    path = synth("tiny", f"Q4_K_M+{experts}", quantizer="hetero", **ALL_EXPERTS)
+    types = {t.qtype.name for t in GGUFModelFile(path).tensors.values() if "_exps." in t.name}
+    assert types == {experts}
+    assert compare(path) <= 5e-2

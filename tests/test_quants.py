@@ -9,6 +9,7 @@ from gguf.quants import dequantize as gguf_dequantize
 
 from modelfile.errors import HeteroError
 from modelfile.quants import QUANT_TYPES, dequantize, row_bytes
+from modelfile.quants.types import with_scales
 
 # Byte offsets of the float16 factors inside each block: random bytes there could spell NaN.
 
@@ -26,9 +27,7 @@ def random_rows(qtype: T, rows: int, blocks_per_row: int, rng: np.random.Generat
             values.reshape(-1)[:block] = 0
         return values.view(np.uint8).reshape(rows, -1)
     raw = rng.integers(0, 256, size=(rows * blocks_per_row, size), dtype=np.uint8)
-    for offset in QUANT_TYPES[qtype].f16_fields:  # sane float16 scales where the layout has them
-        halves = (rng.standard_normal(rows * blocks_per_row) * 0.05).astype(np.float16)
-        raw[:, offset : offset + 2] = halves.view(np.uint8).reshape(-1, 2)
+    with_scales(qtype, raw, lambda n: rng.standard_normal(n) * 0.05)  # sane float16 factors
     if rows * blocks_per_row > 1:
         raw[0] = 0
     return raw.reshape(rows, blocks_per_row * size)
@@ -51,5 +50,5 @@ def test_matches_gguf(qtype, rows, blocks_per_row):
 
 
 def test_unsupported_type_names_the_tensor():
-    with pytest.raises(HeteroError, match="unsupported quant type IQ2_XXS in tensor blk.3.ffn_up_exps.weight"):
-        row_bytes(T.IQ2_XXS, 256, "blk.3.ffn_up_exps.weight")
+    with pytest.raises(HeteroError, match="unsupported quant type TQ1_0 in tensor blk.3.ffn_up_exps.weight"):
+        row_bytes(T.TQ1_0, 256, "blk.3.ffn_up_exps.weight")

@@ -13,7 +13,7 @@ from gguf import GGUFReader
 from gguf import quants as gguf_quants
 
 import hetero
-from hetero.synth.quantize import MIXES, quantize
+from hetero.synth.quantize import MIXES, quantize, tensor_type
 from hetero.synth.writer import write_synthetic
 from modelfile.errors import HeteroError
 
@@ -69,6 +69,47 @@ def test_numpy_quantized_file_matches_llama_cpp(synth):
 def test_mixes_hetero_cannot_write_name_the_way_out(tmp_path):
     with pytest.raises(HeteroError, match="IQ4_XS needs llama.cpp's"):
         write_synthetic(tmp_path / "x.gguf", "tiny", "IQ4_XS", quantizer="hetero")
+
+
+@pytest.mark.parametrize("qtype", [T.IQ1_S, T.IQ1_M, T.IQ2_XXS, T.IQ2_XS, T.IQ2_S, T.IQ3_XXS, T.IQ3_S, T.Q2_K, T.Q3_K],
+                         ids=lambda t: t.name)  # fmt: skip
+def test_types_without_an_encoder_get_random_blocks_of_the_values_scale(qtype):
+    """Random bytes with float16 factors drawn around the right scale: the dequantized weights
+    have about the values' root mean square (within the factors' +-25% spread), whatever it is."""
+    rng = np.random.default_rng()
+    for rms in (1e-3, 0.05, 3.0):
+        values = (rng.standard_normal((64, 512)) * rms).astype(np.float32)
+        blocks = quantize(values, qtype)
+        weights = gguf_quants.dequantize(blocks, qtype)
+        assert weights.shape == values.shape and np.all(np.isfinite(weights))
+        assert 0.7 < np.sqrt(np.mean(weights.astype(np.float64) ** 2)) / rms < 1.3
+        assert np.array_equal(quantize(values, qtype), blocks)  # the same values, the same bytes
+
+
+def test_expert_mixes_put_routed_experts_in_their_types(tmp_path):
+    """UD-IQ1_S: routed gate/up in IQ1_S, their down projections in IQ2_XXS, the rest as Q4_K_M
+    gives it; rows that are not whole super-blocks (V2-Lite's 1408-wide down) take IQ4_NL."""
+    path = write_synthetic(tmp_path / "ud.gguf", "tiny", "UD-IQ1_S")[0]
+    types = {t.name: t.tensor_type for t in GGUFReader(path).tensors}
+    q4km = {t.name: t.tensor_type for t in GGUFReader(write_synthetic(tmp_path / "q.gguf", "tiny", "Q4_K_M",
+                                                                      quantizer="hetero")[0]).tensors}  # fmt: skip
+    for name, qtype in types.items():
+        if "_exps." in name:
+            assert qtype == (T.IQ2_XXS if "ffn_down" in name else T.IQ1_S), name
+        else:
+            assert qtype == q4km[name], name
+    assert tensor_type("blk.1.ffn_down_exps.weight", (64, 2048, 1408), "UD-IQ1_S", 27, 64) == T.IQ4_NL
+    assert tensor_type("blk.1.ffn_up_exps.weight", (64, 1408, 2048), "Q4_K_M+IQ2_XS", 27, 64) == T.IQ2_XS
+
+
+MALFORMED = [("Q4_K_M+IQ9_Z", "unknown expert type"), ("Q9_K+IQ2_XS", "dense mix"),
+             ("Q4_K_M+TQ1_0", "ones hetero reads"), ("UD-IQ7", "unknown quant")]  # fmt: skip
+
+
+@pytest.mark.parametrize("quant, error", MALFORMED)
+def test_a_malformed_expert_mix_is_refused(tmp_path, quant, error):
+    with pytest.raises(HeteroError, match=error):
+        write_synthetic(tmp_path / "x.gguf", "tiny", quant)
 
 
 def test_demo_runs_where_llama_cpp_cannot_be_imported(tmp_path):

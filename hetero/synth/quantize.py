@@ -7,15 +7,30 @@ scales, not llama.cpp's search for the best scales: the error is a little larger
 same. `tensor_type` follows the shape of llama.cpp's choices for a file type: the mix's base type,
 the output head and some layers' down projections a step up, and a legacy type for rows that are
 not a whole number of 256-value super-blocks.
+
+Types with no rounding here (the grid types IQ1_S...IQ3_S, Q2_K, Q3_K, IQ4_NL...) are written
+as random blocks: every bit pattern of those layouts is a valid block, so random bytes with
+float16 factors scaled to the tensor's root mean square are random weights of the right size
+(llama.cpp's quantizer refuses most grid types without an importance matrix anyway).
+
+Expert mixes put the routed experts in one type (their down projections in another) over a
+dense mix, as the low-bit releases people run do: `Q4_K_M+IQ2_XS`, `Q4_K_M+IQ1_S/IQ2_XXS`, or a
+release's name (EXPERT_MIXES: Unsloth's UD-IQ1_S, UD-IQ1_M, UD-IQ2_XXS and UD-Q2_K_XL).
 """
 
+import functools
 import re
+import zlib
 
 import numpy as np
+import torch
+from gguf import GGML_QUANT_SIZES
 from gguf import GGMLQuantizationType as T
 from gguf import quants as gguf_quants
 
 from modelfile.errors import HeteroError
+from modelfile.quants import QUANT_TYPES, dequantize
+from modelfile.quants.types import with_scales
 
 QK_K = 256
 F16_MAX = 65504.0
@@ -32,15 +47,59 @@ MIXES = {
     "Q6_K": (T.Q6_K, T.Q6_K),
     "BF16": (T.BF16, T.BF16),
 }
-# A K-quant needs rows of whole 256-value super-blocks; otherwise a 32-value legacy type stands in.
+# Releases whose routed experts are low-bit: (experts' gate and up, their down projections), over
+# a Q4_K_M-style dense part (Unsloth's dynamic mixes of DeepSeek-R1/V3 and Kimi-K2 on their
+# model cards: 131, 158, 183 and 212 GB for R1).
+EXPERT_MIXES = {
+    "UD-IQ1_S": "Q4_K_M+IQ1_S/IQ2_XXS",
+    "UD-IQ1_M": "Q4_K_M+IQ1_M/IQ2_XXS",
+    "UD-IQ2_XXS": "Q4_K_M+IQ2_XXS/IQ3_XXS",
+    "UD-Q2_K_XL": "Q4_K_M+Q2_K/Q3_K",
+}
+# A 256-value type needs rows of whole super-blocks; otherwise a 32-value type stands in (llama.cpp's
+# choices: the grid types and Q2_K/Q3_K take IQ4_NL).
 _FALLBACK = {T.Q4_K: T.Q5_0, T.Q5_K: T.Q5_1, T.Q6_K: T.Q8_0}
+_FALLBACK.update(dict.fromkeys((T.Q2_K, T.Q3_K, T.IQ4_XS, T.IQ1_S, T.IQ1_M, T.IQ2_XXS, T.IQ2_XS, T.IQ2_S,
+                                T.IQ3_XXS, T.IQ3_S), T.IQ4_NL))  # fmt: skip
 _LAYER = re.compile(r"blk\.(\d+)\.")
+
+
+def expert_mix(ftype: str) -> tuple[str, T, T] | None:
+    """'DENSE+EXPERTS[/DOWN]' (or a release's name) -> (dense mix, experts' type, down type); None
+    for a plain mix; a HeteroError for a malformed one."""
+    ftype = EXPERT_MIXES.get(ftype.upper(), ftype)
+    if "+" not in ftype:
+        return None
+    dense, _, experts = ftype.partition("+")
+    gate, _, down = experts.partition("/")
+    try:
+        types = T[gate.upper()], T[(down or gate).upper()]
+    except KeyError:
+        raise HeteroError(f"unknown expert type in {ftype!r}: write e.g. Q4_K_M+IQ1_S/IQ2_XXS") from None
+    if dense.upper() not in MIXES or any(t not in QUANT_TYPES for t in types):
+        raise HeteroError(f"{ftype!r}: the dense mix must be one of {', '.join(MIXES)} and the experts' types "
+                          "ones hetero reads")  # fmt: skip
+    return dense.upper(), *types
+
+
+def is_quant(ftype: str) -> bool:
+    """Whether hetero's quantizer writes this file type (a plain mix or an expert mix)."""
+    try:
+        return ftype in MIXES or expert_mix(ftype) is not None
+    except HeteroError:
+        return False
 
 
 def tensor_type(name: str, shape: tuple[int, ...], ftype: str, n_layer: int, n_expert: int) -> T:
     """The GGUF type of one tensor in a file of type `ftype` (F32 for vectors and the router)."""
     if len(shape) == 1 or name.endswith(("ffn_gate_inp.weight", "exp_probs_b.bias")):
         return T.F32
+    mix = expert_mix(ftype)
+    if mix is not None and "_exps." in name:
+        qtype = mix[2] if "ffn_down" in name else mix[1]
+        return _FALLBACK[qtype] if qtype in _FALLBACK and shape[-1] % QK_K else qtype
+    if mix is not None:
+        ftype = mix[0]
     base, high = MIXES[ftype]
     qtype = base
     layer = int(_LAYER.match(name).group(1)) if _LAYER.match(name) else -1
@@ -73,7 +132,32 @@ def quantize(values: np.ndarray, qtype: T) -> np.ndarray:
         return blocks.reshape(*values.shape[:-1], -1)
     if qtype in (T.Q8_0, T.Q5_0, T.Q5_1, T.Q4_0, T.BF16):
         return gguf_quants.quantize(values, qtype)
+    if qtype in QUANT_TYPES:
+        return random_blocks_like(values, qtype)
     raise HeteroError(f"hetero's quantizer does not write {qtype.name}")
+
+
+@functools.cache
+def _unit_rms(qtype: T) -> float:
+    """Root mean square of random blocks of this type whose float16 factors are all 1."""
+    block, size = GGML_QUANT_SIZES[qtype]
+    raw = np.random.default_rng(0).integers(0, 256, (256, size), dtype=np.uint8)
+    values = dequantize(torch.from_numpy(with_scales(qtype, raw, lambda n: np.ones(n))), qtype, block).numpy()
+    return float(np.sqrt(np.mean(values.astype(np.float64) ** 2)))
+
+
+def random_blocks_like(values: np.ndarray, qtype: T) -> np.ndarray:
+    """Random blocks of qtype, as many as values [..., K] needs, whose values have about their
+    root mean square (the same bytes for the same values: the draw is seeded by them)."""
+    block, size = GGML_QUANT_SIZES[qtype]
+    if values.shape[-1] % block:
+        raise HeteroError(f"{qtype.name} needs rows of a multiple of {block} values, got {values.shape[-1]}")
+    n_blocks = values.size // block
+    rng = np.random.default_rng(zlib.crc32(values.tobytes()[: 1 << 16]))
+    raw = rng.integers(0, 256, (n_blocks, size), dtype=np.uint8)
+    scale = np.sqrt(np.mean(values.astype(np.float64) ** 2)) / _unit_rms(qtype)
+    with_scales(qtype, raw, lambda n: scale * (0.75 + 0.5 * rng.random(n)))
+    return raw.reshape(*values.shape[:-1], -1)
 
 
 def _f16(x: np.ndarray) -> np.ndarray:

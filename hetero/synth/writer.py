@@ -20,7 +20,7 @@ from gguf import GGMLQuantizationType, GGUFReader, GGUFWriter
 
 from hetero.synth import llama_cpp
 from hetero.synth.presets import HEADER_ONLY, family_of, make_preset
-from hetero.synth.quantize import MIXES, quantize, tensor_type
+from hetero.synth.quantize import EXPERT_MIXES, MIXES, expert_mix, is_quant, quantize, tensor_type
 from hetero.synth.vocab import CHAT_TEMPLATE, PAD, Vocab, build_vocab
 from modelfile.errors import HeteroError
 from modelfile.quants import row_bytes
@@ -44,8 +44,9 @@ def write_synthetic(
     **overrides,
 ) -> list[Path]:
     """Write the model; returns the file(s) written (several when `splits` > 1)."""
-    if quant not in QUANTS:
-        raise HeteroError(f"unknown quant {quant!r}; choose from {', '.join(QUANTS)}")
+    if quant not in QUANTS and expert_mix(quant) is None:  # a malformed mix says what is wrong with it
+        raise HeteroError(f"unknown quant {quant!r}; choose from {', '.join((*QUANTS, *EXPERT_MIXES))} "
+                          "or an expert mix like Q4_K_M+IQ2_XS")  # fmt: skip
     if quantizer not in QUANTIZERS:
         raise HeteroError(f"unknown quantizer {quantizer!r}; choose from {', '.join(QUANTIZERS)}")
     p = make_preset(preset, **overrides)
@@ -53,7 +54,9 @@ def write_synthetic(
         raise HeteroError(f"the {preset} preset is a full-size model; write it with --header-only")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    if quantizer == "hetero" and quant not in (*FLOAT_TYPES, *MIXES):
+    if quantizer == "llama.cpp" and quant not in QUANTS:
+        raise HeteroError(f"{quant} is an expert mix, which hetero's quantizer writes (--quantizer hetero)")
+    if quantizer == "hetero" and quant not in FLOAT_TYPES and not is_quant(quant):
         raise HeteroError(
             f"hetero's quantizer writes {', '.join(MIXES)}; {quant} needs llama.cpp's "
             "(--quantizer llama.cpp, with pip install -e '.[dev]')"

@@ -11,7 +11,10 @@ entry here (and the code the entry points to):
   (cpu_ops.capabilities);
 - `engine`: the CPU engine's block body (cpu_ops/blocks.py's signature), or None: the type
   then runs on the reference path on the CPU;
-- `gpu`: the lossless GPU format it is repacked into (gpu_ops/formats.py), or None.
+- `gpu`: the lossless GPU format it is repacked into (gpu_ops/formats.py), or None;
+- where its float16 factors sit (`f16_fields`, or `put_scale` where d is packed across
+  bytes): any bit pattern is a valid block of these layouts, so random bytes with sane
+  factors are random weights (tests, benchmarks and `hetero synth` make them so).
 
 Kernel code lives with its package, so `engine` and the repack are named "module:function"
 and resolved by that package (a callable works too: tests declare toy types that way). The
@@ -29,7 +32,7 @@ from gguf import GGML_QUANT_SIZES
 from gguf import GGMLQuantizationType as T
 
 from modelfile.errors import HeteroError
-from modelfile.quants import kquants, legacy
+from modelfile.quants import iquants, kquants, legacy
 
 
 @dataclass(frozen=True)
@@ -48,6 +51,7 @@ class QuantType:
     engine: str | Callable | None = None  # the CPU engine's block body, "module:function"
     gpu: GpuFormat | None = None
     f16_fields: tuple[int, ...] = ()  # byte offsets of the block's float16 scales (random blocks need sane ones)
+    put_scale: Callable[[np.ndarray, np.ndarray], None] | None = None  # (blocks, float16 [N]) for a packed d
 
     @property
     def layout(self) -> tuple[int, int]:
@@ -112,8 +116,26 @@ for _t in (
     QuantType(T.Q5_K, kquants.q5_k, "k-quant", _body("q5_k"), f16_fields=(0, 2)),
     QuantType(T.Q6_K, kquants.q6_k, "k-quant", _body("q6_k"), GpuFormat("int8", 256, 274, _repack("q6_k")), (208,)),
     QuantType(T.IQ4_XS, kquants.iq4_xs, "k-quant", _body("iq4_xs"), f16_fields=(0,)),
+    QuantType(T.IQ2_XXS, iquants.iq2_xxs, "k-quant", f16_fields=(0,)),
+    QuantType(T.IQ2_XS, iquants.iq2_xs, "k-quant", f16_fields=(0,)),
+    QuantType(T.IQ2_S, iquants.iq2_s, "k-quant", f16_fields=(0,)),
+    QuantType(T.IQ3_XXS, iquants.iq3_xxs, "k-quant", f16_fields=(0,)),
+    QuantType(T.IQ3_S, iquants.iq3_s, "k-quant", f16_fields=(0,)),
+    QuantType(T.IQ1_S, iquants.iq1_s, "k-quant", f16_fields=(0,)),
+    QuantType(T.IQ1_M, iquants.iq1_m, "k-quant", put_scale=iquants.put_iq1_m_scale),
 ):
     declare(_t)
+
+
+def with_scales(qtype: T, raw: np.ndarray, draw: Callable[[int], np.ndarray]) -> np.ndarray:
+    """Blocks uint8 [N, size] with every float16 factor set to draw(N) (float16 [N], a fresh
+    draw per factor): random bytes made into valid random weights of a chosen scale."""
+    t = QUANT_TYPES[qtype]
+    for at in t.f16_fields:
+        raw[:, at : at + 2] = np.asarray(draw(raw.shape[0]), np.float16).view(np.uint8).reshape(-1, 2)
+    if t.put_scale is not None:
+        t.put_scale(raw, np.asarray(draw(raw.shape[0]), np.float16))
+    return raw
 
 
 def block_geometry(qtype: int, tensor_name: str = "?") -> tuple[int, int]:
