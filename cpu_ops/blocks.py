@@ -30,6 +30,7 @@ from cpu_ops.simd import (
     I8,
     I16,
     I32,
+    I64,
     broadcast,
     const,
     dot_s8_s8,
@@ -40,10 +41,12 @@ from cpu_ops.simd import (
     lookup16,
     madd_i16,
     shuffle,
+    sign_s8,
     splat,
     to_float,
     vec,
 )
+from modelfile.quants.iquants import GRID_BYTES, SIGN_ROWS
 from modelfile.quants.legacy import IQ4_LEVELS
 from modelfile.quants.types import QUANT_TYPES, resolve
 
@@ -268,6 +271,60 @@ def iq4_xs(b, w, acts):
     return out
 
 
+# -- grid types (256 values, patterns looked up in a table) -------------------------------------
+
+
+def _table(b, name: str, data: bytes) -> ir.Value:
+    """An i8* to a constant byte table in the kernel's module (made once per module)."""
+    try:
+        table = b.module.get_global(name)
+    except KeyError:
+        kind = ir.ArrayType(I8, len(data))
+        table = ir.GlobalVariable(b.module, kind, name)
+        table.global_constant, table.linkage = True, "internal"
+        table.initializer = ir.Constant(kind, bytearray(data))
+    return b.bitcast(table, I8.as_pointer())
+
+
+def _join8(b, parts):
+    """Four 8-byte vectors -> one of 32."""
+    lo = shuffle(b, parts[0], list(range(16)), parts[1])
+    hi = shuffle(b, parts[2], list(range(16)), parts[3])
+    return shuffle(b, lo, list(range(32)), hi)
+
+
+def _rows8(b, table, indices):
+    """Four 8-byte rows of a table (i8*), at the given i64 row numbers, as 32 bytes."""
+    return _join8(b, [load(b, table, b.mul(i, const(I64, 8)), I8, 8) for i in indices])
+
+
+def iq2_xxs(b, w, acts):
+    """d/8 * sum over 32-value groups of (2s + 1) * (grid patterns . signed x): per group a u32
+    of four pattern indices and a u32 of four 7-bit sign indices and the 4-bit s. The signs go
+    onto the activations (vpsignb with a +-1 row per sign index), so the unsigned patterns
+    (values 8-43) multiply them with vpmaddubsw directly."""
+    grid = _table(b, "iq2xxs_grid", GRID_BYTES["IQ2_XXS"])
+    signs = _table(b, "iq2_sign_rows", SIGN_ROWS)
+    patterns, sign_rows, scales = [], [], []
+    for g in range(8):
+        index = load(b, w, 2 + 8 * g, I8, 4)
+        aux = load(b, w, 6 + 8 * g, I32)
+        patterns.append(_rows8(b, grid, [b.zext(b.extract_element(index, const(I32, k)), I64) for k in range(4)]))
+        sign_at = [b.zext(b.and_(b.lshr(aux, const(I32, 7 * k)), const(I32, 127)), I64) for k in range(4)]
+        sign_rows.append(_rows8(b, signs, sign_at))
+        ls = b.trunc(b.add(b.shl(b.lshr(aux, const(I32, 28)), const(I32, 1)), const(I32, 1)), I16)
+        scales.append(broadcast(b, from_scalars(b, [ls]), 0, 16))
+    d = _splat_f(b, b.fmul(_f16(b, w, 0), const(F32, 0.125)))
+    out = []
+    for a in acts:
+        dots = [
+            madd_i16(b, dot_u8_s8(b, patterns[g], sign_s8(b, load(b, a.xq, 32 * g, I8, 32), sign_rows[g])), scales[g])
+            for g in range(8)
+        ]
+        out.append(b.fmul(to_float(b, _sum(b, dots)), b.fmul(d, _block_scale(b, a))))
+    return out
+
+
 # -- 32-value blocks ---------------------------------------------------------------------------
 
 
@@ -302,6 +359,39 @@ def q5_0(b, w, acts):
 
 def q8_0(b, w, acts):
     return _legacy(b, w, acts, load(b, w, 2, I8, 32), 0)
+
+
+def iq4_nl(b, w, acts):
+    """Q4_0's layout with the non-linear 4-bit levels of IQ4_XS, looked up with vpshufb."""
+    levels = lookup16(b, ir.Constant(vec(I8, 16), list(IQ4_LEVELS)), _nibbles32(b, load(b, w, 2, I8, 16)))
+    return _legacy(b, w, acts, levels, 0)
+
+
+def _with_min(b, w, acts, q):
+    """d * q . x + m * sum(x) for one 32-value block with a min (Q4_1/Q5_1): q unsigned, the
+    activations' integer sums give sum(x) = dx * (xs0 + xs1)."""
+    d, m = _f16(b, w, 0), _f16(b, w, 2)
+    out = []
+    for a in acts:
+        dx = load(b, a.dx, 0, F32)
+        dot = madd_i16(b, dot_u8_s8(b, q, load(b, a.xq, 0, I8, 32)), _ones16(b))
+        xs = load(b, a.xs, 0, I32, 2)
+        total = b.sitofp(b.add(b.extract_element(xs, const(I32, 0)), b.extract_element(xs, const(I32, 1))), F32)
+        offset = b.insert_element(ir.Constant(vec(F32, 8), [0.0] * 8), b.fmul(b.fmul(m, dx), total), const(I32, 0))
+        out.append(b.fadd(b.fmul(to_float(b, dot), _splat_f(b, b.fmul(dx, d))), offset))
+    return out
+
+
+def q4_1(b, w, acts):
+    return _with_min(b, w, acts, _nibbles32(b, load(b, w, 4, I8, 16)))
+
+
+def q5_1(b, w, acts):
+    """Q4_1 with Q5_0's fifth bits (bit j of the u32 at byte 4 lifts value j by 16)."""
+    qh = shuffle(b, load(b, w, 4, I8, 4), [j // 8 for j in range(32)])
+    bit = b.and_(qh, ir.Constant(vec(I8, 32), [1 << (j % 8) for j in range(32)]))
+    high = b.select(b.icmp_unsigned("!=", bit, splat(I8, 32, 0)), splat(I8, 32, 16), splat(I8, 32, 0))
+    return _with_min(b, w, acts, b.or_(_nibbles32(b, load(b, w, 8, I8, 16)), high))
 
 
 def _floats(b, acts, convert):

@@ -94,6 +94,11 @@ def dot_s8_s8(b: ir.IRBuilder, w: ir.Value, s: ir.Value) -> ir.Value:
     return dot_u8_s8(b, absw, _x86(b, "llvm.x86.avx2.psign.b", vec(I8, 32), s, w))
 
 
+def sign_s8(b: ir.IRBuilder, x: ir.Value, signs: ir.Value) -> ir.Value:
+    """32 bytes of x, each negated where the byte of `signs` is negative (vpsignb; signs +-1)."""
+    return _x86(b, "llvm.x86.avx2.psign.b", vec(I8, 32), x, signs)
+
+
 def lookup16(b: ir.IRBuilder, table: ir.Value, idx: ir.Value) -> ir.Value:
     """table[idx] per byte for a 16-entry byte table (vpshufb; idx in 0..15)."""
     both = shuffle(b, table, list(range(16)) * 2)

@@ -99,9 +99,11 @@ def _stack(qtype, rows, k, rng):
 def _reference(dense, x, ids, weights, gate_group, down_group, float_gate=False):
     """float64 expert MLP on the activations as the kernels quantize them (float weights take x
     as is). Returns the result and the error allowed per element: float32 rounding (relative to
-    the sum of |terms|) plus one int8 step for each h value that sits near a rounding boundary,
-    where the kernel's float32 h may round the other way: within 1e-3 of a step, or within
-    what float32 gate and up sums (2e-6 of their sums of |terms|) can move h, in steps."""
+    the sum of |terms|), plus what the kernel's float32 h (within dh of the float64 one: 2e-6 of
+    the gate and up sums of |terms|) can change in h's int8 rounding: one step for a value near
+    a rounding boundary (within 1e-3 of a step, or within what dh and the group's amax moving
+    by its own dh shift it), and, for groups whose float16 scale (Q8_0, group 32) sits that
+    close to a float16 rounding midpoint, the other scale: one float16 ulp per int8 unit."""
     g, u, d = dense
     xa = x.astype(np.float64) if float_gate else quantize(x, gate_group).dequantized()
     out = np.zeros_like(xa)
@@ -116,12 +118,26 @@ def _reference(dense, x, ids, weights, gate_group, down_group, float_gate=False)
             hq = quantize(h[None].astype(np.float32), down_group)
             ha = hq.dequantized()[0]
             step = np.repeat(hq.dx[0].astype(np.float64), 32)
-            amax = np.repeat(np.abs(h.astype(np.float32)).reshape(-1, down_group).max(-1), down_group)
-            multiplier = np.float32(127) / np.where(amax > 0, amax, 1)  # what the rounding multiplies by
+            groups = np.abs(h).reshape(-1, down_group)
+            top = groups.argmax(-1)
+            amax = groups[np.arange(len(top)), top]
+            amax_moves = dh.reshape(-1, down_group)[np.arange(len(top)), top] / np.where(amax > 0, amax, 1)
+            multiplier = np.repeat(127 / np.where(amax > 0, amax, 1), down_group)
+            shift = np.abs(h) * multiplier * np.repeat(amax_moves, down_group)  # in steps, from amax moving
             frac = np.abs(h * multiplier) % 1.0
-            near = np.abs(frac - 0.5) < 1e-3 + dh * multiplier
+            near = np.abs(frac - 0.5) < 1e-3 + dh * multiplier + shift
+            flip = np.zeros_like(h)
+            if down_group == 32:  # the scale is float16(amax / 127): near a midpoint it may round the other way
+                scale = amax / 127
+                d16 = scale.astype(np.float16)
+                up, down = np.nextafter(d16, np.float16(np.inf)), np.nextafter(d16, np.float16(0))
+                mid = np.minimum(np.abs(scale - (d16 + up.astype(np.float64)) / 2),
+                                 np.abs(scale - (d16 + down.astype(np.float64)) / 2))  # fmt: skip
+                close = mid <= scale * amax_moves + 1e-12
+                ulp = np.abs(up.astype(np.float64) - d16)
+                flip = np.repeat(close * ulp, 32) * np.abs(np.rint(ha / np.where(step > 0, step, 1)))
             out[t] += w * (d[e] @ ha)
-            allowed[t] += abs(w) * (2e-5 * (np.abs(d[e]) @ np.abs(ha)) + np.abs(d[e]) @ (near * step))
+            allowed[t] += abs(w) * (2e-5 * (np.abs(d[e]) @ np.abs(ha)) + np.abs(d[e]) @ (near * step + flip))
     return out, allowed
 
 

@@ -98,9 +98,9 @@ def test_activations_round_as_llama_cpp(group):
 
 
 def test_unsupported_shapes_and_types():
-    assert not supported(T.Q4_K, 128) and supported(T.Q8_0, 128) and not supported(T.Q4_1, 256)
-    with pytest.raises(ValueError, match="no CPU kernel"):  # Q4_1: declared, no engine body yet
-        CpuMatrix(np.zeros((2, 160), np.uint8), T.Q4_1, 256)
+    assert not supported(T.Q4_K, 128) and supported(T.Q8_0, 128) and not supported(T.IQ3_S, 256)
+    with pytest.raises(ValueError, match="no CPU kernel"):  # IQ3_S: declared, no engine body yet
+        CpuMatrix(np.zeros((2, 110), np.uint8), T.IQ3_S, 256)
     with pytest.raises(ValueError, match="multiple of 32"):
         quantize(np.zeros((1, 40), np.float32))
 

@@ -36,6 +36,19 @@ from modelfile.quants.legacy import f16
 IQ1_DELTA = 0.125  # the shift IQ1_S/IQ1_M add to (or take from) every grid value
 
 
+def _grid_bytes(name: str) -> bytes:
+    """A grid as the CPU kernels read it: each pattern's values as int8 bytes, row after row."""
+    cls = getattr(gq, name)
+    cls.init_grid()
+    return cls.grid.reshape(cls.grid_shape).astype("int8").tobytes()
+
+
+GRID_BYTES = {name: _grid_bytes(name) for name in ("IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS", "IQ3_S", "IQ1_S")}
+SIGN_BYTES = bytes(gq.IQ2_XXS.ksigns)  # the 128 even-parity sign bytes a 7-bit index selects
+# the same as rows of eight +1/-1 bytes (bit j of sign byte i -> byte j of row i), for vpsignb
+SIGN_ROWS = bytes((0xFF if (s >> j) & 1 else 1) for s in SIGN_BYTES for j in range(8))
+
+
 @functools.cache
 def _grid(name: str, device: torch.device) -> torch.Tensor:
     """The format's pattern table float32 [patterns, 8 or 4], on device."""
@@ -47,7 +60,7 @@ def _grid(name: str, device: torch.device) -> torch.Tensor:
 @functools.cache
 def _sign_bytes(device: torch.device) -> torch.Tensor:
     """The 128 sign bytes a 7-bit sign index selects (bit 7 makes the parity even)."""
-    return torch.frombuffer(bytearray(gq.IQ2_XXS.ksigns), dtype=torch.uint8).to(device)
+    return torch.frombuffer(bytearray(SIGN_BYTES), dtype=torch.uint8).to(device)
 
 
 def _bits(x: torch.Tensor, shifts: tuple[int, ...], mask: int) -> torch.Tensor:
