@@ -325,6 +325,74 @@ def iq2_xxs(b, w, acts):
     return out
 
 
+def iq1_s(b, w, acts):
+    """d * sum over 32-value groups of (2s + 1) * (patterns . x +- sum(x) / 8): per group four
+    8-value patterns of -1/0/1 (indices: a byte each, plus 3 bits of the group's u16), and in
+    that u16 the 3-bit s and the sign of the 1/8 shift. Integer sums throughout; the shift
+    enters as 1/8 of the activations' integer sums, once per block."""
+    grid = _table(b, "iq1s_grid", GRID_BYTES["IQ1_S"])
+    patterns, scales, shifts = [], [], []
+    for g in range(8):
+        low = load(b, w, 2 + 4 * g, I8, 4)
+        high = b.zext(load(b, w, 34 + 2 * g, I16), I32)
+        rows = [
+            b.zext(b.or_(b.zext(b.extract_element(low, const(I32, k)), I32),
+                         b.shl(b.and_(b.lshr(high, const(I32, 3 * k)), const(I32, 7)), const(I32, 8))), I64)
+            for k in range(4)
+        ]  # fmt: skip
+        patterns.append(_rows8(b, grid, rows))
+        ls = b.add(b.shl(b.and_(b.lshr(high, const(I32, 12)), const(I32, 7)), const(I32, 1)), const(I32, 1))
+        scales.append(broadcast(b, from_scalars(b, [b.trunc(ls, I16)]), 0, 16))
+        negative = b.icmp_unsigned("!=", b.and_(high, const(I32, 0x8000)), const(I32, 0))
+        shifts.append(b.select(negative, b.sub(const(I32, 0), ls), ls))
+    d = _splat_f(b, _f16(b, w, 0))
+    shift_scale = from_scalars(b, shifts)  # 8 x i32: +-(2s + 1) per group
+    out = []
+    for a in acts:
+        dots = [madd_i16(b, dot_s8_s8(b, patterns[g], load(b, a.xq, 32 * g, I8, 32)), scales[g]) for g in range(8)]
+        sums = _pairs(b, load(b, a.xs, 0, I32, 16))  # 8 x i32: the activations' sum per 32
+        shifted = to_float(b, b.mul(shift_scale, sums))
+        total = b.fadd(to_float(b, _sum(b, dots)), b.fmul(shifted, splat(F32, 8, 0.125)))
+        out.append(b.fmul(total, b.fmul(d, _block_scale(b, a))))
+    return out
+
+
+def iq1_m(b, w, acts):
+    """IQ1_S's patterns with a 3-bit scale per 16 values and a shift sign per 8-value pattern;
+    d is assembled from the top nibbles of the four scale words. The shift, +-1/8 per pattern,
+    is a +-1 byte vector multiplied into the activations like a pattern."""
+    grid = _table(b, "iq1s_grid", GRID_BYTES["IQ1_S"])
+    words = [b.zext(load(b, w, 48 + 2 * i, I16), I32) for i in range(4)]
+    nibbles = [b.and_(b.lshr(words[i], const(I32, 12 - 4 * i)), const(I32, 0xF << (4 * i))) for i in range(4)]
+    bits = b.or_(b.or_(nibbles[0], nibbles[1]), b.or_(nibbles[2], nibbles[3]))  # word i's top nibble -> bits 4i..4i+3
+    d = _splat_f(b, b.fpext(b.bitcast(b.trunc(bits, I16), F16), F32))
+    patterns, shifts, scales = [], [], []
+    for g in range(8):
+        low = load(b, w, 4 * g, I8, 4)
+        high = b.zext(load(b, w, 32 + 2 * g, I16), I32)  # a nibble per pattern: 3 index bits, the shift's sign
+        rows, signs = [], []
+        for k in range(4):
+            nibble = b.and_(b.lshr(high, const(I32, 4 * k)), const(I32, 15))
+            top = b.shl(b.and_(nibble, const(I32, 7)), const(I32, 8))
+            rows.append(b.zext(b.or_(b.zext(b.extract_element(low, const(I32, k)), I32), top), I64))
+            negative = b.icmp_unsigned("!=", b.and_(nibble, const(I32, 8)), const(I32, 0))
+            signs.append(b.select(negative, const(I8, -1), const(I8, 1)))
+        patterns.append(_rows8(b, grid, rows))
+        shifts.append(shuffle(b, from_scalars(b, signs), [j // 8 for j in range(32)]))
+        word = words[g // 2]
+        ls = [b.add(b.shl(b.and_(b.lshr(word, const(I32, 6 * (g % 2) + 3 * h)), const(I32, 7)), const(I32, 1)),
+                    const(I32, 1)) for h in range(2)]  # fmt: skip
+        scales.append(shuffle(b, from_scalars(b, [b.trunc(v, I16) for v in ls]), [h // 8 for h in range(16)]))
+    out = []
+    for a in acts:
+        xq = [load(b, a.xq, 32 * g, I8, 32) for g in range(8)]
+        dots = [madd_i16(b, dot_s8_s8(b, patterns[g], xq[g]), scales[g]) for g in range(8)]
+        shifted = [madd_i16(b, dot_s8_s8(b, shifts[g], xq[g]), scales[g]) for g in range(8)]
+        total = b.fadd(to_float(b, _sum(b, dots)), b.fmul(to_float(b, _sum(b, shifted)), splat(F32, 8, 0.125)))
+        out.append(b.fmul(total, b.fmul(d, _block_scale(b, a))))
+    return out
+
+
 # -- 32-value blocks ---------------------------------------------------------------------------
 
 

@@ -121,8 +121,8 @@ for _t in (
     QuantType(T.IQ2_S, iquants.iq2_s, "k-quant", f16_fields=(0,)),
     QuantType(T.IQ3_XXS, iquants.iq3_xxs, "k-quant", f16_fields=(0,)),
     QuantType(T.IQ3_S, iquants.iq3_s, "k-quant", f16_fields=(0,)),
-    QuantType(T.IQ1_S, iquants.iq1_s, "k-quant", f16_fields=(0,)),
-    QuantType(T.IQ1_M, iquants.iq1_m, "k-quant", put_scale=iquants.put_iq1_m_scale),
+    QuantType(T.IQ1_S, iquants.iq1_s, "k-quant", _body("iq1_s"), f16_fields=(0,)),
+    QuantType(T.IQ1_M, iquants.iq1_m, "k-quant", _body("iq1_m"), put_scale=iquants.put_iq1_m_scale),
 ):
     declare(_t)
 
