@@ -256,15 +256,14 @@ def synth(
 
     Example: hetero synth v2lite.gguf --preset v2-lite --layers 4 --quant Q4_K_M
     Example: hetero synth r1.gguf --preset r1 --header-only --splits 9   (for hetero plan / info)
+    Example: hetero synth r1-ud.gguf --preset r1 --header-only --quant UD-IQ1_S   (a low-bit release's mix)
     """
     t0 = time.perf_counter()
     if header_only:
         from hetero.synth.header_only import write_header_only
         from hetero.synth.presets import make_preset
 
-        if quant != "Q4_K_M":
-            raise HeteroError("--header-only writes llama.cpp's Q4_K_M type mix only")
-        files = write_header_only(out, make_preset(preset, n_layer=layers), splits)
+        files = write_header_only(out, make_preset(preset, n_layer=layers), splits, quant)
     else:
         files = write_with_progress(out, preset, quant, seed=seed, splits=splits, n_layer=layers, quantizer=quantizer)
     size = sum(f.stat().st_size for f in files)

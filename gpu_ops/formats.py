@@ -223,3 +223,69 @@ def repack_q6_k(raw: np.ndarray, in_features: int, groups: int = 1) -> Int8Rows:
     d = _f16(b[..., 208:210])  # [rows, blocks]
     sc = np.ascontiguousarray(b[..., 192:208]).view(np.int8).reshape(rows, -1)  # [rows, blocks * 16]
     return _int8_rows(q, d, sc, 256, groups)
+
+
+# -- grid types (IQ1_S ... IQ3_S) widened to int8 -----------------------------------------------
+# Each is d * factor * (2s + 1) * code, with an integer scale s per 16 or 32 values and an
+# integer code per value (a grid pattern's value times its sign; for IQ1_S/IQ1_M, 8 times the
+# -1/0/1 pattern value plus or minus its 1/8 shift). Stored as Q6_K's int8 layout: the code, the
+# scale 2s + 1 per 16, and d * factor per 256 in float32 (d / 8 could fall below float16's
+# normal range). d * factor is exact (a power of two) and (d * factor) * (2s + 1) is the one
+# rounding GGUF's d * (s + 1/2) * factor makes, so the weights stay bit-identical.
+_GRID = {  # type -> (bytes per block, factor)
+    QType.IQ2_XXS: (66, 0.125), QType.IQ2_XS: (74, 0.125), QType.IQ2_S: (82, 0.125),
+    QType.IQ3_XXS: (98, 0.25), QType.IQ3_S: (110, 1.0), QType.IQ1_S: (50, 0.125), QType.IQ1_M: (56, 0.125),
+}  # fmt: skip
+
+
+def _nibbles(b: np.ndarray) -> np.ndarray:
+    """Bytes [B, k] -> [B, 2k]: low then high nibble of each byte."""
+    return np.stack([b & 15, b >> 4], axis=-1).reshape(b.shape[0], -1)
+
+
+def _grid_scales(qtype: QType, blocks: np.ndarray) -> np.ndarray:
+    """The integer 2s + 1 of every 16 values of each block [B, bytes] -> [B, 16]."""
+    if qtype in (QType.IQ2_XXS, QType.IQ3_XXS):  # the top 4 bits of the second (IQ3_XXS: only) word per 32
+        at, stop = (2, 66) if qtype == QType.IQ2_XXS else (66, 98)
+        words = np.ascontiguousarray(blocks[:, at:stop]).view(np.uint32)
+        words = words[:, 1::2] if qtype == QType.IQ2_XXS else words
+        s = np.repeat(words >> 28, 2, axis=1)
+    elif qtype in (QType.IQ2_XS, QType.IQ2_S):
+        s = _nibbles(blocks[:, 66:74] if qtype == QType.IQ2_XS else blocks[:, 74:82])
+    elif qtype == QType.IQ3_S:
+        s = np.repeat(_nibbles(blocks[:, 106:110]), 2, axis=1)
+    elif qtype == QType.IQ1_S:
+        s = np.repeat((np.ascontiguousarray(blocks[:, 34:50]).view(np.uint16) >> 12) & 7, 2, axis=1)
+    else:  # IQ1_M: four words, four 3-bit scales in the low 12 bits of each
+        words = np.ascontiguousarray(blocks[:, 48:56]).view(np.uint16)
+        s = ((words[:, :, None] >> np.array([0, 3, 6, 9], np.uint16)) & 7).reshape(-1, 16)
+    return (2 * s.astype(np.int32) + 1).astype(np.int8)
+
+
+def repack_grid(qtype: QType):
+    """The repack of one grid type: rows (uint8 [rows, row_bytes]) -> Int8Rows."""
+    from modelfile.quants.iquants import iq1_m_scale
+    from modelfile.quants.types import QUANT_TYPES, with_scales
+
+    size, factor = _GRID[qtype]
+
+    def repack(raw: np.ndarray, in_features: int, groups: int = 1) -> Int8Rows:
+        rows = raw.shape[0]
+        blocks = np.ascontiguousarray(raw).reshape(-1, size)
+        if qtype == QType.IQ1_M:
+            d = iq1_m_scale(torch.from_numpy(blocks)).numpy().astype(np.uint16).view(np.float16)
+        else:
+            d = np.ascontiguousarray(blocks[:, 0:2]).view(np.float16)[:, 0]
+        unit = with_scales(qtype, blocks.copy(), np.ones)  # d = 1: the values are factor * (2s + 1) * code
+        values = QUANT_TYPES[qtype].dequantize(torch.from_numpy(unit)).numpy().reshape(-1, 16, 16)
+        sc = _grid_scales(qtype, blocks)
+        q = np.rint(values / (factor * sc[:, :, None].astype(np.float32))).astype(np.int8)
+        scale = (d.astype(np.float32) * np.float32(factor)).reshape(rows, -1)
+        return _int8_rows(q.reshape(rows, in_features), scale, sc.reshape(rows, -1), 256, groups)
+
+    return repack
+
+
+repack_iq2_xxs, repack_iq2_xs, repack_iq2_s = (repack_grid(t) for t in (QType.IQ2_XXS, QType.IQ2_XS, QType.IQ2_S))
+repack_iq3_xxs, repack_iq3_s = repack_grid(QType.IQ3_XXS), repack_grid(QType.IQ3_S)
+repack_iq1_s, repack_iq1_m = repack_grid(QType.IQ1_S), repack_grid(QType.IQ1_M)

@@ -16,10 +16,11 @@ from gpu_ops.attention import mla_decode, mla_decode_torch
 from gpu_ops.experts import GpuExperts
 from gpu_ops.formats import Int4Rows, Int8Rows
 from gpu_ops.matmul import DECODE_TOKENS, gathered_matmul, gpu_matmul, repack, torch_matmul, triton_runs_on
+from modelfile.quants.types import with_scales
 from tests.conftest import DEVICE
 
-F16_AT = {T.Q4_K: (0, 2), T.Q6_K: (208,), T.Q8_0: (0,), T.Q5_0: (0,)}  # where each block keeps float16 scales
-FORMATS = {T.Q4_K: Int4Rows, T.Q6_K: Int8Rows, T.Q8_0: Int8Rows, T.Q5_0: Int8Rows}
+GRID = (T.IQ2_XXS, T.IQ2_XS, T.IQ2_S, T.IQ3_XXS, T.IQ3_S, T.IQ1_S, T.IQ1_M)  # widened to Q6_K's int8 layout
+FORMATS = {T.Q4_K: Int4Rows, T.Q6_K: Int8Rows, T.Q8_0: Int8Rows, T.Q5_0: Int8Rows, **dict.fromkeys(GRID, Int8Rows)}
 # Prefill tiles go through tl.dot: float32 under the interpreter, TF32 on CUDA (a 10-bit
 # mantissa, as METHOD.md's ~3e-4 for tf32 products), hence a wider per-element bound there.
 DOT_REL = 2e-3 if DEVICE.type == "cuda" else 1e-5
@@ -33,9 +34,7 @@ def random_blocks(qtype, rows: int, k: int, rng) -> np.ndarray:
     """uint8 [rows, row_bytes] of random blocks with small finite float16 scales."""
     block, size = GGML_QUANT_SIZES[qtype]
     raw = rng.integers(0, 256, (rows * (k // block), size), dtype=np.uint8)
-    for at in F16_AT[qtype]:
-        raw[:, at : at + 2] = (rng.random((raw.shape[0], 1)) * 0.02).astype(np.float16).view(np.uint8)
-    return raw.reshape(rows, -1)
+    return with_scales(qtype, raw, lambda n: rng.random(n) * 0.02).reshape(rows, -1)
 
 
 @pytest.mark.parametrize("qtype", list(FORMATS), ids=lambda t: t.name)

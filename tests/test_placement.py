@@ -422,3 +422,25 @@ def test_a_new_model_family_is_planned_from_its_own_entry(monkeypatch):
     cpu_only = make_plan(cfg, tensors, with_overrides(WORKSTATION, gpu="none"), 1024)
     assert cpu_only.executor == "eager" and cpu_only.kv_cache_bytes == 2 * 1024 * 256 * 4
     assert {p.backend for p in cpu_only.placements if p.kind == "routed experts"} == {"cpu-engine"}
+
+
+@pytest.mark.parametrize(
+    "mix, ram, on_the_cpu",
+    [("UD-IQ1_S", "192GiB", {"IQ1_S", "IQ2_XXS"}), ("UD-Q2_K_XL", "256GiB", {"Q2_K", "Q3_K"})],
+)
+def test_the_consumer_scene_plans_from_the_header(tmp_path, mix, ram, on_the_cpu):
+    """DeepSeek-R1 in a low-bit release's mix on one RTX 3090 and the RAM such a workstation
+    has: it fits from the header alone, every dense tensor on the GPU, the routed experts on the
+    CPU engine in their own types, and nothing on the reference path."""
+    from hetero.synth.header_only import write_header_only
+
+    path = write_header_only(tmp_path / f"R1-{mix}.gguf", quant=mix)[0]
+    f = GGUFModelFile(path)
+    hw = with_overrides(WORKSTATION, gpu="rtx3090", ram=ram)
+    plan = make_plan(config_from_metadata(f.metadata), f.tensors, hw, 4096, [], str(path))
+    assert plan.fits and not plan.problems
+    assert all(p.backend != "reference" for p in plan.placements), [p.name for p in plan.placements
+                                                                    if p.backend == "reference"]  # fmt: skip
+    assert all(p.device == "gpu" for p in plan.placements if p.kind != "routed experts")
+    cpu = [p for p in plan.placements if p.device == "cpu"]
+    assert cpu and {p.format for p in cpu} == on_the_cpu and {p.backend for p in cpu} == {"cpu-engine"}

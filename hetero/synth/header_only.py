@@ -4,7 +4,8 @@ A 400 GB DeepSeek-R1-shaped file costs a few MB of disk this way, so planning (w
 read weight bytes) can be tested on the real shapes. Types follow llama.cpp's Q4_K_M recipe
 closely enough for byte counts: Q4_K by default, Q6_K for the output head and for ffn_down and
 attn_v_b on the "more bits" layers, Q8_0 where a row is not a multiple of 256, F32 for norms,
-routers and biases.
+routers and biases. An expert mix (`UD-IQ1_S`, `Q4_K_M+IQ2_XS`...) puts the routed experts in its
+types over that recipe, as the low-bit releases do: planning them is what their users need.
 """
 
 from pathlib import Path
@@ -14,7 +15,9 @@ from gguf import GGML_QUANT_SIZES, GGUFWriter
 from gguf import GGMLQuantizationType as T
 
 from hetero.synth.presets import PRESETS, family_of
+from hetero.synth.quantize import expert_mix
 from hetero.synth.writer import put_metadata
+from modelfile.errors import HeteroError
 
 
 def _more_bits(layer: int, n_layer: int) -> bool:
@@ -34,8 +37,21 @@ def q4_k_m_type(name: str, shape: tuple[int, ...], n_layer: int) -> T:
     return T.Q4_K
 
 
-def write_header_only(path: str | Path, preset=PRESETS["r1"], splits: int = 1) -> list[Path]:
+def mix_type(name: str, shape: tuple[int, ...], n_layer: int, quant: str) -> T:
+    """The tensor's type in Q4_K_M or in an expert mix over Q4_K_M."""
+    mix = expert_mix(quant) if quant != "Q4_K_M" else None
+    if quant != "Q4_K_M" and (mix is None or mix[0] != "Q4_K_M"):
+        raise HeteroError("--header-only writes llama.cpp's Q4_K_M type mix, or an expert mix over it "
+                          "(e.g. UD-IQ1_S, Q4_K_M+IQ2_XS)")  # fmt: skip
+    if mix is not None and "_exps." in name:
+        qtype = mix[2] if "ffn_down" in name else mix[1]
+        return qtype if shape[-1] % 256 == 0 else T.IQ4_NL
+    return q4_k_m_type(name, shape, n_layer)
+
+
+def write_header_only(path: str | Path, preset=PRESETS["r1"], splits: int = 1, quant: str = "Q4_K_M") -> list[Path]:
     """Write the file(s); returns their paths. The sparse data region reads as zeros."""
+    mix_type("output.weight", (1, 256), 1, quant)  # refuses a mix it cannot write before any file exists
     family = family_of(preset)
     shapes = family.synth.shapes(preset)
     path = Path(path)
@@ -43,7 +59,7 @@ def write_header_only(path: str | Path, preset=PRESETS["r1"], splits: int = 1) -
     w = GGUFWriter(path, family.architecture, split_max_tensors=-(-len(shapes) // splits) if splits > 1 else 0)
     put_metadata(w, preset, "header-only")
     for name, shape in shapes.items():
-        qtype = q4_k_m_type(name, shape, preset.n_layer)
+        qtype = mix_type(name, shape, preset.n_layer, quant)
         block, size = GGML_QUANT_SIZES[qtype]
         nbytes = int(np.prod(shape)) // block * size
         w.add_tensor_info(name, (*shape[:-1], shape[-1] // block * size), np.dtype(np.uint8), nbytes, qtype)

@@ -82,6 +82,12 @@ def _repack(name: str) -> str:
     return f"gpu_ops.formats:repack_{name}"
 
 
+def _grid_int8(name: str) -> GpuFormat:
+    """A grid type widened to Q6_K's int8 layout: a byte per value, an int8 scale per 16, a
+    float32 d per 256 (32 + 2 + 0.5 bytes per 32 values)."""
+    return GpuFormat("int8", 256, 276, _repack(name))
+
+
 QUANT_TYPES: dict[T, QuantType] = {}
 _frozen_by: list[str] = []
 
@@ -116,13 +122,15 @@ for _t in (
     QuantType(T.Q5_K, kquants.q5_k, "k-quant", _body("q5_k"), f16_fields=(0, 2)),
     QuantType(T.Q6_K, kquants.q6_k, "k-quant", _body("q6_k"), GpuFormat("int8", 256, 274, _repack("q6_k")), (208,)),
     QuantType(T.IQ4_XS, kquants.iq4_xs, "k-quant", _body("iq4_xs"), f16_fields=(0,)),
-    QuantType(T.IQ2_XXS, iquants.iq2_xxs, "k-quant", _body("iq2_xxs"), f16_fields=(0,)),
-    QuantType(T.IQ2_XS, iquants.iq2_xs, "k-quant", f16_fields=(0,)),
-    QuantType(T.IQ2_S, iquants.iq2_s, "k-quant", f16_fields=(0,)),
-    QuantType(T.IQ3_XXS, iquants.iq3_xxs, "k-quant", f16_fields=(0,)),
-    QuantType(T.IQ3_S, iquants.iq3_s, "k-quant", f16_fields=(0,)),
-    QuantType(T.IQ1_S, iquants.iq1_s, "k-quant", _body("iq1_s"), f16_fields=(0,)),
-    QuantType(T.IQ1_M, iquants.iq1_m, "k-quant", _body("iq1_m"), put_scale=iquants.put_iq1_m_scale),
+    QuantType(T.IQ2_XXS, iquants.iq2_xxs, "k-quant", _body("iq2_xxs"), _grid_int8("iq2_xxs"), f16_fields=(0,)),
+    QuantType(T.IQ2_XS, iquants.iq2_xs, "k-quant", None, _grid_int8("iq2_xs"), f16_fields=(0,)),
+    QuantType(T.IQ2_S, iquants.iq2_s, "k-quant", None, _grid_int8("iq2_s"), f16_fields=(0,)),
+    QuantType(T.IQ3_XXS, iquants.iq3_xxs, "k-quant", None, _grid_int8("iq3_xxs"), f16_fields=(0,)),
+    QuantType(T.IQ3_S, iquants.iq3_s, "k-quant", None, _grid_int8("iq3_s"), f16_fields=(0,)),
+    QuantType(T.IQ1_S, iquants.iq1_s, "k-quant", _body("iq1_s"), _grid_int8("iq1_s"), f16_fields=(0,)),
+    QuantType(
+        T.IQ1_M, iquants.iq1_m, "k-quant", _body("iq1_m"), _grid_int8("iq1_m"), put_scale=iquants.put_iq1_m_scale
+    ),
 ):
     declare(_t)
 
