@@ -46,7 +46,7 @@ from cpu_ops.simd import (
     to_float,
     vec,
 )
-from modelfile.quants.iquants import GRID_BYTES, SIGN_ROWS
+from modelfile.quants.iquants import BIT_SIGN_ROWS, GRID_BYTES, SIGN_ROWS
 from modelfile.quants.legacy import IQ4_LEVELS
 from modelfile.quants.types import QUANT_TYPES, resolve
 
@@ -323,6 +323,110 @@ def iq2_xxs(b, w, acts):
         ]
         out.append(b.fmul(to_float(b, _sum(b, dots)), b.fmul(d, _block_scale(b, a))))
     return out
+
+
+def _rows4x8(b, table, indices):
+    """Eight 4-byte rows of a table (i8*), at the given i64 row numbers, as 32 bytes."""
+    words = [load(b, table, b.mul(i, const(I64, 4)), I32) for i in indices]
+    return b.bitcast(from_scalars(b, words), vec(I8, 32))
+
+
+def _scale_pair(b, lo, hi):
+    """Two i32 scales -> 16 x i16: the first for pair sums 0-7 (values 0-15), the second for 8-15."""
+    return shuffle(b, from_scalars(b, [b.trunc(lo, I16), b.trunc(hi, I16)]), [h // 8 for h in range(16)])
+
+
+def _each(b, v, n):
+    """The n bytes of vector v, each as an i64."""
+    return [b.zext(b.extract_element(v, const(I32, k)), I64) for k in range(n)]
+
+
+def _odd(b, nibble):
+    """2 * nibble + 1 (i32)."""
+    return b.add(b.shl(nibble, const(I32, 1)), const(I32, 1))
+
+
+def _grid_dots(b, acts, patterns, sign_rows, scales, d):
+    """d * sum over groups of scales . (patterns . (x with the signs)): patterns unsigned bytes."""
+    out = []
+    for a in acts:
+        dots = [
+            madd_i16(b, dot_u8_s8(b, patterns[g], sign_s8(b, load(b, a.xq, 32 * g, I8, 32), sign_rows[g])), scales[g])
+            for g in range(8)
+        ]
+        out.append(b.fmul(to_float(b, _sum(b, dots)), b.fmul(d, _block_scale(b, a))))
+    return out
+
+
+def iq2_xs(b, w, acts):
+    """IQ2_XXS with a u16 per 8 values (9-bit pattern index of 512, 7-bit sign index) and a
+    4-bit scale per 16 values."""
+    grid = _table(b, "iq2xs_grid", GRID_BYTES["IQ2_XS"])
+    signs = _table(b, "iq2_sign_rows", SIGN_ROWS)
+    patterns, sign_rows, scales = [], [], []
+    for g in range(8):
+        words = [b.zext(load(b, w, 2 + 8 * g + 2 * k, I16), I64) for k in range(4)]
+        patterns.append(_rows8(b, grid, [b.and_(v, const(I64, 511)) for v in words]))
+        sign_rows.append(_rows8(b, signs, [b.lshr(v, const(I64, 9)) for v in words]))
+        byte = b.zext(load(b, w, 66 + g, I8), I32)
+        scales.append(_scale_pair(b, _odd(b, b.and_(byte, const(I32, 15))), _odd(b, b.lshr(byte, const(I32, 4)))))
+    return _grid_dots(b, acts, patterns, sign_rows, scales, _splat_f(b, b.fmul(_f16(b, w, 0), const(F32, 0.125))))
+
+
+def iq2_s(b, w, acts):
+    """1024 patterns (a byte of index and 2 bits from qh per 8 values), a sign byte per 8
+    values (bit j for value j), a 4-bit scale per 16 values."""
+    grid = _table(b, "iq2s_grid", GRID_BYTES["IQ2_S"])
+    signs = _table(b, "bit_sign_rows", BIT_SIGN_ROWS)
+    patterns, sign_rows, scales = [], [], []
+    for g in range(8):
+        low = load(b, w, 2 + 4 * g, I8, 4)
+        qh = b.zext(load(b, w, 66 + g, I8), I64)
+        tops = [b.shl(b.and_(b.lshr(qh, const(I64, 2 * k)), const(I64, 3)), const(I64, 8)) for k in range(4)]
+        rows = [b.or_(v, top) for v, top in zip(_each(b, low, 4), tops, strict=True)]
+        patterns.append(_rows8(b, grid, rows))
+        sign_bytes = load(b, w, 34 + 4 * g, I8, 4)
+        sign_rows.append(_rows8(b, signs, _each(b, sign_bytes, 4)))
+        byte = b.zext(load(b, w, 74 + g, I8), I32)
+        scales.append(_scale_pair(b, _odd(b, b.and_(byte, const(I32, 15))), _odd(b, b.lshr(byte, const(I32, 4)))))
+    return _grid_dots(b, acts, patterns, sign_rows, scales, _splat_f(b, b.fmul(_f16(b, w, 0), const(F32, 0.125))))
+
+
+def iq3_xxs(b, w, acts):
+    """4-value patterns of 256 (a byte each), per 32 values a u32 of four 7-bit sign indices
+    and a 4-bit scale: d/4 * (2s + 1) * pattern * sign."""
+    grid = _table(b, "iq3xxs_grid", GRID_BYTES["IQ3_XXS"])
+    signs = _table(b, "iq2_sign_rows", SIGN_ROWS)
+    patterns, sign_rows, scales = [], [], []
+    for g in range(8):
+        index = load(b, w, 2 + 8 * g, I8, 8)
+        patterns.append(_rows4x8(b, grid, _each(b, index, 8)))
+        aux = load(b, w, 66 + 4 * g, I32)
+        sign_rows.append(_rows8(b, signs, [b.zext(b.and_(b.lshr(aux, const(I32, 7 * k)), const(I32, 127)), I64)
+                                           for k in range(4)]))  # fmt: skip
+        ls = _odd(b, b.lshr(aux, const(I32, 28)))
+        scales.append(_scale_pair(b, ls, ls))
+    return _grid_dots(b, acts, patterns, sign_rows, scales, _splat_f(b, b.fmul(_f16(b, w, 0), const(F32, 0.25))))
+
+
+def iq3_s(b, w, acts):
+    """4-value patterns of 512 (a byte of index, a bit of qh), a sign bit per value, a 4-bit
+    scale per 32 values: d * (2s + 1) * pattern * sign."""
+    grid = _table(b, "iq3s_grid", GRID_BYTES["IQ3_S"])
+    signs = _table(b, "bit_sign_rows", BIT_SIGN_ROWS)
+    patterns, sign_rows, scales = [], [], []
+    for g in range(8):
+        low = load(b, w, 2 + 8 * g, I8, 8)
+        qh = b.zext(load(b, w, 66 + g, I8), I64)
+        tops = [b.shl(b.and_(b.lshr(qh, const(I64, k)), const(I64, 1)), const(I64, 8)) for k in range(8)]
+        rows = [b.or_(v, top) for v, top in zip(_each(b, low, 8), tops, strict=True)]
+        patterns.append(_rows4x8(b, grid, rows))
+        sign_bytes = load(b, w, 74 + 4 * g, I8, 4)
+        sign_rows.append(_rows8(b, signs, _each(b, sign_bytes, 4)))
+        byte = b.zext(load(b, w, 106 + g // 2, I8), I32)
+        ls = _odd(b, b.and_(b.lshr(byte, const(I32, 4 * (g % 2))), const(I32, 15)))
+        scales.append(_scale_pair(b, ls, ls))
+    return _grid_dots(b, acts, patterns, sign_rows, scales, _splat_f(b, _f16(b, w, 0)))
 
 
 def iq1_s(b, w, acts):

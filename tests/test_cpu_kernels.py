@@ -98,9 +98,9 @@ def test_activations_round_as_llama_cpp(group):
 
 
 def test_unsupported_shapes_and_types():
-    assert not supported(T.Q4_K, 128) and supported(T.Q8_0, 128) and not supported(T.IQ3_S, 256)
-    with pytest.raises(ValueError, match="no CPU kernel"):  # IQ3_S: declared, no engine body yet
-        CpuMatrix(np.zeros((2, 110), np.uint8), T.IQ3_S, 256)
+    assert not supported(T.Q4_K, 128) and supported(T.Q8_0, 128) and not supported(T.TQ1_0, 256)
+    with pytest.raises(ValueError, match="no CPU kernel"):  # TQ1_0: not declared
+        CpuMatrix(np.zeros((2, 54), np.uint8), T.TQ1_0, 256)
     with pytest.raises(ValueError, match="multiple of 32"):
         quantize(np.zeros((1, 40), np.float32))
 

@@ -251,12 +251,13 @@ def test_the_bandwidth_probe_reads_every_element_once():
 
 def test_the_plan_names_a_backend_for_every_tensor_and_the_model_runs_exactly_those(synth):
     """CPU-only (the native step on the engine), hybrid on the CPU standing in for the GPU, and
-    a file with weights no fast kernel takes (routed experts in IQ3_S): each load builds the
-    backends and the decode step its plan names."""
+    a load without the CPU engine (the reference path): each load builds the backends and the
+    decode step its plan names."""
     v2 = synth("v2-lite", "Q4_K_M", n_layer=2)
     tiny = synth("tiny", "Q4_K_M+IQ3_S", quantizer="hetero")
-    for path, gpu_mem, executor in ((v2, 0, "native"), (v2, "8GiB", "hybrid"), (tiny, 0, "eager")):
-        model = hetero.load_model(path, gpu_mem=gpu_mem)
+    for path, gpu_mem, executor, engine in ((v2, 0, "native", True), (v2, "8GiB", "hybrid", True),
+                                            (tiny, 0, "eager", False)):  # fmt: skip
+        model = hetero.load_model(path, gpu_mem=gpu_mem, cpu_kernels=engine)
         plan = model.plan
         assert plan.executor == executor == model.executor_name
         assert all(p.backend in ("cpu-engine", "gpu-triton", "gpu-torch", "reference", "vector", "lookup")
@@ -272,8 +273,9 @@ def test_the_plan_names_a_backend_for_every_tensor_and_the_model_runs_exactly_th
     }
     triton_runs = DEVICE.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
     assert q4k_on_gpu == {"gpu-triton" if triton_runs else "gpu-torch"}
-    slow = [p for p in hetero.load_model(tiny, gpu_mem=0).plan.placements if p.backend == "reference"]
-    assert slow and all(p.format == "IQ3_S" for p in slow)
+    plan = hetero.load_model(tiny, gpu_mem=0, cpu_kernels=False).plan
+    matrices = [p for p in plan.placements if p.backend not in ("vector", "lookup")]
+    assert {p.backend for p in matrices} == {"reference"} and "IQ3_S" in {p.format for p in matrices}
 
 
 def test_a_plan_made_for_other_options_is_refused(synth):
@@ -290,8 +292,8 @@ def test_a_plan_made_for_other_options_is_refused(synth):
 
 
 def test_weights_on_the_reference_path_are_predicted_slow_and_warned(r1_header):
-    """DeepSeek-R1 with routed experts in a type the CPU engine has no kernel for (IQ3_S; Q2_K
-    and Q4_1 until they got one): the plan says so, and predicts the reference path's speed."""
+    """DeepSeek-R1 on a CPU without the engine (no AVX2): the routed experts run on the
+    reference path; the plan says so, and predicts the reference path's speed."""
     import dataclasses
 
     from gguf import GGMLQuantizationType as QT
@@ -303,7 +305,7 @@ def test_weights_on_the_reference_path_are_predicted_slow_and_warned(r1_header):
     f = GGUFModelFile(r1_header[0])
     cfg = config_from_metadata(f.metadata)
     q2 = {n: dataclasses.replace(t, qtype=QT.IQ3_S) if "_exps" in n else t for n, t in f.tensors.items()}
-    hw = with_overrides(WORKSTATION, gpu="rtx3090")
+    hw = dataclasses.replace(with_overrides(WORKSTATION, gpu="rtx3090"), cpu_engine=False)
     plan = make_plan(cfg, q2, hw, 8192)
     experts = [p for p in plan.placements if p.kind == "routed experts"]
     assert {p.backend for p in experts} == {"reference"} and {p.format for p in experts} == {"IQ3_S"}
@@ -312,7 +314,8 @@ def test_weights_on_the_reference_path_are_predicted_slow_and_warned(r1_header):
     devices = {p.name: p.device for p in plan.placements}
     backends = {p.name: p.backend for p in plan.placements}
     as_engine = {**backends, **{p.name: "cpu-engine" for p in experts}}
-    fast = predict(costs, devices, as_engine, hw, plan.kv_cache_bytes, plan.kv_cache_device)
+    fast = predict(costs, devices, as_engine, dataclasses.replace(hw, cpu_engine=True), plan.kv_cache_bytes,
+                   plan.kv_cache_device)  # fmt: skip
     step = 1 / plan.prediction.decode_tok_s - 1 / fast.decode_tok_s
     by_name = {c.name: c for c in costs}
     extra = sum(

@@ -47,6 +47,8 @@ GRID_BYTES = {name: _grid_bytes(name) for name in ("IQ2_XXS", "IQ2_XS", "IQ2_S",
 SIGN_BYTES = bytes(gq.IQ2_XXS.ksigns)  # the 128 even-parity sign bytes a 7-bit index selects
 # the same as rows of eight +1/-1 bytes (bit j of sign byte i -> byte j of row i), for vpsignb
 SIGN_ROWS = bytes((0xFF if (s >> j) & 1 else 1) for s in SIGN_BYTES for j in range(8))
+# every sign byte (IQ2_S/IQ3_S store them whole) as its row of +1/-1 bytes
+BIT_SIGN_ROWS = bytes((0xFF if (s >> j) & 1 else 1) for s in range(256) for j in range(8))
 
 
 @functools.cache

@@ -123,10 +123,10 @@ for _t in (
     QuantType(T.Q6_K, kquants.q6_k, "k-quant", _body("q6_k"), GpuFormat("int8", 256, 274, _repack("q6_k")), (208,)),
     QuantType(T.IQ4_XS, kquants.iq4_xs, "k-quant", _body("iq4_xs"), f16_fields=(0,)),
     QuantType(T.IQ2_XXS, iquants.iq2_xxs, "k-quant", _body("iq2_xxs"), _grid_int8("iq2_xxs"), f16_fields=(0,)),
-    QuantType(T.IQ2_XS, iquants.iq2_xs, "k-quant", None, _grid_int8("iq2_xs"), f16_fields=(0,)),
-    QuantType(T.IQ2_S, iquants.iq2_s, "k-quant", None, _grid_int8("iq2_s"), f16_fields=(0,)),
-    QuantType(T.IQ3_XXS, iquants.iq3_xxs, "k-quant", None, _grid_int8("iq3_xxs"), f16_fields=(0,)),
-    QuantType(T.IQ3_S, iquants.iq3_s, "k-quant", None, _grid_int8("iq3_s"), f16_fields=(0,)),
+    QuantType(T.IQ2_XS, iquants.iq2_xs, "k-quant", _body("iq2_xs"), _grid_int8("iq2_xs"), f16_fields=(0,)),
+    QuantType(T.IQ2_S, iquants.iq2_s, "k-quant", _body("iq2_s"), _grid_int8("iq2_s"), f16_fields=(0,)),
+    QuantType(T.IQ3_XXS, iquants.iq3_xxs, "k-quant", _body("iq3_xxs"), _grid_int8("iq3_xxs"), f16_fields=(0,)),
+    QuantType(T.IQ3_S, iquants.iq3_s, "k-quant", _body("iq3_s"), _grid_int8("iq3_s"), f16_fields=(0,)),
     QuantType(T.IQ1_S, iquants.iq1_s, "k-quant", _body("iq1_s"), _grid_int8("iq1_s"), f16_fields=(0,)),
     QuantType(
         T.IQ1_M, iquants.iq1_m, "k-quant", _body("iq1_m"), _grid_int8("iq1_m"), put_scale=iquants.put_iq1_m_scale
