@@ -37,5 +37,13 @@ def experts_run_on_engine(gate: tuple[QType, int], up: tuple[QType, int], down: 
     return all(runs_on_engine(t, k) for t, k in (gate, up, down)) and gate[0] == up[0]
 
 
+def engine_bytes_per_s(qtype: QType, cores: int) -> float:
+    """The engine kernel's own ceiling (bytes of weights per second) on `cores` cores: the grid
+    types decode patterns from tables and are bound by that work, not by memory, on a few cores
+    (docs/benchmarks.md); the other kernels are memory-bound (infinite here)."""
+    per_core = _TYPES[qtype].engine_bytes_per_s_per_core
+    return float("inf") if per_core is None else per_core * max(1, cores)
+
+
 def reference_bytes_per_s(qtype: QType, cores: int) -> float:
     return REFERENCE_BYTES_PER_S_PER_CORE[_TYPES[qtype].reference_speed] * max(1, cores)

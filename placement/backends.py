@@ -16,7 +16,7 @@ The GPU figures other than gpu-triton's are assumptions until a GPU session meas
 (benchmarks/gpu_check.py).
 """
 
-from cpu_ops.capabilities import experts_run_on_engine, reference_bytes_per_s, runs_on_engine
+from cpu_ops.capabilities import engine_bytes_per_s, experts_run_on_engine, reference_bytes_per_s, runs_on_engine
 from gpu_ops.capabilities import FLOATS, has_gpu_format
 from placement.cost import TensorCost
 from placement.hardware import Hardware
@@ -56,7 +56,7 @@ def expert_trio_backend(trio: tuple[TensorCost, TensorCost, TensorCost], device:
 def read_rate(c: TensorCost, device: str, name: str, hw: Hardware) -> float:
     """Bytes per second the backend `name` reads this tensor's weights at, on `device`."""
     if device == "cpu":
-        engine = hw.cpu_bw * CPU_ENGINE_EFFICIENCY
+        engine = min(hw.cpu_bw * CPU_ENGINE_EFFICIENCY, engine_bytes_per_s(c.qtype, hw.cpu_cores))
         return min(engine, reference_bytes_per_s(c.qtype, hw.cpu_cores)) if name == "reference" else engine
     if name == "reference":
         return hw.gpu_bw * GPU_REFERENCE_EFFICIENCY

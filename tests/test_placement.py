@@ -447,3 +447,13 @@ def test_the_consumer_scene_plans_from_the_header(tmp_path, mix, ram, on_the_cpu
     assert all(p.device == "gpu" for p in plan.placements if p.kind != "routed experts")
     cpu = [p for p in plan.placements if p.device == "cpu"]
     assert cpu and {p.format for p in cpu} == on_the_cpu and {p.backend for p in cpu} == {"cpu-engine"}
+    from cpu_ops.capabilities import engine_bytes_per_s
+    from placement.backends import CPU_ENGINE_EFFICIENCY, read_rate
+    from placement.cost import tensor_costs
+
+    costs = {c.name: c for c in tensor_costs(config_from_metadata(f.metadata), f.tensors, 4096)}
+    for p in cpu:  # grid types are bound by their kernels' decoding (per core), K-quants by memory
+        ceiling = engine_bytes_per_s(costs[p.name].qtype, hw.cpu_cores)
+        expected = min(hw.cpu_bw * CPU_ENGINE_EFFICIENCY, ceiling)
+        assert read_rate(costs[p.name], "cpu", "cpu-engine", hw) == expected
+        assert (ceiling < float("inf")) == p.format.startswith("IQ")

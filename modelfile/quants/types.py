@@ -52,6 +52,9 @@ class QuantType:
     gpu: GpuFormat | None = None
     f16_fields: tuple[int, ...] = ()  # byte offsets of the block's float16 scales (random blocks need sane ones)
     put_scale: Callable[[np.ndarray, np.ndarray], None] | None = None  # (blocks, float16 [N]) for a packed d
+    # the engine kernel's measured compute ceiling, bytes of weights per second per core (None:
+    # memory-bound); the planner's prediction takes the lower of it and the memory's share
+    engine_bytes_per_s_per_core: float | None = None
 
     @property
     def layout(self) -> tuple[int, int]:
@@ -82,6 +85,13 @@ def _repack(name: str) -> str:
     return f"gpu_ops.formats:repack_{name}"
 
 
+def _grid(qtype: T, dequantize, engine_bytes_per_s_per_core: float, **fields) -> QuantType:
+    """A grid type: its engine body and int8 GPU format (named after it), its engine ceiling."""
+    name = qtype.name.lower()
+    return QuantType(qtype, dequantize, "k-quant", _body(name), _grid_int8(name),
+                     engine_bytes_per_s_per_core=engine_bytes_per_s_per_core, **fields)  # fmt: skip
+
+
 def _grid_int8(name: str) -> GpuFormat:
     """A grid type widened to Q6_K's int8 layout: a byte per value, an int8 scale per 16, a
     float32 d per 256 (32 + 2 + 0.5 bytes per 32 values)."""
@@ -106,6 +116,8 @@ def freeze(reader: str) -> dict[T, QuantType]:
     return QUANT_TYPES
 
 
+# Grid types' engine ceilings: GEMV GB/s on this project's 2-core development machine, halved
+# (2026-11-30, docs/benchmarks.md).
 for _t in (
     QuantType(T.F32, _float(torch.float32), "float", _body("f32")),
     QuantType(T.F16, _float(torch.float16), "float", _body("f16")),
@@ -122,15 +134,13 @@ for _t in (
     QuantType(T.Q5_K, kquants.q5_k, "k-quant", _body("q5_k"), f16_fields=(0, 2)),
     QuantType(T.Q6_K, kquants.q6_k, "k-quant", _body("q6_k"), GpuFormat("int8", 256, 274, _repack("q6_k")), (208,)),
     QuantType(T.IQ4_XS, kquants.iq4_xs, "k-quant", _body("iq4_xs"), f16_fields=(0,)),
-    QuantType(T.IQ2_XXS, iquants.iq2_xxs, "k-quant", _body("iq2_xxs"), _grid_int8("iq2_xxs"), f16_fields=(0,)),
-    QuantType(T.IQ2_XS, iquants.iq2_xs, "k-quant", _body("iq2_xs"), _grid_int8("iq2_xs"), f16_fields=(0,)),
-    QuantType(T.IQ2_S, iquants.iq2_s, "k-quant", _body("iq2_s"), _grid_int8("iq2_s"), f16_fields=(0,)),
-    QuantType(T.IQ3_XXS, iquants.iq3_xxs, "k-quant", _body("iq3_xxs"), _grid_int8("iq3_xxs"), f16_fields=(0,)),
-    QuantType(T.IQ3_S, iquants.iq3_s, "k-quant", _body("iq3_s"), _grid_int8("iq3_s"), f16_fields=(0,)),
-    QuantType(T.IQ1_S, iquants.iq1_s, "k-quant", _body("iq1_s"), _grid_int8("iq1_s"), f16_fields=(0,)),
-    QuantType(
-        T.IQ1_M, iquants.iq1_m, "k-quant", _body("iq1_m"), _grid_int8("iq1_m"), put_scale=iquants.put_iq1_m_scale
-    ),
+    _grid(T.IQ2_XXS, iquants.iq2_xxs, 3.8e9, f16_fields=(0,)),
+    _grid(T.IQ2_XS, iquants.iq2_xs, 3.5e9, f16_fields=(0,)),
+    _grid(T.IQ2_S, iquants.iq2_s, 3.3e9, f16_fields=(0,)),
+    _grid(T.IQ3_XXS, iquants.iq3_xxs, 4.3e9, f16_fields=(0,)),
+    _grid(T.IQ3_S, iquants.iq3_s, 2.8e9, f16_fields=(0,)),
+    _grid(T.IQ1_S, iquants.iq1_s, 2.3e9, f16_fields=(0,)),
+    _grid(T.IQ1_M, iquants.iq1_m, 1.6e9, put_scale=iquants.put_iq1_m_scale),
 ):
     declare(_t)
 
