@@ -16,6 +16,8 @@ from numba.extending import intrinsic
 from cpu_ops.blocks import BLOCKS, Act
 from cpu_ops.simd import F32, I8, I64, const, hsum, vec
 
+UNROLL_32 = 4  # 32-value blocks per loop step, each into its own accumulator
+
 
 def _i8_pointer(context, builder, array_type, array):
     data = context.make_array(array_type)(context, builder, array).data
@@ -24,16 +26,22 @@ def _i8_pointer(context, builder, array_type, array):
 
 def _row_dot_codegen(kind, n_tok: int):
     """IR for n_tok dot products of one weight row with n_tok activation rows (stride x_stride):
-    each block of the row is decoded once and multiplied with every token's slice."""
+    each block of the row is decoded once and multiplied with every token's slice.
+
+    32-value blocks each add a float vector into the sum (their scales differ per block), and
+    one accumulator would chain those adds: a float add's latency per 32 values. Their loop
+    takes UNROLL_32 blocks per step into as many accumulators (the K-quants convert once per
+    256 values and keep one)."""
 
     def codegen(context, builder, sig, args):
         _, w_arr, w_off, n_blocks, xq, dx, xs, xf, x_off, x_stride = args
         w_ptr = _i8_pointer(context, builder, sig.args[1], w_arr)
         ptrs = [_i8_pointer(context, builder, t, a) for t, a in zip(sig.args[4:8], (xq, dx, xs, xf), strict=True)]
         zero = ir.Constant(vec(F32, 8), [0.0] * 8)
-        accs = [cgutils.alloca_once_value(builder, zero) for _ in range(n_tok)]
-        with cgutils.for_range(builder, n_blocks) as loop:
-            i = loop.index
+        unroll = UNROLL_32 if kind.values == 32 else 1
+        accs = [[cgutils.alloca_once_value(builder, zero) for _ in range(n_tok)] for _ in range(unroll)]
+
+        def block(i, into):
             wp = builder.gep(w_ptr, [builder.add(w_off, builder.mul(i, const(I64, kind.nbytes)))])
             acts = []
             for t in range(n_tok):
@@ -48,9 +56,23 @@ def _row_dot_codegen(kind, n_tok: int):
                         xf=builder.gep(ptrs[3], [builder.mul(xo, const(I64, 4))]),
                     )
                 )
-            for acc, v in zip(accs, kind.body(builder, wp, acts), strict=True):
+            for acc, v in zip(into, kind.body(builder, wp, acts), strict=True):
                 builder.store(builder.fadd(builder.load(acc), v), acc)
-        sums = [hsum(builder, builder.load(acc)) for acc in accs]
+
+        steps = builder.udiv(n_blocks, const(I64, unroll))
+        with cgutils.for_range(builder, steps) as loop:
+            for u in range(unroll):
+                block(builder.add(builder.mul(loop.index, const(I64, unroll)), const(I64, u)), accs[u])
+        if unroll > 1:
+            done = builder.mul(steps, const(I64, unroll))
+            with cgutils.for_range(builder, builder.sub(n_blocks, done)) as loop:
+                block(builder.add(done, loop.index), accs[0])
+        sums = []
+        for t in range(n_tok):
+            total = builder.load(accs[0][t])
+            for u in range(1, unroll):
+                total = builder.fadd(total, builder.load(accs[u][t]))
+            sums.append(hsum(builder, total))
         return sums[0] if n_tok == 1 else context.make_tuple(builder, sig.return_type, sums)
 
     return codegen
