@@ -8,7 +8,7 @@ import sys
 
 import numpy as np
 import pytest
-from gguf import GGMLQuantizationType, GGUFWriter
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFWriter
 
 PROBE = (
     "import resource, subprocess, sys, json;"
@@ -24,8 +24,9 @@ def gguf_with(path, arch: str, tensor_type=GGMLQuantizationType.F32):
     shape = (8, 256)
     if tensor_type == GGMLQuantizationType.F32:
         w.add_tensor("blk.0.attn_norm.weight", np.ones(shape, dtype=np.float32))
-    else:  # declare a type hetero does not read; bytes as if 2.0625 bits per value
-        w.add_tensor("blk.0.ffn_up_exps.weight", np.zeros((8, 66), dtype=np.uint8), raw_dtype=tensor_type)
+    else:  # declare a type hetero does not read, with its block size in bytes
+        size = GGML_QUANT_SIZES[tensor_type][1]
+        w.add_tensor("blk.0.ffn_up_exps.weight", np.zeros((8, size), dtype=np.uint8), raw_dtype=tensor_type)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
@@ -48,8 +49,8 @@ def broken(tmp_path_factory, synth):
         "overflowing dims": (d / "dims.gguf", "has dimensions (549755813888, 549755813888)"),
         "architecture": (gguf_with(d / "llama.gguf", "llama"), "unsupported architecture 'llama'"),
         "quant type": (
-            gguf_with(d / "iq2.gguf", "deepseek2", GGMLQuantizationType.IQ2_XXS),
-            "unsupported quant type IQ2_XXS in tensor blk.0.ffn_up_exps.weight",
+            gguf_with(d / "tq1.gguf", "deepseek2", GGMLQuantizationType.TQ1_0),
+            "unsupported quant type TQ1_0 in tensor blk.0.ffn_up_exps.weight",
         ),
     }
     (d / "notes.gguf").write_text("just some text, not a model\n" * 10)
