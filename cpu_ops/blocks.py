@@ -298,33 +298,6 @@ def _rows8(b, table, indices):
     return _join8(b, [load(b, table, b.mul(i, const(I64, 8)), I8, 8) for i in indices])
 
 
-def iq2_xxs(b, w, acts):
-    """d/8 * sum over 32-value groups of (2s + 1) * (grid patterns . signed x): per group a u32
-    of four pattern indices and a u32 of four 7-bit sign indices and the 4-bit s. The signs go
-    onto the activations (vpsignb with a +-1 row per sign index), so the unsigned patterns
-    (values 8-43) multiply them with vpmaddubsw directly."""
-    grid = _table(b, "iq2xxs_grid", GRID_BYTES["IQ2_XXS"])
-    signs = _table(b, "iq2_sign_rows", SIGN_ROWS)
-    patterns, sign_rows, scales = [], [], []
-    for g in range(8):
-        index = load(b, w, 2 + 8 * g, I8, 4)
-        aux = load(b, w, 6 + 8 * g, I32)
-        patterns.append(_rows8(b, grid, [b.zext(b.extract_element(index, const(I32, k)), I64) for k in range(4)]))
-        sign_at = [b.zext(b.and_(b.lshr(aux, const(I32, 7 * k)), const(I32, 127)), I64) for k in range(4)]
-        sign_rows.append(_rows8(b, signs, sign_at))
-        ls = b.trunc(b.add(b.shl(b.lshr(aux, const(I32, 28)), const(I32, 1)), const(I32, 1)), I16)
-        scales.append(broadcast(b, from_scalars(b, [ls]), 0, 16))
-    d = _splat_f(b, b.fmul(_f16(b, w, 0), const(F32, 0.125)))
-    out = []
-    for a in acts:
-        dots = [
-            madd_i16(b, dot_u8_s8(b, patterns[g], sign_s8(b, load(b, a.xq, 32 * g, I8, 32), sign_rows[g])), scales[g])
-            for g in range(8)
-        ]
-        out.append(b.fmul(to_float(b, _sum(b, dots)), b.fmul(d, _block_scale(b, a))))
-    return out
-
-
 def _rows4x8(b, table, indices):
     """Eight 4-byte rows of a table (i8*), at the given i64 row numbers, as 32 bytes."""
     words = [load(b, table, b.mul(i, const(I64, 4)), I32) for i in indices]
@@ -339,6 +312,11 @@ def _scale_pair(b, lo, hi):
 def _each(b, v, n):
     """The n bytes of vector v, each as an i64."""
     return [b.zext(b.extract_element(v, const(I32, k)), I64) for k in range(n)]
+
+
+def _sign_indices(b, aux):
+    """The four 7-bit sign indices in the low 28 bits of a u32, each as an i64."""
+    return [b.zext(b.and_(b.lshr(aux, const(I32, 7 * k)), const(I32, 127)), I64) for k in range(4)]
 
 
 def _odd(b, nibble):
@@ -356,6 +334,23 @@ def _grid_dots(b, acts, patterns, sign_rows, scales, d):
         ]
         out.append(b.fmul(to_float(b, _sum(b, dots)), b.fmul(d, _block_scale(b, a))))
     return out
+
+
+def iq2_xxs(b, w, acts):
+    """d/8 * sum over 32-value groups of (2s + 1) * (grid patterns . signed x): per group a u32
+    of four pattern indices and a u32 of four 7-bit sign indices and the 4-bit s. The signs go
+    onto the activations (vpsignb with a +-1 row per sign index), so the unsigned patterns
+    (values 8-43) multiply them with vpmaddubsw directly."""
+    grid = _table(b, "iq2xxs_grid", GRID_BYTES["IQ2_XXS"])
+    signs = _table(b, "iq2_sign_rows", SIGN_ROWS)
+    patterns, sign_rows, scales = [], [], []
+    for g in range(8):
+        patterns.append(_rows8(b, grid, _each(b, load(b, w, 2 + 8 * g, I8, 4), 4)))
+        aux = load(b, w, 6 + 8 * g, I32)
+        sign_rows.append(_rows8(b, signs, _sign_indices(b, aux)))
+        ls = _odd(b, b.lshr(aux, const(I32, 28)))
+        scales.append(_scale_pair(b, ls, ls))
+    return _grid_dots(b, acts, patterns, sign_rows, scales, _splat_f(b, b.fmul(_f16(b, w, 0), const(F32, 0.125))))
 
 
 def iq2_xs(b, w, acts):
@@ -402,8 +397,7 @@ def iq3_xxs(b, w, acts):
         index = load(b, w, 2 + 8 * g, I8, 8)
         patterns.append(_rows4x8(b, grid, _each(b, index, 8)))
         aux = load(b, w, 66 + 4 * g, I32)
-        sign_rows.append(_rows8(b, signs, [b.zext(b.and_(b.lshr(aux, const(I32, 7 * k)), const(I32, 127)), I64)
-                                           for k in range(4)]))  # fmt: skip
+        sign_rows.append(_rows8(b, signs, _sign_indices(b, aux)))
         ls = _odd(b, b.lshr(aux, const(I32, 28)))
         scales.append(_scale_pair(b, ls, ls))
     return _grid_dots(b, acts, patterns, sign_rows, scales, _splat_f(b, b.fmul(_f16(b, w, 0), const(F32, 0.25))))

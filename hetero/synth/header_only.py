@@ -15,7 +15,7 @@ from gguf import GGML_QUANT_SIZES, GGUFWriter
 from gguf import GGMLQuantizationType as T
 
 from hetero.synth.presets import PRESETS, family_of
-from hetero.synth.quantize import expert_mix
+from hetero.synth.quantize import expert_mix, expert_type
 from hetero.synth.writer import put_metadata
 from modelfile.errors import HeteroError
 
@@ -44,8 +44,7 @@ def mix_type(name: str, shape: tuple[int, ...], n_layer: int, quant: str) -> T:
         raise HeteroError("--header-only writes llama.cpp's Q4_K_M type mix, or an expert mix over it "
                           "(e.g. UD-IQ1_S, Q4_K_M+IQ2_XS)")  # fmt: skip
     if mix is not None and "_exps." in name:
-        qtype = mix[2] if "ffn_down" in name else mix[1]
-        return qtype if shape[-1] % 256 == 0 else T.IQ4_NL
+        return expert_type(name, shape, mix)
     return q4_k_m_type(name, shape, n_layer)
 
 

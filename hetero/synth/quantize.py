@@ -90,14 +90,20 @@ def is_quant(ftype: str) -> bool:
         return False
 
 
+def expert_type(name: str, shape: tuple[int, ...], mix: tuple[str, T, T]) -> T:
+    """A routed-expert tensor's type in an expert mix (expert_mix's triple): the down projections'
+    type or the gate/up one, a 32-value stand-in for rows that are not whole blocks."""
+    qtype = mix[2] if "ffn_down" in name else mix[1]
+    return _FALLBACK[qtype] if qtype in _FALLBACK and shape[-1] % QK_K else qtype
+
+
 def tensor_type(name: str, shape: tuple[int, ...], ftype: str, n_layer: int, n_expert: int) -> T:
     """The GGUF type of one tensor in a file of type `ftype` (F32 for vectors and the router)."""
     if len(shape) == 1 or name.endswith(("ffn_gate_inp.weight", "exp_probs_b.bias")):
         return T.F32
     mix = expert_mix(ftype)
     if mix is not None and "_exps." in name:
-        qtype = mix[2] if "ffn_down" in name else mix[1]
-        return _FALLBACK[qtype] if qtype in _FALLBACK and shape[-1] % QK_K else qtype
+        return expert_type(name, shape, mix)
     if mix is not None:
         ftype = mix[0]
     base, high = MIXES[ftype]

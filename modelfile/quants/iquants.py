@@ -36,14 +36,17 @@ from modelfile.quants.legacy import f16
 IQ1_DELTA = 0.125  # the shift IQ1_S/IQ1_M add to (or take from) every grid value
 
 
-def _grid_bytes(name: str) -> bytes:
-    """A grid as the CPU kernels read it: each pattern's values as int8 bytes, row after row."""
+@functools.cache
+def _patterns(name: str):
+    """The format's pattern table from gguf-py, numpy float32 [patterns, 8 or 4]."""
     cls = getattr(gq, name)
     cls.init_grid()
-    return cls.grid.reshape(cls.grid_shape).astype("int8").tobytes()
+    return cls.grid.reshape(cls.grid_shape)
 
 
-GRID_BYTES = {name: _grid_bytes(name) for name in ("IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS", "IQ3_S", "IQ1_S")}
+# each grid as the CPU kernels read it: a pattern's values as int8 bytes, row after row
+GRID_BYTES = {name: _patterns(name).astype("int8").tobytes() for name in ("IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS",
+                                                                         "IQ3_S", "IQ1_S")}  # fmt: skip
 SIGN_BYTES = bytes(gq.IQ2_XXS.ksigns)  # the 128 even-parity sign bytes a 7-bit index selects
 # the same as rows of eight +1/-1 bytes (bit j of sign byte i -> byte j of row i), for vpsignb
 SIGN_ROWS = bytes((0xFF if (s >> j) & 1 else 1) for s in SIGN_BYTES for j in range(8))
@@ -54,9 +57,7 @@ BIT_SIGN_ROWS = bytes((0xFF if (s >> j) & 1 else 1) for s in range(256) for j in
 @functools.cache
 def _grid(name: str, device: torch.device) -> torch.Tensor:
     """The format's pattern table float32 [patterns, 8 or 4], on device."""
-    cls = getattr(gq, name)
-    cls.init_grid()
-    return torch.from_numpy(cls.grid.reshape(cls.grid_shape).copy()).to(device)
+    return torch.from_numpy(_patterns(name).copy()).to(device)
 
 
 @functools.cache
