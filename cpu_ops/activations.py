@@ -2,12 +2,16 @@
 llama.cpp's CPU backend rounds them, so that the integer dot products are identical and only
 float summation order separates the two.
 
-For each group of `group` values: 256 for the weight types with 256-value blocks (llama.cpp's
-vec_dot_type Q8_K), 32 for the others (Q8_0). Both take iscale = 127 / max|x| in float32 and
-q = round-half-even(x * iscale). The scale that multiplies the integer sums differs:
-- Q8_K (`quantize_row_q8_K`, the scalar reference on x86 too): d = 1 / iscale, float32;
-- Q8_0 (`quantize_row_q8_0`, the AVX2 path that AVX-512 builds run): d = max|x| / 127, stored
-  as float16, so the kernels multiply by its float16 value.
+The format is the weight type's (its declaration's `activation_format`, llama.cpp's
+vec_dot_type). All three take iscale = 127 / max|x| in float32 over a group of values and
+q = round-half-even(x * iscale); the scale that multiplies the integer sums differs:
+- Q8_K, per 256 values (`quantize_row_q8_K`, the scalar reference on x86 too): d = 1 / iscale,
+  float32;
+- Q8_0, per 32 (`quantize_row_q8_0`, the AVX2 path that AVX-512 builds run): d = max|x| / 127,
+  stored as float16, so the kernels multiply by its float16 value;
+- Q8_1, per 32 (`quantize_row_q8_1`, AVX2), for the types with a min (Q4_1, Q5_1): d as Q8_0,
+  and s = d * sum(q) stored as float16, which the min multiplies. Both round from the float32
+  d, so dx keeps that unrounded and the kernel rounds d and s to float16 itself.
 (llama.cpp writes Q8_K with the sign of the largest-|x| value folded into d and q; products are
 the same.) dx holds d once per 32 values, xs the integer sums of q per 16 (what K-quant mins
 and zero points multiply). The rounding added is at most half a step per value. The float
@@ -20,6 +24,11 @@ from dataclasses import dataclass
 import numba
 import numpy as np
 
+# the formats as the numba kernels take them
+Q8_0, Q8_1, Q8_K = 0, 1, 2
+FORMATS = {"Q8_0": Q8_0, "Q8_1": Q8_1, "Q8_K": Q8_K}
+GROUP = (32, 32, 256)  # values per scale, by format
+
 
 @dataclass
 class QuantizedActivations:
@@ -27,7 +36,7 @@ class QuantizedActivations:
     dx: np.ndarray  # float32 [T, K / 32]
     xs: np.ndarray  # int32 [T, K / 16]
     xf: np.ndarray  # float32 [T, K], the input
-    group: int  # values per scale: 32 or 256
+    form: int  # Q8_0, Q8_1 or Q8_K
 
     @property
     def n_tokens(self) -> int:
@@ -37,9 +46,14 @@ class QuantizedActivations:
     def width(self) -> int:
         return self.xf.shape[1]
 
+    @property
+    def group(self) -> int:
+        return GROUP[self.form]
+
     def dequantized(self) -> np.ndarray:
         """float64 [T, K]: what the integer kernels multiply (for tests and error budgets)."""
-        return self.xq.astype(np.float64) * np.repeat(self.dx.astype(np.float64), 32, axis=1)
+        d = self.dx.astype(np.float16) if self.form == Q8_1 else self.dx
+        return self.xq.astype(np.float64) * np.repeat(d.astype(np.float64), 32, axis=1)
 
 
 @numba.njit(nogil=True, cache=True)
@@ -57,8 +71,9 @@ def nearest_f16(x: float) -> np.float32:
 
 
 @numba.njit(nogil=True, cache=True)
-def quantize_into(x: np.ndarray, xq: np.ndarray, dx: np.ndarray, xs: np.ndarray, group: int) -> None:
-    """x float32 [T, K] (K a multiple of group, group a multiple of 32) -> xq, dx, xs in place."""
+def quantize_into(x: np.ndarray, xq: np.ndarray, dx: np.ndarray, xs: np.ndarray, form: int) -> None:
+    """x float32 [T, K] (K a multiple of the format's group) -> xq, dx, xs in place."""
+    group = 256 if form == Q8_K else 32
     for t in range(x.shape[0]):
         for o in range(0, x.shape[1], group):
             amax = np.float32(0.0)
@@ -67,10 +82,12 @@ def quantize_into(x: np.ndarray, xq: np.ndarray, dx: np.ndarray, xs: np.ndarray,
             inv = np.float32(127.0) / amax if amax > 0 else np.float32(0.0)
             if amax == 0:
                 d = np.float32(0.0)
-            elif group == 256:  # Q8_K
+            elif form == Q8_K:
                 d = np.float32(1.0) / inv
-            else:  # Q8_0: the float16 the block stores
+            elif form == Q8_0:  # the float16 the block stores
                 d = nearest_f16(amax / np.float32(127.0))
+            else:  # Q8_1: the float32 that d and s are rounded from
+                d = amax / np.float32(127.0)
             for s in range(o // 16, (o + group) // 16):
                 total = 0
                 for i in range(16 * s, 16 * s + 16):
@@ -82,16 +99,17 @@ def quantize_into(x: np.ndarray, xq: np.ndarray, dx: np.ndarray, xs: np.ndarray,
                 dx[t, g] = d
 
 
-def quantize(x: np.ndarray, group: int = 32) -> QuantizedActivations:
-    """float32 [T, K] -> QuantizedActivations (K must be a multiple of group; group 32 or 256)."""
+def quantize(x: np.ndarray, form: int = Q8_0) -> QuantizedActivations:
+    """float32 [T, K] -> QuantizedActivations (K must be a multiple of the format's group)."""
     x = np.ascontiguousarray(x, dtype=np.float32)
-    if group not in (32, 256):
-        raise ValueError(f"activation group must be 32 or 256, got {group}")
+    if form not in (Q8_0, Q8_1, Q8_K):
+        raise ValueError(f"activation format must be Q8_0, Q8_1 or Q8_K, got {form}")
+    group = GROUP[form]
     if x.ndim != 2 or x.shape[1] % group:
         raise ValueError(f"activations must be [tokens, K] with K a multiple of {group}, got {x.shape}")
     t, k = x.shape
     a = QuantizedActivations(
-        np.empty((t, k), np.int8), np.empty((t, k // 32), np.float32), np.empty((t, k // 16), np.int32), x, group
+        np.empty((t, k), np.int8), np.empty((t, k // 32), np.float32), np.empty((t, k // 16), np.int32), x, form
     )
-    quantize_into(x, a.xq, a.dx, a.xs, group)
+    quantize_into(x, a.xq, a.dx, a.xs, form)
     return a

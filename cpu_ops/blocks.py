@@ -23,6 +23,7 @@ from gguf import GGML_QUANT_SIZES
 from gguf import GGMLQuantizationType as QType
 from llvmlite import ir
 
+from cpu_ops.activations import FORMATS
 from cpu_ops.capabilities import ENGINE_TYPES, values_per_block
 from cpu_ops.simd import (
     F16,
@@ -63,6 +64,11 @@ class Act:
 
 def _f16(b, base, offset):
     return b.fpext(load(b, base, offset, F16), F32)
+
+
+def _to_f16(b, v):
+    """A float32 rounded to float16 (ties to even, as llama.cpp's stores), as a float32."""
+    return b.fpext(b.fptrunc(v, F16), F32)
 
 
 def _splat_f(b, v, n=8):
@@ -534,8 +540,9 @@ def iq4_nl(b, w, acts):
 
 
 def _with_min(b, w, acts, q):
-    """d * q . x + m * sum(x) for one 32-value block with a min (Q4_1/Q5_1): q unsigned, the
-    activations' integer sums give sum(x) = dx * (xs0 + xs1)."""
+    """d * q . x + m * s for one 32-value block with a min (Q4_1/Q5_1): q unsigned; the
+    activations are Q8_1, whose float16 d and s = d * sum(q) are rounded here from the float32
+    d (cpu_ops/activations.py)."""
     d, m = _f16(b, w, 0), _f16(b, w, 2)
     out = []
     for a in acts:
@@ -543,8 +550,10 @@ def _with_min(b, w, acts, q):
         dot = madd_i16(b, dot_u8_s8(b, q, load(b, a.xq, 0, I8, 32)), _ones16(b))
         xs = load(b, a.xs, 0, I32, 2)
         total = b.sitofp(b.add(b.extract_element(xs, const(I32, 0)), b.extract_element(xs, const(I32, 1))), F32)
-        offset = b.insert_element(ir.Constant(vec(F32, 8), [0.0] * 8), b.fmul(b.fmul(m, dx), total), const(I32, 0))
-        out.append(b.fadd(b.fmul(to_float(b, dot), _splat_f(b, b.fmul(dx, d))), offset))
+        offset = b.insert_element(
+            ir.Constant(vec(F32, 8), [0.0] * 8), b.fmul(m, _to_f16(b, b.fmul(dx, total))), const(I32, 0)
+        )
+        out.append(b.fadd(b.fmul(to_float(b, dot), _splat_f(b, b.fmul(_to_f16(b, dx), d))), offset))
     return out
 
 
@@ -593,19 +602,15 @@ class BlockKind:
     values: int
     nbytes: int
     body: object
-
-    @property
-    def act_group(self) -> int:
-        """Values per activation scale the body expects: one per 256 for the 256-value types
-        (as llama.cpp's Q8_K; saves a float conversion per 32 values), else one per 32."""
-        return 256 if self.values == 256 else 32
+    act_form: int  # the activations' format (cpu_ops.activations: Q8_0, Q8_1 or Q8_K)
 
 
 def _kind(code: int, qtype: QType, body) -> BlockKind:
     """Geometry from gguf's table; float types (one value per "block") are taken 32 at a time."""
     block, size = GGML_QUANT_SIZES[qtype]
     values = values_per_block(qtype)
-    return BlockKind(code, values, size * values // block, body)
+    form = FORMATS[QUANT_TYPES[qtype].activation_format]
+    return BlockKind(code, values, size * values // block, body, form)
 
 
 # each engine type's body, as its declaration names it (modelfile/quants/types.py); the code is

@@ -11,7 +11,7 @@ which saves a barrier each time.
 The step interprets a program: one row per block of the model's description (modelfile/blocks.py),
 built at load by hetero/models/native.py, with one body per block kind here (_mla, _mlp, _moe).
 Weights are addressed by a tensor table (address, kernel code, rows, row width, row bytes, values
-per block, activation group; a row per tensor). The math is that of the torch blocks
+per block, activation format; a row per tensor). The math is that of the torch blocks
 (hetero/models/blocks.py), which stay the reference; tests compare the two.
 """
 
@@ -27,7 +27,7 @@ from cpu_ops.spin import SPIN_POLLS, _load_acquire, fetch_add, spin_until
 from modelfile.blocks import MATRICES, VECTORS
 
 # columns of the tensor table
-ADDR, CODE, ROWS, WIDTH, ROW_BYTES, VALUES, GROUP = range(7)
+ADDR, CODE, ROWS, WIDTH, ROW_BYTES, VALUES, ACT_FORM = range(7)
 
 # The program: one row per block of the model's description, its columns generated from the
 # block vocabulary (modelfile/blocks.py): the kind's code, the block's cache layer, the offset
@@ -70,14 +70,14 @@ def _kernel(code, w, w_off, row_stride, n_rows, n_blocks, xq, dx, xs, xf, out, o
 
 
 @numba.njit(nogil=True, cache=True)
-def _quantized(x, group):
-    """x float32 [K] as the kernels' activations (int8 per `group`, sums per 16, floats)."""
+def _quantized(x, form):
+    """x float32 [K] as the kernels' activations in format `form` (int8, scales, sums, floats)."""
     k = x.size
     xf = x.reshape((1, k))
     xq = np.empty((1, k), np.int8)
     dx = np.empty((1, k // 32), np.float32)
     xs = np.empty((1, k // 16), np.int32)
-    quantize_into(xf, xq, dx, xs, group)
+    quantize_into(xf, xq, dx, xs, form)
     return xq, dx, xs, xf
 
 
@@ -88,7 +88,7 @@ def _rows(tensors, t, x, out, first_row, start, stop):
     if stop <= start:
         return
     meta = tensors[t]
-    xq, dx, xs, xf = _quantized(x, meta[GROUP])
+    xq, dx, xs, xf = _quantized(x, meta[ACT_FORM])
     w = numba.carray(_bytes_at(meta[ADDR]), (first_row + stop) * meta[ROW_BYTES])
     _kernel(meta[CODE], w, (first_row + start) * meta[ROW_BYTES], meta[ROW_BYTES], stop - start,
             meta[WIDTH] // meta[VALUES], xq, dx, xs, xf, out, start)  # fmt: skip

@@ -66,7 +66,7 @@ def _make_gate_up(gate_code: int, up_code: int):
 
 def _make_down(down_code: int):
     @numba.njit(nogil=True, cache=True)
-    def down(dw, d_off, d_rs, n_rows, n_blocks, h, h_group, tok_ptr, tok_idx, tok_w, experts, out, out_col):
+    def down(dw, d_off, d_rs, n_rows, n_blocks, h, h_form, tok_ptr, tok_idx, tok_w, experts, out, out_col):
         """out[t, out_col:out_col+n_rows] += w * (down_e rows) @ h[p] for the pairs p of `experts`."""
         n_max = 0
         for e in experts:
@@ -79,7 +79,7 @@ def _make_down(down_code: int):
         for e in experts:
             first, n = tok_ptr[e], tok_ptr[e + 1] - tok_ptr[e]
             rows = h[first : first + n]
-            quantize_into(rows, hq[:n], hdx[:n], hxs[:n], h_group)
+            quantize_into(rows, hq[:n], hdx[:n], hxs[:n], h_form)
             rows_of(down_code, dw, d_off[e], d_rs, n_rows, n_blocks, hq, hdx, hxs, rows, 0, n, part, 0)
             for j in range(n):
                 t = tok_idx[first + j]
@@ -216,10 +216,10 @@ class CpuExperts:
         on the workers while the caller goes on. `also`: (CpuExperts, ids, weights) of more
         experts on the same x and workers (the shared experts), run in the same hand-off."""
         out = np.zeros((x.shape[0], self.n_embd), np.float32)
-        quantized: dict[int, QuantizedActivations] = {}  # x once per activation group, for all sets
+        quantized: dict[int, QuantizedActivations] = {}  # x once per activation format, for all sets
 
-        def acts(group: int) -> QuantizedActivations:
-            return quantized.get(group) or quantized.setdefault(group, quantize(x, group))
+        def acts(form: int) -> QuantizedActivations:
+            return quantized.get(form) or quantized.setdefault(form, quantize(x, form))
 
         jobs = [self.phases(acts, ids, weights, out)] + [other.phases(acts, i, w, out) for other, i, w in also]
         n = len(self.shares)
@@ -240,8 +240,8 @@ class CpuExperts:
 
     def phases(self, quantized_x, ids: np.ndarray, weights: np.ndarray, out: np.ndarray):
         """Per worker: the gate/up callable and the down callable (adding into out).
-        quantized_x(group) gives the layer input quantized per `group` values."""
-        acts = quantized_x(self.gate_kind.act_group)
+        quantized_x(form) gives the layer input quantized in an activation format."""
+        acts = quantized_x(self.gate_kind.act_form)
         ids = np.ascontiguousarray(ids, np.int64)
         tok_ptr, tok_idx, tok_w, active = group_by_expert(ids, np.ascontiguousarray(weights, np.float32), self.n_expert)
         h = np.empty((ids.size, self.n_ff), np.float32)
@@ -263,7 +263,7 @@ class CpuExperts:
             )  # fmt: skip
             second.append(
                 lambda dw=dw, d_off=d_off, d_rs=d_rs, da=da, db=db: self.down(
-                    dw, d_off, d_rs, db - da, d_blocks, h, self.down_kind.act_group,
+                    dw, d_off, d_rs, db - da, d_blocks, h, self.down_kind.act_form,
                     tok_ptr, tok_idx, tok_w, active, out, da,
                 )
             )  # fmt: skip

@@ -39,7 +39,7 @@ class CpuMatrix:
 
     def quantize(self, x: np.ndarray) -> QuantizedActivations:
         """x float32 [T, in] in the activation form this weight type's kernel expects."""
-        return quantize(x, self.kind.act_group)
+        return quantize(x, self.kind.act_form)
 
     def rows_into(self, acts: QuantizedActivations, out: np.ndarray, start: int, stop: int) -> None:
         """out[:, start:stop] = acts @ W[start:stop].T, on the calling thread."""
@@ -61,10 +61,10 @@ class CpuMatrix:
 
     def __call__(self, executor: Executor | None, acts: QuantizedActivations) -> np.ndarray:
         """float32 [T, rows]; the rows are split over the workers unless the matrix is small."""
-        if acts.width != self.in_features or acts.group != self.kind.act_group:
+        if acts.width != self.in_features or acts.form != self.kind.act_form:
             raise ValueError(
-                f"activations [{acts.n_tokens}, {acts.width}] per {acts.group} for rows of {self.in_features} "
-                f"that need them per {self.kind.act_group}"
+                f"activations [{acts.n_tokens}, {acts.width}] in format {acts.form} for rows of {self.in_features} "
+                f"that need format {self.kind.act_form}"
             )
         out = np.empty((acts.n_tokens, self.rows), np.float32)
         if executor is None or self.raw.nbytes < INLINE_BYTES:
@@ -90,7 +90,7 @@ class CpuStack:
 
     def __call__(self, executor: Executor | None, x: np.ndarray, n_tok: int) -> np.ndarray:
         """x float32 [E * n_tok, in] (matrix-major) -> float32 [n_tok, E * rows]."""
-        acts = quantize(x, self.kind.act_group)
+        acts = quantize(x, self.kind.act_form)
         out = np.empty((n_tok, self.n * self.rows), np.float32)
         n_blocks = self.in_features // self.kind.values
 

@@ -42,9 +42,10 @@ class Model:
         numa: str = "auto",
         cpu_kernels: bool = True,
         description: Description | None = None,
+        match_llama_cpp: bool = False,
     ):
         """description: the model as blocks; by default the family's for this file (tests pass
-        altered ones to see every executor follow)."""
+        altered ones to see every executor follow); match_llama_cpp: see load_model."""
         self.file = file
         family = family_of(file.metadata)
         self.config = family.config(file.metadata)
@@ -64,6 +65,7 @@ class Model:
         description = description or family.describe(self.config, file.tensors)
         cache_width = family.cached_values_per_token(self.config)
         self.net = Net(self.config, description, ops, cache_width, getattr(torch, plan.kv_cache_dtype))
+        self.net.attention_form = "llama.cpp" if match_llama_cpp else "auto"
         self.net.decode_step = native_decode(self.net, self.executor)
         if self.net.decode_step is None and plan.weights_bytes("gpu"):
             self.net.decode_step = HybridDecode(self.net)
@@ -221,6 +223,7 @@ def load_model(
     cpu_kernels: bool = True,
     overcommit: bool = True,
     on_gpu_bytes: Callable[[int], None] | None = None,
+    match_llama_cpp: bool = False,
 ) -> Model:
     """Open a deepseek2 GGUF (single file, or any file of a split set, or an opened one) for inference.
 
@@ -231,7 +234,11 @@ def load_model(
     numa ('auto' or 'off'): the CPU engine's workers; cpu_kernels=False runs CPU weights through
     the reference torch ops instead (also what machines without AVX2 get); overcommit=False
     refuses a plan whose CPU share exceeds RAM instead of running it from the page cache;
-    on_gpu_bytes(n) hears of every n bytes of weights put on the GPU (a progress bar).
+    on_gpu_bytes(n) hears of every n bytes of weights put on the GPU (a progress bar);
+    match_llama_cpp=True runs prompts' attention where llama.cpp's CPU backend rounds its
+    activations to int8 (MLA absorbed; expanded through int8 latents for the joint kv_b), not
+    in the form with fewer multiply-adds: slower for long prompts, and on the CPU engine the
+    logits then differ from llama.cpp's by float32 summation order only (docs/parity.md).
     """
     file = path if isinstance(path, GGUFModelFile) else GGUFModelFile(path)
     if plan is None:
@@ -243,7 +250,7 @@ def load_model(
     if not plan.fits:
         raise HeteroError("the plan does not fit: " + "; ".join(plan.problems) + f" ({plan.suggestion})")
     with report_placed_bytes(on_gpu_bytes) if on_gpu_bytes else nullcontext():
-        return Model(file, plan, gpu_device, threads, numa, cpu_kernels)
+        return Model(file, plan, gpu_device, threads, numa, cpu_kernels, match_llama_cpp=match_llama_cpp)
 
 
 __all__ = ["Model", "Step", "load_model"]

@@ -58,8 +58,10 @@ def optional_tensors(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
 
 
 def dequantized_on_use(name: str) -> bool:
-    """Weights the forward pass only dequantizes (never multiplies in place): the legacy joint
-    MLA projection attn_kv_b, split into per-head W_UK and W_UV when used."""
+    """Weights the forward pass mostly dequantizes: the legacy joint MLA projection attn_kv_b,
+    split into per-head W_UK and W_UV for decoding. A prompt multiplies its latents by it in
+    place (as llama.cpp does); on the GPU it stays on the reference path, its bytes dequantized
+    where they lie; on the CPU the engine runs that matmul on the same map."""
     return name.endswith(".attn_kv_b.weight")
 
 

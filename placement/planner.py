@@ -190,7 +190,7 @@ def make_plan(
         shared = expert_trio_backend(tuple(by_name[n] for n in trio), devices[trio[0]], hw)
         backends.update(dict.fromkeys(trio, shared))
     for name in backends:
-        if family.dequantized_on_use(name):
+        if family.dequantized_on_use(name) and devices[name] == "gpu":  # the bytes stay where they are used
             backends[name] = "reference"
     fused = tuple(_fused_shared_layers(family, by_name, backends))
     placements = tuple(_placement(c, devices[c.name], backends[c.name]) for c in costs)

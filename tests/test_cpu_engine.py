@@ -14,7 +14,7 @@ from gguf import GGML_QUANT_SIZES
 from gguf import GGMLQuantizationType as T
 from test_quants import random_rows
 
-from cpu_ops.activations import quantize
+from cpu_ops.activations import GROUP, Q8_0, Q8_K, quantize
 from cpu_ops.executor import Executor, plan_workers
 from cpu_ops.experts import CpuExperts, Stack
 from cpu_ops.matmul import CpuMatrix
@@ -96,7 +96,7 @@ def _stack(qtype, rows, k, rng):
     return Stack(raw.reshape(E, rows, -1), qtype, k), dense
 
 
-def _reference(dense, x, ids, weights, gate_group, down_group, float_gate=False):
+def _reference(dense, x, ids, weights, gate_form, down_form, float_gate=False):
     """float64 expert MLP on the activations as the kernels quantize them (float weights take x
     as is). Returns the result and the error allowed per element: float32 rounding (relative to
     the sum of |terms|), plus what the kernel's float32 h (within dh of the float64 one: 2e-6 of
@@ -105,7 +105,8 @@ def _reference(dense, x, ids, weights, gate_group, down_group, float_gate=False)
     by its own dh shift it), and, for groups whose float16 scale (Q8_0, group 32) sits that
     close to a float16 rounding midpoint, the other scale: one float16 ulp per int8 unit."""
     g, u, d = dense
-    xa = x.astype(np.float64) if float_gate else quantize(x, gate_group).dequantized()
+    down_group = GROUP[down_form]
+    xa = x.astype(np.float64) if float_gate else quantize(x, gate_form).dequantized()
     out = np.zeros_like(xa)
     allowed = np.zeros_like(xa)
     for t in range(x.shape[0]):
@@ -115,7 +116,7 @@ def _reference(dense, x, ids, weights, gate_group, down_group, float_gate=False)
             h = gg * sig * uu
             dg, du = 2e-6 * (np.abs(g[e]) @ np.abs(xa[t])), 2e-6 * (np.abs(u[e]) @ np.abs(xa[t]))
             dh = np.abs(sig * (1 + gg * (1 - sig)) * uu) * dg + np.abs(gg * sig) * du  # how far h may move
-            hq = quantize(h[None].astype(np.float32), down_group)
+            hq = quantize(h[None].astype(np.float32), down_form)
             ha = hq.dequantized()[0]
             step = np.repeat(hq.dx[0].astype(np.float64), 32)
             groups = np.abs(h).reshape(-1, down_group)
@@ -127,7 +128,7 @@ def _reference(dense, x, ids, weights, gate_group, down_group, float_gate=False)
             frac = np.abs(h * multiplier) % 1.0
             near = np.abs(frac - 0.5) < 1e-3 + dh * multiplier + shift
             flip = np.zeros_like(h)
-            if down_group == 32:  # the scale is float16(amax / 127): near a midpoint it may round the other way
+            if down_form == Q8_0:  # the scale is float16(amax / 127): near a midpoint it may round the other way
                 scale = amax / 127
                 d16 = scale.astype(np.float16)
                 up, down = np.nextafter(d16, np.float16(np.inf)), np.nextafter(d16, np.float16(0))
@@ -171,8 +172,8 @@ def test_fused_experts_match_float64(case, types, nodes):
     with Executor(threads=2, topology=simulated(nodes)) as ex:
         experts = CpuExperts(gs, us, ds, ex)
         ours = experts.submit(x, ids, weights).wait()
-        groups = experts.gate_kind.act_group, experts.down_kind.act_group
-    expected, allowed = _reference((g, u, d), x, ids, weights, *groups, float_gate=gate_t == T.BF16)
+        forms = experts.gate_kind.act_form, experts.down_kind.act_form
+    expected, allowed = _reference((g, u, d), x, ids, weights, *forms, float_gate=gate_t == T.BF16)
     err = np.abs(ours - expected)
     assert np.all(err <= allowed + 1e-30), float((err / allowed).max())
 
@@ -188,7 +189,7 @@ def test_four_workers_split_gate_up_by_rows_and_down_by_rows():
         assert [s.f_range for s in experts.shares] == [(0, 64), (64, 128), (128, 192), (192, 256)]
         assert [s.d_range for s in experts.shares] == [(0, 64), (64, 128), (128, 192), (192, 256)]
         ours = experts.submit(x, ids, weights).wait()
-    expected, allowed = _reference((g, u, d), x, ids, weights, 256, 256)
+    expected, allowed = _reference((g, u, d), x, ids, weights, Q8_K, Q8_K)
     assert np.all(np.abs(ours - expected) <= allowed)
 
 

@@ -12,7 +12,7 @@ from gguf import GGML_QUANT_SIZES
 from gguf import GGMLQuantizationType as T
 from test_quants import random_rows
 
-from cpu_ops.activations import quantize
+from cpu_ops.activations import GROUP, Q8_0, Q8_1, Q8_K, quantize
 from cpu_ops.blocks import BLOCKS
 from cpu_ops.executor import Executor
 from cpu_ops.matmul import INLINE_BYTES, CpuMatrix, CpuStack, supported
@@ -26,9 +26,18 @@ def weights(qtype, rows, k, rng):
     return raw, dequantize(torch.from_numpy(raw), qtype, k).double().numpy()
 
 
-def oracle(qtype, dense, acts):
+def oracle(qtype, dense, acts, raw):
+    """The float64 product and the sum of |terms| that bounds float32 rounding. Types with a min
+    (Q4_1, Q5_1) take Q8_1 activations: the min meets s = float16(d * sum(q)) per 32 values, as
+    in llama.cpp, not the sum of the dequantized values."""
     x = acts.xf.astype(np.float64) if qtype in FLOATS else acts.dequantized()
-    return x @ dense.T, np.abs(x) @ np.abs(dense).T
+    if acts.form != Q8_1 or qtype in FLOATS:
+        return x @ dense.T, np.abs(x) @ np.abs(dense).T
+    mins = raw.reshape(raw.shape[0], -1, GGML_QUANT_SIZES[qtype][1])[:, :, 2:4].copy().view(np.float16)[..., 0]
+    m = mins.astype(np.float64)  # [rows, blocks]
+    s = (acts.dx * acts.xs.reshape(acts.n_tokens, -1, 2).sum(-1)).astype(np.float16).astype(np.float64)  # [T, blocks]
+    scaled = dense - np.repeat(m, 32, axis=1)
+    return x @ scaled.T + s @ m.T, np.abs(x) @ np.abs(scaled).T + np.abs(s) @ np.abs(m).T
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +54,7 @@ def test_matmul_matches_float64(qtype, rows, blocks, tokens, executor):
     raw, dense = weights(qtype, rows, k, rng)
     matrix = CpuMatrix(raw, qtype, k)
     acts = matrix.quantize(rng.standard_normal((tokens, k)).astype(np.float32) * rng.uniform(0.1, 10))
-    expected, bound = oracle(qtype, dense, acts)
+    expected, bound = oracle(qtype, dense, acts, raw)
     for ex in (None, executor):  # the calling thread, and rows split over two workers
         ours = matrix(ex, acts)
         assert ours.shape == (tokens, rows) and ours.dtype == np.float32
@@ -58,41 +67,46 @@ def test_big_matrix_splits_over_workers(executor):
     raw, dense = weights(T.Q4_K, 4001, 512, rng)
     matrix = CpuMatrix(raw, T.Q4_K, 512)
     acts = matrix.quantize(rng.standard_normal((2, 512)).astype(np.float32))
-    expected, bound = oracle(T.Q4_K, dense, acts)
+    expected, bound = oracle(T.Q4_K, dense, acts, raw)
     assert raw.nbytes > INLINE_BYTES
     assert np.all(np.abs(matrix(executor, acts) - expected) <= 2e-6 * bound)
-    with pytest.raises(ValueError, match="per 32"):  # K-quants need one activation scale per 256
-        matrix(executor, quantize(acts.xf, 32))
+    with pytest.raises(ValueError, match="format"):  # K-quants need Q8_K activations (a scale per 256)
+        matrix(executor, quantize(acts.xf, Q8_0))
 
 
-@pytest.mark.parametrize("group", [32, 256])
-def test_activations_round_as_llama_cpp(group):
+@pytest.mark.parametrize("form", [Q8_0, Q8_1, Q8_K], ids=["Q8_0", "Q8_1", "Q8_K"])
+def test_activations_round_as_llama_cpp(form):
     """llama.cpp's CPU backend quantizes activations per weight type's vec_dot_type: Q8_K for
-    the 256-value types, Q8_0 for the 32-value ones. Both: q = round-half-even(x * m) with
-    m = float32(127 / max|x|) (Q8_K writes the largest value's sign into d and q; the products
-    are the same). Scale: 1 / m as float32 (Q8_K), max|x| / 127 as float16 (Q8_0, the AVX2 path).
-    Written here from those rules in numpy, the engine's values must be identical."""
+    the 256-value types, Q8_1 for the 32-value types with a min, Q8_0 for the other 32-value
+    ones. All: q = round-half-even(x * m) with m = float32(127 / max|x|) (Q8_K writes the
+    largest value's sign into d and q; the products are the same). Scale: 1 / m as float32
+    (Q8_K), max|x| / 127 as float16 (Q8_0, the AVX2 path; Q8_1 keeps the float32 that the kernel
+    rounds d and s = d * sum(q) from). Written here from those rules in numpy, the engine's
+    values must be identical."""
+    group = GROUP[form]
     rng = np.random.default_rng()
     x = rng.standard_normal((3, 512)).astype(np.float32) * np.array([1e-3, 1.0, 50.0], np.float32)[:, None]
     x[1, :group] = 0  # an all-zero group
     x[2, 5] = -np.abs(x[2]).max() * 1.5  # a group whose largest value is negative
-    a = quantize(x, group)
+    a = quantize(x, form)
     g = x.reshape(3, -1, group)
     amax = np.abs(g).max(-1, keepdims=True)
     m = np.where(amax > 0, np.float32(127) / np.where(amax > 0, amax, 1), 0).astype(np.float32)
     q = np.rint((g * m).astype(np.float32))
     assert np.array_equal(a.xq, q.reshape(3, -1).astype(np.int8))
-    if group == 256:
+    if form == Q8_K:
         d = np.where(m > 0, np.float32(1) / np.where(m > 0, m, 1), 0).astype(np.float32)
-    else:
+    elif form == Q8_0:
         d = (amax / np.float32(127)).astype(np.float16).astype(np.float32)
+    else:
+        d = (amax / np.float32(127)).astype(np.float32)
     assert np.array_equal(a.dx.reshape(3, -1, group // 32), np.broadcast_to(d, (*d.shape[:2], group // 32)))
     assert np.array_equal(a.xs, a.xq.reshape(3, -1, 16).astype(np.int32).sum(-1))
     assert np.all(a.dequantized()[1, :group] == 0)
     assert np.all(np.abs(a.xq).reshape(3, -1, group).max(-1)[[0, 2]] == 127)  # each group uses the full range
-    # what that costs: half a step per value, plus the float16 rounding of the step (Q8_0)
+    # what that costs: half a step per value, plus the float16 rounding of the step (Q8_0, Q8_1)
     exact_step = np.repeat((amax / 127).reshape(3, -1), group, axis=1)
-    step = np.repeat(a.dx, 32, axis=1)
+    step = np.repeat(a.dx.astype(np.float16) if form == Q8_1 else a.dx, 32, axis=1).astype(np.float64)
     bound = 0.5 * exact_step + np.abs(a.xq) * np.abs(step - exact_step)
     assert np.all(np.abs(a.dequantized() - x) <= bound * (1 + 1e-5) + 1e-30)
 
@@ -115,7 +129,7 @@ def test_stack_multiplies_each_slice_by_its_matrix(qtype, tokens, rows, executor
     x = rng.standard_normal((n * tokens, k)).astype(np.float32)
     stack = CpuStack(raw.reshape(n, rows, -1), qtype, n, k)
     assert (stack.raw.nbytes >= INLINE_BYTES) == (rows > 1000)
-    acts = quantize(x, BLOCKS[qtype].act_group)
+    acts = quantize(x, BLOCKS[qtype].act_form)
     xd = acts.xf.astype(np.float64) if qtype in FLOATS else acts.dequantized()
     for ex in (None, executor):
         ours = stack(ex, x, tokens)

@@ -91,7 +91,7 @@ def main(directory: Path) -> dict:
     k, rows = 256, 37
     raw = toy_encode(rng.standard_normal((rows, k)).astype(np.float32) * rng.uniform(0.1, 5))
     dense = dequantize(torch.from_numpy(raw), T.Q8_1, k).double().numpy()
-    acts = quantize(rng.standard_normal((3, k)).astype(np.float32), BLOCKS[T.Q8_1].act_group)
+    acts = quantize(rng.standard_normal((3, k)).astype(np.float32), BLOCKS[T.Q8_1].act_form)
     x = acts.dequantized()
     ours = CpuMatrix(raw, T.Q8_1, k)(None, acts)
     report["matmul_error_over_bound"] = float((np.abs(ours - x @ dense.T) / (np.abs(x) @ np.abs(dense).T)).max())
@@ -99,7 +99,7 @@ def main(directory: Path) -> dict:
     # the native step's dispatch on the toy's code: bit-identical to the toy's own kernel
     from cpu_ops.decode import _kernel
 
-    one = quantize(acts.xf[:1], BLOCKS[T.Q8_1].act_group)
+    one = quantize(acts.xf[:1], BLOCKS[T.Q8_1].act_form)
     native = np.zeros(rows, np.float32)
     _kernel(BLOCKS[T.Q8_1].code, raw.reshape(-1), 0, raw.shape[1], rows, k // 32, one.xq, one.dx, one.xs, one.xf,
             native, 0)  # fmt: skip

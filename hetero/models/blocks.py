@@ -30,7 +30,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 @dataclass
 class Pass:
     """What an eager pass over T tokens gives every block: the cache, where the tokens start,
-    their rope tables, and the MLA form ("auto", or "absorbed" / "expanded" in tests)."""
+    their rope tables, and the MLA form: "auto" (the cheaper), "llama.cpp" (where llama.cpp
+    rounds: see Mla.__call__), or "absorbed" / "expanded" (tests)."""
 
     cache: KVCache
     start: int
@@ -112,7 +113,10 @@ class Mla(Body):
         return self.out(o.reshape(o.shape[0], self.cfg.n_head * self.cfg.v_head_dim))
 
     def __call__(self, x: torch.Tensor, run: Pass) -> torch.Tensor:
-        """T tokens: absorbed or expanded, whichever costs fewer multiply-adds."""
+        """T tokens: absorbed or expanded, whichever costs fewer multiply-adds; or as llama.cpp
+        runs them, so that its int8 activation rounding falls on the same values: absorbed
+        with split k_b/v_b (q_nope and the latent output go through them as int8), expanded
+        with the joint kv_b (the latents go through it as int8)."""
         t, start = x.shape[0], run.start
         q_nope, q_rope, rows = self.project(x, run.cos, run.sin)
         run.cache.write(self.cache_layer, start, rows)
@@ -124,17 +128,30 @@ class Mla(Body):
         form = run.attention_form
         if form == "auto":
             form = "expanded" if expanded_is_cheaper(self.cfg, t, start + t) else "absorbed"
+        elif form == "llama.cpp":
+            form = "absorbed" if self.kv_b is None else "expanded"
         if form == "absorbed":
             o = latent_attention_torch(self.absorb_q(q_nope), q_rope, cached, self.kq_scale, future)  # [T, H, R]
             return self.latent_out(o)
-        latents, k_ropes = cached.float().split([self.cfg.kv_lora_rank, self.cfg.qk_rope_dim], dim=-1)
-        wk, wv = self.wk_wv()  # [H, R, N], [H, V, R]
-        keys = torch.einsum("sr,hrn->hsn", latents, wk.to(x.device))  # [H, S, N]
-        values = torch.einsum("sr,hvr->hsv", latents, wv.to(x.device))  # [H, S, V]
+        c = self.cfg
+        latents, k_ropes = cached.float().split([c.kv_lora_rank, c.qk_rope_dim], dim=-1)
+        keys, values = self.expand(latents)  # [H, S, N], [H, S, V]
         scores = (torch.einsum("thn,hsn->ths", q_nope, keys) + q_rope @ k_ropes.T) * self.kq_scale  # [T, H, S]
         if future is not None:
             scores = scores.masked_fill(future, float("-inf"))
         return self.values_out(torch.einsum("ths,hsv->thv", torch.softmax(scores, dim=-1), values))
+
+    def expand(self, latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Cached latents [S, R] -> keys [H, S, N] and values [H, S, V]: through the joint kv_b
+        as one matmul on its backend (int8 latents on the CPU engine, as llama.cpp), or through
+        the dequantized k_b and v_b."""
+        c = self.cfg
+        if self.kv_b is not None:
+            kv = self.kv_b(latents).view(-1, c.n_head, c.qk_nope_dim + c.v_head_dim).transpose(0, 1)  # [H, S, N+V]
+            return kv[..., : c.qk_nope_dim], kv[..., c.qk_nope_dim :]
+        wk, wv = self.wk_wv()  # [H, R, N], [H, V, R]
+        keys = torch.einsum("sr,hrn->hsn", latents, wk.to(latents.device))
+        return keys, torch.einsum("sr,hvr->hsv", latents, wv.to(latents.device))
 
     def decode(self, x: torch.Tensor, step) -> torch.Tensor:
         """One token [1, D] at the position in step.pos (a device tensor), over the cache's

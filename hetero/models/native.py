@@ -52,7 +52,7 @@ class NativeDecode:
             # a QuantLinear3 stack [E, out, in] is addressed as E * out rows
             n_rows = m.out_features if isinstance(m, QuantLinear) else m.n * m.out_features
             row_bytes = width // kind.values * kind.nbytes
-            rows.append([m.raw.data_ptr(), kind.code, n_rows, width, row_bytes, kind.values, kind.act_group])
+            rows.append([m.raw.data_ptr(), kind.code, n_rows, width, row_bytes, kind.values, kind.act_form])
             return len(rows) - 1
 
         def param(v: torch.Tensor) -> int:

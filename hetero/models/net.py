@@ -29,7 +29,7 @@ class Net:
         self.output_norm = ops.vector(description.output_norm)
         self.output = ops.matrix(description.output)
         self.cache_width, self.cache_dtype = cache_width, cache_dtype
-        self.attention_form = "auto"  # or "absorbed" / "expanded" (tests compare the two)
+        self.attention_form = "auto"  # or "llama.cpp", "absorbed", "expanded" (hetero.models.blocks.Pass)
         self.decode_step = None  # one-token step: NativeDecode (all on the CPU engine) or HybridDecode (GPU)
 
     def matrix_ops(self):

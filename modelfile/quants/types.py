@@ -11,6 +11,9 @@ entry here (and the code the entry points to):
   (cpu_ops.capabilities);
 - `engine`: the CPU engine's block body (cpu_ops/blocks.py's signature), or None: the type
   then runs on the reference path on the CPU;
+- `activations`: the block format llama.cpp's CPU backend rounds the activations to before a
+  dot product with this type (its `vec_dot_type`), which the engine's kernels reproduce
+  (cpu_ops/activations.py): Q8_K for 256-value blocks, Q8_0 for 32-value ones, unless named;
 - `gpu`: the lossless GPU format it is repacked into (gpu_ops/formats.py), or None;
 - where its float16 factors sit (`f16_fields`, or `put_scale` where d is packed across
   bytes): any bit pattern is a valid block of these layouts, so random bytes with sane
@@ -55,11 +58,17 @@ class QuantType:
     # the engine kernel's measured compute ceiling, bytes of weights per second per core (None:
     # memory-bound); the planner's prediction takes the lower of it and the memory's share
     engine_bytes_per_s_per_core: float | None = None
+    activations: str | None = None  # "Q8_0", "Q8_1" or "Q8_K"; None: by block size (see above)
 
     @property
     def layout(self) -> tuple[int, int]:
         """(values, bytes) per block."""
         return GGML_QUANT_SIZES[self.qtype]
+
+    @property
+    def activation_format(self) -> str:
+        """llama.cpp's vec_dot_type for this type (float types use the float values)."""
+        return self.activations or ("Q8_K" if self.layout[0] == 256 else "Q8_0")
 
 
 def resolve(ref: str | Callable) -> Callable:
@@ -123,9 +132,9 @@ for _t in (
     QuantType(T.F16, _float(torch.float16), "float", _body("f16")),
     QuantType(T.BF16, _float(torch.bfloat16), "float", _body("bf16")),
     QuantType(T.Q4_0, legacy.q4_0, "simple", _body("q4_0"), f16_fields=(0,)),
-    QuantType(T.Q4_1, legacy.q4_1, "simple", _body("q4_1"), f16_fields=(0, 2)),
+    QuantType(T.Q4_1, legacy.q4_1, "simple", _body("q4_1"), f16_fields=(0, 2), activations="Q8_1"),
     QuantType(T.Q5_0, legacy.q5_0, "simple", _body("q5_0"), GpuFormat("int8", 32, 272, _repack("q5_0")), (0,)),
-    QuantType(T.Q5_1, legacy.q5_1, "simple", _body("q5_1"), f16_fields=(0, 2)),
+    QuantType(T.Q5_1, legacy.q5_1, "simple", _body("q5_1"), f16_fields=(0, 2), activations="Q8_1"),
     QuantType(T.Q8_0, legacy.q8_0, "simple", _body("q8_0"), GpuFormat("int8", 32, 272, _repack("q8_0")), (0,)),
     QuantType(T.IQ4_NL, legacy.iq4_nl, "simple", _body("iq4_nl"), f16_fields=(0,)),
     QuantType(T.Q2_K, kquants.q2_k, "k-quant", _body("q2_k"), f16_fields=(80, 82)),
