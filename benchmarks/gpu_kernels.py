@@ -7,7 +7,7 @@ Decode is memory-bound: one token's GEMV reads every weight byte once, so the fi
 is bytes of the GPU format read per second against a device-to-device copy's bandwidth
 (read + write bytes per second), measured here. Shapes: DeepSeek-V3's dense matrices (q_a,
 q_b, kv_a, attn_output, shared-expert gate/up/down, output head) in each GPU format (Q4_K ->
-Int4Rows, Q6_K / Q8_0 -> Int8Rows), 1 token; beside each, torch's bfloat16 matmul on the same
+Int4Rows, Q6_K / Q8_0 / Q5_K (with mins) -> Int8Rows), 1 token; beside each, torch's bfloat16 matmul on the same
 shape (cuBLAS reading 16-bit weights) as the peer. Then the gathered expert GEMV (8 of 256
 V3 experts, gate + up + down) and the MLA decode attention over 4096 cached positions.
 On CUDA each call is captured in a CUDA graph (as the decode step runs) over enough copies of
@@ -151,7 +151,7 @@ def main() -> None:
     for label, (out, k) in V3_DENSE.items():
         out, k = max(64, out // scale), max(256, k // scale // 256 * 256)
         x = torch.randn(1, k, device=device)
-        for qtype in (T.Q4_K, T.Q6_K, T.Q8_0):
+        for qtype in (T.Q4_K, T.Q6_K, T.Q8_0, T.Q5_K):  # the dense types of Q4_K_M and the UD mixes
             w = repack(random_matrix(qtype, out, k, rng), qtype, k, device)
             ws = copies_of(w, nbytes(w), rotate)
             for per_sm in [default_per_sm, *sweeps]:

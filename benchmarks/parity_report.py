@@ -2,7 +2,8 @@
 
 Prints, per file: the relative error over all positions (median and max over prompts) and the
 share of positions whose own relative error exceeds 5% (where a top-k expert choice flipped).
-Usage: python benchmarks/parity_report.py [--prompts 8] [--tokens 32]
+Usage: python benchmarks/parity_report.py [--prompts 8] [--tokens 32] [--match-llama-cpp]
+(--match-llama-cpp: load_model's option of that name, llama.cpp's MLA form for prompts).
 """
 
 import argparse
@@ -35,6 +36,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--prompts", type=int, default=8)
     ap.add_argument("--tokens", type=int, default=32)
+    ap.add_argument("--match-llama-cpp", action="store_true")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         print("| file | rel. error median | rel. error max | positions > 5% |")
@@ -43,7 +45,7 @@ def main():
             with quiet_stderr():
                 name = Path(tmp) / f"{preset}-{quant}.gguf"
                 path = write_synthetic(name, preset, quant, quantizer="llama.cpp", **over)[0]
-            model = hetero.load_model(path)
+            model = hetero.load_model(path, match_llama_cpp=args.match_llama_cpp)
             errs, bad = [], []
             for _ in range(args.prompts):
                 ids = random_prompt(args.tokens, model.tokenizer.bos_id)

@@ -144,19 +144,23 @@ def repack_q4_k(raw: np.ndarray, in_features: int, groups: int = 1) -> Int4Rows:
 
 @dataclass
 class Int8Rows(TiledRows):
-    """A [rows, K] matrix of signed 8-bit values, weight = d * q or d * sc * q.
+    """A [rows, K] matrix of 8-bit values, weight = d * q, d * sc * q, or d * sc * q - dmin * mn.
 
-    Q8_0 (d * q), Q5_0 (d * (q - 16)): one float16 d per 32 values. Q6_K (d * sc * (q - 32)):
-    one float16 d per 256 and one int8 sc per 16. The values are the integers GGUF multiplies
-    and the scales GGUF's own, multiplied in the same float32 order, so the weights are
-    bit-identical. Memory: 8.5 bits per weight for Q8_0/Q5_0 (against 8.5/5.5), 8.56 for Q6_K
-    (against 6.56): the price of one byte per value, which the kernel loads without unpacking.
+    Q8_0 (d * q), Q5_0 (d * (q - 16)): one float16 d per 32 values. Q6_K (d * sc * (q - 32)) and
+    Q3_K (d * (sc - 32) * q): one d per 256 and one int8 sc per 16. Q2_K and Q5_K, unsigned codes
+    with a min: also a float16 dmin per 256 and a byte mn per 16 (Q5_K's scales and mins per 32
+    are stored twice). The values are the integers GGUF multiplies and the scales GGUF's own,
+    multiplied in the same float32 order, so the weights are bit-identical. Memory: 8.5 bits per
+    weight for Q8_0/Q5_0 (against 8.5/5.5), 8.56 for Q6_K and Q3_K (6.56, 3.44), 9.13 with a
+    min (Q2_K 2.63, Q5_K 5.5): the price of one byte per value, loaded without unpacking.
     """
 
     q: torch.Tensor  # int8 [tiles, K / 32, TILE, 32]
-    d: torch.Tensor  # float16 [tiles, K / d_group, TILE]
-    sc: torch.Tensor | None  # int8 [tiles, K / SC_GROUP, TILE] (Q6_K) or None
-    d_group: int  # values per d: 256 (Q6_K) or 32
+    d: torch.Tensor  # float16 [tiles, K / d_group, TILE] (float32 for the grid types)
+    sc: torch.Tensor | None  # int8 [tiles, K / SC_GROUP, TILE] or None
+    mn: torch.Tensor | None  # uint8 [tiles, K / SC_GROUP, TILE] or None
+    dmin: torch.Tensor | None  # float16 [tiles, K / d_group, TILE] or None
+    d_group: int  # values per d: 256 (with sc) or 32
     rows_per_group: int
     groups: int
     triton: bool = False  # which kernels multiply it, fixed when it is built (the plan's backend)
@@ -175,15 +179,21 @@ class Int8Rows(TiledRows):
         if self.sc is not None:
             scale = scale.repeat_interleave(self.d_group // self.SC_GROUP, dim=1) * self._pick(self.sc, rows).float()
             group = self.SC_GROUP
-        return (scale[:, :, None] * q.reshape(n, -1, group)).reshape(n, -1)
+        w = scale[:, :, None] * q.reshape(n, -1, group)
+        if self.mn is not None:
+            dmin = self._pick(self.dmin, rows).float().repeat_interleave(self.d_group // self.SC_GROUP, dim=1)
+            w = w - (dmin * self._pick(self.mn, rows).float())[:, :, None]
+        return w.reshape(n, -1)
 
 
-def _int8_rows(q: np.ndarray, d: np.ndarray, sc: np.ndarray | None, d_group: int, groups: int) -> Int8Rows:
-    """Row-major q [rows, K] int8, d [rows, K / d_group], sc [rows, K / 16] or None -> tiled."""
+def _int8_rows(q: np.ndarray, d: np.ndarray, sc: np.ndarray | None, d_group: int, groups: int,
+               mn: np.ndarray | None = None, dmin: np.ndarray | None = None) -> Int8Rows:  # fmt: skip
+    """Row-major q [rows, K] int8, d [rows, K / d_group], sc (and mn) [rows, K / 16] or None,
+    dmin like d or None -> tiled."""
     rows = q.shape[0]
     tq = torch.from_numpy(tile_rows(q.astype(np.int8).reshape(rows, -1, 32), groups))
-    tsc = None if sc is None else torch.from_numpy(tile_rows(sc, groups))
-    return Int8Rows(tq, torch.from_numpy(tile_rows(d, groups)), tsc, d_group, rows // groups, groups)
+    tiled = [None if a is None else torch.from_numpy(tile_rows(a, groups)) for a in (d, sc, mn, dmin)]
+    return Int8Rows(tq, *tiled, d_group, rows // groups, groups)
 
 
 def repack_q8_0(raw: np.ndarray, in_features: int, groups: int = 1) -> Int8Rows:
@@ -223,6 +233,55 @@ def repack_q6_k(raw: np.ndarray, in_features: int, groups: int = 1) -> Int8Rows:
     d = _f16(b[..., 208:210])  # [rows, blocks]
     sc = np.ascontiguousarray(b[..., 192:208]).view(np.int8).reshape(rows, -1)  # [rows, blocks * 16]
     return _int8_rows(q, d, sc, 256, groups)
+
+
+def _bits(b: np.ndarray, shifts: list[int], width: int) -> np.ndarray:
+    """Bytes [..., n] -> [..., len(shifts), n]: the `width`-bit field at each shift."""
+    return (b[..., None, :] >> np.array(shifts, np.uint8)[:, None]) & ((1 << width) - 1)
+
+
+def repack_q3_k(raw: np.ndarray, in_features: int, groups: int = 1) -> Int8Rows:
+    """Per 256 values: 32 bytes of high bits (value 32 * j + l takes bit j of hmask[l]; a clear
+    bit subtracts 4), 64 bytes of 2-bit pairs (value 128 * h + 32 * j + l: bits 2j of byte
+    32 * h + l), 12 bytes of 6-bit scales (low nibbles in bytes 0-7, high pairs in 8-11) minus
+    32, one float16 d."""
+    rows = raw.shape[0]
+    b = np.ascontiguousarray(raw).reshape(rows, -1, 110)
+    high = _bits(b[..., 0:32], list(range(8)), 1)  # [rows, blocks, 8, 32]
+    low = _bits(b[..., 32:96].reshape(rows, -1, 2, 32), [0, 2, 4, 6], 2)  # [rows, blocks, 2, 4, 32]
+    q = low.reshape(rows, -1, 8, 32).astype(np.int16) - 4 * (1 - high.astype(np.int16))
+    s = b[..., 96:108]
+    lo = _bits(s[..., 0:8], [0, 4], 4).reshape(rows, -1, 16)
+    hi = _bits(s[..., 8:12], [0, 2, 4, 6], 2).reshape(rows, -1, 16)
+    sc = ((lo | (hi << 4)).astype(np.int16) - 32).astype(np.int8)
+    return _int8_rows(q.reshape(rows, in_features), _f16(b[..., 108:110]), sc.reshape(rows, -1), 256, groups)
+
+
+def repack_q2_k(raw: np.ndarray, in_features: int, groups: int = 1) -> Int8Rows:
+    """Per 256 values: 16 bytes of scale (low nibble) and min (high nibble) per 16 values, 64
+    bytes of 2-bit codes (value 128 * h + 32 * j + l: bits 2j of byte 32 * h + l), float16 d
+    and dmin."""
+    rows = raw.shape[0]
+    b = np.ascontiguousarray(raw).reshape(rows, -1, 84)
+    q = _bits(b[..., 16:80].reshape(rows, -1, 2, 32), [0, 2, 4, 6], 2)  # [rows, blocks, 2, 4, 32]
+    sc, mn = (b[..., 0:16] & 15).reshape(rows, -1), (b[..., 0:16] >> 4).reshape(rows, -1)
+    d, dmin = _f16(b[..., 80:82]), _f16(b[..., 82:84])
+    return _int8_rows(q.reshape(rows, in_features), d, sc.astype(np.int8), 256, groups, mn, dmin)
+
+
+def repack_q5_k(raw: np.ndarray, in_features: int, groups: int = 1) -> Int8Rows:
+    """Q4_K's float16 d and dmin and packed 6-bit scales and mins per 32, then 32 bytes of fifth
+    bits (value 32 * j + l takes bit j of byte l) and 128 bytes of nibbles (value 64 * c + l
+    and 64 * c + 32 + l: low and high nibble of byte 32 * c + l)."""
+    rows = raw.shape[0]
+    b = np.ascontiguousarray(raw).reshape(rows, -1, 176)
+    fifth = _bits(b[..., 16:48], list(range(8)), 1)  # [rows, blocks, 8, 32]
+    nibbles = _bits(b[..., 48:176].reshape(rows, -1, 4, 32), [0, 4], 4)  # [rows, blocks, 4, 2, 32]
+    q = nibbles.reshape(rows, -1, 8, 32) | (fifth << 4)
+    sc, mn = _scales_and_mins(b[..., 4:16].reshape(-1, 12))  # [rows * blocks, 8] each, per 32
+    per16 = [np.repeat(a.reshape(rows, -1), 2, axis=1) for a in (sc, mn)]
+    d, dmin = _f16(b[..., 0:2]), _f16(b[..., 2:4])
+    return _int8_rows(q.reshape(rows, in_features), d, per16[0].astype(np.int8), 256, groups, per16[1], dmin)
 
 
 # -- grid types (IQ1_S ... IQ3_S) widened to int8 -----------------------------------------------

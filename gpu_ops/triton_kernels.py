@@ -5,7 +5,8 @@ is one contiguous block of memory) and BLOCK_M activation rows, and walks K in c
 rebuilding the weights in registers from the GPU formats of gpu_ops.formats. Rows past the
 end of a matrix are the formats' zero padding, so weight loads need no masks. int4: 64-value
 chunks (32 bytes of each row: low nibbles are values 0-31, high ones 32-63), weights
-d * sc * q - dmin * m. int8: 32-value chunks, weights d * q or d * sc * q (Q6_K).
+d * sc * q - dmin * m. int8: 32-value chunks, weights d * q, d * sc * q (Q6_K, Q3_K, the grid
+types) or d * sc * q - dmin * mn (Q2_K, Q5_K).
 
 Two ways to multiply a chunk, chosen per launch (DOT):
 - decode (1-8 tokens): broadcast products summed in registers. Decode is memory-bound, so
@@ -115,9 +116,10 @@ def _int4_kernel(x_ptr, q_ptr, sc_ptr, mn_ptr, d_ptr, dmin_ptr, y_ptr, ids_ptr, 
 
 
 @triton.jit
-def _int8_kernel(x_ptr, q_ptr, d_ptr, sc_ptr, y_ptr, ids_ptr, M, N, K, TPG, SPLIT_CHUNKS, D_GROUP: tl.constexpr,
-                 HAS_SC: tl.constexpr, X_DIV: tl.constexpr, GATHER: tl.constexpr, DOT: tl.constexpr,
-                 WIDE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
+def _int8_kernel(x_ptr, q_ptr, d_ptr, sc_ptr, mn_ptr, dmin_ptr, y_ptr, ids_ptr, M, N, K, TPG, SPLIT_CHUNKS,
+                 D_GROUP: tl.constexpr, HAS_SC: tl.constexpr, HAS_MIN: tl.constexpr, X_DIV: tl.constexpr,
+                 GATHER: tl.constexpr, DOT: tl.constexpr, WIDE: tl.constexpr, BLOCK_M: tl.constexpr,
+                 BLOCK_N: tl.constexpr):  # fmt: skip
     tile, lane, rows, toks, xrows, first, end = _tile(ids_ptr, TPG, K, SPLIT_CHUNKS, 32, X_DIV, GATHER, BLOCK_M,
                                                       BLOCK_N)  # fmt: skip
     tok_ok = toks < M
@@ -125,15 +127,22 @@ def _int8_kernel(x_ptr, q_ptr, d_ptr, sc_ptr, y_ptr, ids_ptr, M, N, K, TPG, SPLI
     acc = _zeros(BLOCK_M, BLOCK_N, 32, WIDE)
     for c in range(first, end):
         q = tl.load(q_ptr + (tile * (K // 32) + c) * (BLOCK_N * 32) + lane[:, None] * 32 + byte[None, :])
-        d = tl.load(d_ptr + (tile * (K // D_GROUP) + (c * 32) // D_GROUP) * BLOCK_N + lane).to(tl.float32)
-        if HAS_SC:  # Q6_K: d per 256 times an int8 scale per 16 (two per chunk)
+        at = (tile * (K // D_GROUP) + (c * 32) // D_GROUP) * BLOCK_N + lane
+        d = tl.load(d_ptr + at).to(tl.float32)
+        if HAS_SC:  # a d per 256 times an int8 scale per 16 (two per chunk)
             sub = (tile * (K // 16) + c * 2) * BLOCK_N + lane
+            first_half = byte[None, :] < 16
             sc_lo = tl.load(sc_ptr + sub).to(tl.float32)
             sc_hi = tl.load(sc_ptr + sub + BLOCK_N).to(tl.float32)
-            s = d[:, None] * tl.where(byte[None, :] < 16, sc_lo[:, None], sc_hi[:, None])
+            s = d[:, None] * tl.where(first_half, sc_lo[:, None], sc_hi[:, None])
         else:
             s = d[:, None]
         w = s * q.to(tl.float32)  # [BLOCK_N, 32]
+        if HAS_MIN:  # unsigned codes: minus dmin (per 256) times a min per 16
+            dmin = tl.load(dmin_ptr + at).to(tl.float32)
+            mn_lo = tl.load(mn_ptr + sub).to(tl.float32)
+            mn_hi = tl.load(mn_ptr + sub + BLOCK_N).to(tl.float32)
+            w = w - dmin[:, None] * tl.where(first_half, mn_lo[:, None], mn_hi[:, None])
         x = tl.load(x_ptr + xrows[:, None] * K + c * 32 + byte[None, :], mask=tok_ok[:, None], other=0.0).to(tl.float32)
         acc = _accumulate(acc, x, w, DOT, WIDE)
     _store(y_ptr, _sums(acc, WIDE), toks, rows, M, N)
@@ -180,9 +189,9 @@ def _launch(x, w, rows: int, cols: int, tiles: int, ids, x_div: int, block_m: in
     if isinstance(w, Int4Rows):
         _int4_kernel[(*grid, splits)](x, w.q, w.sc, w.mn, w.d, w.dmin, y, ids, *args, **flags)
     else:
-        sc = w.sc if w.sc is not None else w.d  # an unused pointer without sub-block scales
-        _int8_kernel[(*grid, splits)](x, w.q, w.d, sc, y, ids, *args, D_GROUP=w.d_group, HAS_SC=w.sc is not None,
-                                      **flags)  # fmt: skip
+        sc, mn, dmin = (t if t is not None else w.d for t in (w.sc, w.mn, w.dmin))  # w.d: an unused pointer
+        _int8_kernel[(*grid, splits)](x, w.q, w.d, sc, mn, dmin, y, ids, *args, D_GROUP=w.d_group,
+                                      HAS_SC=w.sc is not None, HAS_MIN=w.mn is not None, **flags)  # fmt: skip
     return y[0] if splits == 1 else y.sum(0)
 
 

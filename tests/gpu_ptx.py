@@ -76,9 +76,11 @@ def main() -> None:
         wide = block_m == 1 and not dot
         flags = {"X_DIV": 1, "GATHER": gather, "DOT": dot, "WIDE": wide, "BLOCK_M": block_m, "BLOCK_N": tk.BLOCK_N}
         out[f"int4 {name}"] = compile_ptx(tk._int4_kernel, int4, aligned, flags)
-        for label, d_group, has_sc, d_type in (("q8_0", 32, False, "*fp16"), ("q6_k", 256, True, "*fp16"),
-                                               ("grid", 256, True, "*fp32")):  # fmt: skip
-            flags8 = {**flags, "D_GROUP": d_group, "HAS_SC": has_sc}
+        for label, d_group, has_sc, has_min, d_type in (("q8_0", 32, False, False, "*fp16"),
+                                                        ("q6_k", 256, True, False, "*fp16"),
+                                                        ("grid", 256, True, False, "*fp32"),
+                                                        ("with min", 256, True, True, "*fp16")):  # fmt: skip
+            flags8 = {**flags, "D_GROUP": d_group, "HAS_SC": has_sc, "HAS_MIN": has_min}
             out[f"int8 {label} {name}"] = compile_ptx(tk._int8_kernel, {**int8, "d_ptr": d_type}, aligned, flags8)
     attention = {"ql_ptr": "*fp32", "qr_ptr": "*fp32", "cache_ptr": "*fp32", "len_ptr": "*i64", "m_ptr": "*fp32",
                  "l_ptr": "*fp32", "acc_ptr": "*fp32", "H": "i32", "R": "i32", "P": "i32", "ROW": "i32",

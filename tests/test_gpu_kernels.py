@@ -20,7 +20,9 @@ from modelfile.quants.types import with_scales
 from tests.conftest import DEVICE
 
 GRID = (T.IQ2_XXS, T.IQ2_XS, T.IQ2_S, T.IQ3_XXS, T.IQ3_S, T.IQ1_S, T.IQ1_M)  # widened to Q6_K's int8 layout
-FORMATS = {T.Q4_K: Int4Rows, T.Q6_K: Int8Rows, T.Q8_0: Int8Rows, T.Q5_0: Int8Rows, **dict.fromkeys(GRID, Int8Rows)}
+K_INT8 = (T.Q6_K, T.Q5_K, T.Q3_K, T.Q2_K)  # Q5_K and Q2_K with a min per 16
+FORMATS = {T.Q4_K: Int4Rows, **dict.fromkeys(K_INT8, Int8Rows), T.Q8_0: Int8Rows, T.Q5_0: Int8Rows,
+           **dict.fromkeys(GRID, Int8Rows)}  # fmt: skip
 # Prefill tiles go through tl.dot: float32 under the interpreter, TF32 on CUDA (a 10-bit
 # mantissa, as METHOD.md's ~3e-4 for tf32 products), hence a wider per-element bound there.
 DOT_REL = 2e-3 if DEVICE.type == "cuda" else 1e-5
