@@ -33,10 +33,14 @@ def on_device(a: np.ndarray) -> torch.Tensor:
 
 
 def random_blocks(qtype, rows: int, k: int, rng) -> np.ndarray:
-    """uint8 [rows, row_bytes] of random blocks with small finite float16 scales."""
+    """uint8 [rows, row_bytes] of random blocks with small finite float16 scales; with several
+    blocks, the first is all zero bytes (a zero block)."""
     block, size = GGML_QUANT_SIZES[qtype]
     raw = rng.integers(0, 256, (rows * (k // block), size), dtype=np.uint8)
-    return with_scales(qtype, raw, lambda n: rng.random(n) * 0.02).reshape(rows, -1)
+    raw = with_scales(qtype, raw, lambda n: rng.random(n) * 0.02)
+    if len(raw) > 1:
+        raw[0] = 0
+    return raw.reshape(rows, -1)
 
 
 @pytest.mark.parametrize("qtype", list(FORMATS), ids=lambda t: t.name)
