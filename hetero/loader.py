@@ -9,7 +9,7 @@ for its weights by name.
 import torch
 
 from cpu_ops.executor import Executor
-from hetero.ops import Embedding, ExpertBank, QuantLinear, QuantLinear3, vector
+from hetero.ops import Embedding, ExpertBank, QuantLinear, QuantLinear3, split_joint_kv_b, vector
 from modelfile.gguf_file import TensorInfo
 from placement.planner import Plan
 
@@ -43,6 +43,14 @@ class OpBuilder:
 
     def stack(self, name: str) -> QuantLinear3:
         return QuantLinear3(self.tensors[name], self.device(name), self.backend(name), self.executor)
+
+    def split_stacks(self, name: str, n_head: int, nope: int, v_dim: int) -> tuple[QuantLinear3, QuantLinear3] | None:
+        """k_b and v_b derived from a joint kv_b the plan runs on the CPU engine (the planner counts
+        their bytes), else None: elsewhere it is dequantized per use."""
+        if self.backend(name) != "cpu-engine":
+            return None
+        infos = split_joint_kv_b(self.tensors[name], n_head, nope, v_dim)
+        return tuple(QuantLinear3(i, torch.device("cpu"), "cpu-engine", self.executor) for i in infos)
 
     def vector(self, name: str) -> torch.Tensor | None:
         """A norm weight or bias, float32 where the activations are."""

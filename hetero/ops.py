@@ -8,10 +8,12 @@ activation rounding); unsupported types and other devices keep the reference pat
 """
 
 import warnings
+from dataclasses import replace
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from gguf import GGMLQuantizationType as QType
 
 from cpu_ops.executor import Executor
 from cpu_ops.experts import CpuExperts, Stack, supported_stacks
@@ -281,6 +283,25 @@ class QuantLinear3:
             return torch.einsum("tei,eoi->teo", x, self.all().to(x.device))
         out = self.cpu(self.engine, _numpy(x.transpose(0, 1)).reshape(self.n * t, self.in_features), t)
         return _torch(out, x.device).view(t, self.n, self.out_features)
+
+
+def split_joint_kv_b(info: TensorInfo, n_head: int, nope: int, v_dim: int) -> tuple[TensorInfo, TensorInfo]:
+    """The legacy joint attn_kv_b [H * (N + V), R] as the split layout's stacks: W_UK transposed
+    per head, k_b [H, R, N], in float (a transposed quantized block is not a block: float16, or
+    float32 when the file's is), and W_UV, v_b [H, V, R], its own rows' bytes copied. Made once
+    at load, so that a decoded token multiplies stacks instead of dequantizing kv_b."""
+    rank = info.shape[1]
+    rows = np.asarray(info.data).reshape(n_head, nope + v_dim, -1)  # uint8 [H, N+V, row bytes]
+    v = np.ascontiguousarray(rows[:, nope:]).reshape(n_head * v_dim, -1)
+    keys = dequantize(torch.from_numpy(np.ascontiguousarray(rows[:, :nope]).reshape(n_head * nope, -1)),
+                      info.qtype, rank).view(n_head, nope, rank).transpose(1, 2)  # fmt: skip
+    k_type = QType.F32 if info.qtype == QType.F32 else QType.F16
+    k = keys.to(torch.float32 if k_type == QType.F32 else torch.float16).contiguous().view(torch.uint8)
+    return (
+        replace(info, name=f"{info.name} (W_UK)", qtype=k_type, shape=(n_head, rank, nope),
+                data=k.numpy().reshape(n_head * rank, -1)),
+        replace(info, name=f"{info.name} (W_UV)", shape=(n_head, v_dim, rank), data=v),
+    )  # fmt: skip
 
 
 def vector(info: TensorInfo, device: torch.device) -> torch.Tensor:

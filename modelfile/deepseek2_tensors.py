@@ -4,6 +4,8 @@ One table serves three readers: the loader validates files against it, the synth
 creates exactly these tensors, and the planner costs them.
 """
 
+from gguf import GGMLQuantizationType as QT
+
 from modelfile.blocks import Block, Description
 from modelfile.config import ModelConfig
 
@@ -61,8 +63,19 @@ def dequantized_on_use(name: str) -> bool:
     """Weights the forward pass mostly dequantizes: the legacy joint MLA projection attn_kv_b,
     split into per-head W_UK and W_UV for decoding. A prompt multiplies its latents by it in
     place (as llama.cpp does); on the GPU it stays on the reference path, its bytes dequantized
-    where they lie; on the CPU the engine runs that matmul on the same map."""
+    where they lie; on the CPU the engine runs that matmul on the same map, and the loader
+    derives the split stacks once (split_on_load_bytes)."""
     return name.endswith(".attn_kv_b.weight")
+
+
+def split_on_load_bytes(cfg, name: str, qtype, gguf_bytes: int) -> int:
+    """Bytes the loader adds beside a CPU-engine tensor: for the legacy attn_kv_b [H*(N+V), R],
+    W_UK transposed per head as float [H, R, N] (float16 unless the file's is float32: the
+    stack a decoded query is multiplied by) and its W_UV rows [H, V, R] copied as they are."""
+    if not dequantized_on_use(name):
+        return 0
+    h, n, v, r = cfg.n_head, cfg.qk_nope_dim, cfg.v_head_dim, cfg.kv_lora_rank
+    return h * r * n * (4 if qtype == QT.F32 else 2) + gguf_bytes * v // (n + v)
 
 
 def expert_trios(names) -> list[tuple[str, str, str]]:

@@ -193,7 +193,8 @@ def make_plan(
         if family.dequantized_on_use(name) and devices[name] == "gpu":  # the bytes stay where they are used
             backends[name] = "reference"
     fused = tuple(_fused_shared_layers(family, by_name, backends))
-    placements = tuple(_placement(c, devices[c.name], backends[c.name]) for c in costs)
+    placements = tuple(_placement(c, devices[c.name], backends[c.name], family.split_on_load_bytes(
+        cfg, c.name, c.qtype, c.gguf_bytes) if backends[c.name] == "cpu-engine" else 0) for c in costs)  # fmt: skip
     if has_gpu and not any(p.device == "gpu" for p in placements):  # rules sent everything to the CPU
         kv_device, kv_dtype, kv = "cpu", "float32", kv_cache_bytes(cfg, ctx, 4)
     cpu_need = sum(p.bytes for p in placements if p.device == "cpu") + (kv if kv_device == "cpu" else 0)
@@ -242,10 +243,11 @@ def plan_model(file, hw: Hardware, ctx: int | None = None, rules: list[Rule] = (
     return make_plan(cfg, file.tensors, hw, ctx, list(rules), model=str(file.paths[0]), overcommit=overcommit)
 
 
-def _placement(c: TensorCost, device: str, backend: str) -> Placement:
-    """On the CPU, and on the reference path anywhere, a tensor keeps its GGUF blocks."""
+def _placement(c: TensorCost, device: str, backend: str, derived: int = 0) -> Placement:
+    """On the CPU, and on the reference path anywhere, a tensor keeps its GGUF blocks (plus
+    `derived` bytes the loader makes from them)."""
     kept = device == "cpu" or backend == "reference"
-    fmt, size = (c.qtype.name, c.gguf_bytes) if kept else (c.gpu_format, c.gpu_bytes)
+    fmt, size = (c.qtype.name, c.gguf_bytes + derived) if kept else (c.gpu_format, c.gpu_bytes)
     read = int(size * c.read_fraction_decode)
     return Placement(
         c.name, c.kind, c.layer, device, fmt, backend, size, read, c.flops_per_token, c.intensity(1),
@@ -268,7 +270,7 @@ EXECUTORS = ("native", "hybrid", "eager")
 
 def _executor(cfg: ModelConfig, placements: tuple[Placement, ...], hw: Hardware) -> str:
     """native: every weight on the CPU engine, one NUMA node (the step reads the file map, not
-    per-node copies) and the split k_b/v_b layout; hybrid: the GPU holds weights (CUDA graph
+    per-node copies) and a family whose step runs the config; hybrid: the GPU holds weights (CUDA graph
     segments between the CPU-expert hand-offs); eager: the forward pass, op by op."""
     if any(p.device == "gpu" for p in placements):
         return "hybrid"

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 from gguf import GGML_QUANT_SIZES
+from gguf import GGMLQuantizationType as T
 from test_quants import random_rows
 
 import hetero
@@ -11,7 +12,10 @@ from cpu_ops.blocks import BLOCKS
 from cpu_ops.decode import _kernel as native_kernel
 from cpu_ops.decode import route as native_route
 from cpu_ops.matmul import CpuMatrix
+from hetero.ops import split_joint_kv_b
 from hetero.routing import route
+from modelfile.gguf_file import TensorInfo
+from modelfile.quants import dequantize
 
 
 @pytest.mark.parametrize(
@@ -40,6 +44,7 @@ def test_native_routing_matches_the_reference(gating, bias, groups, normalize, s
     [
         ("tiny", {"n_expert_used": 8}),
         ("v3", {"n_layer": 2, "n_expert": 8, "n_expert_used": 8, "n_group": 1, "n_group_used": 1}),
+        ("tiny", {"n_expert_used": 8, "split_kv_b": False}),  # k_b / v_b derived from the joint kv_b
     ],
 )
 def test_native_decode_matches_the_python_forward(synth, preset, overrides):
@@ -117,3 +122,34 @@ def test_the_native_dispatch_runs_every_engine_type(qtype):
             code, flat, 0, raw.shape[1], rows, k // kind.values, acts.xq, acts.dx, acts.xs, acts.xf, out[0], 0
         )
         np.testing.assert_array_equal(out, want)
+
+
+@pytest.mark.parametrize("qtype", [T.Q6_K, T.Q8_0, T.F32], ids=lambda t: t.name)
+def test_a_joint_kv_b_splits_into_the_stacks_it_holds(qtype):
+    """The legacy attn_kv_b [H * (N + V), R]: v_b [H, V, R] is its W_UV rows, byte for byte;
+    k_b [H, R, N] its W_UK transposed, exactly in float32 and rounded once to float16 else."""
+    h, n, v, r = 3, 32, 64, 256
+    rng = np.random.default_rng()
+    raw = random_rows(qtype, h * (n + v), r // GGML_QUANT_SIZES[qtype][0], rng)
+    info = TensorInfo("blk.0.attn_kv_b.weight", qtype, (h * (n + v), r), raw, None)
+    k, vb = split_joint_kv_b(info, h, n, v)
+    joint = dequantize(torch.from_numpy(raw), qtype, r).view(h, n + v, r)
+    assert vb.qtype == qtype and vb.shape == (h, v, r)
+    assert np.array_equal(vb.data.reshape(h, v, -1), raw.reshape(h, n + v, -1)[:, n:])
+    w_uk = joint[:, :n].transpose(1, 2)  # [H, R, N]
+    assert k.shape == (h, r, n) and k.qtype == (T.F32 if qtype == T.F32 else T.F16)
+    derived = dequantize(torch.from_numpy(k.data), k.qtype, n).view(h, r, n)
+    assert torch.equal(derived, w_uk if qtype == T.F32 else w_uk.half().float())
+
+
+def test_a_joint_kv_b_decodes_natively_as_it_dequantizes(synth):
+    """The same legacy file with kv_b dequantized per use (reference ops) and with the derived
+    stacks (the engine, the native step): F32 weights, so only summation order differs."""
+    path = synth("v3", "F32", n_layer=2, split_kv_b=False)
+    ids = [0, *np.random.default_rng().integers(0, 600, 9).tolist()]
+    derived = hetero.load_model(path)
+    assert derived.executor_name == "native" and derived.plan.executor == "native"
+    plain = hetero.load_model(path, cpu_kernels=False)
+    assert plain.net.blocks[0].k_b is None
+    fast, reference = _decode(derived, ids, derived.net.decode_step), _decode(plain, ids, None)
+    np.testing.assert_allclose(fast, reference, rtol=0, atol=1e-5 * np.abs(reference).max())

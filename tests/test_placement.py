@@ -403,6 +403,7 @@ def test_a_new_model_family_is_planned_from_its_own_entry(monkeypatch):
         expert_trios=deepseek2_tensors.expert_trios,  # GGUF's own naming of expert stacks
         shared_trio=lambda gate: (),
         dequantized_on_use=lambda name: False,
+        split_on_load_bytes=lambda cfg, name, qtype, size: 0,
         native_step=lambda c: False,
     )
     monkeypatch.setitem(families.FAMILIES, "toymoe", toy)
@@ -457,3 +458,26 @@ def test_the_consumer_scene_plans_from_the_header(tmp_path, mix, ram, on_the_cpu
         expected = min(hw.cpu_bw * CPU_ENGINE_EFFICIENCY, ceiling)
         assert read_rate(costs[p.name], "cpu", "cpu-engine", hw) == expected
         assert (ceiling < float("inf")) == p.format.startswith("IQ")
+
+
+def test_a_joint_kv_b_on_the_cpu_engine_is_planned_with_its_split_stacks(synth):
+    """The loader derives k_b and v_b from a legacy attn_kv_b the engine runs (hetero.ops.
+    split_joint_kv_b); the plan counts those bytes beside the file's (the native step that
+    multiplies them: tests/test_native_decode.py). On the GPU, kv_b stays on the reference path
+    with its own bytes."""
+    from modelfile.deepseek2_tensors import split_on_load_bytes
+
+    f = GGUFModelFile(synth("tiny", "Q8_0", split_kv_b=False))
+    cfg = config_from_metadata(f.metadata)
+    info = f.tensors["blk.0.attn_kv_b.weight"]
+    h, n, v, r = cfg.n_head, cfg.qk_nope_dim, cfg.v_head_dim, cfg.kv_lora_rank
+    assert split_on_load_bytes(cfg, info.name, info.qtype, info.nbytes) == h * r * n * 2 + info.nbytes * v // (n + v)
+    cpu = make_plan(cfg, f.tensors, with_overrides(WORKSTATION, gpu="none"), 256)
+    kv_b = next(p for p in cpu.placements if p.name == info.name)
+    assert kv_b.backend == "cpu-engine" and kv_b.bytes == info.nbytes + h * r * n * 2 + info.nbytes * v // (n + v)
+    gpu = make_plan(cfg, f.tensors, with_overrides(WORKSTATION, gpu="rtx4090"), 256)
+    kv_b = next(p for p in gpu.placements if p.name == info.name)
+    assert (kv_b.device, kv_b.backend, kv_b.bytes) == ("gpu", "reference", info.nbytes)
+    model = hetero.load_model(f, gpu_mem=0)
+    derived = [op.raw.numel() for op in model.net.blocks[0].matrix_ops() if op.name.startswith(info.name + " (W_U")]
+    assert len(derived) == 2 and sum(derived) == split_on_load_bytes(cfg, info.name, info.qtype, info.nbytes)

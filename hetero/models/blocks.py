@@ -74,6 +74,10 @@ class Mla(Body):
     def __init__(self, cfg: ModelConfig, ops: OpBuilder, block: Block, cache_layer: int):
         super().__init__(cfg, ops, block, cache_layer)
         self.kq_scale = attention_scales(cfg).kq_scale
+        if "kv_b" in block.weights:  # the legacy layout: split stacks for decoding, where the plan made room
+            split = ops.split_stacks(block.weights["kv_b"], cfg.n_head, cfg.qk_nope_dim, cfg.v_head_dim)
+            if split is not None:
+                self.ops["k_b"], self.ops["v_b"] = split
 
     def project(self, x: torch.Tensor, cos, sin):
         """Normed input [T, D] -> query (nope part [T, H, N], roped part [T, H, P]) and the
@@ -89,22 +93,23 @@ class Mla(Body):
 
     def wk_wv(self) -> tuple[torch.Tensor, torch.Tensor]:
         """W_UK as wk [H, R, N] and W_UV as wv [H, V, R], dequantized (float32). Current GGUFs
-        store them split (k_b [H, R, N], v_b [H, V, R]); older ones joint, kv_b [H*(N+V), R]."""
+        store them split (k_b [H, R, N], v_b [H, V, R]); older ones joint, kv_b [H*(N+V), R],
+        whose split stacks the loader derives when the plan runs kv_b on the CPU engine."""
         c = self.cfg
-        if self.kv_b is None:
+        if self.k_b is not None:
             return self.k_b.all(), self.v_b.all()
         kv = self.kv_b.weight_rows(0, self.kv_b.out_features).view(c.n_head, c.qk_nope_dim + c.v_head_dim, -1)
         return kv[:, : c.qk_nope_dim].transpose(1, 2), kv[:, c.qk_nope_dim :]
 
     def absorb_q(self, q_nope: torch.Tensor) -> torch.Tensor:
         """[T, H, N] -> q_nope @ W_UK per head: [T, H, R]."""
-        if self.kv_b is None:
+        if self.k_b is not None:
             return self.k_b.per_matrix(q_nope)
         return torch.einsum("thn,hrn->thr", q_nope, self.wk_wv()[0].to(q_nope.device))
 
     def latent_out(self, o: torch.Tensor) -> torch.Tensor:
         """Latent attention output [T, H, R] -> W_UV per head, then the output projection [T, D]."""
-        if self.kv_b is None:
+        if self.v_b is not None:
             return self.values_out(self.v_b.per_matrix(o))
         return self.values_out(torch.einsum("thr,hvr->thv", o, self.wk_wv()[1].to(o.device)))
 

@@ -26,11 +26,11 @@ def _on_engine(m) -> bool:
 def eligible(net: Net, executor: Executor | None) -> bool:
     """Every weight on the CPU engine, every block of a kind the step runs, one NUMA node (the
     step reads the file map, not the per-node copies), activations and a float32 cache on the
-    CPU, and the split k_b / v_b layout (no joint kv_b)."""
+    CPU, and split k_b / v_b stacks (the file's, or derived from a joint kv_b at load)."""
     if executor is None or executor.n_nodes != 1 or net.device.type != "cpu" or net.cache_dtype != torch.float32:
         return False
     for block in net.blocks:
-        if block.block.kind not in native.KINDS or "kv_b" in block.block.weights:
+        if block.block.kind not in native.KINDS or (block.block.kind == "mla" and block.k_b is None):
             return False
         if not all(_on_engine(m) for m in block.matrix_ops()):
             return False
