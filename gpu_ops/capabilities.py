@@ -4,12 +4,13 @@ gpu_ops.matmul repacks exactly these types.
 
 A GGUF type with a GPU format is repacked losslessly at load into tiles of TILE rows (each
 matrix of a stack padded to whole tiles; gpu_ops/formats.py): Q4_K as int4 (4 bits, a byte of
-scale and one of min per 32 values, two float16 per 256: 148 bytes per 32 x 8), Q6_K and Q3_K
-as int8 with an int8 scale per 16 and a float16 per 256 (274), Q5_K and Q2_K likewise plus a
-byte of min per 16 and a float16 dmin per 256 (292), the grid types as int8 with a float32 per
-256 (276), Q8_0 and Q5_0 as int8 with a float16 per 32 (272); the sizes come from the types'
-declarations. Float weights run as they are in torch. Any other type placed on the GPU keeps
-its GGUF bytes and is dequantized on every call (the reference path).
+scale and one of min per 32 values, two float16 per 256: 148 bytes per 32 x 8), Q6_K, Q3_K
+and IQ4_XS as int8 with an int8 scale per 16 and a float16 per 256 (274), Q5_K and Q2_K
+likewise plus a byte of min per 16 and a float16 dmin per 256 (292), the grid types as int8
+with a float32 per 256 (276), Q8_0, Q5_0, Q4_0 and IQ4_NL as int8 with a float16 per 32 (272),
+Q4_1 and Q5_1 with a min per 32 (320); the sizes come from the types' declarations. Float
+weights run as they are in torch. A tensor whose rows are not whole blocks of its type's GPU
+format keeps its GGUF bytes there and is dequantized on every call (the reference path).
 """
 
 import math

@@ -146,13 +146,15 @@ def repack_q4_k(raw: np.ndarray, in_features: int, groups: int = 1) -> Int4Rows:
 class Int8Rows(TiledRows):
     """A [rows, K] matrix of 8-bit values, weight = d * q, d * sc * q, or d * sc * q - dmin * mn.
 
-    Q8_0 (d * q), Q5_0 (d * (q - 16)): one float16 d per 32 values. Q6_K (d * sc * (q - 32)) and
-    Q3_K (d * (sc - 32) * q): one d per 256 and one int8 sc per 16. Q2_K and Q5_K, unsigned codes
-    with a min: also a float16 dmin per 256 and a byte mn per 16 (Q5_K's scales and mins per 32
-    are stored twice). The values are the integers GGUF multiplies and the scales GGUF's own,
-    multiplied in the same float32 order, so the weights are bit-identical. Memory: 8.5 bits per
-    weight for Q8_0/Q5_0 (against 8.5/5.5), 8.56 for Q6_K and Q3_K (6.56, 3.44), 9.13 with a
-    min (Q2_K 2.63, Q5_K 5.5): the price of one byte per value, loaded without unpacking.
+    Q8_0 (d * q), Q5_0 (d * (q - 16)), Q4_0, IQ4_NL: one float16 d per 32 values. Q6_K
+    (d * sc * (q - 32)), Q3_K (d * (sc - 32) * q), IQ4_XS: one d per 256 and one int8 sc per 16.
+    Q2_K and Q5_K, unsigned codes with a min: also a float16 dmin per 256 and a byte mn per 16
+    (Q5_K's scales and mins per 32 are stored twice); Q4_1 and Q5_1 likewise per 32. The values
+    are the integers GGUF multiplies and the scales GGUF's own, multiplied in the same float32
+    order, so the weights are bit-identical. Memory: 8.5 bits per weight for Q8_0, Q5_0, Q4_0,
+    IQ4_NL (against 8.5, 5.5, 4.5, 4.5), 8.56 for Q6_K, Q3_K, IQ4_XS (6.56, 3.44, 4.25), 9.13
+    with a min per 16 (Q2_K 2.63, Q5_K 5.5), 10 per 32 (Q4_1 5, Q5_1 6): the price of one byte
+    per value, loaded without unpacking.
     """
 
     q: torch.Tensor  # int8 [tiles, K / 32, TILE, 32]
@@ -282,6 +284,74 @@ def repack_q5_k(raw: np.ndarray, in_features: int, groups: int = 1) -> Int8Rows:
     per16 = [np.repeat(a.reshape(rows, -1), 2, axis=1) for a in (sc, mn)]
     d, dmin = _f16(b[..., 0:2]), _f16(b[..., 2:4])
     return _int8_rows(q.reshape(rows, in_features), d, per16[0].astype(np.int8), 256, groups, per16[1], dmin)
+
+
+# -- the 32-value types and IQ4_XS -------------------------------------------------------------
+# 4- and 5-bit codes widened to a byte: Q4_0 (q - 8) and IQ4_NL (a level of IQ4_LEVELS) take
+# Q8_0's layout; Q4_1 and Q5_1 (d * q + m) take the min form with sc = mn = 1 per 16 and
+# dmin = -m per 32, so that d * 1 * q - (-m) * 1 is GGUF's d * q + m to the bit; IQ4_XS (d *
+# (ls - 32) * level, ls 6 bits per 32) takes Q6_K's.
+
+
+def _low_high(qs: np.ndarray) -> np.ndarray:
+    """16 bytes per block [..., 16] -> 32 values: low nibbles first, then high."""
+    return np.concatenate([qs & 15, qs >> 4], axis=-1)
+
+
+def repack_q4_0(raw: np.ndarray, in_features: int, groups: int = 1) -> Int8Rows:
+    rows = raw.shape[0]
+    b = np.ascontiguousarray(raw).reshape(rows, -1, 18)
+    q = _low_high(b[..., 2:18]).astype(np.int16) - 8
+    return _int8_rows(q.reshape(rows, in_features), _f16(b[..., 0:2]), None, 32, groups)
+
+
+def repack_iq4_nl(raw: np.ndarray, in_features: int, groups: int = 1) -> Int8Rows:
+    from modelfile.quants.legacy import IQ4_LEVELS
+
+    rows = raw.shape[0]
+    b = np.ascontiguousarray(raw).reshape(rows, -1, 18)
+    q = np.asarray(IQ4_LEVELS, np.int8)[_low_high(b[..., 2:18])]
+    return _int8_rows(q.reshape(rows, in_features), _f16(b[..., 0:2]), None, 32, groups)
+
+
+def _with_min32(q: np.ndarray, d: np.ndarray, m: np.ndarray, groups: int) -> Int8Rows:
+    """q [rows, K] unsigned, d and m float16 [rows, K / 32]: weight d * q + m."""
+    ones = np.ones((q.shape[0], q.shape[1] // 16), np.uint8)
+    return _int8_rows(q, d, ones.astype(np.int8), 32, groups, ones, -m)
+
+
+def repack_q4_1(raw: np.ndarray, in_features: int, groups: int = 1) -> Int8Rows:
+    rows = raw.shape[0]
+    b = np.ascontiguousarray(raw).reshape(rows, -1, 20)
+    q = _low_high(b[..., 4:20])
+    return _with_min32(q.reshape(rows, in_features), _f16(b[..., 0:2]), _f16(b[..., 2:4]), groups)
+
+
+def repack_q5_1(raw: np.ndarray, in_features: int, groups: int = 1) -> Int8Rows:
+    """Q4_1 with Q5_0's fifth bits (bit j of the u32 at byte 4 lifts value j by 16)."""
+    rows = raw.shape[0]
+    b = np.ascontiguousarray(raw).reshape(rows, -1, 24)
+    qh = np.ascontiguousarray(b[..., 4:8]).view(np.uint32)[..., 0]  # [rows, blocks]
+    fifth = ((qh[..., None] >> np.arange(32, dtype=np.uint32)) & 1).astype(np.uint8)
+    q = _low_high(b[..., 8:24]) | (fifth << 4)
+    return _with_min32(q.reshape(rows, in_features), _f16(b[..., 0:2]), _f16(b[..., 2:4]), groups)
+
+
+def repack_iq4_xs(raw: np.ndarray, in_features: int, groups: int = 1) -> Int8Rows:
+    """Per 256 values: float16 d, a u16 of the scales' high 2 bits and 4 bytes of their low
+    nibbles (scale j: nibble j of those bytes, bits 2j of the u16, minus 32), then 16 bytes of
+    level nibbles per 32 values (low nibbles first)."""
+    from modelfile.quants.legacy import IQ4_LEVELS
+
+    rows = raw.shape[0]
+    b = np.ascontiguousarray(raw).reshape(rows, -1, 136)
+    high = np.ascontiguousarray(b[..., 2:4]).view(np.uint16)[..., 0]  # [rows, blocks]
+    low = np.stack([b[..., 4:8] & 15, b[..., 4:8] >> 4], axis=-1).reshape(rows, -1, 8)
+    top = (high[..., None] >> (2 * np.arange(8, dtype=np.uint16))) & 3
+    sc = ((low | (top << 4)).astype(np.int16) - 32).astype(np.int8)  # [rows, blocks, 8] per 32
+    q = np.asarray(IQ4_LEVELS, np.int8)[_low_high(b[..., 8:136].reshape(rows, -1, 8, 16))]
+    sc16 = np.repeat(sc.reshape(rows, -1), 2, axis=1)
+    return _int8_rows(q.reshape(rows, in_features), _f16(b[..., 0:2]), sc16, 256, groups)
 
 
 # -- grid types (IQ1_S ... IQ3_S) widened to int8 -----------------------------------------------

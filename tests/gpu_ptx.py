@@ -79,7 +79,8 @@ def main() -> None:
         for label, d_group, has_sc, has_min, d_type in (("q8_0", 32, False, False, "*fp16"),
                                                         ("q6_k", 256, True, False, "*fp16"),
                                                         ("grid", 256, True, False, "*fp32"),
-                                                        ("with min", 256, True, True, "*fp16")):  # fmt: skip
+                                                        ("with min", 256, True, True, "*fp16"),
+                                                        ("with min per 32", 32, True, True, "*fp16")):  # fmt: skip
             flags8 = {**flags, "D_GROUP": d_group, "HAS_SC": has_sc, "HAS_MIN": has_min}
             out[f"int8 {label} {name}"] = compile_ptx(tk._int8_kernel, {**int8, "d_ptr": d_type}, aligned, flags8)
     attention = {"ql_ptr": "*fp32", "qr_ptr": "*fp32", "cache_ptr": "*fp32", "len_ptr": "*i64", "m_ptr": "*fp32",

@@ -20,9 +20,9 @@ from modelfile.quants.types import with_scales
 from tests.conftest import DEVICE
 
 GRID = (T.IQ2_XXS, T.IQ2_XS, T.IQ2_S, T.IQ3_XXS, T.IQ3_S, T.IQ1_S, T.IQ1_M)  # widened to Q6_K's int8 layout
-K_INT8 = (T.Q6_K, T.Q5_K, T.Q3_K, T.Q2_K)  # Q5_K and Q2_K with a min per 16
-FORMATS = {T.Q4_K: Int4Rows, **dict.fromkeys(K_INT8, Int8Rows), T.Q8_0: Int8Rows, T.Q5_0: Int8Rows,
-           **dict.fromkeys(GRID, Int8Rows)}  # fmt: skip
+K_INT8 = (T.Q6_K, T.Q5_K, T.Q3_K, T.Q2_K, T.IQ4_XS)  # Q5_K and Q2_K with a min per 16
+INT8_32 = (T.Q8_0, T.Q5_0, T.Q4_0, T.IQ4_NL, T.Q4_1, T.Q5_1)  # Q4_1 and Q5_1 with a min per 32
+FORMATS = {T.Q4_K: Int4Rows, **dict.fromkeys(K_INT8 + INT8_32 + GRID, Int8Rows)}
 # Prefill tiles go through tl.dot: float32 under the interpreter, TF32 on CUDA (a 10-bit
 # mantissa, as METHOD.md's ~3e-4 for tf32 products), hence a wider per-element bound there.
 DOT_REL = 2e-3 if DEVICE.type == "cuda" else 1e-5
@@ -74,8 +74,12 @@ def test_repacking_to_a_device_goes_chunk_by_chunk(qtype, groups, rows, chunks, 
 
 
 def test_types_without_a_gpu_format_stay_on_the_reference_path():
-    raw = np.zeros((2, 34), np.uint8)
-    assert repack(raw, T.Q5_1, 32) is None and repack(np.zeros((1, 144), np.uint8), T.Q4_K, 128) is None
+    """Every declared quant type has one; a row that is not whole blocks of it does not."""
+    from modelfile.quants.types import QUANT_TYPES
+
+    assert {t for t, d in QUANT_TYPES.items() if d.gpu is None} == {T.F32, T.F16, T.BF16}  # floats run as they are
+    assert repack(np.zeros((1, 144), np.uint8), T.Q4_K, 128) is None
+    assert repack(np.zeros((1, 54), np.uint8), T.TQ1_0, 256) is None
 
 
 def _check(y: torch.Tensor, raw: np.ndarray, qtype, x: np.ndarray, rel: float = 1e-5):
