@@ -169,6 +169,10 @@ class Int8Rows(TiledRows):
 
     SC_GROUP = 16
 
+    def __post_init__(self):
+        if self.mn is not None and (self.sc is None or self.dmin is None):  # the kernel reads mins per sc group
+            raise ValueError("Int8Rows: a min needs sub-block scales and dmin")
+
     @property
     def shape(self) -> tuple[int, int]:
         return self.groups * self.rows_per_group, self.q.shape[1] * 32

@@ -288,15 +288,16 @@ class QuantLinear3:
 def split_joint_kv_b(info: TensorInfo, n_head: int, nope: int, v_dim: int) -> tuple[TensorInfo, TensorInfo]:
     """The legacy joint attn_kv_b [H * (N + V), R] as the split layout's stacks: W_UK transposed
     per head, k_b [H, R, N], in float (a transposed quantized block is not a block: float16, or
-    float32 when the file's is), and W_UV, v_b [H, V, R], its own rows' bytes copied. Made once
+    the file's own float type), and W_UV, v_b [H, V, R], its own rows' bytes copied. Made once
     at load, so that a decoded token multiplies stacks instead of dequantizing kv_b."""
     rank = info.shape[1]
     rows = np.asarray(info.data).reshape(n_head, nope + v_dim, -1)  # uint8 [H, N+V, row bytes]
     v = np.ascontiguousarray(rows[:, nope:]).reshape(n_head * v_dim, -1)
     keys = dequantize(torch.from_numpy(np.ascontiguousarray(rows[:, :nope]).reshape(n_head * nope, -1)),
                       info.qtype, rank).view(n_head, nope, rank).transpose(1, 2)  # fmt: skip
-    k_type = QType.F32 if info.qtype == QType.F32 else QType.F16
-    k = keys.to(torch.float32 if k_type == QType.F32 else torch.float16).contiguous().view(torch.uint8)
+    floats = {QType.F32: torch.float32, QType.F16: torch.float16, QType.BF16: torch.bfloat16}
+    k_type = info.qtype if info.qtype in floats else QType.F16
+    k = keys.to(floats[k_type]).contiguous().view(torch.uint8)
     return (
         replace(info, name=f"{info.name} (W_UK)", qtype=k_type, shape=(n_head, rank, nope),
                 data=k.numpy().reshape(n_head * rank, -1)),

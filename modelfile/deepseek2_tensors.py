@@ -70,7 +70,7 @@ def dequantized_on_use(name: str) -> bool:
 
 def split_on_load_bytes(cfg, name: str, qtype, gguf_bytes: int) -> int:
     """Bytes the loader adds beside a CPU-engine tensor: for the legacy attn_kv_b [H*(N+V), R],
-    W_UK transposed per head as float [H, R, N] (float16 unless the file's is float32: the
+    W_UK transposed per head as float [H, R, N] (float16, or the file's own float type: the
     stack a decoded query is multiplied by) and its W_UV rows [H, V, R] copied as they are."""
     if not dequantized_on_use(name):
         return 0

@@ -78,8 +78,10 @@ def llama_tensors(path, ids: list[int], model) -> dict[str, np.ndarray]:
                 str(path), n_ctx=max(64, len(ids)), n_batch=max(64, len(ids)), n_threads=2, verbose=False,
                 type_k=f32, type_v=f32, flash_attn=False, logits_all=True,
             )  # fmt: skip
-            llm.eval(ids)
-            llm.close()
+            try:
+                llm.eval(ids)
+            finally:
+                llm.close()
     finally:
         _internals.LlamaContext.__init__ = plain_init
     with torch.inference_mode():

@@ -124,10 +124,11 @@ def test_the_native_dispatch_runs_every_engine_type(qtype):
         np.testing.assert_array_equal(out, want)
 
 
-@pytest.mark.parametrize("qtype", [T.Q6_K, T.Q8_0, T.F32], ids=lambda t: t.name)
+@pytest.mark.parametrize("qtype", [T.Q6_K, T.Q8_0, T.F32, T.BF16], ids=lambda t: t.name)
 def test_a_joint_kv_b_splits_into_the_stacks_it_holds(qtype):
     """The legacy attn_kv_b [H * (N + V), R]: v_b [H, V, R] is its W_UV rows, byte for byte;
-    k_b [H, R, N] its W_UK transposed, exactly in float32 and rounded once to float16 else."""
+    k_b [H, R, N] its W_UK transposed, exactly in a float file's own type and rounded once to
+    float16 from a quantized one."""
     h, n, v, r = 3, 32, 64, 256
     rng = np.random.default_rng()
     raw = random_rows(qtype, h * (n + v), r // GGML_QUANT_SIZES[qtype][0], rng)
@@ -137,9 +138,10 @@ def test_a_joint_kv_b_splits_into_the_stacks_it_holds(qtype):
     assert vb.qtype == qtype and vb.shape == (h, v, r)
     assert np.array_equal(vb.data.reshape(h, v, -1), raw.reshape(h, n + v, -1)[:, n:])
     w_uk = joint[:, :n].transpose(1, 2)  # [H, R, N]
-    assert k.shape == (h, r, n) and k.qtype == (T.F32 if qtype == T.F32 else T.F16)
+    exact = qtype in (T.F32, T.BF16)
+    assert k.shape == (h, r, n) and k.qtype == (qtype if exact else T.F16)
     derived = dequantize(torch.from_numpy(k.data), k.qtype, n).view(h, r, n)
-    assert torch.equal(derived, w_uk if qtype == T.F32 else w_uk.half().float())
+    assert torch.equal(derived, w_uk if exact else w_uk.half().float())
 
 
 def test_a_joint_kv_b_decodes_natively_as_it_dequantizes(synth):
