@@ -73,7 +73,7 @@ def nearest_f16(x: float) -> np.float32:
 @numba.njit(nogil=True, cache=True)
 def quantize_into(x: np.ndarray, xq: np.ndarray, dx: np.ndarray, xs: np.ndarray, form: int) -> None:
     """x float32 [T, K] (K a multiple of the format's group) -> xq, dx, xs in place."""
-    group = 256 if form == Q8_K else 32
+    group = GROUP[form]
     for t in range(x.shape[0]):
         for o in range(0, x.shape[1], group):
             amax = np.float32(0.0)

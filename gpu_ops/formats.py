@@ -214,12 +214,21 @@ def repack_q5_0(raw: np.ndarray, in_features: int, groups: int = 1) -> Int8Rows:
     of the 32-bit qh as its fifth bit; minus 16."""
     rows = raw.shape[0]
     b = np.ascontiguousarray(raw).reshape(rows, in_features // 32, 22)
-    qh = np.ascontiguousarray(b[..., 2:6]).view(np.uint32)[..., 0]  # [rows, blocks]
-    qs = b[..., 6:22]
-    nibbles = np.concatenate([qs & 15, qs >> 4], axis=-1).astype(np.int16)  # [rows, blocks, 32]
-    fifth = (qh[..., None] >> np.arange(32, dtype=np.uint32)) & 1
-    q = (nibbles | (fifth.astype(np.int16) << 4)) - 16
+    q = _five_bits(b[..., 2:6], b[..., 6:22]).astype(np.int16) - 16
     return _int8_rows(q.reshape(rows, in_features), _f16(b[..., 0:2]), None, 32, groups)
+
+
+def _low_high(qs: np.ndarray) -> np.ndarray:
+    """16 bytes per block [..., 16] -> 32 values: low nibbles first, then high."""
+    return np.concatenate([qs & 15, qs >> 4], axis=-1)
+
+
+def _five_bits(qh: np.ndarray, qs: np.ndarray) -> np.ndarray:
+    """Q5_0/Q5_1's 32 values per block: the nibbles of qs [..., 16] (low first) and bit j of the
+    little-endian u32 qh [..., 4] as value j's fifth bit -> uint8 [..., 32]."""
+    word = np.ascontiguousarray(qh).view(np.uint32)  # [..., 1]
+    fifth = ((word >> np.arange(32, dtype=np.uint32)) & 1).astype(np.uint8)
+    return _low_high(qs) | (fifth << 4)
 
 
 def repack_q6_k(raw: np.ndarray, in_features: int, groups: int = 1) -> Int8Rows:
@@ -297,11 +306,6 @@ def repack_q5_k(raw: np.ndarray, in_features: int, groups: int = 1) -> Int8Rows:
 # (ls - 32) * level, ls 6 bits per 32) takes Q6_K's.
 
 
-def _low_high(qs: np.ndarray) -> np.ndarray:
-    """16 bytes per block [..., 16] -> 32 values: low nibbles first, then high."""
-    return np.concatenate([qs & 15, qs >> 4], axis=-1)
-
-
 def repack_q4_0(raw: np.ndarray, in_features: int, groups: int = 1) -> Int8Rows:
     rows = raw.shape[0]
     b = np.ascontiguousarray(raw).reshape(rows, -1, 18)
@@ -335,9 +339,7 @@ def repack_q5_1(raw: np.ndarray, in_features: int, groups: int = 1) -> Int8Rows:
     """Q4_1 with Q5_0's fifth bits (bit j of the u32 at byte 4 lifts value j by 16)."""
     rows = raw.shape[0]
     b = np.ascontiguousarray(raw).reshape(rows, -1, 24)
-    qh = np.ascontiguousarray(b[..., 4:8]).view(np.uint32)[..., 0]  # [rows, blocks]
-    fifth = ((qh[..., None] >> np.arange(32, dtype=np.uint32)) & 1).astype(np.uint8)
-    q = _low_high(b[..., 8:24]) | (fifth << 4)
+    q = _five_bits(b[..., 4:8], b[..., 8:24])
     return _with_min32(q.reshape(rows, in_features), _f16(b[..., 0:2]), _f16(b[..., 2:4]), groups)
 
 
@@ -350,7 +352,7 @@ def repack_iq4_xs(raw: np.ndarray, in_features: int, groups: int = 1) -> Int8Row
     rows = raw.shape[0]
     b = np.ascontiguousarray(raw).reshape(rows, -1, 136)
     high = np.ascontiguousarray(b[..., 2:4]).view(np.uint16)[..., 0]  # [rows, blocks]
-    low = np.stack([b[..., 4:8] & 15, b[..., 4:8] >> 4], axis=-1).reshape(rows, -1, 8)
+    low = _nibbles(b[..., 4:8].reshape(-1, 4)).reshape(rows, -1, 8)
     top = (high[..., None] >> (2 * np.arange(8, dtype=np.uint16))) & 3
     sc = ((low | (top << 4)).astype(np.int16) - 32).astype(np.int8)  # [rows, blocks, 8] per 32
     q = np.asarray(IQ4_LEVELS, np.int8)[_low_high(b[..., 8:136].reshape(rows, -1, 8, 16))]

@@ -94,17 +94,19 @@ def _repack(name: str) -> str:
     return f"gpu_ops.formats:repack_{name}"
 
 
-def _grid(qtype: T, dequantize, engine_bytes_per_s_per_core: float, **fields) -> QuantType:
-    """A grid type: its engine body and int8 GPU format (named after it), its engine ceiling."""
+def _int8(qtype: T, dequantize, reference_speed: str, values: int, bits_per_32: int, **fields) -> QuantType:
+    """A type with its engine body and int8 GPU format, both named after it (gpu_ops/formats.py:
+    a byte per value plus the type's scales, `bits_per_32` in all per 32 values)."""
     name = qtype.name.lower()
-    return QuantType(qtype, dequantize, "k-quant", _body(name), _grid_int8(name),
-                     engine_bytes_per_s_per_core=engine_bytes_per_s_per_core, **fields)  # fmt: skip
+    gpu = GpuFormat("int8", values, bits_per_32, _repack(name))
+    return QuantType(qtype, dequantize, reference_speed, _body(name), gpu, **fields)
 
 
-def _grid_int8(name: str) -> GpuFormat:
-    """A grid type widened to Q6_K's int8 layout: a byte per value, an int8 scale per 16, a
-    float32 d per 256 (32 + 2 + 0.5 bytes per 32 values)."""
-    return GpuFormat("int8", 256, 276, _repack(name))
+def _grid(qtype: T, dequantize, engine_bytes_per_s_per_core: float, **fields) -> QuantType:
+    """A grid type, widened to Q6_K's int8 layout with a float32 d per 256 (32 + 2 + 0.5 bytes
+    per 32 values), and its engine ceiling."""
+    return _int8(qtype, dequantize, "k-quant", 256, 276, engine_bytes_per_s_per_core=engine_bytes_per_s_per_core,
+                 **fields)  # fmt: skip
 
 
 QUANT_TYPES: dict[T, QuantType] = {}
@@ -131,36 +133,18 @@ for _t in (
     QuantType(T.F32, _float(torch.float32), "float", _body("f32")),
     QuantType(T.F16, _float(torch.float16), "float", _body("f16")),
     QuantType(T.BF16, _float(torch.bfloat16), "float", _body("bf16")),
-    QuantType(T.Q4_0, legacy.q4_0, "simple", _body("q4_0"), GpuFormat("int8", 32, 272, _repack("q4_0")), (0,)),
-    QuantType(
-        T.Q4_1,
-        legacy.q4_1,
-        "simple",
-        _body("q4_1"),
-        GpuFormat("int8", 32, 320, _repack("q4_1")),
-        (0, 2),
-        activations="Q8_1",
-    ),
-    QuantType(T.Q5_0, legacy.q5_0, "simple", _body("q5_0"), GpuFormat("int8", 32, 272, _repack("q5_0")), (0,)),
-    QuantType(
-        T.Q5_1,
-        legacy.q5_1,
-        "simple",
-        _body("q5_1"),
-        GpuFormat("int8", 32, 320, _repack("q5_1")),
-        (0, 2),
-        activations="Q8_1",
-    ),
-    QuantType(T.Q8_0, legacy.q8_0, "simple", _body("q8_0"), GpuFormat("int8", 32, 272, _repack("q8_0")), (0,)),
-    QuantType(T.IQ4_NL, legacy.iq4_nl, "simple", _body("iq4_nl"), GpuFormat("int8", 32, 272, _repack("iq4_nl")), (0,)),
-    QuantType(T.Q2_K, kquants.q2_k, "k-quant", _body("q2_k"), GpuFormat("int8", 256, 292, _repack("q2_k")), (80, 82)),
-    QuantType(T.Q3_K, kquants.q3_k, "k-quant", _body("q3_k"), GpuFormat("int8", 256, 274, _repack("q3_k")), (108,)),
+    _int8(T.Q4_0, legacy.q4_0, "simple", 32, 272, f16_fields=(0,)),
+    _int8(T.Q4_1, legacy.q4_1, "simple", 32, 320, f16_fields=(0, 2), activations="Q8_1"),
+    _int8(T.Q5_0, legacy.q5_0, "simple", 32, 272, f16_fields=(0,)),
+    _int8(T.Q5_1, legacy.q5_1, "simple", 32, 320, f16_fields=(0, 2), activations="Q8_1"),
+    _int8(T.Q8_0, legacy.q8_0, "simple", 32, 272, f16_fields=(0,)),
+    _int8(T.IQ4_NL, legacy.iq4_nl, "simple", 32, 272, f16_fields=(0,)),
+    _int8(T.Q2_K, kquants.q2_k, "k-quant", 256, 292, f16_fields=(80, 82)),
+    _int8(T.Q3_K, kquants.q3_k, "k-quant", 256, 274, f16_fields=(108,)),
     QuantType(T.Q4_K, kquants.q4_k, "k-quant", _body("q4_k"), GpuFormat("int4", 256, 148, _repack("q4_k")), (0, 2)),
-    QuantType(T.Q5_K, kquants.q5_k, "k-quant", _body("q5_k"), GpuFormat("int8", 256, 292, _repack("q5_k")), (0, 2)),
-    QuantType(T.Q6_K, kquants.q6_k, "k-quant", _body("q6_k"), GpuFormat("int8", 256, 274, _repack("q6_k")), (208,)),
-    QuantType(
-        T.IQ4_XS, kquants.iq4_xs, "k-quant", _body("iq4_xs"), GpuFormat("int8", 256, 274, _repack("iq4_xs")), (0,)
-    ),
+    _int8(T.Q5_K, kquants.q5_k, "k-quant", 256, 292, f16_fields=(0, 2)),
+    _int8(T.Q6_K, kquants.q6_k, "k-quant", 256, 274, f16_fields=(208,)),
+    _int8(T.IQ4_XS, kquants.iq4_xs, "k-quant", 256, 274, f16_fields=(0,)),
     _grid(T.IQ2_XXS, iquants.iq2_xxs, 3.8e9, f16_fields=(0,)),
     _grid(T.IQ2_XS, iquants.iq2_xs, 3.5e9, f16_fields=(0,)),
     _grid(T.IQ2_S, iquants.iq2_s, 3.3e9, f16_fields=(0,)),
