@@ -167,9 +167,11 @@ class StaticDecode:
         self.shared.copy_(block.shared(self.h))
 
     def join(self, with_shared: bool) -> None:
-        self.x += self.routed
+        """x + (routed + shared), the plain block's order: a bfloat16 cache rounds the next
+        layer's latents, and any other order can move one of them by a whole bfloat16 step."""
         if with_shared:
-            self.x += self.shared
+            self.routed += self.shared
+        self.x += self.routed
 
     def head(self) -> None:
         self.logits.copy_(self.net.head(self.x))
