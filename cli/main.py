@@ -251,21 +251,30 @@ def synth(
     quantizer: Annotated[
         str, typer.Option(help="hetero (numpy, built in) or llama.cpp (its own quantizer; needs the dev extra).")
     ] = "hetero",
+    joint_kv_b: Annotated[
+        bool,
+        typer.Option(
+            "--joint-kv-b",
+            help="The legacy MLA layout: one attn_kv_b per layer, as files converted "
+            "before April 2025 have it (the first R1 releases among them), not attn_k_b + attn_v_b.",
+        ),
+    ] = False,
 ):
     """Write a synthetic deepseek2 GGUF: real architecture and tokenizer, random weights.
 
     Example: hetero synth v2lite.gguf --preset v2-lite --layers 4 --quant Q4_K_M
     Example: hetero synth r1.gguf --preset r1 --header-only --splits 9   (for hetero plan / info)
-    Example: hetero synth r1-ud.gguf --preset r1 --header-only --quant UD-IQ1_S   (a low-bit release's mix)
+    Example: hetero synth r1-ud.gguf --preset r1 --header-only --quant UD-IQ1_S --joint-kv-b   (as released)
     """
     t0 = time.perf_counter()
+    layout = {"n_layer": layers, "split_kv_b": False if joint_kv_b else None}  # None: the preset's
     if header_only:
         from hetero.synth.header_only import write_header_only
         from hetero.synth.presets import make_preset
 
-        files = write_header_only(out, make_preset(preset, n_layer=layers), splits, quant)
+        files = write_header_only(out, make_preset(preset, **layout), splits, quant)
     else:
-        files = write_with_progress(out, preset, quant, seed=seed, splits=splits, n_layer=layers, quantizer=quantizer)
+        files = write_with_progress(out, preset, quant, seed=seed, splits=splits, quantizer=quantizer, **layout)
     size = sum(f.stat().st_size for f in files)
     console.print(f"wrote {', '.join(map(str, files))} ({size / 2**20:.1f} MiB) in {time.perf_counter() - t0:.1f} s")
 

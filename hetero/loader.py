@@ -9,7 +9,7 @@ for its weights by name.
 import torch
 
 from cpu_ops.executor import Executor
-from hetero.ops import Embedding, ExpertBank, QuantLinear, QuantLinear3, split_joint_kv_b, vector
+from hetero.ops import GPU_BACKENDS, Embedding, ExpertBank, QuantLinear, QuantLinear3, split_joint_kv_b, vector
 from modelfile.gguf_file import TensorInfo
 from placement.planner import Plan
 
@@ -45,12 +45,23 @@ class OpBuilder:
         return QuantLinear3(self.tensors[name], self.device(name), self.backend(name), self.executor)
 
     def split_stacks(self, name: str, n_head: int, nope: int, v_dim: int) -> tuple[QuantLinear3, QuantLinear3] | None:
-        """k_b and v_b derived from a joint kv_b the plan runs on the CPU engine (the planner counts
-        their bytes), else None: elsewhere it is dequantized per use."""
-        if self.backend(name) != "cpu-engine":
+        """k_b and v_b derived from a joint kv_b (the planner counts their bytes: family.
+        derived_at_load): beside it for the CPU engine, instead of it on the GPU (W_UK as float
+        through torch, W_UV in its GPU format); None where kv_b runs on the reference path."""
+        backend, device = self.backend(name), self.device(name)
+        if backend == "cpu-engine":
+            backends = ("cpu-engine", "cpu-engine")
+        elif backend in GPU_BACKENDS:
+            backends = ("gpu-torch", backend)
+        else:
             return None
         infos = split_joint_kv_b(self.tensors[name], n_head, nope, v_dim)
-        return tuple(QuantLinear3(i, torch.device("cpu"), "cpu-engine", self.executor) for i in infos)
+        return tuple(QuantLinear3(i, device, b, self.executor) for i, b in zip(infos, backends, strict=True))
+
+    def joint_kv_b(self, name: str) -> QuantLinear | None:
+        """The joint kv_b itself where it is kept: on the CPU (the file's map, which prompts
+        multiply by), not on the GPU, where the derived stacks take its place."""
+        return None if self.backend(name) in GPU_BACKENDS else self.matrix(name)
 
     def vector(self, name: str) -> torch.Tensor | None:
         """A norm weight or bias, float32 where the activations are."""

@@ -17,7 +17,7 @@ from hetero.loader import OpBuilder
 from hetero.models.hybrid import HybridDecode
 from hetero.models.native import NativeDecode, native_decode
 from hetero.models.net import Net
-from hetero.ops import ExpertBank
+from hetero.ops import ExpertBank, planned_name
 from hetero.sampling import SamplingParams
 from hetero.tokenizer import Tokenizer
 from modelfile.blocks import Description
@@ -76,7 +76,10 @@ class Model:
         """What each weight was built to run on (placement.backends' names), read from the ops."""
         built = {}
         for op in self.net.matrix_ops():
-            built.update(op.backends if isinstance(op, ExpertBank) else {op.name: op.backend})
+            if isinstance(op, ExpertBank):
+                built.update(op.backends)
+            elif planned_name(op.name) is not None:
+                built.setdefault(planned_name(op.name), op.backend)  # kv_b itself first, where it is kept
         return built
 
     @property

@@ -301,8 +301,19 @@ def split_joint_kv_b(info: TensorInfo, n_head: int, nope: int, v_dim: int) -> tu
     return (
         replace(info, name=f"{info.name} (W_UK)", qtype=k_type, shape=(n_head, rank, nope),
                 data=k.numpy().reshape(n_head * rank, -1)),
-        replace(info, name=f"{info.name} (W_UV)", shape=(n_head, v_dim, rank), data=v),
+        replace(info, name=f"{info.name}{VALUES_OF_JOINT}", shape=(n_head, v_dim, rank), data=v),
     )  # fmt: skip
+
+
+VALUES_OF_JOINT = " (W_UV)"  # the W_UV stack's name suffix: it keeps kv_b's blocks, so its backend
+
+
+def planned_name(op_name: str) -> str | None:
+    """The plan's tensor an op stands for: the joint kv_b for its W_UV stack (what a GPU builds
+    instead of it); the op's own name otherwise, None for the float W_UK stack made beside it."""
+    if op_name.endswith(VALUES_OF_JOINT):
+        return op_name.removesuffix(VALUES_OF_JOINT)
+    return None if op_name.endswith(" (W_UK)") else op_name
 
 
 def vector(info: TensorInfo, device: torch.device) -> torch.Tensor:

@@ -59,23 +59,22 @@ def optional_tensors(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     return {f"blk.{i}.exp_probs_b.bias": (cfg.n_expert,) for i in range(cfg.n_layer) if cfg.is_moe(i)}
 
 
-def dequantized_on_use(name: str) -> bool:
-    """Weights the forward pass mostly dequantizes: the legacy joint MLA projection attn_kv_b,
-    split into per-head W_UK and W_UV for decoding. A prompt multiplies its latents by it in
-    place (as llama.cpp does); on the GPU it stays on the reference path, its bytes dequantized
-    where they lie; on the CPU the engine runs that matmul on the same map, and the loader
-    derives the split stacks once (split_on_load_bytes)."""
-    return name.endswith(".attn_kv_b.weight")
+FLOAT_TYPES = (QT.F32, QT.F16, QT.BF16)
 
 
-def split_on_load_bytes(cfg, name: str, qtype, gguf_bytes: int) -> int:
-    """Bytes the loader adds beside a CPU-engine tensor: for the legacy attn_kv_b [H*(N+V), R],
-    W_UK transposed per head as float [H, R, N] (float16, or the file's own float type: the
-    stack a decoded query is multiplied by) and its W_UV rows [H, V, R] copied as they are."""
-    if not dequantized_on_use(name):
-        return 0
+def derived_at_load(cfg, name: str, qtype) -> tuple[tuple[QT, tuple[int, ...]], ...]:
+    """(type, numpy shape) of each stack the loader derives from a tensor and decodes with
+    instead (hetero.ops.split_joint_kv_b), on the CPU engine and on the GPU alike; () for most.
+
+    The legacy joint attn_kv_b [H*(N+V), R] becomes the split layout's stacks: W_UK transposed
+    per head, [H, R, N], in float (a transposed quantized block is not a block: float16, or the
+    file's own float type), and its W_UV rows [H, V, R] as they are. On the CPU the file's
+    kv_b stays mapped beside them (a prompt multiplies its latents by it, as llama.cpp does);
+    on the GPU only the stacks are made."""
+    if not name.endswith(".attn_kv_b.weight"):
+        return ()
     h, n, v, r = cfg.n_head, cfg.qk_nope_dim, cfg.v_head_dim, cfg.kv_lora_rank
-    return h * r * n * (4 if qtype == QT.F32 else 2) + gguf_bytes * v // (n + v)
+    return ((qtype if qtype in FLOAT_TYPES else QT.F16, (h, r, n)), (qtype, (h, v, r)))
 
 
 def expert_trios(names) -> list[tuple[str, str, str]]:

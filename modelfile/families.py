@@ -49,9 +49,8 @@ class Family:
     prefill_values_per_token: Callable[[object], int]  # activations a prefill token holds at once
     expert_trios: Callable[[object], list[tuple[str, str, str]]]  # names -> (gate, up, down) per layer
     shared_trio: Callable[[str], tuple[str, str, str]]  # a routed gate's name -> the layer's shared experts
-    dequantized_on_use: Callable[[str], bool]
-    # (config, name, type, GGUF bytes) -> bytes the loader derives beside it on the CPU engine
-    split_on_load_bytes: Callable[[object, str, object, int], int]
+    # (config, name, type) -> (type, shape) of the stacks the loader derives from it and runs instead
+    derived_at_load: Callable[[object, str, object], tuple]
     native_step: Callable[[object], bool]  # whether the native CPU decode step runs this config
     # (config, tensor names) -> the model as blocks; None: planned and summarized, not yet run
     describe: Callable[[object, object], Description] | None = None
@@ -69,8 +68,7 @@ DEEPSEEK2 = Family(
     prefill_values_per_token=ds2.prefill_values_per_token,
     expert_trios=ds2.expert_trios,
     shared_trio=ds2.shared_trio,
-    dequantized_on_use=ds2.dequantized_on_use,
-    split_on_load_bytes=ds2.split_on_load_bytes,
+    derived_at_load=ds2.derived_at_load,
     native_step=lambda cfg: True,  # split k_b / v_b heads: the file's, or derived from a joint kv_b
     describe=ds2.describe,
     synth=Synth(

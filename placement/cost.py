@@ -7,6 +7,7 @@ of B tokens reads the fraction 1 - (1 - A/E)^B of it, so at decode its intensity
 a dense weight's but its bytes per FLOP is E/A times worse: it belongs where bytes are cheap.
 """
 
+import math
 from dataclasses import dataclass
 
 from gguf import GGML_QUANT_SIZES
@@ -51,6 +52,7 @@ class TensorCost:
     flops_per_token: float  # average over tokens
     read_fraction_decode: float  # share of the bytes one decode step reads
     row: int = 0  # values per row (the matmul's K); 0 for a vector (norm, bias)
+    derived_bytes: int = 0  # stacks the loader derives and decodes with (GGUF sizes; family.derived_at_load)
 
     def intensity(self, batch: int) -> float:
         """FLOPs per byte read for a step of `batch` tokens."""
@@ -67,7 +69,8 @@ def tensor_costs(cfg: ModelConfig, tensors: dict, ctx: int) -> list[TensorCost]:
     """Costs of every tensor; `tensors` maps name -> TensorInfo (only headers are used)."""
     used = cfg.n_expert_used / cfg.n_expert
     # Attention scores and the weighted sum over a `ctx`-token latent cache, absorbed form.
-    attn_flops = family_of_config(cfg).attention_flops(cfg, ctx)
+    family = family_of_config(cfg)
+    attn_flops = family.attention_flops(cfg, ctx)
     per_layer_attn_values: dict[int, int] = {}
     for name, t in tensors.items():
         if tensor_kind(name) == "attention":
@@ -76,9 +79,13 @@ def tensor_costs(cfg: ModelConfig, tensors: dict, ctx: int) -> list[TensorCost]:
     costs = []
     for name, t in tensors.items():
         kind, layer = tensor_kind(name), _layer(name)
-        block, size = GGML_QUANT_SIZES[t.qtype]
-        gguf_bytes = t.n_values // block * size
+        gguf_bytes = _gguf_bytes(t.qtype, t.shape)
         fmt, gpu_bytes = gpu_format(t.qtype, t.shape, gguf_bytes)
+        derived = family.derived_at_load(cfg, name, t.qtype)
+        derived_bytes = sum(_gguf_bytes(q, shape) for q, shape in derived)
+        if derived and fmt != t.qtype.name:  # on the GPU only the derived stacks are made
+            made = [gpu_format(q, shape, _gguf_bytes(q, shape)) for q, shape in derived]
+            fmt, gpu_bytes = "+".join(f for f, _ in made), sum(b for _, b in made)
         flops, fraction = 2.0 * t.n_values, 1.0
         if kind == "routed experts":
             flops, fraction = flops * used, used
@@ -90,9 +97,16 @@ def tensor_costs(cfg: ModelConfig, tensors: dict, ctx: int) -> list[TensorCost]:
             flops += attn_flops * t.n_values / per_layer_attn_values[layer]
         row = t.shape[-1] if len(t.shape) >= 2 else 0
         costs.append(
-            TensorCost(name, kind, layer, t.qtype, t.n_values, gguf_bytes, fmt, gpu_bytes, flops, fraction, row)
+            TensorCost(
+                name, kind, layer, t.qtype, t.n_values, gguf_bytes, fmt, gpu_bytes, flops, fraction, row, derived_bytes
+            )  # fmt: skip
         )
     return costs
+
+
+def _gguf_bytes(qtype: T, shape: tuple[int, ...]) -> int:
+    block, size = GGML_QUANT_SIZES[qtype]
+    return math.prod(shape) // block * size
 
 
 def kv_cache_bytes(cfg: ModelConfig, ctx: int, bytes_per_value: int = 2) -> int:

@@ -189,12 +189,8 @@ def make_plan(
     for trio in family.expert_trios(by_name):
         shared = expert_trio_backend(tuple(by_name[n] for n in trio), devices[trio[0]], hw)
         backends.update(dict.fromkeys(trio, shared))
-    for name in backends:
-        if family.dequantized_on_use(name) and devices[name] == "gpu":  # the bytes stay where they are used
-            backends[name] = "reference"
     fused = tuple(_fused_shared_layers(family, by_name, backends))
-    placements = tuple(_placement(c, devices[c.name], backends[c.name], family.split_on_load_bytes(
-        cfg, c.name, c.qtype, c.gguf_bytes) if backends[c.name] == "cpu-engine" else 0) for c in costs)  # fmt: skip
+    placements = tuple(_placement(c, devices[c.name], backends[c.name]) for c in costs)
     if has_gpu and not any(p.device == "gpu" for p in placements):  # rules sent everything to the CPU
         kv_device, kv_dtype, kv = "cpu", "float32", kv_cache_bytes(cfg, ctx, 4)
     cpu_need = sum(p.bytes for p in placements if p.device == "cpu") + (kv if kv_device == "cpu" else 0)
@@ -243,12 +239,14 @@ def plan_model(file, hw: Hardware, ctx: int | None = None, rules: list[Rule] = (
     return make_plan(cfg, file.tensors, hw, ctx, list(rules), model=str(file.paths[0]), overcommit=overcommit)
 
 
-def _placement(c: TensorCost, device: str, backend: str, derived: int = 0) -> Placement:
-    """On the CPU, and on the reference path anywhere, a tensor keeps its GGUF blocks (plus
-    `derived` bytes the loader makes from them)."""
+def _placement(c: TensorCost, device: str, backend: str) -> Placement:
+    """On the CPU, and on the reference path anywhere, a tensor keeps its GGUF blocks (plus the
+    stacks the loader derives from them for the CPU engine); on the GPU it takes its GPU format
+    (or, where the loader derives stacks, only theirs)."""
     kept = device == "cpu" or backend == "reference"
+    derived = c.derived_bytes if backend == "cpu-engine" else 0
     fmt, size = (c.qtype.name, c.gguf_bytes + derived) if kept else (c.gpu_format, c.gpu_bytes)
-    read = int(size * c.read_fraction_decode)
+    read = int((derived or size) * c.read_fraction_decode)  # a decoded token reads derived stacks alone
     return Placement(
         c.name, c.kind, c.layer, device, fmt, backend, size, read, c.flops_per_token, c.intensity(1),
         c.intensity(PREFILL_TOKENS),

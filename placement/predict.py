@@ -66,7 +66,9 @@ def predict(
     for c in costs:
         on_gpu = devices[c.name] == "gpu"
         part = "ffn" if c.kind in FFN_KINDS else "rest"
-        bytes_read = (c.gpu_bytes if on_gpu else c.gguf_bytes) * c.read_fraction_decode
+        # a tensor the CPU engine decodes through derived stacks reads those instead of its own
+        cpu_read = c.derived_bytes if c.derived_bytes and backends[c.name] == "cpu-engine" else c.gguf_bytes
+        bytes_read = (c.gpu_bytes if on_gpu else cpu_read) * c.read_fraction_decode
         missed = bytes_read * on_disk.get(c.name, 0.0)
         disk_per_token += missed
         slot = layers.setdefault(c.layer, {})

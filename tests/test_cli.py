@@ -28,6 +28,22 @@ def test_synth_then_info(tmp_path):
     assert info["active_params_per_token"] == rest + routed // 4 + 256
 
 
+@pytest.mark.parametrize("header_only", [True, False])
+def test_synth_writes_the_joint_kv_b_layout_on_request(tmp_path, header_only):
+    """--joint-kv-b: the layout of files converted before llama.cpp split attn_kv_b (the first
+    R1 releases); the file reads as that layout, header-only or with weights."""
+    from modelfile.config import config_from_metadata
+    from modelfile.gguf_file import GGUFModelFile
+
+    out = tmp_path / "joint.gguf"
+    size = ["--preset", "r1", "--header-only", "--layers", "4"] if header_only else ["--preset", "tiny"]
+    r = runner.invoke(app, ["synth", str(out), *size, "--quant", "Q4_K_M", "--joint-kv-b"])
+    assert r.exit_code == 0, r.output
+    f = GGUFModelFile(out)
+    assert not config_from_metadata(f.metadata).split_kv_b
+    assert "blk.0.attn_kv_b.weight" in f.tensors and "blk.0.attn_k_b.weight" not in f.tensors
+
+
 @pytest.mark.parametrize("args", [["info", "/nonexistent.gguf"], ["demo", "/nonexistent.gguf"]])
 def test_errors_are_one_line_exit_2(args):
     r = runner.invoke(app, args)

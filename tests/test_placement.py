@@ -7,6 +7,7 @@ import sys
 
 import numpy as np
 import pytest
+from gguf import GGMLQuantizationType as QType
 from typer.testing import CliRunner
 
 import hetero
@@ -14,6 +15,7 @@ from cli.main import app
 from modelfile.config import config_from_metadata
 from modelfile.errors import HeteroError
 from modelfile.gguf_file import GGUFModelFile
+from placement.cost import tensor_costs
 from placement.hardware import GiB, Hardware, parse_rate, parse_size, with_overrides
 from placement.planner import make_plan
 from placement.report import plan_from_json, plan_to_json
@@ -329,13 +331,16 @@ def test_weights_on_the_reference_path_are_predicted_slow_and_warned(r1_header):
 def test_plans_keep_what_cannot_be_split_or_converted(synth, r1_header):
     """An expert trio is one op (a rule may not split it); a GPU tensor on the reference path is
     planned with its GGUF blocks; rules that leave the GPU empty leave the KV cache on the CPU."""
+    from placement.planner import _placement
+
     with pytest.raises(HeteroError, match="split blk.3's routed experts between devices"):
         plan_for(r1_header[0], "48GiB", rules=[parse_override("blk\\.3\\.ffn_down_exps=gpu")])
-    tiny = synth("tiny", "Q4_K_M", split_kv_b=False)  # every type has a GPU format; the joint kv_b stays
-    plan = hetero.load_model(tiny, gpu_mem="8GiB").plan
-    slow = [p for p in plan.placements if p.backend == "reference"]
-    assert slow and all(p.device == "gpu" and p.name.endswith(".attn_kv_b.weight") for p in slow)
-    assert all(p.bytes == GGUFModelFile(tiny).tensors[p.name].nbytes for p in slow)
+    f = GGUFModelFile(synth("tiny", "Q4_K_M"))
+    costs = tensor_costs(config_from_metadata(f.metadata), f.tensors, 256)
+    q = next(c for c in costs if c.name == "blk.0.attn_q.weight")  # every declared type has a GPU format
+    assert _placement(q, "gpu", "reference").bytes == f.tensors[q.name].nbytes != q.gpu_bytes
+    fast = _placement(q, "gpu", "gpu-triton")
+    assert (fast.format, fast.bytes) == (q.gpu_format, q.gpu_bytes)
     nothing_on_gpu = plan_for(r1_header[0], "24GiB", rules=[parse_override(".=cpu")])
     assert nothing_on_gpu.kv_cache_device == "cpu" and nothing_on_gpu.kv_cache_dtype == "float32"
     assert nothing_on_gpu.kv_cache_bytes == 61 * 8192 * 576 * 4
@@ -402,8 +407,7 @@ def test_a_new_model_family_is_planned_from_its_own_entry(monkeypatch):
         prefill_values_per_token=lambda c: 8 * c.n_embd,
         expert_trios=deepseek2_tensors.expert_trios,  # GGUF's own naming of expert stacks
         shared_trio=lambda gate: (),
-        dequantized_on_use=lambda name: False,
-        split_on_load_bytes=lambda cfg, name, qtype, size: 0,
+        derived_at_load=lambda cfg, name, qtype: (),
         native_step=lambda c: False,
     )
     monkeypatch.setitem(families.FAMILIES, "toymoe", toy)
@@ -428,17 +432,21 @@ def test_a_new_model_family_is_planned_from_its_own_entry(monkeypatch):
     assert {p.backend for p in cpu_only.placements if p.kind == "routed experts"} == {"cpu-engine"}
 
 
+@pytest.mark.parametrize("layout", ["joint kv_b", "split k_b, v_b"])
 @pytest.mark.parametrize(
     "mix, ram, on_the_cpu",
     [("UD-IQ1_S", "192GiB", {"IQ1_S", "IQ2_XXS"}), ("UD-Q2_K_XL", "256GiB", {"Q2_K", "Q3_K"})],
 )
-def test_the_consumer_scene_plans_from_the_header(tmp_path, mix, ram, on_the_cpu):
+def test_the_consumer_scene_plans_from_the_header(tmp_path, mix, ram, on_the_cpu, layout):
     """DeepSeek-R1 in a low-bit release's mix on one RTX 3090 and the RAM such a workstation
     has: it fits from the header alone, every dense tensor on the GPU, the routed experts on the
-    CPU engine in their own types, and nothing on the reference path."""
+    CPU engine in their own types, and nothing on the reference path. The first R1 releases
+    have the joint attn_kv_b (on the GPU as its derived stacks), later conversions k_b and v_b."""
     from hetero.synth.header_only import write_header_only
+    from hetero.synth.presets import make_preset
 
-    path = write_header_only(tmp_path / f"R1-{mix}.gguf", quant=mix)[0]
+    preset = make_preset("r1", split_kv_b=layout.startswith("split"))
+    path = write_header_only(tmp_path / f"R1-{mix}.gguf", preset, quant=mix)[0]
     f = GGUFModelFile(path)
     hw = with_overrides(WORKSTATION, gpu="rtx3090", ram=ram)
     plan = make_plan(config_from_metadata(f.metadata), f.tensors, hw, 4096, [], str(path))
@@ -460,24 +468,41 @@ def test_the_consumer_scene_plans_from_the_header(tmp_path, mix, ram, on_the_cpu
         assert (ceiling < float("inf")) == p.format.startswith("IQ")
 
 
-def test_a_joint_kv_b_on_the_cpu_engine_is_planned_with_its_split_stacks(synth):
-    """The loader derives k_b and v_b from a legacy attn_kv_b the engine runs (hetero.ops.
-    split_joint_kv_b); the plan counts those bytes beside the file's (the native step that
-    multiplies them: tests/test_native_decode.py). On the GPU, kv_b stays on the reference path
-    with its own bytes."""
-    from modelfile.deepseek2_tensors import split_on_load_bytes
+def test_a_joint_kv_b_is_planned_as_its_derived_stacks(synth):
+    """The loader derives k_b and v_b from a legacy attn_kv_b (hetero.ops.split_joint_kv_b): on
+    the CPU engine beside the file's kv_b (prompts multiply by it; the native step decodes with
+    the stacks: tests/test_native_decode.py), on the GPU instead of it, W_UK as float16 and W_UV
+    in kv_b's GPU format. The plan counts exactly those bytes, and the load builds exactly those."""
+    from gpu_ops.capabilities import gpu_bytes
+    from modelfile.deepseek2_tensors import derived_at_load
 
     f = GGUFModelFile(synth("tiny", "Q8_0", split_kv_b=False))
     cfg = config_from_metadata(f.metadata)
     info = f.tensors["blk.0.attn_kv_b.weight"]
     h, n, v, r = cfg.n_head, cfg.qk_nope_dim, cfg.v_head_dim, cfg.kv_lora_rank
-    assert split_on_load_bytes(cfg, info.name, info.qtype, info.nbytes) == h * r * n * 2 + info.nbytes * v // (n + v)
+    assert derived_at_load(cfg, info.name, info.qtype) == ((QType.F16, (h, r, n)), (info.qtype, (h, v, r)))
+    assert derived_at_load(cfg, info.name, QType.BF16)[0] == (QType.BF16, (h, r, n))  # a float keeps its type
+    assert derived_at_load(cfg, "blk.0.attn_q.weight", info.qtype) == ()
+    cpu_bytes = h * r * n * 2 + info.nbytes * v // (n + v)
     cpu = make_plan(cfg, f.tensors, with_overrides(WORKSTATION, gpu="none"), 256)
     kv_b = next(p for p in cpu.placements if p.name == info.name)
-    assert kv_b.backend == "cpu-engine" and kv_b.bytes == info.nbytes + h * r * n * 2 + info.nbytes * v // (n + v)
-    gpu = make_plan(cfg, f.tensors, with_overrides(WORKSTATION, gpu="rtx4090"), 256)
-    kv_b = next(p for p in gpu.placements if p.name == info.name)
-    assert (kv_b.device, kv_b.backend, kv_b.bytes) == ("gpu", "reference", info.nbytes)
+    assert kv_b.backend == "cpu-engine" and kv_b.bytes == info.nbytes + cpu_bytes
+    assert kv_b.decode_read_bytes == cpu_bytes  # a decoded token multiplies the stacks, not kv_b
     model = hetero.load_model(f, gpu_mem=0)
     derived = [op.raw.numel() for op in model.net.blocks[0].matrix_ops() if op.name.startswith(info.name + " (W_U")]
-    assert len(derived) == 2 and sum(derived) == split_on_load_bytes(cfg, info.name, info.qtype, info.nbytes)
+    assert len(derived) == 2 and sum(derived) == cpu_bytes
+    assert any(op.name == info.name for op in model.net.blocks[0].matrix_ops())
+
+    gpu = make_plan(cfg, f.tensors, with_overrides(WORKSTATION, gpu="rtx4090"), 256)
+    kv_b = next(p for p in gpu.placements if p.name == info.name)
+    values_format, values_bytes = gpu_bytes(info.qtype, (h, v, r))  # each head padded to whole tiles
+    assert (kv_b.device, kv_b.backend) == ("gpu", "gpu-triton")
+    assert (kv_b.format, kv_b.bytes) == (f"f16+{values_format}", h * r * n * 2 + values_bytes)
+    assert kv_b.decode_read_bytes == kv_b.bytes
+    model = hetero.load_model(f, gpu_mem="8GiB")  # the CPU standing in for the GPU
+    ops = {op.name: op for op in model.net.blocks[0].matrix_ops()}
+    assert info.name not in ops  # nothing of the joint kv_b itself on the GPU
+    k_b, v_b = ops[info.name + " (W_UK)"], ops[info.name + " (W_UV)"]
+    assert (k_b.qtype, k_b.raw.numel(), k_b.backend) == (QType.F16, h * r * n * 2, "gpu-torch")
+    planned = next(p for p in model.plan.placements if p.name == info.name)
+    assert v_b.gpu is not None and v_b.backend == planned.backend and planned.format == kv_b.format

@@ -23,11 +23,13 @@ def _decode(model, ids, step, n_prefill=3):
 
 HYBRID_CASES = {
     # dense weights on the "gpu" (reference ops: F16 has no GPU format), experts on the CPU engine
-    "f16-experts-on-cpu-engine": ("F16", ["exps=cpu"], True),
+    "f16-experts-on-cpu-engine": ("F16", ["exps=cpu"], True, {}),
     # dense weights in the GPU formats (Int8Rows), experts through the reference ops on the CPU
-    "q8_0-experts-on-cpu-reference": ("Q8_0", ["exps=cpu"], False),
+    "q8_0-experts-on-cpu-reference": ("Q8_0", ["exps=cpu"], False, {}),
     # everything on the "gpu": experts as gathered GEMVs, no hand-off
-    "q4_k_m-all-on-gpu": ("Q4_K_M", [], False),
+    "q4_k_m-all-on-gpu": ("Q4_K_M", [], False, {}),
+    # the legacy joint kv_b, on the "gpu" as its derived stacks (float16 W_UK, W_UV in int4)
+    "q4_k_m-joint-kv_b-all-on-gpu": ("Q4_K_M", [], False, {"split_kv_b": False}),
 }
 
 
@@ -35,11 +37,11 @@ HYBRID_CASES = {
 def test_static_step_equals_the_plain_forward(synth, case, monkeypatch):
     """Every expert used (no near-tied top-k choice can flip) and, with the CPU engine, float
     activations (F16): what is left between the two is summation order."""
-    quant, rules, cpu_kernels = HYBRID_CASES[case]
+    quant, rules, cpu_kernels, overrides = HYBRID_CASES[case]
     # The torch side of the seam: the Triton kernels are tested alone (test_gpu_kernels) and in
     # a whole hybrid model (test_placement), and interpreting them here would take minutes.
     monkeypatch.setenv("TRITON_INTERPRET", "0")
-    path = synth("tiny", quant, n_expert_used=8)
+    path = synth("tiny", quant, n_expert_used=8, **overrides)
     model = hetero.load_model(path, gpu_mem="8GiB", rules=[parse_override(r) for r in rules], cpu_kernels=cpu_kernels)
     step = model.net.decode_step
     assert isinstance(step, HybridDecode)
@@ -127,6 +129,7 @@ HYBRID_LLAMA_CASES = {
     # every expert used, as in the core parity tests: a near-tied top-2 of 8 can go either way
     # between two correct implementations and then moves a row by several percent
     "q8_0-tiny": (("tiny", "Q8_0", {"n_expert_used": 8}), 5e-2),
+    "q8_0-tiny-joint-kv_b": (("tiny", "Q8_0", {"n_expert_used": 8, "split_kv_b": False}), 5e-2),
     "q4_k_m-v3": (("v3", "Q4_K_M", {"n_layer": 2, "n_expert": 8, "n_expert_used": 8, "n_group": 1}), 5e-2),
 }
 

@@ -75,9 +75,17 @@ class Mla(Body):
         super().__init__(cfg, ops, block, cache_layer)
         self.kq_scale = attention_scales(cfg).kq_scale
         if "kv_b" in block.weights:  # the legacy layout: split stacks for decoding, where the plan made room
-            split = ops.split_stacks(block.weights["kv_b"], cfg.n_head, cfg.qk_nope_dim, cfg.v_head_dim)
+            name = block.weights["kv_b"]
+            kv_b = ops.joint_kv_b(name)
+            if kv_b is not None:
+                self.ops["kv_b"] = kv_b
+            split = ops.split_stacks(name, cfg.n_head, cfg.qk_nope_dim, cfg.v_head_dim)
             if split is not None:
                 self.ops["k_b"], self.ops["v_b"] = split
+
+    def built_elsewhere(self) -> set[str]:
+        """The joint kv_b: kept or replaced by its derived stacks (OpBuilder.joint_kv_b)."""
+        return {"kv_b"}
 
     def project(self, x: torch.Tensor, cos, sin):
         """Normed input [T, D] -> query (nope part [T, H, N], roped part [T, H, P]) and the
