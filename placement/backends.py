@@ -33,8 +33,9 @@ def backend(c: TensorCost, device: str, hw: Hardware) -> str:
         return "vector"
     if c.kind == "embedding":
         return "lookup"
-    if device == "cpu":
-        return "cpu-engine" if hw.cpu_engine and runs_on_engine(c.qtype, c.row) else "reference"
+    if device == "cpu":  # the engine multiplies the tensor and whatever the loader derives from it
+        engine = hw.cpu_engine and all(runs_on_engine(q, shape[-1]) for q, shape in ((c.qtype, (c.row,)), *c.derived))
+        return "cpu-engine" if engine else "reference"
     if c.qtype in FLOATS:
         return "gpu-torch"
     if has_gpu_format(c.qtype, c.row):

@@ -8,7 +8,7 @@ a dense weight's but its bytes per FLOP is E/A times worse: it belongs where byt
 """
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from gguf import GGML_QUANT_SIZES
 from gguf import GGMLQuantizationType as T
@@ -52,7 +52,12 @@ class TensorCost:
     flops_per_token: float  # average over tokens
     read_fraction_decode: float  # share of the bytes one decode step reads
     row: int = 0  # values per row (the matmul's K); 0 for a vector (norm, bias)
-    derived_bytes: int = 0  # stacks the loader derives and decodes with (GGUF sizes; family.derived_at_load)
+    derived: tuple = ()  # (type, shape) of the stacks the loader derives and decodes with (family.derived_at_load)
+
+    @property
+    def derived_bytes(self) -> int:
+        """The derived stacks' size in their own (GGUF) types: what the CPU holds beside the file."""
+        return sum(_gguf_bytes(q, shape) for q, shape in self.derived)
 
     def intensity(self, batch: int) -> float:
         """FLOPs per byte read for a step of `batch` tokens."""
@@ -82,7 +87,6 @@ def tensor_costs(cfg: ModelConfig, tensors: dict, ctx: int) -> list[TensorCost]:
         gguf_bytes = _gguf_bytes(t.qtype, t.shape)
         fmt, gpu_bytes = gpu_format(t.qtype, t.shape, gguf_bytes)
         derived = family.derived_at_load(cfg, name, t.qtype)
-        derived_bytes = sum(_gguf_bytes(q, shape) for q, shape in derived)
         if derived and fmt != t.qtype.name:  # on the GPU only the derived stacks are made
             made = [gpu_format(q, shape, _gguf_bytes(q, shape)) for q, shape in derived]
             fmt, gpu_bytes = "+".join(f for f, _ in made), sum(b for _, b in made)
@@ -96,11 +100,8 @@ def tensor_costs(cfg: ModelConfig, tensors: dict, ctx: int) -> list[TensorCost]:
         if kind == "attention":  # share the per-layer score FLOPs by weight size
             flops += attn_flops * t.n_values / per_layer_attn_values[layer]
         row = t.shape[-1] if len(t.shape) >= 2 else 0
-        costs.append(
-            TensorCost(
-                name, kind, layer, t.qtype, t.n_values, gguf_bytes, fmt, gpu_bytes, flops, fraction, row, derived_bytes
-            )  # fmt: skip
-        )
+        cost = TensorCost(name, kind, layer, t.qtype, t.n_values, gguf_bytes, fmt, gpu_bytes, flops, fraction, row)
+        costs.append(replace(cost, derived=derived) if derived else cost)
     return costs
 
 

@@ -468,6 +468,22 @@ def test_the_consumer_scene_plans_from_the_header(tmp_path, mix, ram, on_the_cpu
         assert (ceiling < float("inf")) == p.format.startswith("IQ")
 
 
+def test_a_joint_kv_b_whose_stacks_the_engine_cannot_run_stays_on_the_reference_path(synth):
+    """W_UK transposed has rows of qk_nope_dim values; at 48 (not whole 32-value blocks) the
+    engine has no kernel for it, so the plan keeps kv_b on the reference path (no stacks) and
+    the model loads and answers as llama.cpp does, instead of failing at load."""
+    from tests.conftest import llama_logits, random_prompt, rel_err
+
+    path = synth("tiny", "Q8_0", split_kv_b=False, qk_nope_dim=48, n_expert_used=8)
+    model = hetero.load_model(path, gpu_mem=0)
+    kv_b = [p for p in model.plan.placements if p.name.endswith(".attn_kv_b.weight")]
+    assert kv_b and all(p.backend == "reference" and p.bytes == p.decode_read_bytes for p in kv_b)
+    assert {p.backend for p in model.plan.placements if p.kind == "routed experts"} == {"cpu-engine"}
+    assert all(b.k_b is None and b.kv_b is not None for b in model.net.blocks if b.block.kind == "mla")
+    ids = random_prompt(12, model.tokenizer.bos_id)
+    assert rel_err(model.logits(ids), llama_logits(path, ids)) <= 5e-2  # the core parity limit
+
+
 def test_a_joint_kv_b_is_planned_as_its_derived_stacks(synth):
     """The loader derives k_b and v_b from a legacy attn_kv_b (hetero.ops.split_joint_kv_b): on
     the CPU engine beside the file's kv_b (prompts multiply by it; the native step decodes with
