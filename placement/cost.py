@@ -8,7 +8,7 @@ a dense weight's but its bytes per FLOP is E/A times worse: it belongs where byt
 """
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 from gguf import GGML_QUANT_SIZES
 from gguf import GGMLQuantizationType as T
@@ -100,8 +100,8 @@ def tensor_costs(cfg: ModelConfig, tensors: dict, ctx: int) -> list[TensorCost]:
         if kind == "attention":  # share the per-layer score FLOPs by weight size
             flops += attn_flops * t.n_values / per_layer_attn_values[layer]
         row = t.shape[-1] if len(t.shape) >= 2 else 0
-        cost = TensorCost(name, kind, layer, t.qtype, t.n_values, gguf_bytes, fmt, gpu_bytes, flops, fraction, row)
-        costs.append(replace(cost, derived=derived) if derived else cost)
+        costs.append(TensorCost(name, kind, layer, t.qtype, t.n_values, gguf_bytes, fmt, gpu_bytes, flops, fraction,
+                                row, derived))  # fmt: skip
     return costs
 
 
