@@ -14,7 +14,7 @@ from gguf import GGML_QUANT_SIZES
 from gguf import GGMLQuantizationType as T
 from test_quants import random_rows
 
-from cpu_ops.activations import GROUP, Q8_0, Q8_K, quantize
+from cpu_ops.activations import GROUP, Q8_0, Q8_1, Q8_K, quantize
 from cpu_ops.executor import Executor, plan_workers
 from cpu_ops.experts import CpuExperts, Stack
 from cpu_ops.matmul import CpuMatrix
@@ -96,22 +96,44 @@ def _stack(qtype, rows, k, rng):
     return Stack(raw.reshape(E, rows, -1), qtype, k), dense
 
 
-def _reference(dense, x, ids, weights, gate_form, down_form, float_gate=False):
+def _block_mins(raw: np.ndarray, qtype) -> np.ndarray | None:
+    """float64 [E, rows, K / 32]: each block's min m (weight = d * q + m) for Q4_1 and Q5_1."""
+    if qtype not in (T.Q4_1, T.Q5_1):
+        return None
+    size = GGML_QUANT_SIZES[qtype][1]
+    blocks = np.ascontiguousarray(raw).reshape(*raw.shape[:2], -1, size)
+    return np.ascontiguousarray(blocks[..., 2:4]).view(np.float16)[..., 0].astype(np.float64)
+
+
+def _sum_rounding(qa, t: int) -> np.ndarray:
+    """float64 [K / 32]: what Q8_1's block sum s = float16(d * sum(q)), rounded from float32 as
+    the kernels do, adds over float16(d) * sum(q) (the weights' min multiplies s)."""
+    sums = qa.xs[t].reshape(-1, 2).sum(1).astype(np.float32)
+    s = (qa.dx[t].astype(np.float32) * sums).astype(np.float16).astype(np.float64)
+    return s - qa.dx[t].astype(np.float16).astype(np.float64) * sums
+
+
+def _reference(dense, x, ids, weights, gate_form, down_form, float_gate=False, mins=(None, None, None)):
     """float64 expert MLP on the activations as the kernels quantize them (float weights take x
     as is). Returns the result and the error allowed per element: float32 rounding (relative to
     the sum of |terms|), plus what the kernel's float32 h (within dh of the float64 one: 2e-6 of
     the gate and up sums of |terms|) can change in h's int8 rounding: one step for a value near
     a rounding boundary (within 1e-3 of a step, or within what dh and the group's amax moving
-    by its own dh shift it), and, for groups whose float16 scale (Q8_0, group 32) sits that
-    close to a float16 rounding midpoint, the other scale: one float16 ulp per int8 unit."""
+    by its own dh shift it), and, for groups whose float16 scale (Q8_0 and Q8_1, group 32) sits
+    that close to a float16 rounding midpoint, the other scale: one float16 ulp per int8 unit.
+    mins: each stack's block mins (Q4_1, Q5_1), which multiply Q8_1's rounded block sums."""
     g, u, d = dense
+    g_min, u_min, d_min = mins
     down_group = GROUP[down_form]
-    xa = x.astype(np.float64) if float_gate else quantize(x, gate_form).dequantized()
+    xq = None if float_gate else quantize(x, gate_form)
+    xa = x.astype(np.float64) if float_gate else xq.dequantized()
     out = np.zeros_like(xa)
     allowed = np.zeros_like(xa)
     for t in range(x.shape[0]):
         for e, w in zip(ids[t], weights[t], strict=True):
             gg, uu = g[e] @ xa[t], u[e] @ xa[t]
+            if g_min is not None:
+                gg, uu = gg + g_min[e] @ _sum_rounding(xq, t), uu + u_min[e] @ _sum_rounding(xq, t)
             sig = 1 / (1 + np.exp(-np.clip(gg, -80, 80)))
             h = gg * sig * uu
             dg, du = 2e-6 * (np.abs(g[e]) @ np.abs(xa[t])), 2e-6 * (np.abs(u[e]) @ np.abs(xa[t]))
@@ -128,7 +150,7 @@ def _reference(dense, x, ids, weights, gate_form, down_form, float_gate=False):
             frac = np.abs(h * multiplier) % 1.0
             near = np.abs(frac - 0.5) < 1e-3 + dh * multiplier + shift
             flip = np.zeros_like(h)
-            if down_form == Q8_0:  # the scale is float16(amax / 127): near a midpoint it may round the other way
+            if down_form in (Q8_0, Q8_1):  # the scale is float16(amax / 127): near a midpoint, either way
                 scale = amax / 127
                 d16 = scale.astype(np.float16)
                 up, down = np.nextafter(d16, np.float16(np.inf)), np.nextafter(d16, np.float16(0))
@@ -137,7 +159,7 @@ def _reference(dense, x, ids, weights, gate_form, down_form, float_gate=False):
                 close = mid <= scale * amax_moves + 1e-12
                 ulp = np.abs(up.astype(np.float64) - d16)
                 flip = np.repeat(close * ulp, 32) * np.abs(np.rint(ha / np.where(step > 0, step, 1)))
-            out[t] += w * (d[e] @ ha)
+            out[t] += w * (d[e] @ ha + (0.0 if d_min is None else d_min[e] @ _sum_rounding(hq, 0)))
             allowed[t] += abs(w) * (2e-5 * (np.abs(d[e]) @ np.abs(ha)) + np.abs(d[e]) @ (near * step + flip))
     return out, allowed
 
@@ -151,6 +173,7 @@ CASES = {
 
 EXPERT_TYPES = [
     (T.Q4_K, T.Q6_K), (T.Q4_K, T.Q5_0), (T.Q8_0, T.IQ4_XS), (T.BF16, T.Q4_0), (T.Q2_K, T.Q3_K), (T.Q3_K, T.Q2_K),
+    (T.Q5_1, T.Q4_1), (T.Q4_K, T.Q5_1),  # Q8_1 activations, weights with a min (llama.cpp's fallback types)
 ]  # fmt: skip
 
 
@@ -164,7 +187,10 @@ def test_fused_experts_match_float64(case, types, nodes):
     gate_t, down_t = types
     f = 512
     (gs, g), (us, u), (ds, d) = _stack(gate_t, f, D, rng), _stack(gate_t, f, D, rng), _stack(down_t, D, f, rng)
-    x = rng.standard_normal((tokens, D)).astype(np.float32)
+    # Q8_1 keeps each block's sum as a float16, as llama.cpp does: these random weights' positive
+    # mins would push h's block sums past 65504 at unit-scale inputs, no real layer's
+    scale = 0.1 if {gate_t, down_t} & {T.Q4_1, T.Q5_1} else 1.0
+    x = (scale * rng.standard_normal((tokens, D))).astype(np.float32)
     ids = np.stack([rng.choice(E - 1, used, replace=False) for _ in range(tokens)])  # expert 7: never chosen
     if only is not None:
         ids[:] = only
@@ -173,7 +199,8 @@ def test_fused_experts_match_float64(case, types, nodes):
         experts = CpuExperts(gs, us, ds, ex)
         ours = experts.submit(x, ids, weights).wait()
         forms = experts.gate_kind.act_form, experts.down_kind.act_form
-    expected, allowed = _reference((g, u, d), x, ids, weights, *forms, float_gate=gate_t == T.BF16)
+    mins = (_block_mins(gs.raw, gate_t), _block_mins(us.raw, gate_t), _block_mins(ds.raw, down_t))
+    expected, allowed = _reference((g, u, d), x, ids, weights, *forms, float_gate=gate_t == T.BF16, mins=mins)
     err = np.abs(ours - expected)
     assert np.all(err <= allowed + 1e-30), float((err / allowed).max())
 
