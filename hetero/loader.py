@@ -56,7 +56,11 @@ class OpBuilder:
         else:
             return None
         infos = split_joint_kv_b(self.tensors[name], n_head, nope, v_dim)
-        return tuple(QuantLinear3(i, device, b, self.executor) for i, b in zip(infos, backends, strict=True))
+        stacks = tuple(QuantLinear3(i, device, b, self.executor) for i, b in zip(infos, backends, strict=True))
+        for stack in stacks:
+            if stack.gpu is not None:  # its GPU format has it: drop the derived host copy (not the file's map)
+                stack.raw = stack.raw[:0]
+        return stacks
 
     def joint_kv_b(self, name: str) -> QuantLinear | None:
         """The joint kv_b itself where it is kept: on the CPU (the file's map, which prompts

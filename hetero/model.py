@@ -239,7 +239,8 @@ def load_model(
     refuses a plan whose CPU share exceeds RAM instead of running it from the page cache;
     on_gpu_bytes(n) hears of every n bytes of weights put on the GPU (a progress bar);
     match_llama_cpp=True runs prompts' attention where llama.cpp's CPU backend rounds its
-    activations to int8 (MLA absorbed; expanded through int8 latents for the joint kv_b), not
+    activations to int8 (MLA absorbed; expanded through int8 latents for a joint kv_b kept on
+    the CPU; absorbed on the GPU, which holds only its derived stacks), not
     in the form with fewer multiply-adds: slower for long prompts, and on the CPU engine the
     logits then differ from llama.cpp's by float32 summation order only (docs/parity.md).
     """

@@ -124,10 +124,11 @@ def make_plan(
         if rule.device == "gpu" and not has_gpu:
             raise HeteroError(f"rule {rule.source!r} puts tensors on the GPU, but the plan has no GPU (--gpu-mem 0)")
         devices[c.name] = rule.device
-        if rule.format and rule.format != c.gpu_format:  # the loader converts nothing: say so now
+        own = c.gpu_format.rsplit("+", 1)[-1]  # the tensor's own blocks (beside a derived float stack)
+        if rule.format and rule.format != own:  # the loader converts nothing: say so now
             raise HeteroError(
                 f"rule {rule.source!r} asks for {rule.format}, but {c.name} ({c.qtype.name}) goes to the GPU as "
-                f"{c.gpu_format}; leave the format out or match it"
+                f"{own}; leave the format out or match it"
             )
     for trio in family.expert_trios(by_name):
         sides = {devices.get(n) for n in trio}

@@ -10,8 +10,9 @@ A TOML rules file:
 and the command-line shorthand `--override 'exps=cpu'` (PATTERN=DEVICE[:FORMAT]), in the spirit
 of llama.cpp's `-ot exps=CPU`. The first matching rule wins; command-line rules come first.
 Formats are not converted: a GPU tensor takes its type's GPU format (int4 for Q4_K, int8 for
-Q6_K, Q8_0 and Q5_0, floats as they are, any other type its GGUF blocks on the reference path),
-and a rule's format, when given, must name that one.
+the other block types, floats as they are; a legacy joint attn_kv_b goes as a derived float16
+stack plus its own blocks, f16+int8, and a rule names its blocks' part), and a rule's format,
+when given, must name that one.
 """
 
 import re

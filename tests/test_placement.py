@@ -7,6 +7,7 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 from gguf import GGMLQuantizationType as QType
 from typer.testing import CliRunner
 
@@ -522,3 +523,27 @@ def test_a_joint_kv_b_is_planned_as_its_derived_stacks(synth):
     assert (k_b.qtype, k_b.raw.numel(), k_b.backend) == (QType.F16, h * r * n * 2, "gpu-torch")
     planned = next(p for p in model.plan.placements if p.name == info.name)
     assert v_b.gpu is not None and v_b.backend == planned.backend and planned.format == kv_b.format
+    built = k_b.raw.nbytes + sum(t.nbytes for t in vars(v_b.gpu).values() if isinstance(t, torch.Tensor))
+    assert built == planned.bytes and v_b.raw.numel() == 0  # no host copy of W_UV left behind
+    # a rule names the tensor's own blocks' format (W_UV's), not the derived float stack's
+    with_rule = make_plan(cfg, f.tensors, with_overrides(WORKSTATION, gpu="rtx4090"), 256,
+                          [parse_override(f"attn_kv_b=gpu:{values_format}")])  # fmt: skip
+    assert next(p for p in with_rule.placements if p.name == info.name).format == kv_b.format
+    with pytest.raises(HeteroError, match=f"goes to the GPU as {values_format}"):
+        make_plan(cfg, f.tensors, with_overrides(WORKSTATION, gpu="rtx4090"), 256,
+                  [parse_override("attn_kv_b=gpu:int4")])  # fmt: skip
+
+
+def test_a_float_joint_kv_b_on_the_gpu_keeps_its_type(synth):
+    """An F16 file's joint kv_b: both derived stacks float16, multiplied by torch on the "gpu"
+    (the CPU standing in), and the same logits as the CPU's load of the file."""
+    from tests.conftest import random_prompt
+
+    path = synth("tiny", "F16", split_kv_b=False, n_expert_used=8)
+    gpu = hetero.load_model(path, gpu_mem="8GiB", rules=[parse_override("exps=cpu")], cpu_kernels=False)
+    kv_b = [p for p in gpu.plan.placements if p.name.endswith(".attn_kv_b.weight")]
+    assert kv_b and {(p.device, p.format, p.backend) for p in kv_b} == {("gpu", "f16+f16", "gpu-torch")}
+    cpu = hetero.load_model(path, gpu_mem=0, cpu_kernels=False)
+    ids = random_prompt(10, gpu.tokenizer.bos_id)
+    ref = cpu.logits(ids)
+    np.testing.assert_allclose(gpu.logits(ids), ref, rtol=0, atol=1e-5 * np.abs(ref).max())

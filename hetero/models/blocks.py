@@ -102,7 +102,7 @@ class Mla(Body):
     def wk_wv(self) -> tuple[torch.Tensor, torch.Tensor]:
         """W_UK as wk [H, R, N] and W_UV as wv [H, V, R], dequantized (float32). Current GGUFs
         store them split (k_b [H, R, N], v_b [H, V, R]); older ones joint, kv_b [H*(N+V), R],
-        whose split stacks the loader derives when the plan runs kv_b on the CPU engine."""
+        whose split stacks the loader derives unless the plan runs kv_b on the reference path."""
         c = self.cfg
         if self.k_b is not None:
             return self.k_b.all(), self.v_b.all()
