@@ -6,7 +6,10 @@ The backend is decided here, once, from what the kernel packages declare they ca
 
   cpu-engine  cpu_ops' SIMD kernels on GGUF blocks            50% of CPU bandwidth
   gpu-triton  gpu_ops' Triton kernels on repacked tiles        70% of GPU bandwidth
-  gpu-torch   the same tiles (or float weights) through torch  70% for floats, 10% for tiles
+  gpu-torch   the same tiles (or float weights) through torch  70% for float32, 14% for float16
+                                                               and bfloat16 (widened to float32 on
+                                                               each call: 5x the traffic), 10% for
+                                                               tiles
   reference   dequantize a slice per call, multiply in torch   per type (cpu_ops.capabilities) on
                                                                the CPU; 2% of GPU bandwidth there
   vector      norms and biases: float32, made once at load
@@ -16,9 +19,11 @@ The GPU figures other than gpu-triton's are assumptions until a GPU session meas
 (benchmarks/gpu_check.py).
 """
 
+from dataclasses import replace
+
 from cpu_ops.capabilities import engine_bytes_per_s, experts_run_on_engine, reference_bytes_per_s, runs_on_engine
 from gpu_ops.capabilities import FLOATS, has_gpu_format
-from placement.cost import TensorCost
+from placement.cost import TensorCost, gpu_format
 from placement.hardware import Hardware
 
 BACKENDS = ("cpu-engine", "gpu-triton", "gpu-torch", "reference", "vector", "lookup")
@@ -26,6 +31,8 @@ CPU_ENGINE_EFFICIENCY = 0.5
 GPU_TRITON_EFFICIENCY = 0.7
 GPU_TORCH_TILES_EFFICIENCY = 0.1
 GPU_REFERENCE_EFFICIENCY = 0.02
+# torch multiplies float16/bfloat16 weights as float32: per weight 2 bytes read, 4 written, 4 read
+HALF_WIDENING = 5
 
 
 def backend(c: TensorCost, device: str, hw: Hardware) -> str:
@@ -63,4 +70,20 @@ def read_rate(c: TensorCost, device: str, name: str, hw: Hardware) -> float:
         return hw.gpu_bw * GPU_REFERENCE_EFFICIENCY
     if name == "gpu-torch" and c.qtype not in FLOATS:
         return hw.gpu_bw * GPU_TORCH_TILES_EFFICIENCY
+    if name == "gpu-torch" and FLOATS[c.qtype][1] == 2:
+        return hw.gpu_bw * GPU_TRITON_EFFICIENCY / HALF_WIDENING
     return hw.gpu_bw * GPU_TRITON_EFFICIENCY
+
+
+def gpu_read_seconds(c: TensorCost, name: str, hw: Hardware) -> float:
+    """Seconds to read all of a GPU tensor's weights once: the stacks the loader derives from
+    it each at its own rate (a float one through torch, the others as the plan names), else the
+    tensor at its backend's."""
+    if not c.derived or name == "reference":
+        return c.gpu_bytes / read_rate(c, "gpu", name, hw)
+    seconds = 0.0
+    for qtype, shape in c.derived:
+        stack = replace(c, qtype=qtype, derived=())
+        _, size = gpu_format(qtype, shape, 0)
+        seconds += size / read_rate(stack, "gpu", "gpu-torch" if qtype in FLOATS else name, hw)
+    return seconds

@@ -2,7 +2,7 @@
 
 from dataclasses import dataclass
 
-from placement.backends import CPU_ENGINE_EFFICIENCY, GPU_TRITON_EFFICIENCY, read_rate
+from placement.backends import CPU_ENGINE_EFFICIENCY, GPU_TRITON_EFFICIENCY, gpu_read_seconds, read_rate
 from placement.cost import TensorCost
 from placement.hardware import Hardware
 
@@ -68,18 +68,21 @@ def predict(
         part = "ffn" if c.kind in FFN_KINDS else "rest"
         # a tensor the CPU engine decodes through derived stacks reads those instead of its own
         cpu_read = c.derived_bytes if c.derived_bytes and backends[c.name] == "cpu-engine" else c.gguf_bytes
-        bytes_read = (c.gpu_bytes if on_gpu else cpu_read) * c.read_fraction_decode
-        missed = bytes_read * on_disk.get(c.name, 0.0)
+        if on_gpu:  # seconds to read every weight once
+            whole = gpu_read_seconds(c, backends[c.name], hw)
+        else:
+            whole = cpu_read / read_rate(c, "cpu", backends[c.name], hw)
+        missed = (0.0 if on_gpu else cpu_read * c.read_fraction_decode) * on_disk.get(c.name, 0.0)
         disk_per_token += missed
         slot = layers.setdefault(c.layer, {})
         key = f"{'gpu' if on_gpu else 'cpu'}_{part}"
-        rate = read_rate(c, devices[c.name], backends[c.name], hw)
-        slot[key] = slot.get(key, 0.0) + bytes_read / rate + missed / hw.disk_bw
+        slot[key] = slot.get(key, 0.0) + whole * c.read_fraction_decode + missed / hw.disk_bw
         pre = f"pre_{'gpu' if on_gpu else 'cpu'}"
         flops = c.flops_per_token * PREFILL_TOKENS / ((hw.gpu_flops if on_gpu else hw.cpu_flops) * FLOPS_EFFICIENCY)
-        touched = (c.gpu_bytes if on_gpu else c.gguf_bytes) * min(1.0, c.read_fraction_decode * PREFILL_TOKENS)
-        from_disk = touched * on_disk.get(c.name, 0.0) / hw.disk_bw
-        slot[pre] = slot.get(pre, 0.0) + max(flops, touched / rate) + from_disk
+        share = min(1.0, c.read_fraction_decode * PREFILL_TOKENS)  # of the weights a prefill touches
+        from_disk = (0.0 if on_gpu else c.gguf_bytes * share) * on_disk.get(c.name, 0.0) / hw.disk_bw
+        read = whole * share if on_gpu else c.gguf_bytes * share / read_rate(c, "cpu", backends[c.name], hw)
+        slot[pre] = slot.get(pre, 0.0) + max(flops, read) + from_disk
     kv_per_layer = kv_bytes / max(1, len([k for k in layers if k >= 0]))
     decode = prefill = gpu_busy = cpu_busy = 0.0
     for layer, s in layers.items():

@@ -516,6 +516,15 @@ def test_a_joint_kv_b_is_planned_as_its_derived_stacks(synth):
     assert (kv_b.device, kv_b.backend) == ("gpu", "gpu-triton")
     assert (kv_b.format, kv_b.bytes) == (f"f16+{values_format}", h * r * n * 2 + values_bytes)
     assert kv_b.decode_read_bytes == kv_b.bytes
+    # the prediction reads W_UK as torch reads a float16 stack (widened to float32 per call: 5x
+    # the traffic), W_UV at the Triton kernels' rate
+    from placement.backends import GPU_TRITON_EFFICIENCY, HALF_WIDENING, gpu_read_seconds
+
+    hw = with_overrides(WORKSTATION, gpu="rtx4090")
+    cost = next(c for c in tensor_costs(cfg, f.tensors, 256) if c.name == info.name)
+    rate = hw.gpu_bw * GPU_TRITON_EFFICIENCY
+    expected = h * r * n * 2 * HALF_WIDENING / rate + values_bytes / rate
+    assert gpu_read_seconds(cost, "gpu-triton", hw) == pytest.approx(expected, rel=1e-9)
     model = hetero.load_model(f, gpu_mem="8GiB")  # the CPU standing in for the GPU
     ops = {op.name: op for op in model.net.blocks[0].matrix_ops()}
     assert info.name not in ops  # nothing of the joint kv_b itself on the GPU
