@@ -9,7 +9,8 @@ is bytes of the GPU format read per second against a device-to-device copy's ban
 q_b, kv_a, attn_output, shared-expert gate/up/down, output head) in each GPU format (Q4_K ->
 Int4Rows, Q6_K / Q8_0 / Q5_K (with mins) -> Int8Rows), 1 token; beside each, torch's bfloat16 matmul on the same
 shape (cuBLAS reading 16-bit weights) as the peer. Then the gathered expert GEMV (8 of 256
-V3 experts, gate + up + down) and the MLA decode attention over 4096 cached positions.
+V3 experts, gate + up + down), R1's float16 W_UK stack as a legacy kv_b file derives it
+(Triton against torch), and the MLA decode attention over 4096 cached positions.
 On CUDA each call is captured in a CUDA graph (as the decode step runs) over enough copies of
 small weights to read 256 MiB, so neither Python's launch cost nor the L2 cache is timed.
 Medians of --reps CUDA-event timings, spread min-max. --small runs tiny shapes (a smoke test
@@ -31,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.cpu_kernels import random_matrix  # noqa: E402
 from gpu_ops.attention import mla_decode  # noqa: E402
 from gpu_ops.experts import GpuExperts  # noqa: E402
-from gpu_ops.matmul import gpu_matmul, repack  # noqa: E402
+from gpu_ops.matmul import float_stack_matmul, gpu_matmul, repack  # noqa: E402
 
 V3_DENSE = {  # name: (out, in)
     "q_a": (1536, 7168), "q_b": (24576, 1536), "kv_a": (576, 7168), "attn_output": (7168, 16384),
@@ -178,6 +179,15 @@ def main() -> None:
     call = [lambda: experts(x, ids, wts)]
     rows.append(row("8 experts gathered", 8 * per_expert, timed(call, args.reps, device), bw))
     del call
+    # W_UK derived from a legacy joint kv_b: float16 [H, R, N], one token per head, Triton against torch
+    heads, rank, nope = (16, 512, 128) if args.small else (128, 512, 128)
+    w_uk = torch.randn(heads, rank, nope, device=device).half()
+    q = torch.randn(1, heads, nope, device=device)
+    uk_copies = copies_of(w_uk, w_uk.numel() * 2, rotate)
+    for triton, tag in ((True, "triton"), (False, "torch")):
+        fns = [lambda w=w, triton=triton: float_stack_matmul(q, w, triton) for w in uk_copies]
+        rows.append(row(f"W_UK f16 stack {tag}", w_uk.numel() * 2, timed(fns, args.reps, device), bw))
+    del uk_copies, w_uk
     h, r, p, s = (16, 512, 64, 256) if args.small else (128, 512, 64, 4096)
     ql, qr = torch.randn(h, r, device=device), torch.randn(h, p, device=device)
     length = torch.tensor([s], device=device)

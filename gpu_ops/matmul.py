@@ -135,6 +135,16 @@ def gpu_matmul(x: torch.Tensor, w: GpuWeights) -> torch.Tensor:
     return torch_matmul(x, w)
 
 
+def float_stack_matmul(x: torch.Tensor, w: torch.Tensor, triton: bool) -> torch.Tensor:
+    """x [T, E, K] @ w[e].T per matrix e of a float stack w [E, N, K] (float16, bfloat16 or
+    float32, on x's device) -> float32 [T, E, N]. The Triton kernel (triton: the plan's
+    gpu-triton) widens the weights in registers; torch writes a float32 copy of the stack first
+    and reads it again."""
+    if triton:
+        return _triton_kernels().float_stack_matmul(_activations(x).float(), w.contiguous())
+    return torch.einsum("tek,enk->ten", x.float(), w.float())
+
+
 def gathered_matmul(x: torch.Tensor, w: GpuWeights, ids: torch.Tensor, x_per_token: bool) -> torch.Tensor:
     """Per (token, slot) s: x[token or s] @ W_e.T with e = ids[s], W a stack of matrices (groups).
 

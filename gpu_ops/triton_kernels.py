@@ -148,6 +148,37 @@ def _int8_kernel(x_ptr, q_ptr, d_ptr, sc_ptr, mn_ptr, dmin_ptr, y_ptr, ids_ptr, 
     _store(y_ptr, _sums(acc, WIDE), toks, rows, M, N)
 
 
+FLOAT_BLOCK_O, FLOAT_BLOCK_I = 64, 64
+
+
+@triton.jit
+def _float_stack_kernel(x_ptr, w_ptr, y_ptr, E, OUT, IN, BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr):
+    """y[t, e, o] = sum_i x[t, e, i] * w[e, o, i] for a stack of float weights (float16, bfloat16
+    or float32) widened to float32 in registers, not in memory: one program per matrix, BLOCK_O
+    of its rows and token. Products stay apart until the end, as in the one-token GEMV."""
+    e, t = tl.program_id(0), tl.program_id(2)
+    rows = tl.program_id(1) * BLOCK_O + tl.arange(0, BLOCK_O)
+    cols = tl.arange(0, BLOCK_I)
+    acc = tl.zeros((BLOCK_O, BLOCK_I), dtype=tl.float32)
+    for start in range(0, IN, BLOCK_I):
+        k = start + cols
+        w = tl.load(w_ptr + (e * OUT + rows[:, None]) * IN + k[None, :],
+                    mask=(rows < OUT)[:, None] & (k < IN)[None, :], other=0.0).to(tl.float32)  # fmt: skip
+        x = tl.load(x_ptr + (t * E + e) * IN + k, mask=k < IN, other=0.0).to(tl.float32)
+        acc += w * x[None, :]
+    tl.store(y_ptr + (t * E + e) * OUT + rows, tl.sum(acc, axis=1), mask=rows < OUT)
+
+
+def float_stack_matmul(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """x float32 [T, E, IN] contiguous, w float [E, OUT, IN] contiguous -> float32 [T, E, OUT]."""
+    t, e, k = x.shape
+    out = w.shape[1]
+    y = torch.empty(t, e, out, dtype=torch.float32, device=x.device)
+    _float_stack_kernel[(e, triton.cdiv(out, FLOAT_BLOCK_O), t)](x, w, y, e, out, k, BLOCK_O=FLOAT_BLOCK_O,
+                                                                  BLOCK_I=FLOAT_BLOCK_I)  # fmt: skip
+    return y
+
+
 # Split-K target for decode GEMVs. On an H200 (docs/benchmarks.md, 2026-11-30), 8 programs per
 # SM against 2 took V3's q_a and shared-expert GEMVs from 12-14 us to 8-13 us and attn_output
 # from 155 to 60 us (Q4_K): a GEMV streams its weights, and only many programs in flight cover

@@ -46,13 +46,13 @@ class OpBuilder:
 
     def split_stacks(self, name: str, n_head: int, nope: int, v_dim: int) -> tuple[QuantLinear3, QuantLinear3] | None:
         """k_b and v_b derived from a joint kv_b (the planner counts their bytes: family.
-        derived_at_load): beside it for the CPU engine, instead of it on the GPU (W_UK as float
-        through torch, W_UV in its GPU format); None where kv_b runs on the reference path."""
+        derived_at_load): beside it for the CPU engine, instead of it on the GPU (W_UK as float,
+        W_UV in its GPU format, both on kv_b's kernels); None where kv_b runs on the reference path."""
         backend, device = self.backend(name), self.device(name)
         if backend == "cpu-engine":
             backends = ("cpu-engine", "cpu-engine")
-        elif backend in GPU_BACKENDS:
-            backends = ("gpu-torch", backend)
+        elif backend in GPU_BACKENDS:  # W_UK as a float stack on the same kernels (Triton or torch)
+            backends = (backend, backend)
         else:
             return None
         infos = split_joint_kv_b(self.tensors[name], n_head, nope, v_dim)

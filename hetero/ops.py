@@ -20,7 +20,16 @@ from cpu_ops.experts import CpuExperts, Stack, supported_stacks
 from cpu_ops.matmul import CpuMatrix, CpuStack, supported
 from gpu_ops.capabilities import FLOATS
 from gpu_ops.experts import GpuExperts, repack_stack
-from gpu_ops.matmul import DECODE_TOKENS, gathered_matmul, gpu_matmul, has_gpu_format, placed, repack, triton_runs_on
+from gpu_ops.matmul import (
+    DECODE_TOKENS,
+    float_stack_matmul,
+    gathered_matmul,
+    gpu_matmul,
+    has_gpu_format,
+    placed,
+    repack,
+    triton_runs_on,
+)
 from modelfile.errors import HeteroError
 from modelfile.gguf_file import TensorInfo
 from modelfile.quants import dequantize
@@ -73,6 +82,7 @@ def _torch(y: np.ndarray, device: torch.device) -> torch.Tensor:
 
 
 GPU_BACKENDS = ("gpu-triton", "gpu-torch")
+FLOAT_DTYPES = {QType.F32: torch.float32, QType.F16: torch.float16, QType.BF16: torch.bfloat16}
 
 
 def built_backend(cpu, gpu, backend: str, qtype) -> str:
@@ -81,7 +91,7 @@ def built_backend(cpu, gpu, backend: str, qtype) -> str:
         return "cpu-engine"
     if gpu is not None:
         return "gpu-triton" if gpu.triton else "gpu-torch"
-    return "gpu-torch" if backend == "gpu-torch" and qtype in FLOATS else "reference"
+    return backend if backend in GPU_BACKENDS and qtype in FLOATS else "reference"
 
 
 def check_backend(name: str, backend: str, qtype, in_features: int, device: torch.device, engine) -> None:
@@ -89,12 +99,13 @@ def check_backend(name: str, backend: str, qtype, in_features: int, device: torc
     if backend == "cpu-engine" and (engine is None or device.type != "cpu" or not supported(qtype, in_features)):
         raise HeteroError(f"{name}: the plan runs it on the CPU engine, which this load cannot ({qtype.name}; "
                           "no executor or no kernel); make the plan with the same options")  # fmt: skip
-    if backend in GPU_BACKENDS and qtype not in FLOATS:
-        if not has_gpu_format(qtype, in_features):
-            raise HeteroError(f"{name}: {qtype.name} has no GPU format for the plan's {backend}")
-        if (backend == "gpu-triton") != triton_runs_on(device):
-            can = "cannot" if backend == "gpu-triton" else "does"
-            raise HeteroError(f"{name}: the plan says {backend}, but Triton {can} run on {device}")
+    # float weights run through torch whatever the machine has, and through Triton where it runs
+    floats_on_torch = qtype in FLOATS and backend == "gpu-torch"
+    if backend in GPU_BACKENDS and qtype not in FLOATS and not has_gpu_format(qtype, in_features):
+        raise HeteroError(f"{name}: {qtype.name} has no GPU format for the plan's {backend}")
+    if backend in GPU_BACKENDS and not floats_on_torch and (backend == "gpu-triton") != triton_runs_on(device):
+        can = "cannot" if backend == "gpu-triton" else "does"
+        raise HeteroError(f"{name}: the plan says {backend}, but Triton {can} run on {device}")
 
 
 class QuantLinear:
@@ -244,7 +255,8 @@ class ExpertResult:
 
 
 class QuantLinear3:
-    """A stack of matrices [E, out, in] with per-matrix matmul; used for experts and MLA heads."""
+    """A stack of matrices [E, out, in] with per-matrix matmul; used for experts and MLA heads.
+    A float stack on the GPU is multiplied as it is stored (gpu_ops.matmul.float_stack_matmul)."""
 
     def __init__(self, info: TensorInfo, device: torch.device, backend: str = "reference", engine=None):
         self.name, self.qtype = info.name, info.qtype
@@ -259,6 +271,9 @@ class QuantLinear3:
             device = torch.device("cpu")
         self.raw = raw_tensor(info, device)
         self.backend = built_backend(self.cpu, self.gpu, backend, self.qtype)
+        self.floats = None  # [E, out, in] in the file's float type, where the GPU multiplies it as it is
+        if self.qtype in FLOATS and self.backend in GPU_BACKENDS:
+            self.floats = self.raw.view(FLOAT_DTYPES[self.qtype]).view(self.n, self.out_features, self.in_features)
 
     def all(self) -> torch.Tensor:
         """Every matrix as float32 [E, out, in]; only for small stacks (MLA per-head weights)."""
@@ -279,6 +294,9 @@ class QuantLinear3:
             xs = x.to(ids.device).reshape(t * self.n, self.in_features)
             out = gathered_matmul(xs, self.gpu, ids, x_per_token=False)
             return out.view(t, self.n, self.out_features).to(x.device)
+        if self.floats is not None and t <= DECODE_TOKENS:
+            out = float_stack_matmul(x.to(self.floats.device), self.floats, self.backend == "gpu-triton")
+            return out.to(x.device)
         if self.cpu is None:
             return torch.einsum("tei,eoi->teo", x, self.all().to(x.device))
         out = self.cpu(self.engine, _numpy(x.transpose(0, 1)).reshape(self.n * t, self.in_features), t)
@@ -295,9 +313,8 @@ def split_joint_kv_b(info: TensorInfo, n_head: int, nope: int, v_dim: int) -> tu
     v = np.ascontiguousarray(rows[:, nope:]).reshape(n_head * v_dim, -1)
     keys = dequantize(torch.from_numpy(np.ascontiguousarray(rows[:, :nope]).reshape(n_head * nope, -1)),
                       info.qtype, rank).view(n_head, nope, rank).transpose(1, 2)  # fmt: skip
-    floats = {QType.F32: torch.float32, QType.F16: torch.float16, QType.BF16: torch.bfloat16}
-    k_type = info.qtype if info.qtype in floats else QType.F16
-    k = keys.to(floats[k_type]).contiguous().view(torch.uint8)
+    k_type = info.qtype if info.qtype in FLOAT_DTYPES else QType.F16
+    k = keys.to(FLOAT_DTYPES[k_type]).contiguous().view(torch.uint8)
     return (
         replace(info, name=f"{info.name} (W_UK)", qtype=k_type, shape=(n_head, rank, nope),
                 data=k.numpy().reshape(n_head * rank, -1)),

@@ -77,13 +77,13 @@ def read_rate(c: TensorCost, device: str, name: str, hw: Hardware) -> float:
 
 def gpu_read_seconds(c: TensorCost, name: str, hw: Hardware) -> float:
     """Seconds to read all of a GPU tensor's weights once: the stacks the loader derives from
-    it each at its own rate (a float one through torch, the others as the plan names), else the
-    tensor at its backend's."""
+    it each at its own type's rate on the tensor's backend (a float stack through torch is
+    widened in memory, through Triton in registers), else the tensor at its backend's."""
     if not c.derived or name == "reference":
         return c.gpu_bytes / read_rate(c, "gpu", name, hw)
     seconds = 0.0
     for qtype, shape in c.derived:
         stack = replace(c, qtype=qtype, derived=())
         _, size = gpu_format(qtype, shape, 0)
-        seconds += size / read_rate(stack, "gpu", "gpu-torch" if qtype in FLOATS else name, hw)
+        seconds += size / read_rate(stack, "gpu", name, hw)
     return seconds

@@ -101,6 +101,11 @@ def main() -> None:
         "ROW",
         "SPLIT_LEN",
     }
+    floats = {"x_ptr": "*fp32", "y_ptr": "*fp32", "E": "i32", "OUT": "i32", "IN": "i32"}
+    float_blocks = {"BLOCK_O": tk.FLOAT_BLOCK_O, "BLOCK_I": tk.FLOAT_BLOCK_I}
+    for label, w_type in (("float16", "*fp16"), ("bfloat16", "*bf16")):
+        out[f"{label} stack gemv"] = compile_ptx(tk._float_stack_kernel, {**floats, "w_ptr": w_type},
+                                                 {"x_ptr", "w_ptr", "y_ptr", "OUT", "IN"}, float_blocks)  # fmt: skip
     out["mla decode"] = compile_ptx(ta._mla_decode_kernel, attention, attn_aligned, blocks, ta.LAUNCH)
     attention_bf16 = {**attention, "cache_ptr": "*bf16"}  # the GPU's cache
     out["mla decode bf16 cache"] = compile_ptx(ta._mla_decode_kernel, attention_bf16, attn_aligned, blocks, ta.LAUNCH)

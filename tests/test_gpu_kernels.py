@@ -148,6 +148,29 @@ def test_gathered_matmul_picks_each_slot_s_expert(qtype, triton):
             _check(y[s : s + 1], raw[e * rows : (e + 1) * rows], qtype, xs)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
+@pytest.mark.parametrize("tokens", [1, 3])
+@pytest.mark.parametrize("shape", [(3, 100, 48), (4, 64, 128)], ids=str)  # [E, OUT, IN]: a ragged tile and a whole one
+@pytest.mark.parametrize("triton", [True, False])
+def test_float_stacks_match_float64(dtype, tokens, shape, triton):
+    """A float stack (W_UK derived from a joint kv_b) per matrix, as stored: the kernel widens
+    it in registers; the torch path as a float32 copy. Both against float64."""
+    from gpu_ops.matmul import float_stack_matmul
+
+    if triton and not triton_runs_on(DEVICE):
+        pytest.skip("Triton does not run here")
+    rng = np.random.default_rng()
+    e, out, k = shape
+    w = on_device(rng.standard_normal(shape).astype(np.float32)).to(dtype)
+    x = on_device(rng.standard_normal((tokens, e, k)).astype(np.float32))
+    y = float_stack_matmul(x, w, triton)
+    assert y.dtype == torch.float32 and y.shape == (tokens, e, out)
+    w64, x64 = w.double().cpu().numpy(), x.double().cpu().numpy()
+    ref = np.einsum("tek,enk->ten", x64, w64)
+    bound = 1e-6 * np.einsum("tek,enk->ten", np.abs(x64), np.abs(w64))  # float32 sums of k terms
+    assert np.all(np.abs(y.cpu().numpy() - ref) <= bound)
+
+
 @pytest.mark.parametrize("tokens", [3, DECODE_TOKENS + 4])
 def test_gpu_experts_match_float64(tokens):
     """Gathered (decode) and grouped (prefill) expert paths against a float64 MoE."""
