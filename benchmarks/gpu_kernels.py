@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.cpu_kernels import random_matrix  # noqa: E402
 from gpu_ops.attention import mla_decode  # noqa: E402
 from gpu_ops.experts import GpuExperts  # noqa: E402
-from gpu_ops.matmul import float_stack_matmul, gpu_matmul, repack  # noqa: E402
+from gpu_ops.matmul import float_stack_matmul, gpu_matmul, repack, triton_runs_on  # noqa: E402
 
 V3_DENSE = {  # name: (out, in)
     "q_a": (1536, 7168), "q_b": (24576, 1536), "kv_a": (576, 7168), "attn_output": (7168, 16384),
@@ -185,6 +185,8 @@ def main() -> None:
     q = torch.randn(1, heads, nope, device=device)
     uk_copies = copies_of(w_uk, w_uk.numel() * 2, rotate)
     for triton, tag in ((True, "triton"), (False, "torch")):
+        if triton and not triton_runs_on(device):  # the CPU without the interpreter: torch alone
+            continue
         fns = [lambda w=w, triton=triton: float_stack_matmul(q, w, triton) for w in uk_copies]
         rows.append(row(f"W_UK f16 stack {tag}", w_uk.numel() * 2, timed(fns, args.reps, device), bw))
     del uk_copies, w_uk

@@ -170,7 +170,10 @@ def _float_stack_kernel(x_ptr, w_ptr, y_ptr, E, OUT, IN, BLOCK_O: tl.constexpr, 
 
 
 def float_stack_matmul(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """x float32 [T, E, IN] contiguous, w float [E, OUT, IN] contiguous -> float32 [T, E, OUT]."""
+    """x float32 [T, E, IN] contiguous, w float [E, OUT, IN] contiguous -> float32 [T, E, OUT].
+    Each token's programs read the stack again: meant for one decoded token (R1's W_UK)."""
+    if w.numel() >= 2**31:  # the kernel's offsets are int32
+        raise ValueError(f"a float stack of {w.numel()} values is past the kernel's int32 offsets")
     t, e, k = x.shape
     out = w.shape[1]
     y = torch.empty(t, e, out, dtype=torch.float32, device=x.device)

@@ -6,6 +6,7 @@ The backend is decided here, once, from what the kernel packages declare they ca
 
   cpu-engine  cpu_ops' SIMD kernels on GGUF blocks            50% of CPU bandwidth
   gpu-triton  gpu_ops' Triton kernels on repacked tiles        70% of GPU bandwidth
+              (and on derived float stacks, widened in registers)
   gpu-torch   the same tiles (or float weights) through torch  70% for float32, 14% for float16
                                                                and bfloat16 (widened to float32 on
                                                                each call: 5x the traffic), 10% for

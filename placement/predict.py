@@ -13,7 +13,7 @@ FFN_KINDS = ("routed experts", "shared experts", "dense FFN", "router")
 ASSUMPTIONS = (
     "decode reads every weight once per token at its backend's speed: cpu-engine "
     f"{CPU_ENGINE_EFFICIENCY:.0%} of CPU bandwidth, gpu-triton {GPU_TRITON_EFFICIENCY:.0%} of GPU bandwidth, "
-    "reference far less (placement/backends.py)",
+    "float16 through torch a fifth of that (widened per call), reference far less (placement/backends.py)",
     "routed experts read A/E of their bytes per token",
     "attention reads the whole latent KV cache (a full context) each token",
     "per layer: attention, then shared experts on the GPU overlapped with routed experts on the CPU,"
