@@ -66,23 +66,28 @@ def predict(
     for c in costs:
         on_gpu = devices[c.name] == "gpu"
         part = "ffn" if c.kind in FFN_KINDS else "rest"
-        # a tensor the CPU engine decodes through derived stacks reads those instead of its own
-        cpu_read = c.derived_bytes if c.derived_bytes and backends[c.name] == "cpu-engine" else c.gguf_bytes
-        if on_gpu:  # seconds to read every weight once
-            whole = gpu_read_seconds(c, backends[c.name], hw)
+        # Seconds to read every weight once, for a decode step and for a prefill (bytes: the CPU
+        # side's, for the disk share; on_disk holds CPU tensors only). A tensor the CPU engine
+        # decodes through derived stacks reads those, and a prompt the file's own blocks.
+        if on_gpu:
+            decode_s = prefill_s = gpu_read_seconds(c, backends[c.name], hw)
+            decode_bytes = prefill_bytes = 0
         else:
-            whole = cpu_read / read_rate(c, "cpu", backends[c.name], hw)
-        missed = (0.0 if on_gpu else cpu_read * c.read_fraction_decode) * on_disk.get(c.name, 0.0)
+            rate = read_rate(c, "cpu", backends[c.name], hw)
+            prefill_bytes = c.gguf_bytes
+            decode_bytes = c.derived_bytes if c.derived and backends[c.name] == "cpu-engine" else prefill_bytes
+            decode_s, prefill_s = decode_bytes / rate, prefill_bytes / rate
+        evicted = on_disk.get(c.name, 0.0)
+        missed = decode_bytes * c.read_fraction_decode * evicted
         disk_per_token += missed
         slot = layers.setdefault(c.layer, {})
         key = f"{'gpu' if on_gpu else 'cpu'}_{part}"
-        slot[key] = slot.get(key, 0.0) + whole * c.read_fraction_decode + missed / hw.disk_bw
+        slot[key] = slot.get(key, 0.0) + decode_s * c.read_fraction_decode + missed / hw.disk_bw
         pre = f"pre_{'gpu' if on_gpu else 'cpu'}"
         flops = c.flops_per_token * PREFILL_TOKENS / ((hw.gpu_flops if on_gpu else hw.cpu_flops) * FLOPS_EFFICIENCY)
         share = min(1.0, c.read_fraction_decode * PREFILL_TOKENS)  # of the weights a prefill touches
-        from_disk = (0.0 if on_gpu else c.gguf_bytes * share) * on_disk.get(c.name, 0.0) / hw.disk_bw
-        read = whole * share if on_gpu else c.gguf_bytes * share / read_rate(c, "cpu", backends[c.name], hw)
-        slot[pre] = slot.get(pre, 0.0) + max(flops, read) + from_disk
+        from_disk = prefill_bytes * share * evicted / hw.disk_bw
+        slot[pre] = slot.get(pre, 0.0) + max(flops, prefill_s * share) + from_disk
     kv_per_layer = kv_bytes / max(1, len([k for k in layers if k >= 0]))
     decode = prefill = gpu_busy = cpu_busy = 0.0
     for layer, s in layers.items():
