@@ -14,8 +14,12 @@ q = round-half-even(x * iscale); the scale that multiplies the integer sums diff
   d, so dx keeps that unrounded and the kernel rounds d and s to float16 itself.
 (llama.cpp writes Q8_K with the sign of the largest-|x| value folded into d and q; products are
 the same.) dx holds d once per 32 values, xs the integer sums of q per 16 (what K-quant mins
-and zero points multiply). The rounding added is at most half a step per value. The float
-values stay alongside for float weights.
+and zero points multiply). The rounding added is at most half a step per value.
+
+Float weights take float activations, xf, in the weight's own format as llama.cpp converts them
+(`ggml_cpu_fp32_to_fp16` / `_bf16`, round half to even): F16 weights meet x rounded to float16,
+BF16 weights x rounded to bfloat16, F32 weights x itself. The float forms leave xq, dx and xs
+unwritten; the int8 forms leave xf equal to x.
 """
 
 import math
@@ -25,9 +29,9 @@ import numba
 import numpy as np
 
 # the formats as the numba kernels take them
-Q8_0, Q8_1, Q8_K = 0, 1, 2
-FORMATS = {"Q8_0": Q8_0, "Q8_1": Q8_1, "Q8_K": Q8_K}
-GROUP = (32, 32, 256)  # values per scale, by format
+Q8_0, Q8_1, Q8_K, F32, F16, BF16 = range(6)
+FORMATS = {"Q8_0": Q8_0, "Q8_1": Q8_1, "Q8_K": Q8_K, "F32": F32, "F16": F16, "BF16": BF16}
+GROUP = (32, 32, 256, 32, 32, 32)  # values per scale, by format (float weights: 32 at a time)
 
 
 @dataclass
@@ -35,8 +39,8 @@ class QuantizedActivations:
     xq: np.ndarray  # int8 [T, K]
     dx: np.ndarray  # float32 [T, K / 32]
     xs: np.ndarray  # int32 [T, K / 16]
-    xf: np.ndarray  # float32 [T, K], the input
-    form: int  # Q8_0, Q8_1 or Q8_K
+    xf: np.ndarray  # float32 [T, K], the input (rounded to F16 / BF16 in those forms)
+    form: int  # one of FORMATS' values
 
     @property
     def n_tokens(self) -> int:
@@ -71,8 +75,29 @@ def nearest_f16(x: float) -> np.float32:
 
 
 @numba.njit(nogil=True, cache=True)
-def quantize_into(x: np.ndarray, xq: np.ndarray, dx: np.ndarray, xs: np.ndarray, form: int) -> None:
-    """x float32 [T, K] (K a multiple of the format's group) -> xq, dx, xs in place."""
+def nearest_bf16(row: np.ndarray, out: np.ndarray) -> None:
+    """out = row rounded to the nearest bfloat16 (ties to even), as float32; NaN stays NaN."""
+    bits, rounded = row.view(np.uint32), out.view(np.uint32)
+    for i in range(bits.size):
+        b = bits[i]
+        if b & 0x7FFFFFFF > 0x7F800000:
+            rounded[i] = b | 0x00400000
+        else:
+            rounded[i] = ((b + 0x7FFF + ((b >> 16) & 1)) >> 16) << 16
+
+
+@numba.njit(nogil=True, cache=True)
+def quantize_into(x: np.ndarray, xq: np.ndarray, dx: np.ndarray, xs: np.ndarray, xf: np.ndarray, form: int) -> None:
+    """x float32 [T, K] (K a multiple of the format's group) -> xq, dx, xs in place, or (float
+    forms) xf; xf may be x itself in the int8 and F32 forms."""
+    if form >= F32:
+        for t in range(x.shape[0]):
+            if form == BF16:
+                nearest_bf16(x[t], xf[t])
+            else:
+                for i in range(x.shape[1]):
+                    xf[t, i] = nearest_f16(x[t, i]) if form == F16 else x[t, i]
+        return
     group = GROUP[form]
     for t in range(x.shape[0]):
         for o in range(0, x.shape[1], group):
@@ -102,14 +127,15 @@ def quantize_into(x: np.ndarray, xq: np.ndarray, dx: np.ndarray, xs: np.ndarray,
 def quantize(x: np.ndarray, form: int = Q8_0) -> QuantizedActivations:
     """float32 [T, K] -> QuantizedActivations (K must be a multiple of the format's group)."""
     x = np.ascontiguousarray(x, dtype=np.float32)
-    if form not in (Q8_0, Q8_1, Q8_K):
-        raise ValueError(f"activation format must be Q8_0, Q8_1 or Q8_K, got {form}")
+    if form not in FORMATS.values():
+        raise ValueError(f"activation format must be one of {sorted(FORMATS)}, got {form}")
     group = GROUP[form]
     if x.ndim != 2 or x.shape[1] % group:
         raise ValueError(f"activations must be [tokens, K] with K a multiple of {group}, got {x.shape}")
     t, k = x.shape
+    xf = np.empty_like(x) if form in (F16, BF16) else x
     a = QuantizedActivations(
-        np.empty((t, k), np.int8), np.empty((t, k // 32), np.float32), np.empty((t, k // 16), np.int32), x, form
+        np.empty((t, k), np.int8), np.empty((t, k // 32), np.float32), np.empty((t, k // 16), np.int32), xf, form
     )
-    quantize_into(x, a.xq, a.dx, a.xs, form)
+    quantize_into(x, a.xq, a.dx, a.xs, xf, form)
     return a

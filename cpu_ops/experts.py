@@ -75,12 +75,14 @@ def _make_down(down_code: int):
         hq = np.empty((n_max, f), np.int8)
         hdx = np.empty((n_max, f // 32), np.float32)
         hxs = np.empty((n_max, f // 16), np.int32)
+        hf = np.empty((n_max, f), np.float32)
         part = np.empty((n_max, n_rows), np.float32)
         for e in experts:
             first, n = tok_ptr[e], tok_ptr[e + 1] - tok_ptr[e]
             rows = h[first : first + n]
-            quantize_into(rows, hq[:n], hdx[:n], hxs[:n], h_form)
-            rows_of(down_code, dw, d_off[e], d_rs, n_rows, n_blocks, hq, hdx, hxs, rows, 0, n, part, 0)
+            hf[:n] = rows
+            quantize_into(rows, hq[:n], hdx[:n], hxs[:n], hf[:n], h_form)
+            rows_of(down_code, dw, d_off[e], d_rs, n_rows, n_blocks, hq, hdx, hxs, hf, 0, n, part, 0)
             for j in range(n):
                 t = tok_idx[first + j]
                 wt = tok_w[first + j]

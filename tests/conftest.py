@@ -66,18 +66,25 @@ def oracle():
 
 def llama_logits(path, ids: list[int]) -> np.ndarray:
     """llama.cpp's logits for every position, float32 KV cache, no flash attention."""
-    llama_cpp = oracle()
+    return llama_logits_each(path, [ids])[0]
 
+
+def llama_logits_each(path, prompts: list[list[int]]) -> list[np.ndarray]:
+    """llama_logits of each prompt on a fresh cache, the file loaded once."""
+    llama_cpp = oracle()
+    outs = []
     with quiet_stderr():
         f32 = llama_cpp.GGML_TYPE_F32
         llm = llama_cpp.Llama(
-            str(path), n_ctx=max(64, len(ids)), logits_all=True, n_threads=2, verbose=False,
+            str(path), n_ctx=max(64, *map(len, prompts)), logits_all=True, n_threads=2, verbose=False,
             type_k=f32, type_v=f32, flash_attn=False,
         )  # fmt: skip
-        llm.eval(ids)
-    out = np.array(llm.scores[: len(ids)], dtype=np.float32)
+        for ids in prompts:
+            llm.reset()  # the next eval drops every cached position
+            llm.eval(ids)
+            outs.append(np.array(llm.scores[: len(ids)], dtype=np.float32))
     llm.close()
-    return out
+    return outs
 
 
 def rel_err(ours: np.ndarray, ref: np.ndarray) -> float:

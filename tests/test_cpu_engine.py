@@ -115,7 +115,7 @@ def _sum_rounding(qa, t: int) -> np.ndarray:
 
 def _reference(dense, x, ids, weights, gate_form, down_form, float_gate=False, mins=(None, None, None)):
     """float64 expert MLP on the activations as the kernels quantize them (float weights take x
-    as is). Returns the result and the error allowed per element: float32 rounding (relative to
+    rounded to their own format). Returns the result and the error allowed per element: float32 rounding (relative to
     the sum of |terms|), plus what the kernel's float32 h (within dh of the float64 one: 2e-6 of
     the gate and up sums of |terms|) can change in h's int8 rounding: one step for a value near
     a rounding boundary (within 1e-3 of a step, or within what dh and the group's amax moving
@@ -125,8 +125,8 @@ def _reference(dense, x, ids, weights, gate_form, down_form, float_gate=False, m
     g, u, d = dense
     g_min, u_min, d_min = mins
     down_group = GROUP[down_form]
-    xq = None if float_gate else quantize(x, gate_form)
-    xa = x.astype(np.float64) if float_gate else xq.dequantized()
+    xq = quantize(x, gate_form)
+    xa = xq.xf.astype(np.float64) if float_gate else xq.dequantized()
     out = np.zeros_like(xa)
     allowed = np.zeros_like(xa)
     for t in range(x.shape[0]):

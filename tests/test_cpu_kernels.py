@@ -12,7 +12,7 @@ from gguf import GGML_QUANT_SIZES
 from gguf import GGMLQuantizationType as T
 from test_quants import random_rows
 
-from cpu_ops.activations import GROUP, Q8_0, Q8_1, Q8_K, quantize
+from cpu_ops.activations import BF16, F16, F32, GROUP, Q8_0, Q8_1, Q8_K, quantize
 from cpu_ops.blocks import BLOCKS
 from cpu_ops.executor import Executor
 from cpu_ops.matmul import INLINE_BYTES, CpuMatrix, CpuStack, supported
@@ -109,6 +109,25 @@ def test_activations_round_as_llama_cpp(form):
     step = np.repeat(a.dx.astype(np.float16) if form == Q8_1 else a.dx, 32, axis=1).astype(np.float64)
     bound = 0.5 * exact_step + np.abs(a.xq) * np.abs(step - exact_step)
     assert np.all(np.abs(a.dequantized() - x) <= bound * (1 + 1e-5) + 1e-30)
+
+
+@pytest.mark.parametrize("form", [F32, F16, BF16], ids=["F32", "F16", "BF16"])
+def test_float_weights_take_activations_in_their_format(form):
+    """llama.cpp converts the activations to a float weight's own type before the dot product
+    (round half to even): F16 to float16, BF16 to bfloat16; F32 takes them as they are. Checked
+    against numpy's and torch's conversions, with values at and beyond float16's range."""
+    rng = np.random.default_rng()
+    x = rng.standard_normal((3, 256)).astype(np.float32) * np.array([1e-6, 1.0, 3e4], np.float32)[:, None]
+    x[0, :4] = [0.0, -0.0, 1e-8, -7e-8]  # float16 subnormals and zeros
+    x[2, :3] = [70000.0, -65519.0, np.nan]  # past float16's largest value, just below it, NaN
+    a = quantize(x, form)
+    expected = {
+        F32: x,
+        F16: x.astype(np.float16).astype(np.float32),
+        BF16: torch.from_numpy(x).to(torch.bfloat16).float().numpy(),
+    }[form]
+    assert np.array_equal(a.xf, expected, equal_nan=True)
+    assert form == F32 or not np.array_equal(a.xf[1], x[1])  # the rounding did happen
 
 
 def test_unsupported_shapes_and_types():

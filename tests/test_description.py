@@ -58,9 +58,10 @@ def _three_ways(path, description, ids) -> dict[str, np.ndarray]:
 
 @pytest.mark.parametrize("alter", [_dropped, _swapped])
 def test_an_altered_description_changes_all_three_executors(synth, alter):
-    """F16 weights keep activations in float and every expert is used: no int8 rounding or
-    near-tied expert choice separates the executors, only summation order."""
-    path = synth("tiny", "F16", n_expert_used=8)
+    """F32 weights take activations as they are (F16 rounds them to float16 on the CPU engine
+    only) and every expert is used: no rounding step or near-tied expert choice separates the
+    executors, only summation order."""
+    path = synth("tiny", "F32", n_expert_used=8)
     file = GGUFModelFile(path)
     family = family_of(file.metadata)
     original = family.describe(family.config(file.metadata), file.tensors)

@@ -49,9 +49,10 @@ def test_native_routing_matches_the_reference(gating, bias, groups, normalize, s
 )
 def test_native_decode_matches_the_python_forward(synth, preset, overrides):
     """Same logits as the Python forward pass on the same cache, over several steps, for 1-3
-    workers (uneven shares). F16 weights keep activations in float and every expert is used,
-    so no int8 step or near-tied top-k choice can move; what is left is summation order."""
-    path = synth(preset, "F16", **overrides)
+    workers (uneven shares). F32 weights take the activations as they are (F16 would round
+    them to float16) and every expert is used, so no rounding step or near-tied top-k choice
+    can move; what is left is summation order."""
+    path = synth(preset, "F32", **overrides)
     ids = [0, *np.random.default_rng().integers(0, 600, 9).tolist()]
     for threads in (1, 2, 3):
         model = hetero.load_model(path, threads=threads)

@@ -13,7 +13,8 @@ entry here (and the code the entry points to):
   then runs on the reference path on the CPU;
 - `activations`: the block format llama.cpp's CPU backend rounds the activations to before a
   dot product with this type (its `vec_dot_type`), which the engine's kernels reproduce
-  (cpu_ops/activations.py): Q8_K for 256-value blocks, Q8_0 for 32-value ones, unless named;
+  (cpu_ops/activations.py): Q8_K for 256-value blocks, Q8_0 for 32-value ones, unless named
+  (Q8_1; float types name their own float format);
 - `gpu`: the lossless GPU format it is repacked into (gpu_ops/formats.py), or None;
 - where its float16 factors sit (`f16_fields`, or `put_scale` where d is packed across
   bytes): any bit pattern is a valid block of these layouts, so random bytes with sane
@@ -58,7 +59,7 @@ class QuantType:
     # the engine kernel's measured compute ceiling, bytes of weights per second per core (None:
     # memory-bound); the planner's prediction takes the lower of it and the memory's share
     engine_bytes_per_s_per_core: float | None = None
-    activations: str | None = None  # "Q8_0", "Q8_1" or "Q8_K"; None: by block size (see above)
+    activations: str | None = None  # "Q8_0", "Q8_1", "Q8_K", "F32", "F16", "BF16"; None: by block size
 
     @property
     def layout(self) -> tuple[int, int]:
@@ -67,7 +68,7 @@ class QuantType:
 
     @property
     def activation_format(self) -> str:
-        """llama.cpp's vec_dot_type for this type (float types use the float values)."""
+        """llama.cpp's vec_dot_type for this type."""
         return self.activations or ("Q8_K" if self.layout[0] == 256 else "Q8_0")
 
 
@@ -130,9 +131,9 @@ def freeze(reader: str) -> dict[T, QuantType]:
 # Grid types' engine ceilings: GEMV GB/s on this project's 2-core development machine, halved
 # (2026-11-30, docs/benchmarks.md).
 for _t in (
-    QuantType(T.F32, _float(torch.float32), "float", _body("f32")),
-    QuantType(T.F16, _float(torch.float16), "float", _body("f16")),
-    QuantType(T.BF16, _float(torch.bfloat16), "float", _body("bf16")),
+    QuantType(T.F32, _float(torch.float32), "float", _body("f32"), activations="F32"),
+    QuantType(T.F16, _float(torch.float16), "float", _body("f16"), activations="F16"),
+    QuantType(T.BF16, _float(torch.bfloat16), "float", _body("bf16"), activations="BF16"),
     _int8(T.Q4_0, legacy.q4_0, "simple", 32, 272, f16_fields=(0,)),
     _int8(T.Q4_1, legacy.q4_1, "simple", 32, 320, f16_fields=(0, 2), activations="Q8_1"),
     _int8(T.Q5_0, legacy.q5_0, "simple", 32, 272, f16_fields=(0,)),
