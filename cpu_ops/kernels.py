@@ -29,16 +29,19 @@ def _row_dot_codegen(kind, n_tok: int):
     each block of the row is decoded once and multiplied with every token's slice.
 
     32-value blocks each add a float vector into the sum (their scales differ per block), and
-    one accumulator would chain those adds: a float add's latency per 32 values. Their loop
-    takes UNROLL_32 blocks per step into as many accumulators (the K-quants convert once per
-    256 values and keep one)."""
+    one accumulator would chain those adds: a float add's latency per 32 values. For one token
+    their loop takes UNROLL_32 blocks per step into as many accumulators (the K-quants convert
+    once per 256 values and keep one); several tokens are as many chains already, and more
+    accumulators would spill out of AVX2's 16 registers (Q8_0, 4 tokens: 220 instructions and
+    16 stack accesses per step of 4 blocks before, 52 and none per block now). The add may fuse
+    with a body's last multiply (the `contract` flag) into one fma, as llama.cpp's dot does."""
 
     def codegen(context, builder, sig, args):
         _, w_arr, w_off, n_blocks, xq, dx, xs, xf, x_off, x_stride = args
         w_ptr = _i8_pointer(context, builder, sig.args[1], w_arr)
         ptrs = [_i8_pointer(context, builder, t, a) for t, a in zip(sig.args[4:8], (xq, dx, xs, xf), strict=True)]
         zero = ir.Constant(vec(F32, 8), [0.0] * 8)
-        unroll = UNROLL_32 if kind.values == 32 else 1
+        unroll = UNROLL_32 if kind.values == 32 and n_tok == 1 else 1  # many tokens: a chain each
         accs = [[cgutils.alloca_once_value(builder, zero) for _ in range(n_tok)] for _ in range(unroll)]
 
         def block(i, into):
@@ -57,7 +60,7 @@ def _row_dot_codegen(kind, n_tok: int):
                     )
                 )
             for acc, v in zip(into, kind.body(builder, wp, acts), strict=True):
-                builder.store(builder.fadd(builder.load(acc), v), acc)
+                builder.store(builder.fadd(builder.load(acc), v, flags=("contract",)), acc)
 
         steps = builder.udiv(n_blocks, const(I64, unroll))
         with cgutils.for_range(builder, steps) as loop:
