@@ -96,6 +96,8 @@ def _row_dot_intrinsic(n_tok: int):
 
 
 row_dot = _row_dot_intrinsic(1)
+row_dot2 = _row_dot_intrinsic(2)  # what is left of a prompt's tokens after fours (an expert's few)
+row_dot3 = _row_dot_intrinsic(3)
 row_dot4 = _row_dot_intrinsic(4)  # prefill: four tokens per decoded weight block
 
 
@@ -154,7 +156,14 @@ def rows_of(code, w, w_off, row_stride, n_rows, n_blocks, xq, dx, xs, xf, x_off,
             out[t + 1, out_col + r] = y[1]
             out[t + 2, out_col + r] = y[2]
             out[t + 3, out_col + r] = y[3]
-        for t in range(quads, n_tok):
+        left, t = n_tok - quads, quads
+        if left == 3:
+            y3 = row_dot3(code, w, base, n_blocks, xq, dx, xs, xf, t * k + x_off, k)
+            out[t, out_col + r], out[t + 1, out_col + r], out[t + 2, out_col + r] = y3[0], y3[1], y3[2]
+        elif left == 2:
+            y2 = row_dot2(code, w, base, n_blocks, xq, dx, xs, xf, t * k + x_off, k)
+            out[t, out_col + r], out[t + 1, out_col + r] = y2[0], y2[1]
+        elif left == 1:
             out[t, out_col + r] = row_dot(code, w, base, n_blocks, xq, dx, xs, xf, t * k + x_off, k)
 
 
@@ -170,13 +179,12 @@ def _make_matmul_stack(code: int):
     @numba.njit(nogil=True, cache=True)
     def matmul_stack(w, row_bytes, n_rows, n_blocks, first, stop, xq, dx, xs, xf, n_tok, out):
         """For matrices e in [first, stop) of a stack [E, n_rows, row_bytes]: out[t, e * n_rows + r]
-        = row r of matrix e . activations row e * n_tok + t (MLA's per-head products)."""
+        = row r of matrix e . activations row e * n_tok + t (MLA's per-head products; a prompt's
+        tokens share each decoded block as in matmul_rows)."""
         k = xf.shape[1]
         for e in range(first, stop):
-            for r in range(n_rows):
-                base = (e * n_rows + r) * row_bytes
-                for t in range(n_tok):
-                    out[t, e * n_rows + r] = row_dot(code, w, base, n_blocks, xq, dx, xs, xf, (e * n_tok + t) * k, k)
+            rows_of(code, w, e * n_rows * row_bytes, row_bytes, n_rows, n_blocks, xq, dx, xs, xf,
+                    e * n_tok * k, n_tok, out, e * n_rows)  # fmt: skip
 
     return matmul_stack
 

@@ -10,7 +10,10 @@ from cpu_ops.capabilities import runs_on_engine
 from cpu_ops.executor import Executor
 from cpu_ops.kernels import MATMUL, MATMUL_STACK
 
-INLINE_BYTES = 1 << 20  # smaller matrices run on the calling thread: a hand-off (~70 us) costs more
+# less work than this (bytes of weights times tokens) runs on the calling thread: a hand-off
+# (~70 us) costs more. Counted per call, not per matrix: MLA's per-head stacks are under 1 MiB,
+# but a prompt's tokens through them are 16 ms of one thread (V2-Lite, 64 tokens).
+INLINE_BYTES = 1 << 20
 
 
 supported = runs_on_engine  # whether the CPU kernels multiply this type at this row width
@@ -60,14 +63,14 @@ class CpuMatrix:
         )
 
     def __call__(self, executor: Executor | None, acts: QuantizedActivations) -> np.ndarray:
-        """float32 [T, rows]; the rows are split over the workers unless the matrix is small."""
+        """float32 [T, rows]; the rows are split over the workers unless the work is small."""
         if acts.width != self.in_features or acts.form != self.kind.act_form:
             raise ValueError(
                 f"activations [{acts.n_tokens}, {acts.width}] in format {acts.form} for rows of {self.in_features} "
                 f"that need format {self.kind.act_form}"
             )
         out = np.empty((acts.n_tokens, self.rows), np.float32)
-        if executor is None or self.raw.nbytes < INLINE_BYTES:
+        if executor is None or self.raw.nbytes * acts.n_tokens < INLINE_BYTES:
             self.rows_into(acts, out, 0, self.rows)
             return out
         ranges = split(self.rows, executor.n_threads, align=4)
@@ -98,7 +101,7 @@ class CpuStack:
             self.kernel(self.raw, self.row_bytes, self.rows, n_blocks, first, stop,
                         acts.xq, acts.dx, acts.xs, acts.xf, n_tok, out)  # fmt: skip
 
-        if executor is None or self.raw.nbytes < INLINE_BYTES:
+        if executor is None or self.raw.nbytes * n_tok < INLINE_BYTES:
             run(0, self.n)
         else:
             executor.run([lambda a=a, b=b: run(a, b) for a, b in split(self.n, executor.n_threads)])

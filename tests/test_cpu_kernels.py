@@ -47,7 +47,8 @@ def executor():
 
 
 @pytest.mark.parametrize("qtype", list(BLOCKS), ids=lambda t: t.name)
-@pytest.mark.parametrize("rows,blocks,tokens", [(1, 1, 1), (7, 3, 1), (37, 2, 5), (130, 1, 16)])
+# tokens: 1, fours, and fours with 1, 2 or 3 left over (each count has its own row step)
+@pytest.mark.parametrize("rows,blocks,tokens", [(1, 1, 1), (7, 3, 1), (37, 2, 5), (9, 2, 6), (5, 1, 7), (130, 1, 16)])
 def test_matmul_matches_float64(qtype, rows, blocks, tokens, executor):
     rng = np.random.default_rng()
     k = blocks * BLOCKS[qtype].values
@@ -139,7 +140,7 @@ def test_unsupported_shapes_and_types():
 
 
 @pytest.mark.parametrize("qtype", [T.Q5_0, T.Q4_K, T.F16], ids=lambda t: t.name)
-@pytest.mark.parametrize("tokens,rows", [(1, 24), (6, 24), (2, 2000)])  # the last is above INLINE_BYTES
+@pytest.mark.parametrize("tokens,rows", [(1, 24), (6, 24), (2, 2000)])  # the last is above INLINE_BYTES of work
 def test_stack_multiplies_each_slice_by_its_matrix(qtype, tokens, rows, executor):
     """MLA's per-head products: slice e of the input times matrix e of the stack."""
     rng = np.random.default_rng()
@@ -147,7 +148,7 @@ def test_stack_multiplies_each_slice_by_its_matrix(qtype, tokens, rows, executor
     raw, dense = weights(qtype, n * rows, k, rng)
     x = rng.standard_normal((n * tokens, k)).astype(np.float32)
     stack = CpuStack(raw.reshape(n, rows, -1), qtype, n, k)
-    assert (stack.raw.nbytes >= INLINE_BYTES) == (rows > 1000)
+    assert (stack.raw.nbytes * tokens >= INLINE_BYTES) == (rows > 1000)
     acts = quantize(x, BLOCKS[qtype].act_form)
     xd = acts.xf.astype(np.float64) if qtype in FLOATS else acts.dequantized()
     for ex in (None, executor):
