@@ -69,7 +69,8 @@ def main():
     child = mp.get_context("spawn").Process(
         # n_batch >= n_ctx: without logits_all llama-cpp-python keeps n_batch rows of scores and
         # writes the newest token's at its position, which must fit
-        target=llama_server, args=(child_conn, args.model, n_ctx, args.threads, max(512, n_ctx))
+        target=llama_server,
+        args=(child_conn, args.model, n_ctx, args.threads, max(512, n_ctx)),
     )
     child.start()
     conn.recv()

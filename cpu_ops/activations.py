@@ -18,8 +18,8 @@ and zero points multiply). The rounding added is at most half a step per value.
 
 Float weights take float activations, xf, in the weight's own format as llama.cpp converts them
 (`ggml_cpu_fp32_to_fp16` / `_bf16`, round half to even): F16 weights meet x rounded to float16,
-BF16 weights x rounded to bfloat16, F32 weights x itself. The float forms leave xq, dx and xs
-unwritten; the int8 forms leave xf equal to x.
+BF16 weights x rounded to bfloat16, F32 weights x itself. The float forms write only xf, the
+int8 forms only xq, dx and xs (`quantize` then hands x itself as xf).
 """
 
 import math
@@ -81,7 +81,7 @@ def nearest_bf16(row: np.ndarray, out: np.ndarray) -> None:
     for i in range(bits.size):
         b = bits[i]
         if b & 0x7FFFFFFF > 0x7F800000:
-            rounded[i] = b | 0x00400000
+            rounded[i] = (b | 0x00400000) & 0xFFFF0000  # quiet NaN, as llama.cpp's
         else:
             rounded[i] = ((b + 0x7FFF + ((b >> 16) & 1)) >> 16) << 16
 

@@ -604,7 +604,7 @@ class BlockKind:
     values: int
     nbytes: int
     body: object
-    act_form: int  # the activations' format (cpu_ops.activations: Q8_0, Q8_1 or Q8_K)
+    act_form: int  # the activations' format (cpu_ops.activations.FORMATS' values)
 
 
 def _kind(code: int, qtype: QType, body) -> BlockKind:

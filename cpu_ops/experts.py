@@ -80,7 +80,6 @@ def _make_down(down_code: int):
         for e in experts:
             first, n = tok_ptr[e], tok_ptr[e + 1] - tok_ptr[e]
             rows = h[first : first + n]
-            hf[:n] = rows
             quantize_into(rows, hq[:n], hdx[:n], hxs[:n], hf[:n], h_form)
             rows_of(down_code, dw, d_off[e], d_rs, n_rows, n_blocks, hq, hdx, hxs, hf, 0, n, part, 0)
             for j in range(n):

@@ -33,8 +33,9 @@ def _row_dot_codegen(kind, n_tok: int):
     their loop takes UNROLL_32 blocks per step into as many accumulators (the K-quants convert
     once per 256 values and keep one); several tokens are as many chains already, and more
     accumulators would spill out of AVX2's 16 registers (Q8_0, 4 tokens: 220 instructions and
-    16 stack accesses per step of 4 blocks before, 52 and none per block now). The add may fuse
-    with a body's last multiply (the `contract` flag) into one fma, as llama.cpp's dot does."""
+    16 stack accesses per step of 4 blocks before, 52 and none per block now). The add fuses
+    with the 32-value legacy bodies' last multiply (the `contract` flag) into one fma, as
+    llama.cpp's dot does. So a prompt's 32-value sums run in another order than one token's."""
 
     def codegen(context, builder, sig, args):
         _, w_arr, w_off, n_blocks, xq, dx, xs, xf, x_off, x_stride = args

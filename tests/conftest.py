@@ -71,6 +71,8 @@ def llama_logits(path, ids: list[int]) -> np.ndarray:
 
 def llama_logits_each(path, prompts: list[list[int]]) -> list[np.ndarray]:
     """llama_logits of each prompt on a fresh cache, the file loaded once."""
+    if not prompts:
+        return []
     llama_cpp = oracle()
     outs = []
     with quiet_stderr():

@@ -266,7 +266,7 @@ def test_rounding_points_match_llama_cpp(synth, case):
 # prompts cross is chance, so the limits are on shares of positions over many prompts: a wrong
 # rule at any one rounding point moves every position off float32 rounding.
 
-EXACT_SHARE = 0.4  # positions within float32 rounding of llama.cpp: 53-95% measured (12 tokens)
+EXACT_SHARE = 0.4  # positions within float32 rounding of llama.cpp: 53-96% measured (12 tokens)
 FLIPPED_SHARE = 0.05  # positions more than 5e-2 off (a flipped top-k choice): 0-2.1% measured
 
 

@@ -22,8 +22,8 @@ def _decode(model, ids, step, n_prefill=3):
 
 
 HYBRID_CASES = {
-    # dense weights on the "gpu" (reference ops: F16 has no GPU format), experts on the CPU engine
-    "f16-experts-on-cpu-engine": ("F16", ["exps=cpu"], True, {}),
+    # dense weights on the "gpu" (floats through torch), experts on the CPU engine
+    "f32-experts-on-cpu-engine": ("F32", ["exps=cpu"], True, {}),
     # dense weights in the GPU formats (Int8Rows), experts through the reference ops on the CPU
     "q8_0-experts-on-cpu-reference": ("Q8_0", ["exps=cpu"], False, {}),
     # everything on the "gpu": experts as gathered GEMVs, no hand-off
@@ -35,8 +35,9 @@ HYBRID_CASES = {
 
 @pytest.mark.parametrize("case", HYBRID_CASES)
 def test_static_step_equals_the_plain_forward(synth, case, monkeypatch):
-    """Every expert used (no near-tied top-k choice can flip) and, with the CPU engine, float
-    activations (F16): what is left between the two is summation order."""
+    """Every expert used (no near-tied top-k choice can flip) and, with the CPU engine, F32
+    weights, whose activations are not rounded (F16's are, to float16): what is left between
+    the two is summation order."""
     quant, rules, cpu_kernels, overrides = HYBRID_CASES[case]
     # The torch side of the seam: the Triton kernels are tested alone (test_gpu_kernels) and in
     # a whole hybrid model (test_placement), and interpreting them here would take minutes.
