@@ -87,6 +87,13 @@ def nearest_bf16(row: np.ndarray, out: np.ndarray) -> None:
 
 
 @numba.njit(nogil=True, cache=True)
+def float_values_buffer(x: np.ndarray, form: int) -> np.ndarray:
+    """Where quantize_into puts the float values of x [T, K]: a new array where the form rounds
+    them (F16, BF16), else x itself."""
+    return np.empty_like(x) if form == F16 or form == BF16 else x
+
+
+@numba.njit(nogil=True, cache=True)
 def quantize_into(x: np.ndarray, xq: np.ndarray, dx: np.ndarray, xs: np.ndarray, xf: np.ndarray, form: int) -> None:
     """x float32 [T, K] (K a multiple of the format's group) -> xq, dx, xs in place, or (float
     forms) xf; xf may be x itself in the int8 and F32 forms."""
@@ -133,7 +140,7 @@ def quantize(x: np.ndarray, form: int = Q8_0) -> QuantizedActivations:
     if x.ndim != 2 or x.shape[1] % group:
         raise ValueError(f"activations must be [tokens, K] with K a multiple of {group}, got {x.shape}")
     t, k = x.shape
-    xf = np.empty_like(x) if form in (F16, BF16) else x
+    xf = float_values_buffer(x, form)
     a = QuantizedActivations(
         np.empty((t, k), np.int8), np.empty((t, k // 32), np.float32), np.empty((t, k // 16), np.int32), xf, form
     )

@@ -21,7 +21,7 @@ from llvmlite import ir
 from numba.core import types
 from numba.extending import intrinsic
 
-from cpu_ops.activations import BF16, F16, quantize_into
+from cpu_ops.activations import float_values_buffer, quantize_into
 from cpu_ops.kernels import matmul_rows_any
 from cpu_ops.spin import SPIN_POLLS, _load_acquire, fetch_add, spin_until
 from modelfile.blocks import MATRICES, VECTORS
@@ -74,7 +74,7 @@ def _quantized(x, form):
     """x float32 [K] as the kernels' activations in format `form` (int8, scales, sums, floats)."""
     k = x.size
     x2 = x.reshape((1, k))
-    xf = np.empty((1, k), np.float32) if form == F16 or form == BF16 else x2
+    xf = float_values_buffer(x2, form)
     xq = np.empty((1, k), np.int8)
     dx = np.empty((1, k // 32), np.float32)
     xs = np.empty((1, k // 16), np.int32)

@@ -16,6 +16,10 @@ from cpu_ops.kernels import MATMUL, MATMUL_STACK
 INLINE_BYTES = 1 << 20
 
 
+def _inline(executor: Executor | None, weight_bytes: int, n_tokens: int) -> bool:
+    return executor is None or weight_bytes * n_tokens < INLINE_BYTES
+
+
 supported = runs_on_engine  # whether the CPU kernels multiply this type at this row width
 
 
@@ -70,7 +74,7 @@ class CpuMatrix:
                 f"that need format {self.kind.act_form}"
             )
         out = np.empty((acts.n_tokens, self.rows), np.float32)
-        if executor is None or self.raw.nbytes * acts.n_tokens < INLINE_BYTES:
+        if _inline(executor, self.raw.nbytes, acts.n_tokens):
             self.rows_into(acts, out, 0, self.rows)
             return out
         ranges = split(self.rows, executor.n_threads, align=4)
@@ -101,7 +105,7 @@ class CpuStack:
             self.kernel(self.raw, self.row_bytes, self.rows, n_blocks, first, stop,
                         acts.xq, acts.dx, acts.xs, acts.xf, n_tok, out)  # fmt: skip
 
-        if executor is None or self.raw.nbytes * n_tok < INLINE_BYTES:
+        if _inline(executor, self.raw.nbytes, n_tok):
             run(0, self.n)
         else:
             executor.run([lambda a=a, b=b: run(a, b) for a, b in split(self.n, executor.n_threads)])

@@ -115,8 +115,8 @@ def _sum_rounding(qa, t: int) -> np.ndarray:
 
 def _reference(dense, x, ids, weights, gate_form, down_form, float_gate=False, mins=(None, None, None)):
     """float64 expert MLP on the activations as the kernels quantize them (float weights take x
-    rounded to their own format). Returns the result and the error allowed per element: float32 rounding (relative to
-    the sum of |terms|), plus what the kernel's float32 h (within dh of the float64 one: 2e-6 of
+    rounded to their own format). Returns the result and the error allowed per element: float32
+    rounding (relative to the sum of |terms|), plus what the kernel's float32 h (within dh of the float64 one: 2e-6 of
     the gate and up sums of |terms|) can change in h's int8 rounding: one step for a value near
     a rounding boundary (within 1e-3 of a step, or within what dh and the group's amax moving
     by its own dh shift it), and, for groups whose float16 scale (Q8_0 and Q8_1, group 32) sits

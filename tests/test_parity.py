@@ -157,6 +157,7 @@ ROUNDING_CASES = {
 # float16 and bfloat16 weights take the activations rounded to their format; whole models of
 # these cross a float16 rounding boundary in most prompts (float32 sums in another order)
 FLOAT16_CASES = {"f16": ("tiny", "F16", {}, "llama.cpp"), "bf16": ("tiny", "BF16", {}, "llama.cpp")}
+OP_CASES = {**ROUNDING_CASES, **FLOAT16_CASES}
 FLOAT32_ROUNDING = 1e-5  # measured 1e-7 to 5e-7
 ONE_FLIP = 1e-2  # one activation one int8 step off: 1e-5 to 3e-3 measured
 FORM_CHANGE = 1e-2  # an attention block rounded as the other MLA form: 9e-3 to 1e-2 measured
@@ -234,11 +235,11 @@ def rounding_point_errors(model, got: dict, n: int) -> tuple[dict[str, float], d
     return ops, blocks
 
 
-@pytest.mark.parametrize("case", {**ROUNDING_CASES, **FLOAT16_CASES})
+@pytest.mark.parametrize("case", OP_CASES)
 def test_rounding_points_match_llama_cpp(synth, case):
     """Top-k routing (top-2 of 8; V3's top-8 of 32 in 8 groups), every weight type of the
     llama.cpp mixes and the low-bit experts, both MLA layouts: op by op as llama.cpp."""
-    preset, quant, overrides, quantizer = {**ROUNDING_CASES, **FLOAT16_CASES}[case]
+    preset, quant, overrides, quantizer = OP_CASES[case]
     path = synth(preset, quant, quantizer=quantizer, **overrides)
     model = hetero.load_model(path, match_llama_cpp=True)
     n_tokens, samples = 8, {}
