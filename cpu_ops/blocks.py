@@ -38,6 +38,8 @@ from cpu_ops.simd import (
     dot_u8_s8,
     fma,
     from_scalars,
+    hadd_i16,
+    hadd_i32,
     load,
     lookup16,
     madd_i16,
@@ -508,37 +510,102 @@ def _nibbles32(b, qs16):
     return shuffle(b, lo, list(range(32)), hi)
 
 
-def _legacy(b, w, acts, q, zero):
-    """d * (q - zero) . x for one 32-value block, the zero point subtracted in 8 bits."""
-    signed = b.sub(q, splat(I8, 32, zero))
+def _legacy(b, w, acts, q):
+    """d * q . x for one 32-value block of signed values q (the zero point already subtracted)."""
     d = _f16(b, w, 0)
     out = []
     for a in acts:
-        dot = madd_i16(b, dot_s8_s8(b, signed, load(b, a.xq, 0, I8, 32)), _ones16(b))
+        dot = madd_i16(b, dot_s8_s8(b, q, load(b, a.xq, 0, I8, 32)), _ones16(b))
         out.append(b.fmul(to_float(b, dot), _splat_f(b, b.fmul(load(b, a.dx, 0, F32), d)), flags=("contract",)))
     return out
 
 
-def q4_0(b, w, acts):
-    return _legacy(b, w, acts, _nibbles32(b, load(b, w, 2, I8, 16)), 8)
+GROUP = 8  # 32-value blocks a grouped body takes at once
 
 
-def q5_0(b, w, acts):
-    """The fifth bits: bit j of the 32-bit qh lifts value j by 16 (byte-wise test, no 32-bit lanes)."""
+def legacy_group(b, w, acts, kind):
+    """GROUP consecutive 32-value blocks of a legacy kind at once: per token, the blocks' integer
+    dot products are summed lane-wise into one vector whose lane j is block j's dot, so
+    converting and scaling take one instruction per 8 blocks instead of one each, with the 8
+    scales d_j * dx_j as one vector. Each block is still d * dx * (integer dot), rounded as in
+    `_legacy`; only the order of the float sum differs.
+
+    Signed values (Q8_0, IQ4_NL) go through vpsignb and vpmaddubsw, each block's pair sums
+    widened at once (vpmaddwd) and the blocks joined by vphaddd. Unsigned values with a zero
+    point (Q4_0, Q5_0: at most 31) multiply x directly and their pair sums are joined in 16 bits
+    (vphaddw; 8 products of at most 31 * 127 stay below 2^15) before one widening per 4 blocks,
+    the zero point taken off through the activations' sums: 10 integer multiplies per token and
+    8 blocks instead of 16. Blocks are taken in pairs and each token's sums folded as they come,
+    which keeps 4 tokens within AVX2's registers."""
+    nbytes = kind.nbytes
+    ds = [load(b, w, nbytes * j, F16) for j in range(GROUP)]
+    d8 = b.fpext(from_scalars(b, ds), vec(F32, GROUP))
+    # per token: for blocks 4h..4h+3, lanes 0-3 over their values 0-15, lanes 4-7 over 16-31
+    halves = [[] for _ in acts]
+    for j in range(0, GROUP, 4):
+        for p in (j, j + 2):
+            pair = [kind.values_of(b, b.gep(w, [const(I64, nbytes * k)])) for k in (p, p + 1)]
+            for t, a in enumerate(acts):
+                qx = list(zip(pair, (load(b, a.xq, 32 * k, I8, 32) for k in (p, p + 1)), strict=True))
+                if kind.zero is None:
+                    pairs = hadd_i32(b, *(madd_i16(b, dot_s8_s8(b, q, x), _ones16(b)) for q, x in qx))
+                else:
+                    pairs = hadd_i16(b, *(dot_u8_s8(b, q, x) for q, x in qx))
+                if p == j:
+                    halves[t].append(pairs)
+                elif kind.zero is None:
+                    halves[t].append(hadd_i32(b, halves[t].pop(), pairs))
+                else:
+                    halves[t].append(madd_i16(b, hadd_i16(b, halves[t].pop(), pairs), _ones16(b)))
+    out = []
+    for a, (g0, g1) in zip(acts, halves, strict=True):
+        sums = b.add(shuffle(b, g0, [0, 1, 2, 3, 8, 9, 10, 11], g1), shuffle(b, g0, [4, 5, 6, 7, 12, 13, 14, 15], g1))
+        if kind.zero is not None:  # lane j: block j's sum of x times the zero point
+            sums = b.sub(sums, b.mul(_pairs(b, load(b, a.xs, 0, I32, 16)), splat(I32, 8, kind.zero)))
+        out.append(b.fmul(to_float(b, sums), b.fmul(d8, load(b, a.dx, 0, F32, GROUP)), flags=("contract",)))
+    return out
+
+
+def _q4_0_values(b, w):
+    """Unsigned (0-15; zero point 8)."""
+    return _nibbles32(b, load(b, w, 2, I8, 16))
+
+
+def _q5_0_values(b, w):
+    """Unsigned (0-31; zero point 16). The fifth bits: bit j of the 32-bit qh lifts value j by
+    16 (byte-wise test, no 32-bit lanes)."""
     qh = shuffle(b, load(b, w, 2, I8, 4), [j // 8 for j in range(32)])
     bit = b.and_(qh, ir.Constant(vec(I8, 32), [1 << (j % 8) for j in range(32)]))
     high = b.select(b.icmp_unsigned("!=", bit, splat(I8, 32, 0)), splat(I8, 32, 16), splat(I8, 32, 0))
-    return _legacy(b, w, acts, b.or_(_nibbles32(b, load(b, w, 6, I8, 16)), high), 16)
+    return b.or_(_nibbles32(b, load(b, w, 6, I8, 16)), high)
 
 
-def q8_0(b, w, acts):
-    return _legacy(b, w, acts, load(b, w, 2, I8, 32), 0)
+def _q8_0_values(b, w):
+    return load(b, w, 2, I8, 32)
 
 
-def iq4_nl(b, w, acts):
+def _iq4_nl_values(b, w):
     """Q4_0's layout with the non-linear 4-bit levels of IQ4_XS, looked up with vpshufb."""
-    levels = lookup16(b, ir.Constant(vec(I8, 16), list(IQ4_LEVELS)), _nibbles32(b, load(b, w, 2, I8, 16)))
-    return _legacy(b, w, acts, levels, 0)
+    return lookup16(b, ir.Constant(vec(I8, 16), list(IQ4_LEVELS)), _nibbles32(b, load(b, w, 2, I8, 16)))
+
+
+def _legacy_type(values_of, zero=None):
+    """A 32-value type's body (one block); as attributes, the block's values (signed, or
+    unsigned with a zero point) for its grouped body, `legacy_group`."""
+
+    def body(b, w, acts):
+        q = values_of(b, w)
+        return _legacy(b, w, acts, q if zero is None else b.sub(q, splat(I8, 32, zero)))
+
+    body.values_of, body.zero = values_of, zero
+    body.__doc__ = values_of.__doc__
+    return body
+
+
+q4_0 = _legacy_type(_q4_0_values, zero=8)
+q5_0 = _legacy_type(_q5_0_values, zero=16)
+q8_0 = _legacy_type(_q8_0_values)
+iq4_nl = _legacy_type(_iq4_nl_values)
 
 
 def _with_min(b, w, acts, q):
@@ -605,6 +672,8 @@ class BlockKind:
     nbytes: int
     body: object
     act_form: int  # the activations' format (cpu_ops.activations.FORMATS' values)
+    values_of: object = None  # 32-value legacy types: one block's values, for `legacy_group`
+    zero: int | None = None  # their zero point, where values_of gives them unsigned
 
 
 def _kind(code: int, qtype: QType, body) -> BlockKind:
@@ -612,7 +681,8 @@ def _kind(code: int, qtype: QType, body) -> BlockKind:
     block, size = GGML_QUANT_SIZES[qtype]
     values = values_per_block(qtype)
     form = FORMATS[QUANT_TYPES[qtype].activation_format]
-    return BlockKind(code, values, size * values // block, body, form)
+    legacy = getattr(body, "values_of", None), getattr(body, "zero", None)
+    return BlockKind(code, values, size * values // block, body, form, *legacy)
 
 
 # each engine type's body, as its declaration names it (modelfile/quants/types.py); the code is

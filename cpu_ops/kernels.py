@@ -2,9 +2,9 @@
 
 `row_dot(code, ...)` is one output value: a loop over the row's blocks (LLVM IR from
 `blocks.py`) accumulating 8 float lanes. `matmul_rows` runs a range of rows for every token,
-so prefill (many tokens) reuses each weight row from L1 while the activations stay in L2. The
-kernels release the GIL and never start threads: the executor (`executor.py`) decides who runs
-which rows. `matmul_rows_any` is the native step's entry: the type is known only at run time
+so prefill (many tokens) reuses each weight row from L1 while a tile of tokens' activations
+stays in L2. The kernels release the GIL and never start threads: the executor (`executor.py`)
+decides who runs which rows. `matmul_rows_any` is the native step's entry: the type is known only at run time
 there, so one switch picks the type's own row loop.
 """
 
@@ -13,7 +13,7 @@ from llvmlite import ir
 from numba.core import cgutils, types
 from numba.extending import intrinsic
 
-from cpu_ops.blocks import BLOCKS, Act
+from cpu_ops.blocks import BLOCKS, GROUP, Act, legacy_group
 from cpu_ops.simd import F32, I8, I64, const, hsum, vec
 
 UNROLL_32 = 4  # 32-value blocks per loop step, each into its own accumulator
@@ -35,23 +35,26 @@ def _row_dot_codegen(kind, n_tok: int):
     accumulators would spill out of AVX2's 16 registers (Q8_0, 4 tokens: 220 instructions and
     16 stack accesses per step of 4 blocks before, 52 and none per block now). The add fuses
     with the 32-value legacy bodies' last multiply (the `contract` flag) into one fma, as
-    llama.cpp's dot does. So a prompt's 32-value sums run in another order than one token's."""
+    llama.cpp's dot does. For several tokens the legacy types take GROUP blocks per step
+    (`blocks.legacy_group`: one conversion and scaling per 8 blocks; Q8_0 at 64 tokens 12.6 ->
+    22 GMAC/s per thread, Q5_0 11-16 -> 27), the rest of the row block by block. So a prompt's
+    32-value sums run in another order than one token's."""
 
     def codegen(context, builder, sig, args):
         _, w_arr, w_off, n_blocks, xq, dx, xs, xf, x_off, x_stride = args
         w_ptr = _i8_pointer(context, builder, sig.args[1], w_arr)
         ptrs = [_i8_pointer(context, builder, t, a) for t, a in zip(sig.args[4:8], (xq, dx, xs, xf), strict=True)]
         zero = ir.Constant(vec(F32, 8), [0.0] * 8)
+        grouped = kind.values_of is not None and n_tok > 1
         unroll = UNROLL_32 if kind.values == 32 and n_tok == 1 else 1  # many tokens: a chain each
         accs = [[cgutils.alloca_once_value(builder, zero) for _ in range(n_tok)] for _ in range(unroll)]
 
-        def block(i, into):
-            wp = builder.gep(w_ptr, [builder.add(w_off, builder.mul(i, const(I64, kind.nbytes)))])
+        def acts_at(i, values):
+            """The tokens' activations from value i * values of the row on."""
             acts = []
             for t in range(n_tok):
-                xo = builder.add(
-                    builder.add(x_off, builder.mul(x_stride, const(I64, t))), builder.mul(i, const(I64, kind.values))
-                )
+                token = builder.add(x_off, builder.mul(x_stride, const(I64, t)))
+                xo = builder.add(token, builder.mul(i, const(I64, values)))
                 acts.append(
                     Act(
                         xq=builder.gep(ptrs[0], [xo]),
@@ -60,15 +63,30 @@ def _row_dot_codegen(kind, n_tok: int):
                         xf=builder.gep(ptrs[3], [builder.mul(xo, const(I64, 4))]),
                     )
                 )
-            for acc, v in zip(into, kind.body(builder, wp, acts), strict=True):
+            return acts
+
+        def add_into(into, vectors):
+            for acc, v in zip(into, vectors, strict=True):
                 builder.store(builder.fadd(builder.load(acc), v, flags=("contract",)), acc)
 
-        steps = builder.udiv(n_blocks, const(I64, unroll))
+        def block(i, into):
+            wp = builder.gep(w_ptr, [builder.add(w_off, builder.mul(i, const(I64, kind.nbytes)))])
+            add_into(into, kind.body(builder, wp, acts_at(i, kind.values)))
+
+        first = const(I64, 0)
+        if grouped:  # GROUP blocks at a time, then the rest one by one
+            with cgutils.for_range(builder, builder.udiv(n_blocks, const(I64, GROUP))) as loop:
+                wp = builder.gep(w_ptr, [builder.add(w_off, builder.mul(loop.index, const(I64, GROUP * kind.nbytes)))])
+                acts = acts_at(loop.index, GROUP * kind.values)
+                add_into(accs[0], legacy_group(builder, wp, acts, kind))
+            first = builder.mul(builder.udiv(n_blocks, const(I64, GROUP)), const(I64, GROUP))
+        steps = builder.udiv(builder.sub(n_blocks, first), const(I64, unroll))
         with cgutils.for_range(builder, steps) as loop:
             for u in range(unroll):
-                block(builder.add(builder.mul(loop.index, const(I64, unroll)), const(I64, u)), accs[u])
+                step = builder.add(builder.mul(loop.index, const(I64, unroll)), const(I64, u))
+                block(builder.add(first, step), accs[u])
         if unroll > 1:
-            done = builder.mul(steps, const(I64, unroll))
+            done = builder.add(first, builder.mul(steps, const(I64, unroll)))
             with cgutils.for_range(builder, builder.sub(n_blocks, done)) as loop:
                 block(builder.add(done, loop.index), accs[0])
         sums = []
@@ -100,6 +118,9 @@ row_dot = _row_dot_intrinsic(1)
 row_dot2 = _row_dot_intrinsic(2)  # what is left of a prompt's tokens after fours (an expert's few)
 row_dot3 = _row_dot_intrinsic(3)
 row_dot4 = _row_dot_intrinsic(4)  # prefill: four tokens per decoded weight block
+row_dot8 = _row_dot_intrinsic(8)
+WIDE = tuple(kind.values == 256 for kind in sorted(BLOCKS.values(), key=lambda k: k.code))
+TILE_BYTES = 256 << 10  # a tile of tokens' activations, kept in L2 while every row passes over it
 
 
 @intrinsic
@@ -146,26 +167,39 @@ def rows_of(code, w, w_off, row_stride, n_rows, n_blocks, xq, dx, xs, xf, x_off,
     """out[t, out_col + r] = row r . activations of token t (from column x_off), r < n_rows, for
     weights of block type `code`. Inlined into its caller, where `code` is a closure constant
     (a literal): kernels that capture the code, not a compiled function, pickle the same in
-    every process, so numba's disk cache finds them again."""
+    every process, so numba's disk cache finds them again.
+
+    Tokens go in tiles whose activations fit TILE_BYTES; every row passes over one tile before
+    the next (a 512-token prompt's activations, 1.4 MB at 2048 wide, would otherwise come from
+    L3 for every row: Q4_K 3072 x 2048 went 33 -> 60 GMAC/s on 2 threads). Within a tile a row
+    is decoded once per 8 tokens (256-value types) or 4, then 3, 2 or 1 for what is left."""
     k = xf.shape[1]
-    for r in range(n_rows):
-        base = w_off + r * row_stride
-        quads = n_tok // 4 * 4
-        for t in range(0, quads, 4):
-            y = row_dot4(code, w, base, n_blocks, xq, dx, xs, xf, t * k + x_off, k)
-            out[t, out_col + r] = y[0]
-            out[t + 1, out_col + r] = y[1]
-            out[t + 2, out_col + r] = y[2]
-            out[t + 3, out_col + r] = y[3]
-        left, t = n_tok - quads, quads
-        if left == 3:
-            y3 = row_dot3(code, w, base, n_blocks, xq, dx, xs, xf, t * k + x_off, k)
-            out[t, out_col + r], out[t + 1, out_col + r], out[t + 2, out_col + r] = y3[0], y3[1], y3[2]
-        elif left == 2:
-            y2 = row_dot2(code, w, base, n_blocks, xq, dx, xs, xf, t * k + x_off, k)
-            out[t, out_col + r], out[t + 1, out_col + r] = y2[0], y2[1]
-        elif left == 1:
-            out[t, out_col + r] = row_dot(code, w, base, n_blocks, xq, dx, xs, xf, t * k + x_off, k)
+    tile = max(8, TILE_BYTES // (k + k // 4 + k // 8) // 8 * 8)  # int8 values, sums per 16, scales per 32
+    for t0 in range(0, n_tok, tile):
+        t1 = min(n_tok, t0 + tile)
+        eights = t0 + (t1 - t0) // 8 * 8 if WIDE[code] else t0
+        quads = eights + (t1 - eights) // 4 * 4
+        for r in range(n_rows):
+            base = w_off + r * row_stride
+            for t in range(t0, eights, 8):
+                y8 = row_dot8(code, w, base, n_blocks, xq, dx, xs, xf, t * k + x_off, k)
+                for j in range(8):
+                    out[t + j, out_col + r] = y8[j]
+            for t in range(eights, quads, 4):
+                y = row_dot4(code, w, base, n_blocks, xq, dx, xs, xf, t * k + x_off, k)
+                out[t, out_col + r] = y[0]
+                out[t + 1, out_col + r] = y[1]
+                out[t + 2, out_col + r] = y[2]
+                out[t + 3, out_col + r] = y[3]
+            left, t = t1 - quads, quads
+            if left == 3:
+                y3 = row_dot3(code, w, base, n_blocks, xq, dx, xs, xf, t * k + x_off, k)
+                out[t, out_col + r], out[t + 1, out_col + r], out[t + 2, out_col + r] = y3[0], y3[1], y3[2]
+            elif left == 2:
+                y2 = row_dot2(code, w, base, n_blocks, xq, dx, xs, xf, t * k + x_off, k)
+                out[t, out_col + r], out[t + 1, out_col + r] = y2[0], y2[1]
+            elif left == 1:
+                out[t, out_col + r] = row_dot(code, w, base, n_blocks, xq, dx, xs, xf, t * k + x_off, k)
 
 
 def _make_matmul(code: int):

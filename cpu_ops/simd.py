@@ -3,7 +3,7 @@
 numba has no vector types and widens integer arithmetic to 64 bits, so its loops never reach the
 8-bit multiply-adds that make a quantized GEMV memory-bound (see docs/benchmarks.md). The block
 kernels in `blocks.py` are therefore written as LLVM IR with these helpers and called from numba
-as intrinsics. Four helpers name AVX2 instructions (vpmaddubsw, vpmaddwd, vpsignb, vpshufb);
+as intrinsics. Six helpers name AVX2 instructions (vpmaddubsw, vpmaddwd, vpsignb, vpshufb, vphaddw/d);
 everything else is plain LLVM vector IR. `HAVE_AVX2` gates the whole engine, and machines
 without it use the reference torch ops.
 """
@@ -92,6 +92,17 @@ def dot_s8_s8(b: ir.IRBuilder, w: ir.Value, s: ir.Value) -> ir.Value:
     """32 signed x 32 signed bytes -> 16 x i16 pair sums: |w| times s with w's sign (vpsignb)."""
     absw = _x86(b, "llvm.x86.avx2.psign.b", vec(I8, 32), w, w)
     return dot_u8_s8(b, absw, _x86(b, "llvm.x86.avx2.psign.b", vec(I8, 32), s, w))
+
+
+def hadd_i16(b: ir.IRBuilder, x: ir.Value, y: ir.Value) -> ir.Value:
+    """16 x i16 pair sums of x and y, per 128-bit half: 4 of x's pairs, then 4 of y's (vphaddw)."""
+    return _x86(b, "llvm.x86.avx2.phadd.w", vec(I16, 16), x, y)
+
+
+def hadd_i32(b: ir.IRBuilder, x: ir.Value, y: ir.Value) -> ir.Value:
+    """8 x i32 pair sums of x and y, per 128-bit half: x0+x1, x2+x3, y0+y1, y2+y3, then the same
+    of lanes 4-7 (vphaddd)."""
+    return _x86(b, "llvm.x86.avx2.phadd.d", vec(I32, 8), x, y)
 
 
 def sign_s8(b: ir.IRBuilder, x: ir.Value, signs: ir.Value) -> ir.Value:

@@ -30,13 +30,22 @@ def latent_attention_torch(q_latent, q_rope, rows, scale: float, hidden=None):
     q_rope [..., H, P] against cache rows [S, R + P] -> latent outputs [..., H, R] (float32).
     hidden: bool, broadcast against the scores [..., H, S], True where a position is not seen
     (the future in a prompt, past the end of a decode buffer); None: every row is seen."""
-    r = q_latent.shape[-1]
+    r, p = q_latent.shape[-1], q_rope.shape[-1]
     rows = rows.float()
     latents, k_ropes = rows[:, :r], rows[:, r:]
-    scores = (q_latent @ latents.T + q_rope @ k_ropes.T) * scale
+    scores = q_latent.reshape(-1, r) @ latents.T  # [... * H, S]: the one buffer of this size
+    scores.addmm_(q_rope.reshape(-1, p), k_ropes.T).mul_(scale)
+    scores = scores.view(*q_latent.shape[:-1], -1)
     if hidden is not None:
-        scores = scores.masked_fill(hidden, float("-inf"))
-    return torch.softmax(scores, dim=-1) @ latents
+        scores.masked_fill_(hidden, float("-inf"))
+    return softmax_(scores) @ latents
+
+
+def softmax_(scores: torch.Tensor) -> torch.Tensor:
+    """Softmax over the last dimension in place: a prompt's scores are the largest buffer of a
+    prefill pass (the planner budgets one of them), and torch.softmax would make a second."""
+    scores.sub_(scores.amax(-1, keepdim=True)).exp_()
+    return scores.div_(scores.sum(-1, keepdim=True))
 
 
 def mla_decode_torch(q_latent, q_rope, cache_rows, length, scale: float, known_length: int | None = None):

@@ -47,8 +47,11 @@ def executor():
 
 
 @pytest.mark.parametrize("qtype", list(BLOCKS), ids=lambda t: t.name)
-# tokens: 1, fours, and fours with 1, 2 or 3 left over (each count has its own row step)
-@pytest.mark.parametrize("rows,blocks,tokens", [(1, 1, 1), (7, 3, 1), (37, 2, 5), (9, 2, 6), (5, 1, 7), (130, 1, 16)])
+# tokens: 1, fours, and fours with 1, 2 or 3 left over (each count has its own row step), eights
+# for 256-value blocks; blocks: 32-value types take 8 at a time where a row has them, then the rest
+@pytest.mark.parametrize(
+    "rows,blocks,tokens", [(1, 1, 1), (7, 3, 1), (37, 2, 5), (9, 2, 6), (5, 1, 7), (130, 1, 16), (3, 11, 13), (2, 8, 4)]
+)
 def test_matmul_matches_float64(qtype, rows, blocks, tokens, executor):
     rng = np.random.default_rng()
     k = blocks * BLOCKS[qtype].values
@@ -60,6 +63,27 @@ def test_matmul_matches_float64(qtype, rows, blocks, tokens, executor):
         ours = matrix(ex, acts)
         assert ours.shape == (tokens, rows) and ours.dtype == np.float32
         assert np.all(np.abs(ours - expected) <= 2e-6 * bound + 1e-30)
+
+
+LEGACY = [q for q, kind in BLOCKS.items() if kind.values_of is not None]
+
+
+@pytest.mark.parametrize("qtype", LEGACY, ids=lambda t: t.name)
+@pytest.mark.parametrize("fill", [0x00, 0xFF, 0x7F, 0x80])
+def test_grouped_legacy_blocks_at_their_extremes(qtype, fill):
+    """Every value byte at one extreme and every activation at +-127: the grouped body's 16-bit
+    sums (Q4_0, Q5_0) and vpmaddubsw's pair sums (Q8_0: -128 * -127 twice) stay exact."""
+    rng = np.random.default_rng()
+    raw, _ = weights(qtype, 3, 16 * 32, rng)
+    blocks = raw.reshape(3, 16, -1)
+    blocks[:, :, 2:] = fill  # the float16 scale d stays in bytes 0-1
+    dense = dequantize(torch.from_numpy(raw), qtype, 16 * 32).double().numpy()
+    matrix = CpuMatrix(raw, qtype, 16 * 32)
+    signs = np.where(rng.random((5, 16 * 32)) < 0.5, -1.0, 1.0).astype(np.float32)
+    for x in (np.ones((5, 16 * 32), np.float32), -np.ones((5, 16 * 32), np.float32), signs):
+        acts = matrix.quantize(x)
+        expected, bound = oracle(qtype, dense, acts, raw)
+        assert np.all(np.abs(matrix(None, acts) - expected) <= 2e-6 * bound + 1e-30)
 
 
 def test_big_matrix_splits_over_workers(executor):

@@ -217,3 +217,21 @@ def test_long_prompts_are_prefilled_in_chunks(synth, monkeypatch):
     chunked = model.logits(ids)
     assert passes[1:] == [64, 64, 22]
     np.testing.assert_allclose(chunked, whole, rtol=0, atol=1e-5 * np.abs(whole).max())
+
+
+def test_a_prompt_split_at_odd_places_equals_one_pass(synth):
+    """Prefill in chunks of 1 to 9 tokens (one token goes through the native decode step, a few
+    through the prompt kernels' leftover paths, the attention form changing with each chunk's
+    share of cached positions) gives the logits of one pass over the whole prompt: F32 weights
+    on the CPU engine, every expert used, so only summation order differs."""
+    model = hetero.load_model(synth("tiny", "F32", n_expert_used=8), gpu_mem="0")
+    model.net.cache_dtype = torch.float32
+    rng = np.random.default_rng()
+    for _ in range(3):
+        ids = random_prompt(40, model.tokenizer.bos_id)
+        whole = model.logits(ids)
+        cuts = np.cumsum(rng.integers(1, 10, 40))
+        cuts = [0, *cuts[cuts < len(ids)].tolist(), len(ids)]
+        cache = model.new_cache()
+        parts = [model.forward(ids[a:b], cache).cpu().numpy() for a, b in zip(cuts, cuts[1:], strict=False)]
+        np.testing.assert_allclose(np.concatenate(parts), whole, rtol=0, atol=1e-5 * np.abs(whole).max())
