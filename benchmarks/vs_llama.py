@@ -88,7 +88,7 @@ def main():
     probe = []
     for rep in range(args.reps):
         prompt = [bos, *rng.integers(0, vocab, args.prompt_tokens - 1).tolist()]
-        order = [("hetero", lambda p=prompt: prefill_decode(model, p, args.gen_tokens)),
+        order = [("hetero", lambda p=prompt: prefill_decode(model, p, args.gen_tokens)[:2]),
                  ("llama.cpp", lambda p=prompt: llama(p, args.gen_tokens))]  # fmt: skip
         for name, fn in order if rep % 2 == 0 else order[::-1]:
             pre, dec = fn()

@@ -243,6 +243,10 @@ def synth(
     ] = "tiny",
     quant: Annotated[str, typer.Option(help=QUANT_HELP)] = "Q4_K_M",
     layers: Annotated[int | None, typer.Option(help="Number of layers.", show_default="the preset's")] = None,
+    ctx: Annotated[
+        int | None,
+        typer.Option(help="Training context the file declares (long-prompt tests).", show_default="the preset's"),
+    ] = None,
     seed: Annotated[int, typer.Option(help="Random seed of the weights.")] = 0,
     splits: Annotated[int, typer.Option(help="Write a split set of this many files.")] = 1,
     header_only: Annotated[
@@ -265,9 +269,13 @@ def synth(
     Example: hetero synth v2lite.gguf --preset v2-lite --layers 4 --quant Q4_K_M
     Example: hetero synth r1.gguf --preset r1 --header-only --splits 9   (for hetero plan / info)
     Example: hetero synth r1-ud.gguf --preset r1 --header-only --quant UD-IQ1_S --joint-kv-b   (as released)
+    Example: hetero synth tiny-16k.gguf --preset tiny --ctx 16400   (hetero bench --prompt-tokens 16384)
     """
     t0 = time.perf_counter()
-    layout = {"n_layer": layers, "split_kv_b": False if joint_kv_b else None}  # None: the preset's
+    for name, value in (("--layers", layers), ("--ctx", ctx)):
+        if value is not None and value < 1:
+            raise HeteroError(f"{name} {value}: must be at least 1")
+    layout = {"n_layer": layers, "split_kv_b": False if joint_kv_b else None, "n_ctx": ctx}  # None: the preset's
     if header_only:
         from hetero.synth.header_only import write_header_only
         from hetero.synth.presets import make_preset
@@ -455,6 +463,10 @@ def bench(
         "decode_tok_s": result.decode_median,
         "prefill_tok_s_runs": list(result.prefill_tok_s),
         "decode_tok_s_runs": list(result.decode_tok_s),
+        "time_to_first_token_s": result.first_token_median,
+        "prefill_rss_growth_bytes": result.prefill_rss_growth,
+        "planned_prefill_bytes": plan.prefill_host_bytes,
+        "planned_cpu_bytes": plan.used_bytes("cpu"),
         "predicted": {"prefill_tok_s": pred.prefill_tok_s, "decode_tok_s": pred.decode_tok_s, "bound": pred.bound},
         "measured_over_predicted": {
             "prefill": result.prefill_median / pred.prefill_tok_s if pred.prefill_tok_s else None,
@@ -476,6 +488,13 @@ def bench(
         f"decode {result.decode_median:.3g} tok/s (runs {spread(result.decode_tok_s)}), "
         f"{report['threads']} threads, median of {reps}"
     )
+    console.print(f"time to first token {result.first_token_median:.3g} s for {prompt_tokens} prompt tokens")
+    if result.prefill_rss_growth is not None:
+        console.print(
+            f"RSS rose at most {gib(result.prefill_rss_growth)} during a prefill (with the weights' pages it "
+            f"touched first); the plan's CPU RAM: {gib(plan.used_bytes('cpu'))} (weights, KV cache, prefill "
+            f"activations {gib(plan.prefill_host_bytes)})"
+        )
     console.print(
         f"predicted by the plan: prefill {pred.prefill_tok_s:.1f}, decode {pred.decode_tok_s:.1f} tok/s "
         f"({pred.bound}-bound); measured/predicted decode {report['measured_over_predicted']['decode']:.2f}"

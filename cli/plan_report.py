@@ -59,7 +59,11 @@ def render_plan(plan: Plan, console: Console) -> None:
     else:
         console.print("GPU: none (CPU-only plan)")
     ram = f" of {gib(hw.ram)}" if hw.ram else ""
-    console.print(f"CPU RAM: {gib(plan.used_bytes('cpu'))}{ram} ({hw.cpu_cores} cores, {hw.numa_nodes} NUMA node(s))")
+    kv = f"KV cache {gib(plan.kv_cache_bytes)}, " if plan.kv_cache_device == "cpu" else ""
+    console.print(
+        f"CPU RAM: {gib(plan.used_bytes('cpu'))}{ram} (weights {gib(plan.weights_bytes('cpu'))}, {kv}"
+        f"prefill activations {gib(plan.prefill_host_bytes)}; {hw.cpu_cores} cores, {hw.numa_nodes} NUMA node(s))"
+    )
     for warning in plan.warnings:
         console.print(f"[yellow]warning:[/] {escape(warning)}")
     if plan.fits:

@@ -28,8 +28,8 @@ def _kernel():
 def latent_attention_torch(q_latent, q_rope, rows, scale: float, hidden=None):
     """MLA's absorbed attention in torch, for any number of tokens: q_latent [..., H, R] and
     q_rope [..., H, P] against cache rows [S, R + P] -> latent outputs [..., H, R] (float32).
-    hidden: bool, broadcast against the scores [..., H, S], True where a position is not seen
-    (the future in a prompt, past the end of a decode buffer); None: every row is seen."""
+    hidden: bool [..., 1 or H, K], True where one of the last K positions is not seen (the
+    future in a prompt, past the end of a decode buffer); None: every row is seen."""
     r, p = q_latent.shape[-1], q_rope.shape[-1]
     rows = rows.float()
     latents, k_ropes = rows[:, :r], rows[:, r:]
@@ -37,7 +37,7 @@ def latent_attention_torch(q_latent, q_rope, rows, scale: float, hidden=None):
     scores.addmm_(q_rope.reshape(-1, p), k_ropes.T).mul_(scale)
     scores = scores.view(*q_latent.shape[:-1], -1)
     if hidden is not None:
-        scores.masked_fill_(hidden, float("-inf"))
+        scores[..., scores.shape[-1] - hidden.shape[-1] :].masked_fill_(hidden, float("-inf"))
     return softmax_(scores) @ latents
 
 

@@ -1,5 +1,6 @@
 """Measure prefill and decode speed of a loaded model, several repetitions on fresh random prompts."""
 
+import os
 import statistics
 import time
 from collections.abc import Callable
@@ -14,6 +15,8 @@ class BenchResult:
     gen_tokens: int
     prefill_tok_s: tuple[float, ...]  # one per repetition
     decode_tok_s: tuple[float, ...]
+    first_token_s: tuple[float, ...] = ()  # prompt in, first token's logits out, per repetition
+    prefill_rss_growth: int | None = None  # peak RSS during a prefill over RSS before it, bytes (largest)
 
     @property
     def prefill_median(self) -> float:
@@ -23,17 +26,48 @@ class BenchResult:
     def decode_median(self) -> float:
         return statistics.median(self.decode_tok_s)
 
+    @property
+    def first_token_median(self) -> float:
+        return statistics.median(self.first_token_s)
 
-def prefill_decode(model, ids: list[int], gen_tokens: int) -> tuple[float, float]:
-    """Prefill `ids` on a fresh cache, then decode `gen_tokens` greedily: (prefill, decode) tok/s."""
+
+def _resident_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _restart_peak() -> bool:
+    """Reset the kernel's peak-RSS mark (VmHWM) to the current RSS, so that the next reading
+    is the peak of what follows, not of loading; False where /proc does not allow it."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _peak_resident_bytes() -> int:
+    with open("/proc/self/status") as f:
+        line = next(x for x in f if x.startswith("VmHWM:"))
+    return int(line.split()[1]) * 1024
+
+
+def prefill_decode(model, ids: list[int], gen_tokens: int) -> tuple[float, float, int | None]:
+    """Prefill `ids` on a fresh cache, then decode `gen_tokens` greedily: (prefill, decode) tok/s
+    and how far RSS rose above its level before the prefill at the prefill's peak (None where
+    the peak cannot be measured). The file's pages a prompt touches first count in that rise."""
     cache = model.new_cache(len(ids) + gen_tokens)
+    before = _resident_bytes()
+    measured = _restart_peak()
     t0 = time.perf_counter()
     logits = model.forward(ids, cache, last_only=True)
     t1 = time.perf_counter()
+    growth = _peak_resident_bytes() - before if measured else None
     for _ in range(gen_tokens):
         logits = model.forward([int(logits[-1].argmax())], cache)
     t2 = time.perf_counter()
-    return len(ids) / (t1 - t0), gen_tokens / (t2 - t1)
+    return len(ids) / (t1 - t0), gen_tokens / (t2 - t1), growth
 
 
 def run_bench(model, prompt_tokens: int, gen_tokens: int, reps: int, seed: int = 0, on_rep: Callable | None = None):
@@ -44,15 +78,18 @@ def run_bench(model, prompt_tokens: int, gen_tokens: int, reps: int, seed: int =
         raise ValueError(f"{prompt_tokens} + {gen_tokens} tokens exceed the context of {model.n_ctx}")
     rng = np.random.default_rng(seed)
     model.forward([model.tokenizer.bos_id], model.new_cache(1))  # warm-up: first-touch of pages, allocators
-    prefill, decode = [], []
+    prefill, decode, first, growths = [], [], [], []
     for rep in range(reps):
         ids = [model.tokenizer.bos_id, *rng.integers(0, model.config.n_vocab, prompt_tokens - 1).tolist()]
-        pre, dec = prefill_decode(model, ids, gen_tokens)
+        pre, dec, growth = prefill_decode(model, ids, gen_tokens)
         prefill.append(pre)
         decode.append(dec)
+        first.append(prompt_tokens / pre)
+        growths.append(growth)
         if on_rep:
             on_rep(rep)
-    return BenchResult(prompt_tokens, gen_tokens, tuple(prefill), tuple(decode))
+    growth = None if None in growths else max(growths)
+    return BenchResult(prompt_tokens, gen_tokens, tuple(prefill), tuple(decode), tuple(first), growth)
 
 
 @dataclass(frozen=True)

@@ -99,6 +99,37 @@ def attention_flops(cfg: ModelConfig, ctx: int) -> float:
     return 2 * 2 * cfg.n_head * (cfg.kv_lora_rank + cfg.qk_rope_dim) * ctx
 
 
+SCORES_BYTES = 256 << 20  # one layer's attention scores in a prefill pass, float32
+
+
+def prefill_chunk(cfg: ModelConfig, positions: int) -> int:
+    """Tokens per prefill pass when the pass ends at `positions`: one layer's attention scores
+    [H, T, S] stay within SCORES_BYTES; at least 64, so short contexts are never split."""
+    return max(64, SCORES_BYTES // (4 * cfg.n_head * positions))
+
+
+def prefill_host_bytes(cfg: ModelConfig, positions: int, on_gpu: bool) -> int:
+    """What a prefill pass ending at `positions` holds in host RAM at its peak, float32: on the
+    CPU, its attention scores (one buffer) and the new positions' mask, the keys and values the
+    expanded form makes of every cached latent (float32 latents, keys, keys transposed for the
+    batched product, values), and per token the residual stream and the largest block's
+    buffers (the dense MLP's four of F, or MLA's queries and latent outputs, or the MoE's pairs
+    of tokens and experts), plus one row of logits. With the blocks on the GPU the host holds
+    only the routed experts' hand-off: their input, the pairs' hidden values and the output."""
+    t = min(prefill_chunk(cfg, positions), positions)
+    d, h, r, p = cfg.n_embd, cfg.n_head, cfg.kv_lora_rank, cfg.qk_rope_dim
+    pairs = cfg.n_expert_used * cfg.n_ff_expert  # routed hidden values per token
+    if on_gpu:
+        return 4 * t * (2 * d + 2 * pairs)
+    n, v = cfg.qk_nope_dim, cfg.v_head_dim
+    scores = 4 * h * t * positions + t * t  # and the mask of the new positions
+    expanded = 4 * positions * (h * (2 * n + v) + r + p)  # latents, keys (and transposed), values
+    mla = h * (n + 2 * p) + 2 * (r + p) + 2 * h * max(r, v)
+    mlp = 4 * max(cfg.n_ff_dense, cfg.n_ff_expert * cfg.n_expert_shared)
+    moe = cfg.n_expert + 4 * cfg.n_ff_expert * cfg.n_expert_shared + 2 * pairs
+    return scores + expanded + 4 * t * (4 * d + max(mla, mlp, moe)) + 4 * cfg.n_vocab
+
+
 def prefill_values_per_token(cfg: ModelConfig) -> int:
     """A prefill token's activations on the GPU: latent queries of all heads (twice), 8 hidden-size buffers."""
     return 2 * cfg.n_head * (cfg.kv_lora_rank + cfg.qk_rope_dim) + 8 * cfg.n_embd

@@ -3,10 +3,11 @@
 
 An entry holds the family's config parser and tensor inventory, the planner's cost hooks (the
 values one layer caches per token, attention FLOPs per token over a context, the activations a
-prefill token holds on the GPU, which tensors run together as one expert op, and which are
-only dequantized), and its description: the model as a list of blocks (modelfile/blocks.py),
-from which the runtime derives the eager forward, the hybrid step and the native step, and
-whose cache is `cached_values_per_token` wide; and its synthetic-model recipe (`synth`).
+prefill token holds on the GPU, how a prompt is chunked and what a chunk holds in RAM, which
+tensors run together as one expert op, and which are only dequantized), and its description:
+the model as a list of blocks (modelfile/blocks.py), from which the runtime derives the eager
+forward, the hybrid step and the native step, and whose cache is `cached_values_per_token`
+wide; and its synthetic-model recipe (`synth`).
 Nothing outside an entry names a family's tensors, except llama.cpp's own cross-architecture
 rule tables (tensor kinds for `info`, the quantization type mixes), which name what llama.cpp
 names.
@@ -47,6 +48,9 @@ class Family:
     cached_values_per_token: Callable[[object], int]  # one layer's KV cache
     attention_flops: Callable[[object, int], float]  # per token and layer over a ctx-long cache
     prefill_values_per_token: Callable[[object], int]  # activations a prefill token holds at once
+    prefill_chunk: Callable[[object, int], int]  # (config, positions) -> tokens per prefill pass
+    # (config, positions, blocks on the GPU) -> host RAM a prefill pass ending there holds at its peak
+    prefill_host_bytes: Callable[[object, int, bool], int]
     expert_trios: Callable[[object], list[tuple[str, str, str]]]  # names -> (gate, up, down) per layer
     shared_trio: Callable[[str], tuple[str, str, str]]  # a routed gate's name -> the layer's shared experts
     # (config, name, type) -> (type, shape) of the stacks the loader derives from it and runs instead
@@ -66,6 +70,8 @@ DEEPSEEK2 = Family(
     cached_values_per_token=ds2.cached_values_per_token,
     attention_flops=ds2.attention_flops,
     prefill_values_per_token=ds2.prefill_values_per_token,
+    prefill_chunk=ds2.prefill_chunk,
+    prefill_host_bytes=ds2.prefill_host_bytes,
     expert_trios=ds2.expert_trios,
     shared_trio=ds2.shared_trio,
     derived_at_load=ds2.derived_at_load,

@@ -69,6 +69,7 @@ class Plan:
     executor: str = "eager"  # the decode step: native (one call on the CPU engine), hybrid, eager
     kv_cache_dtype: str = "float32"  # bfloat16 on the GPU, float32 on the CPU
     fused_shared_layers: tuple[int, ...] = ()  # shared experts run in the routed experts' CPU hand-off
+    prefill_host_bytes: int = 0  # host RAM a prefill pass holds at its peak (a prompt filling ctx)
 
     def weights_bytes(self, device: str) -> int:
         return sum(p.bytes for p in self.placements if p.device == device)
@@ -83,6 +84,8 @@ class Plan:
             used += self.kv_cache_bytes
         if device == "gpu" and self.hardware.gpu_mem:
             used += sum(b for _, b in self.reserved)
+        if device == "cpu":
+            used += self.prefill_host_bytes
         return used
 
 
@@ -194,7 +197,9 @@ def make_plan(
     placements = tuple(_placement(c, devices[c.name], backends[c.name]) for c in costs)
     if has_gpu and not any(p.device == "gpu" for p in placements):  # rules sent everything to the CPU
         kv_device, kv_dtype, kv = "cpu", "float32", kv_cache_bytes(cfg, ctx, 4)
-    cpu_need = sum(p.bytes for p in placements if p.device == "cpu") + (kv if kv_device == "cpu" else 0)
+    # a prompt filling the context: its last chunk's scores span every position
+    prefill = family.prefill_host_bytes(cfg, ctx, any(p.device == "gpu" for p in placements))
+    cpu_need = sum(p.bytes for p in placements if p.device == "cpu") + (kv if kv_device == "cpu" else 0) + prefill
     overflow = max(0, cpu_need - hw.ram) if hw.ram else 0
     warnings = []
     if overflow and overcommit:
@@ -230,6 +235,7 @@ def make_plan(
         executor=_executor(cfg, placements, hw),
         kv_cache_dtype=kv_dtype,
         fused_shared_layers=fused,
+        prefill_host_bytes=prefill,
     )
 
 

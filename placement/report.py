@@ -29,6 +29,7 @@ def plan_to_json(plan: Plan) -> dict:
                 "used_bytes": plan.used_bytes("cpu"),
                 "budget_bytes": hw.ram,
                 "weights_bytes": plan.weights_bytes("cpu"),
+                "prefill_bytes": plan.prefill_host_bytes,
             },
         },
         "kv_cache": {
@@ -91,4 +92,5 @@ def plan_from_json(data: dict) -> Plan:
         executor=data["executor"],
         kv_cache_dtype=data["kv_cache"]["dtype"],
         fused_shared_layers=tuple(data["fused_shared_layers"]),
+        prefill_host_bytes=data["devices"]["cpu"].get("prefill_bytes", 0),
     )

@@ -40,3 +40,24 @@ def test_peak_rss_grows_under_one_and_a_half_times_the_weights(synth):
     _growth(small)
     grown = _growth(big) - _growth(small)
     assert grown < 1.5 * added, f"RSS grew {grown / 2**20:.0f} MiB more for {added / 2**20:.0f} MiB more weights"
+
+
+def test_a_long_prompt_stays_within_the_planned_ram(synth):
+    """`hetero bench --prompt-tokens 16384` on the tiny preset: the prompt goes through in chunks
+    whose attention scores fit the family's budget (one pass would hold 4.3 GB of scores), and
+    RSS rises during the prefill by no more than the plan's CPU RAM (weights, KV cache, prefill
+    activations), nor by less than half the activations it budgets (a bound far above what
+    runs is no bound). Measured: 292 MiB of 302 budgeted, plus the KV cache."""
+    path = synth("tiny", "Q4_K_M", n_ctx=16400)
+    args = ["--device", "cpu", "--prompt-tokens", "16384", "--gen-tokens", "2", "--reps", "1", "--ctx", "16400"]
+    out = subprocess.run(
+        [sys.executable, "-m", "cli.main", "bench", str(path), *args, "--json"],
+        capture_output=True, text=True, check=True, timeout=600,
+    )  # fmt: skip
+    r = json.loads(out.stdout.strip().splitlines()[-1])
+    growth, planned = r["prefill_rss_growth_bytes"], r["planned_prefill_bytes"]
+    assert growth <= r["planned_cpu_bytes"], (
+        f"RSS rose {growth / 2**20:.0f} MiB, planned {r['planned_cpu_bytes'] / 2**20:.0f}"
+    )
+    assert growth >= planned / 2, f"RSS rose {growth / 2**20:.0f} MiB of {planned / 2**20:.0f} MiB budgeted"
+    assert r["time_to_first_token_s"] > 0 and r["prefill_tok_s"] > 0

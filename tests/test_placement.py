@@ -406,6 +406,8 @@ def test_a_new_model_family_is_planned_from_its_own_entry(monkeypatch):
         cached_values_per_token=lambda c: 2 * c.n_kv_head * c.head_dim,
         attention_flops=lambda c, ctx: 4 * c.n_head * c.head_dim * ctx,
         prefill_values_per_token=lambda c: 8 * c.n_embd,
+        prefill_chunk=lambda c, positions: 512,
+        prefill_host_bytes=lambda c, positions, on_gpu: 512 * 4 * (c.n_embd if on_gpu else 4 * c.n_ff),
         expert_trios=deepseek2_tensors.expert_trios,  # GGUF's own naming of expert stacks
         shared_trio=lambda gate: (),
         derived_at_load=lambda cfg, name, qtype: (),
@@ -430,6 +432,7 @@ def test_a_new_model_family_is_planned_from_its_own_entry(monkeypatch):
     assert {p.backend for p in plan.placements if p.kind == "routed experts"} <= {"gpu-triton", "gpu-torch"}
     cpu_only = make_plan(cfg, tensors, with_overrides(WORKSTATION, gpu="none"), 1024)
     assert cpu_only.executor == "eager" and cpu_only.kv_cache_bytes == 2 * 1024 * 256 * 4
+    assert cpu_only.prefill_host_bytes == 512 * 4 * 4 * 768 and plan.prefill_host_bytes == 512 * 4 * 512
     assert {p.backend for p in cpu_only.placements if p.kind == "routed experts"} == {"cpu-engine"}
 
 

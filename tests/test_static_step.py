@@ -203,7 +203,7 @@ def test_long_prompts_are_prefilled_in_chunks(synth, monkeypatch):
     tokens; the logits are those of one pass (F32, reference ops, a float32 cache: in a
     bfloat16 one, a float32 rounding difference between a chunk's absorbed attention and one
     pass's expanded form can round a cached latent the other way, ~1e-4 of the logits on CUDA)."""
-    import hetero.models.net as ds
+    import modelfile.deepseek2_tensors as ds
 
     model = hetero.load_model(synth("tiny", "F32"), cpu_kernels=False)
     model.net.cache_dtype = torch.float32

@@ -138,10 +138,10 @@ class Mla(Body):
         q_nope, q_rope, rows = self.project(x, run.cos, run.sin)
         run.cache.write(self.cache_layer, start, rows)
         cached = run.cache.read(self.cache_layer, start + t)  # [S, R+P]
-        future = None
+        future = None  # over the new positions only: every token sees all that was cached before
         if t > 1:  # a single new token sees every cached position: nothing to mask
-            s = torch.arange(start + t, device=x.device)
-            future = (s[None, :] > torch.arange(start, start + t, device=x.device)[:, None])[:, None, :]  # [T, 1, S]
+            new = torch.arange(t, device=x.device)
+            future = (new[None, :] > new[:, None])[:, None, :]  # [T, 1, T]
         form = run.attention_form
         if form == "auto":
             form = "expanded" if expanded_is_cheaper(self.cfg, t, start + t, self.expansion_dequantizes) else "absorbed"
@@ -158,7 +158,7 @@ class Mla(Body):
         scores.view(-1, scores.shape[-1]).addmm_(q_rope.transpose(0, 1).reshape(-1, c.qk_rope_dim), k_ropes.T)
         scores.mul_(self.kq_scale)
         if future is not None:
-            scores.masked_fill_(future.transpose(0, 1), float("-inf"))
+            scores[..., start:].masked_fill_(future.transpose(0, 1), float("-inf"))
         return self.values_out(torch.bmm(softmax_(scores), values).transpose(0, 1))  # [T, H, V]
 
     def expand(self, latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

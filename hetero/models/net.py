@@ -12,8 +12,7 @@ from hetero.loader import OpBuilder
 from hetero.models.blocks import KINDS, Pass, rms_norm
 from hetero.rope import rope_tables
 from modelfile.blocks import Description
-
-SCORES_BYTES = 256 << 20  # attention scores of one layer for one prefill pass (the planner's activations hold them)
+from modelfile.families import family_of_config
 
 
 class Net:
@@ -43,9 +42,9 @@ class Net:
         return next(b for b in self.blocks if b.block.layer == layer and b.block.kind == kind)
 
     def prefill_chunk(self, positions: int) -> int:
-        """Tokens per prefill pass so that one layer's attention scores [T, H, S] (float32) stay
-        within SCORES_BYTES; at least 64, so short contexts are never split."""
-        return max(64, SCORES_BYTES // (4 * self.cfg.n_head * positions))
+        """Tokens per prefill pass ending at `positions`: the family's rule, which the planner
+        budgets the pass's activations by (placement.planner: prefill_host_bytes)."""
+        return family_of_config(self.cfg).prefill_chunk(self.cfg, positions)
 
     def new_cache(self, max_tokens: int) -> KVCache:
         n = self.description.n_cache_layers
