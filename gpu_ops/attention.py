@@ -28,8 +28,9 @@ def _kernel():
 def latent_attention_torch(q_latent, q_rope, rows, scale: float, hidden=None):
     """MLA's absorbed attention in torch, for any number of tokens: q_latent [..., H, R] and
     q_rope [..., H, P] against cache rows [S, R + P] -> latent outputs [..., H, R] (float32).
-    hidden: bool [..., 1 or H, K], True where one of the last K positions is not seen (the
-    future in a prompt, past the end of a decode buffer); None: every row is seen."""
+    hidden: bool, broadcast against the scores of the last K positions [..., H, K] (K its last
+    dimension), True where a position is not seen (the future among a prompt's new positions,
+    past the end of a decode buffer: there K = S); None: every row is seen."""
     r, p = q_latent.shape[-1], q_rope.shape[-1]
     rows = rows.float()
     latents, k_ropes = rows[:, :r], rows[:, r:]

@@ -99,6 +99,31 @@ def attention_flops(cfg: ModelConfig, ctx: int) -> float:
     return 2 * 2 * cfg.n_head * (cfg.kv_lora_rank + cfg.qk_rope_dim) * ctx
 
 
+# the reference dequantizer's time per value, in multiply-adds of torch's float matmul: about 4 ns
+# against 0.04 ns on 2 cores (measured 2026-12-01 on V2-Lite's k_b/v_b, Q5_0 and Q4_K)
+DEQUANTIZE_MACS = 100
+
+
+def expanded_is_cheaper(c: ModelConfig, t: int, s: int, dequantizes: bool = False) -> bool:
+    """Whether T new tokens over S positions cost fewer multiply-adds with the cache expanded.
+
+    Absorbed: T*H*R*(N+V) to move the queries into the latent space and the outputs back, then
+    T*S*H*(2R+P): every score and value product is R wide. Expanded: S*H*R*(N+V) to turn every
+    cached latent into keys and values, then T*S*H*(N+P+V). Expanded is cheaper when the share
+    of positions cached before this call, (S-T)/S, is below T(2R-N-V)/(R(N+V)): for
+    DeepSeek-V3 (R 512, N 128, P 64, V 128) that is T/171. So a prompt on a fresh cache is
+    expanded, a decoded token over a cache is absorbed, and from 171 new tokens on a chunk is
+    expanded however long the cache. `dequantizes`: expanding must first dequantize W_UK and
+    W_UV (H*R*(N+V) values, DEQUANTIZE_MACS each), which moves a fresh prompt's crossing on
+    V2-Lite from a handful of tokens to about 140 (measured: absorbed 1.6x faster at 64 tokens,
+    expanded 1.5x at 512).
+    """
+    h, r, n, p, v = c.n_head, c.kv_lora_rank, c.qk_nope_dim, c.qk_rope_dim, c.v_head_dim
+    absorbed = t * h * (n * r + s * (2 * r + p) + r * v)
+    expanded = h * s * r * (n + v) + t * h * s * (n + p + v) + dequantizes * DEQUANTIZE_MACS * h * r * (n + v)
+    return expanded < absorbed
+
+
 SCORES_BYTES = 256 << 20  # one layer's attention scores in a prefill pass, float32
 
 
@@ -111,11 +136,13 @@ def prefill_chunk(cfg: ModelConfig, positions: int) -> int:
 def prefill_host_bytes(cfg: ModelConfig, positions: int, on_gpu: bool) -> int:
     """What a prefill pass ending at `positions` holds in host RAM at its peak, float32: on the
     CPU, its attention scores (one buffer) and the new positions' mask, the keys and values the
-    expanded form makes of every cached latent (float32 latents, keys, keys transposed for the
-    batched product, values), and per token the residual stream and the largest block's
-    buffers (the dense MLP's four of F, or MLA's queries and latent outputs, or the MoE's pairs
-    of tokens and experts), plus one row of logits. With the blocks on the GPU the host holds
-    only the routed experts' hand-off: their input, the pairs' hidden values and the output."""
+    expanded form makes of every cached latent where the cost rule takes it for that chunk
+    (float32 latents, keys, keys transposed for the batched product, values; not for V3's
+    64-token chunks at a long context, where they would be gigabytes), and per token the
+    residual stream and the largest block's buffers (the dense MLP's four of F, or MLA's
+    queries and latent outputs, or the MoE's pairs of tokens and experts), plus one row of
+    logits. With the blocks on the GPU the host holds only the routed experts' hand-off: their
+    input, the pairs' hidden values and the output."""
     t = min(prefill_chunk(cfg, positions), positions)
     d, h, r, p = cfg.n_embd, cfg.n_head, cfg.kv_lora_rank, cfg.qk_rope_dim
     pairs = cfg.n_expert_used * cfg.n_ff_expert  # routed hidden values per token
@@ -123,7 +150,9 @@ def prefill_host_bytes(cfg: ModelConfig, positions: int, on_gpu: bool) -> int:
         return 4 * t * (2 * d + 2 * pairs)
     n, v = cfg.qk_nope_dim, cfg.v_head_dim
     scores = 4 * h * t * positions + t * t  # and the mask of the new positions
-    expanded = 4 * positions * (h * (2 * n + v) + r + p)  # latents, keys (and transposed), values
+    expanded = 0  # latents, keys (and transposed), values, where the chunk takes that form
+    if expanded_is_cheaper(cfg, t, positions):
+        expanded = 4 * positions * (h * (2 * n + v) + r + p)
     mla = h * (n + 2 * p) + 2 * (r + p) + 2 * h * max(r, v)
     mlp = 4 * max(cfg.n_ff_dense, cfg.n_ff_expert * cfg.n_expert_shared)
     moe = cfg.n_expert + 4 * cfg.n_ff_expert * cfg.n_expert_shared + 2 * pairs

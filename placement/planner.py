@@ -204,8 +204,9 @@ def make_plan(
     warnings = []
     if overflow and overcommit:
         warnings.append(
-            f"CPU RAM: the plan needs {_gib(cpu_need)} but the machine has {_gib(hw.ram)}; {_gib(overflow)} of "
-            "weights will be read from disk as they are used (slower; --no-overcommit refuses instead)"
+            f"CPU RAM: the plan needs {_gib(cpu_need)} (weights, KV cache, prefill activations) but the machine "
+            f"has {_gib(hw.ram)}; {_gib(overflow)} of weights will be read from disk as they are used (slower; "
+            "--no-overcommit refuses instead)"
         )
     elif overflow:
         problems.append(f"CPU RAM: the plan needs {_gib(cpu_need)} but the machine has {_gib(hw.ram)}")

@@ -49,9 +49,12 @@ def executor():
 @pytest.mark.parametrize("qtype", list(BLOCKS), ids=lambda t: t.name)
 # tokens: 1, fours, and fours with 1, 2 or 3 left over (each count has its own row step), eights
 # for 256-value blocks; blocks: 32-value types take 8 at a time where a row has them, then the rest
+# (9, 11: with 2 or 3 tokens too); 70 and 100 tokens of 11 and 96 blocks span two tiles of tokens
 @pytest.mark.parametrize(
-    "rows,blocks,tokens", [(1, 1, 1), (7, 3, 1), (37, 2, 5), (9, 2, 6), (5, 1, 7), (130, 1, 16), (3, 11, 13), (2, 8, 4)]
-)
+    "rows,blocks,tokens",
+    [(1, 1, 1), (7, 3, 1), (37, 2, 5), (9, 2, 6), (5, 1, 7), (130, 1, 16), (3, 11, 13), (2, 8, 4), (3, 9, 7),
+     (2, 8, 6), (2, 11, 70), (1, 96, 100)],
+)  # fmt: skip
 def test_matmul_matches_float64(qtype, rows, blocks, tokens, executor):
     rng = np.random.default_rng()
     k = blocks * BLOCKS[qtype].values

@@ -4,6 +4,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 PROBE = r"""
 import json, resource, sys
 import hetero, torch  # imports are the baseline, not the model
@@ -47,7 +49,8 @@ def test_a_long_prompt_stays_within_the_planned_ram(synth):
     whose attention scores fit the family's budget (one pass would hold 4.3 GB of scores), and
     RSS rises during the prefill by no more than the plan's CPU RAM (weights, KV cache, prefill
     activations), nor by less than half the activations it budgets (a bound far above what
-    runs is no bound). Measured: 292 MiB of 302 budgeted, plus the KV cache."""
+    runs is no bound). Measured: 305 MiB, of which 27 MiB the KV cache; 302 MiB budgeted for
+    the activations."""
     path = synth("tiny", "Q4_K_M", n_ctx=16400)
     args = ["--device", "cpu", "--prompt-tokens", "16384", "--gen-tokens", "2", "--reps", "1", "--ctx", "16400"]
     out = subprocess.run(
@@ -56,6 +59,8 @@ def test_a_long_prompt_stays_within_the_planned_ram(synth):
     )  # fmt: skip
     r = json.loads(out.stdout.strip().splitlines()[-1])
     growth, planned = r["prefill_rss_growth_bytes"], r["planned_prefill_bytes"]
+    if growth is None:
+        pytest.skip("this kernel does not let a process reset its peak RSS (/proc/self/clear_refs)")
     assert growth <= r["planned_cpu_bytes"], (
         f"RSS rose {growth / 2**20:.0f} MiB, planned {r['planned_cpu_bytes'] / 2**20:.0f}"
     )

@@ -7,8 +7,9 @@ import pytest
 import torch
 
 import hetero
-from hetero.models.blocks import Moe, expanded_is_cheaper
+from hetero.models.blocks import Moe
 from hetero.models.hybrid import HybridDecode, StaticDecode, StepProfile
+from modelfile.deepseek2_tensors import expanded_is_cheaper
 from placement.rules import parse_override
 from tests.conftest import DEVICE, llama_logits, random_prompt
 

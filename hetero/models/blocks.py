@@ -22,6 +22,7 @@ from hetero.rope import apply_rope, attention_scales
 from hetero.routing import route
 from modelfile.blocks import MATRICES, STACKS, VECTORS, Block
 from modelfile.config import ModelConfig
+from modelfile.deepseek2_tensors import expanded_is_cheaper
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -183,31 +184,6 @@ class Mla(Body):
         rows = step.cache.layer(self.cache_layer)
         o = mla_decode(self.absorb_q(q_nope)[0], q_rope[0], rows, step.length, self.kq_scale, known)  # [H, R]
         return self.latent_out(o[None])
-
-
-# the reference dequantizer's time per value, in multiply-adds of torch's float matmul: about 4 ns
-# against 0.04 ns on 2 cores (measured 2026-12-01 on V2-Lite's k_b/v_b, Q5_0 and Q4_K)
-DEQUANTIZE_MACS = 100
-
-
-def expanded_is_cheaper(c: ModelConfig, t: int, s: int, dequantizes: bool = False) -> bool:
-    """Whether T new tokens over S positions cost fewer multiply-adds with the cache expanded.
-
-    Absorbed: T*H*R*(N+V) to move the queries into the latent space and the outputs back, then
-    T*S*H*(2R+P): every score and value product is R wide. Expanded: S*H*R*(N+V) to turn every
-    cached latent into keys and values, then T*S*H*(N+P+V). Expanded is cheaper when the share
-    of positions cached before this call, (S-T)/S, is below T(2R-N-V)/(R(N+V)): for
-    DeepSeek-V3 (R 512, N 128, P 64, V 128) that is T/171. So a prompt on a fresh cache is
-    expanded, a decoded token over a cache is absorbed, and from 171 new tokens on a chunk is
-    expanded however long the cache. `dequantizes`: expanding must first dequantize W_UK and
-    W_UV (H*R*(N+V) values, DEQUANTIZE_MACS each), which moves a fresh prompt's crossing on
-    V2-Lite from a handful of tokens to about 140 (measured: absorbed 1.6x faster at 64 tokens,
-    expanded 1.5x at 512).
-    """
-    h, r, n, p, v = c.n_head, c.kv_lora_rank, c.qk_nope_dim, c.qk_rope_dim, c.v_head_dim
-    absorbed = t * h * (n * r + s * (2 * r + p) + r * v)
-    expanded = h * s * r * (n + v) + t * h * s * (n + p + v) + dequantizes * DEQUANTIZE_MACS * h * r * (n + v)
-    return expanded < absorbed
 
 
 def gated_mlp(body: Body, x: torch.Tensor) -> torch.Tensor:
