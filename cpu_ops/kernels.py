@@ -4,8 +4,8 @@
 `blocks.py`) accumulating 8 float lanes. `matmul_rows` runs a range of rows for every token,
 so prefill (many tokens) reuses each weight row from L1 while a tile of tokens' activations
 stays in L2. The kernels release the GIL and never start threads: the executor (`executor.py`)
-decides who runs which rows. `matmul_rows_any` is the native step's entry: the type is known only at run time
-there, so one switch picks the type's own row loop.
+decides who runs which rows. `matmul_rows_any` is the native step's entry: the type is known
+only at run time there, so one switch picks the type's own row loop.
 """
 
 import numba

@@ -36,15 +36,15 @@ def latent_attention_torch(q_latent, q_rope, rows, scale: float, hidden=None):
     latents, k_ropes = rows[:, :r], rows[:, r:]
     scores = q_latent.reshape(-1, r) @ latents.T  # [... * H, S]: the one buffer of this size
     scores.addmm_(q_rope.reshape(-1, p), k_ropes.T).mul_(scale)
-    scores = scores.view(*q_latent.shape[:-1], -1)
+    return masked_softmax_(scores.view(*q_latent.shape[:-1], -1), hidden) @ latents
+
+
+def masked_softmax_(scores: torch.Tensor, hidden: torch.Tensor | None = None) -> torch.Tensor:
+    """Softmax over the last dimension, in place, after -inf where `hidden` (broadcast against
+    the last hidden.shape[-1] positions) is True: a prompt's scores are the largest buffer of a
+    prefill pass (the planner budgets one of them), and torch.softmax would make a second."""
     if hidden is not None:
         scores[..., scores.shape[-1] - hidden.shape[-1] :].masked_fill_(hidden, float("-inf"))
-    return softmax_(scores) @ latents
-
-
-def softmax_(scores: torch.Tensor) -> torch.Tensor:
-    """Softmax over the last dimension in place: a prompt's scores are the largest buffer of a
-    prefill pass (the planner budgets one of them), and torch.softmax would make a second."""
     scores.sub_(scores.amax(-1, keepdim=True)).exp_()
     return scores.div_(scores.sum(-1, keepdim=True))
 

@@ -15,7 +15,6 @@ class BenchResult:
     gen_tokens: int
     prefill_tok_s: tuple[float, ...]  # one per repetition
     decode_tok_s: tuple[float, ...]
-    first_token_s: tuple[float, ...] = ()  # prompt in, first token's logits out, per repetition
     prefill_rss_growth: int | None = None  # peak RSS during a prefill over RSS before it, bytes (largest)
 
     @property
@@ -28,7 +27,8 @@ class BenchResult:
 
     @property
     def first_token_median(self) -> float:
-        return statistics.median(self.first_token_s)
+        """Seconds from the prompt to the first token's logits (the prefill), median."""
+        return statistics.median(self.prompt_tokens / p for p in self.prefill_tok_s)
 
 
 def _resident_bytes() -> int:
@@ -78,18 +78,17 @@ def run_bench(model, prompt_tokens: int, gen_tokens: int, reps: int, seed: int =
         raise ValueError(f"{prompt_tokens} + {gen_tokens} tokens exceed the context of {model.n_ctx}")
     rng = np.random.default_rng(seed)
     model.forward([model.tokenizer.bos_id], model.new_cache(1))  # warm-up: first-touch of pages, allocators
-    prefill, decode, first, growths = [], [], [], []
+    prefill, decode, growths = [], [], []
     for rep in range(reps):
         ids = [model.tokenizer.bos_id, *rng.integers(0, model.config.n_vocab, prompt_tokens - 1).tolist()]
         pre, dec, growth = prefill_decode(model, ids, gen_tokens)
         prefill.append(pre)
         decode.append(dec)
-        first.append(prompt_tokens / pre)
         growths.append(growth)
         if on_rep:
             on_rep(rep)
     growth = None if None in growths else max(growths)
-    return BenchResult(prompt_tokens, gen_tokens, tuple(prefill), tuple(decode), tuple(first), growth)
+    return BenchResult(prompt_tokens, gen_tokens, tuple(prefill), tuple(decode), growth)
 
 
 @dataclass(frozen=True)

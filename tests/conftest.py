@@ -53,6 +53,15 @@ def random_prompt(n_tokens: int, bos_id: int, vocab_limit: int = 600) -> list[in
     return [bos_id, *rng.integers(0, vocab_limit, n_tokens - 1).tolist()]
 
 
+def logits_in_chunks(model, ids: list[int], rng, shortest: int = 1) -> np.ndarray:
+    """model's logits for every position of ids, prefilled in chunks of random lengths from
+    `shortest` to 9 tokens (the last one too), on a fresh cache."""
+    cuts = np.cumsum(rng.integers(shortest, 10, len(ids)))
+    cuts = [0, *cuts[cuts <= len(ids) - shortest].tolist(), len(ids)]
+    cache = model.new_cache()
+    return np.concatenate([model.forward(ids[a:b], cache).cpu().numpy() for a, b in zip(cuts, cuts[1:], strict=False)])
+
+
 def oracle():
     """llama-cpp-python, the reference. A missing one fails the test, except where the run says
     it cannot have one (HETERO_WITHOUT_ORACLE=1: the GPU check kit's machine, which has no

@@ -14,7 +14,7 @@ noise is 1e-7. Top-k files on quantized weights are checked with llama.cpp's rou
 import numpy as np
 import pytest
 import torch
-from conftest import V3_MECHANISMS, llama_logits, llama_logits_each, random_prompt, rel_err
+from conftest import V3_MECHANISMS, llama_logits, llama_logits_each, logits_in_chunks, random_prompt, rel_err
 from llama_tensors import llama_tensors
 
 import hetero
@@ -300,11 +300,7 @@ def test_a_prompt_split_at_odd_places_matches_llama_cpp(synth, case):
     prompts = [random_prompt(16, model.tokenizer.bos_id) for _ in range(24)]
     errors = []
     for ids, ref in zip(prompts, llama_logits_each(path, prompts), strict=True):
-        cuts = np.cumsum(rng.integers(2, 10, 16))
-        cuts = [0, *cuts[cuts <= len(ids) - 2].tolist(), len(ids)]  # the last chunk too has 2 or more
-        cache = model.new_cache()
-        parts = [model.forward(ids[a:b], cache).cpu().numpy() for a, b in zip(cuts, cuts[1:], strict=False)]
-        ours = np.concatenate(parts)
+        ours = logits_in_chunks(model, ids, rng, shortest=2)
         errors += list(np.linalg.norm(ours - ref, axis=1) / np.linalg.norm(ref, axis=1))
     errors = np.array(errors)
     exact, flipped = np.mean(errors <= FLOAT32_ROUNDING), np.mean(errors > 5e-2)

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from gpu_ops.attention import latent_attention_torch, mla_decode, softmax_
+from gpu_ops.attention import latent_attention_torch, masked_softmax_, mla_decode
 from gpu_ops.capabilities import FLOATS
 from hetero.kv_cache import KVCache
 from hetero.loader import OpBuilder
@@ -157,10 +157,9 @@ class Mla(Body):
         # head-major batched products, one buffer of scores (an einsum over [T, H, ...] copies)
         scores = torch.bmm(q_nope.transpose(0, 1), keys.transpose(1, 2))  # [H, T, S]
         scores.view(-1, scores.shape[-1]).addmm_(q_rope.transpose(0, 1).reshape(-1, c.qk_rope_dim), k_ropes.T)
-        scores.mul_(self.kq_scale)
-        if future is not None:
-            scores[..., start:].masked_fill_(future.transpose(0, 1), float("-inf"))
-        return self.values_out(torch.bmm(softmax_(scores), values).transpose(0, 1))  # [T, H, V]
+        hidden = None if future is None else future.transpose(0, 1)  # [1, T, T]
+        probs = masked_softmax_(scores.mul_(self.kq_scale), hidden)
+        return self.values_out(torch.bmm(probs, values).transpose(0, 1))  # [T, H, V]
 
     def expand(self, latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Cached latents [S, R] -> keys [H, S, N] and values [H, S, V]: through the joint kv_b
