@@ -14,6 +14,8 @@ slow stage still leaves the others' results:
     kernels       each GPU format's GEMV against a device-to-device copy, MLA decode attention
     bench-gpu     `hetero bench`, a V2-Lite-shaped model fully on the GPU
     bench-hybrid  `hetero bench --profile`, a V3-shaped model with its routed experts on the CPU
+    bench-roads   the same model's prompt with its CPU experts on the CPU, then streamed to the
+                  GPU (`--prefill-road cpu|gpu`), each beside the plan's prediction
 Writes results.json, results.md and log.txt under --out and prints the short table last.
 """
 
@@ -60,7 +62,12 @@ GPU = Sizes(
     bench=["--prompt-tokens", "512", "--gen-tokens", "32", "--reps", "3"],
     gpu_mem_full="120GiB",
     kernels=["--reps", "50"],
-    tests=["tests/test_gpu_kernels.py", "tests/test_static_step.py", "tests/test_placement.py"],
+    tests=[
+        "tests/test_gpu_kernels.py",
+        "tests/test_static_step.py",
+        "tests/test_placement.py",
+        "tests/test_expert_stream.py",
+    ],  # fmt: skip
 )
 CPU = Sizes(
     gpu_model=["--preset", "tiny", "--quant", "Q4_K_M"],
@@ -73,11 +80,14 @@ CPU = Sizes(
         "tests/test_gpu_kernels.py::test_triton_gemm_matches_float64",
         "tests/test_static_step.py::test_static_step_equals_the_plain_forward",
         "tests/test_static_step.py::test_cuda_graph_replay_equals_eager",
+        "tests/test_expert_stream.py::test_a_layer_asked_for_out_of_order_is_an_error",
     ],  # fmt: skip
 )
 # Seconds: a stage's own ceiling, and what it keeps back for those after it.
-LIMITS = {"install": 60, "models": 120, "tests": 200, "kernels": 90, "bench-gpu": 90, "bench-hybrid": 90}
-FLOOR = {"install": 10, "models": 20, "tests": 30, "kernels": 20, "bench-gpu": 20, "bench-hybrid": 20}
+LIMITS = {"install": 60, "models": 120, "tests": 200, "kernels": 90, "bench-gpu": 90, "bench-hybrid": 90,
+          "bench-roads": 90}  # fmt: skip
+FLOOR = {"install": 10, "models": 20, "tests": 30, "kernels": 20, "bench-gpu": 20, "bench-hybrid": 20,
+         "bench-roads": 20}  # fmt: skip
 
 
 class Kit:
@@ -213,6 +223,17 @@ class Kit:
         prof = data.get("profile") or {}
         return f"{_bench_summary(data)}; step {prof.get('step_ms', 0):.2f} ms, {prof.get('bound', '?')}-bound", data
 
+    def bench_roads(self, left):
+        model, data = self.model_paths["hybrid"], {}
+        for road in ("cpu", "gpu"):
+            argv = self.hetero("bench", str(model), "--gpu-mem", "24GiB", "--override", "exps=cpu", "--prefill-road",
+                               road, *self.sizes.bench, "--json")  # fmt: skip
+            data[road] = json.loads(_check(self.sh("bench-roads", argv, left()), f"hetero bench ({road} road)").stdout)
+        parts = [f"{road} road prefill {d['prefill_tok_s']:.3g} tok/s ({d['measured_over_predicted']['prefill']:.2f}x "
+                 "predicted)" for road, d in data.items()]  # fmt: skip
+        crossover = data["cpu"]["predicted"]["prefill_crossover_tokens"]
+        return "; ".join(parts) + f"; planned crossover {crossover or 'never'}", data
+
     def hetero(self, *args: str) -> list[str]:
         return [sys.executable, "-m", "cli.main", *args]
 
@@ -220,8 +241,9 @@ class Kit:
     def run(self, only: set[str]) -> int:
         self.model_paths = {}
         bodies = {"install": self.install, "models": self.models, "tests": self.tests, "kernels": self.kernels,
-                  "bench-gpu": self.bench_gpu, "bench-hybrid": self.bench_hybrid}  # fmt: skip
-        if only & {"bench-gpu", "bench-hybrid"}:
+                  "bench-gpu": self.bench_gpu, "bench-hybrid": self.bench_hybrid,
+                  "bench-roads": self.bench_roads}  # fmt: skip
+        if only & {"bench-gpu", "bench-hybrid", "bench-roads"}:
             only |= {"models"}  # the benchmarks run on the models it writes
         if only:
             only |= {"install"}  # every stage imports what it installs (a fresh machine has no gguf)

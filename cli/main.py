@@ -353,6 +353,13 @@ def plan(
         str | None, typer.Option(help="Read speed of the model's disk, for plans over RAM.", show_default="2GB/s")
     ] = None,
     no_overcommit: Annotated[bool, typer.Option("--no-overcommit", help=NO_OVERCOMMIT_HELP)] = False,
+    pcie_bw: Annotated[
+        str | None,
+        typer.Option(
+            help="Host-to-GPU copy rate for streaming a prompt's experts, e.g. 25GB/s.",
+            show_default="measured once for this GPU, cached; 25GB/s (PCIe 4.0 x16) for a named one",
+        ),
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object (docs/plan-schema.md).")] = False,
 ):
     r"""Decide what goes on the GPU and what stays in CPU RAM, from the header alone, and predict speed.
@@ -377,9 +384,10 @@ def plan(
 
     file = GGUFModelFile(model)
     all_rules = [parse_override(o) for o in override or []] + (load_rules(rules) if rules else [])
-    with err_console.status("measuring memory bandwidth (once for this machine)", spinner="dots"):
+    with err_console.status("measuring memory bandwidth and prompt speed (once for this machine)", spinner="dots"):
         hw = detect(measure_cpu=cpu_bw is None)
-    hw = with_overrides(hw, gpu=gpu, gpu_mem=gpu_mem, cpu_bw=cpu_bw, ram=ram, cpu_cores=cpu_cores, disk_bw=disk_bw)
+    hw = with_overrides(hw, gpu=gpu, gpu_mem=gpu_mem, cpu_bw=cpu_bw, ram=ram, cpu_cores=cpu_cores, disk_bw=disk_bw,
+                        pcie_bw=pcie_bw)  # fmt: skip
     result = plan_model(file, hw, ctx, all_rules, overcommit=not no_overcommit)
     if as_json:
         print(json.dumps(plan_to_json(result)))
@@ -387,6 +395,19 @@ def plan(
         render_plan(result, console)
     if not result.fits:
         raise HeteroError("the plan does not fit: " + "; ".join(result.problems))
+
+
+def road_plan(plan, road: str):
+    """The plan with its prefill crossover set for --prefill-road: as planned, never (cpu) or
+    from one token (gpu: needs a GPU in the plan and routed experts in CPU RAM)."""
+    from dataclasses import replace
+
+    if road == "plan":
+        return plan
+    if road == "gpu" and not plan.prediction.prefill_gpu_road_tok_s:
+        raise HeteroError("--prefill-road gpu needs a GPU in the plan (--gpu-mem) and routed experts in CPU RAM")
+    crossover = 1 if road == "gpu" else 0
+    return replace(plan, prediction=replace(plan.prediction, prefill_crossover_tokens=crossover))
 
 
 @app.command()
@@ -407,6 +428,9 @@ def bench(
         bool, typer.Option("--profile", help="Per-layer decode timeline: GPU busy, CPU experts, waiting.")
     ] = False,
     no_overcommit: Annotated[bool, typer.Option("--no-overcommit", help=NO_OVERCOMMIT_HELP)] = False,
+    prefill_road: Annotated[
+        str, typer.Option(help="plan (the plan's crossover), cpu or gpu: where a prompt's CPU experts run.")
+    ] = "plan",
 ):
     """Measure prefill and decode tokens/s (medians over repetitions) beside the planner's prediction.
 
@@ -426,16 +450,18 @@ def bench(
 
     if device not in ("cpu", "auto"):
         raise HeteroError(f"--device {device}: choose cpu or auto")
+    if prefill_road not in ("plan", "cpu", "gpu"):
+        raise HeteroError(f"--prefill-road {prefill_road}: choose plan, cpu or gpu")
     check_threads(threads)
     if numa not in ("auto", "off"):
         raise HeteroError(f"--numa {numa}: choose auto or off")
     file = GGUFModelFile(model)
-    with err_console.status("measuring memory bandwidth (once for this machine)", spinner="dots"):
+    with err_console.status("measuring memory bandwidth and prompt speed (once for this machine)", spinner="dots"):
         hw = run_hardware("0" if device == "cpu" else gpu_mem, numa)
     rules = [parse_override(o) for o in override or []]
     if device != "cpu":
         warn_if_gpu_stands_in(gpu_mem)
-    plan = plan_model(file, hw, ctx, rules, overcommit=not no_overcommit)
+    plan = road_plan(plan_model(file, hw, ctx, rules, overcommit=not no_overcommit), prefill_road)
     if profile and not plan.weights_bytes("gpu"):
         raise HeteroError(
             "--profile times the hybrid decode step, and this plan puts nothing on the GPU; give --gpu-mem "
@@ -450,6 +476,8 @@ def bench(
         with err_console.status("profiling decode steps", spinner="dots"):
             timeline = profile_decode(loaded, prompt_tokens, max(gen_tokens, 8))
     pred = plan.prediction
+    road_speed = {"cpu": pred.prefill_cpu_road_tok_s, "gpu": pred.prefill_gpu_road_tok_s}.get(prefill_road)
+    predicted_prefill = road_speed or pred.prefill_tok_s
     cpu_bytes, gpu_bytes = plan.decode_read_bytes("cpu"), plan.decode_read_bytes("gpu")
     report = {
         "model": str(file.paths[0]),
@@ -467,9 +495,17 @@ def bench(
         "prefill_rss_growth_bytes": result.prefill_rss_growth,
         "planned_prefill_bytes": plan.prefill_host_bytes,
         "planned_cpu_bytes": plan.used_bytes("cpu"),
-        "predicted": {"prefill_tok_s": pred.prefill_tok_s, "decode_tok_s": pred.decode_tok_s, "bound": pred.bound},
+        "prefill_road": prefill_road,
+        "predicted": {
+            "prefill_tok_s": predicted_prefill,
+            "decode_tok_s": pred.decode_tok_s,
+            "bound": pred.bound,
+            "prefill_crossover_tokens": pred.prefill_crossover_tokens,
+            "prefill_cpu_road_tok_s": pred.prefill_cpu_road_tok_s,
+            "prefill_gpu_road_tok_s": pred.prefill_gpu_road_tok_s,
+        },
         "measured_over_predicted": {
-            "prefill": result.prefill_median / pred.prefill_tok_s if pred.prefill_tok_s else None,
+            "prefill": result.prefill_median / predicted_prefill if predicted_prefill else None,
             "decode": result.decode_median / pred.decode_tok_s if pred.decode_tok_s else None,
         },
         "decode_weight_bytes_per_token": {"cpu": cpu_bytes, "gpu": gpu_bytes},
@@ -496,7 +532,7 @@ def bench(
             f"activations {gib(plan.prefill_host_bytes)})"
         )
     console.print(
-        f"predicted by the plan: prefill {pred.prefill_tok_s:.1f}, decode {pred.decode_tok_s:.1f} tok/s "
+        f"predicted by the plan: prefill {predicted_prefill:.1f}, decode {pred.decode_tok_s:.1f} tok/s "
         f"({pred.bound}-bound); measured/predicted decode {report['measured_over_predicted']['decode']:.2f}"
     )
     console.print(

@@ -8,6 +8,7 @@ from rich.table import Table
 
 from cli.units import gib
 from placement.planner import Plan
+from placement.predict import PREFILL_TOKENS
 
 EXECUTORS = {
     "native": "native (one compiled call per token on the CPU engine's workers)",
@@ -28,6 +29,23 @@ def layer_ranges(layers: list[int]) -> str:
     if -1 in layers:
         out.append("top")
     return ", ".join(out)
+
+
+def prefill_road(plan: Plan) -> str:
+    """Where a prompt's CPU-resident experts run, by chunk size, and both roads' predicted speed
+    at the prediction's chunk ("" when there is no choice: no GPU, or no experts on the CPU)."""
+    pred = plan.prediction
+    if not pred.prefill_gpu_road_tok_s:
+        return ""
+    both = (f"at {PREFILL_TOKENS} tokens: CPU road {pred.prefill_cpu_road_tok_s:.0f} tok/s, "
+            f"GPU road {pred.prefill_gpu_road_tok_s:.0f} tok/s")  # fmt: skip
+    n = pred.prefill_crossover_tokens
+    if not n:
+        return (
+            "prefill: the CPU's experts stay on the CPU (streaming them to the GPU is slower for every chunk this "
+            f"context runs; {both})"
+        )
+    return f"prefill: the CPU's experts run on the CPU below {n} tokens a chunk, streamed to the GPU from {n} ({both})"
 
 
 def render_plan(plan: Plan, console: Console) -> None:
@@ -79,7 +97,10 @@ def render_plan(plan: Plan, console: Console) -> None:
         f"prefill {pred.prefill_tok_s:.0f} tok/s"
         + (f", reading {gib(pred.disk_bytes_per_token)} a token from disk" if pred.disk_bytes_per_token else "")
     )
-    gpu = f"GPU {hw.gpu_bw / 1e9:.0f} GB/s, " if hw.gpu_mem else ""
+    road = prefill_road(plan)
+    if road:
+        console.print(road)
+    gpu = f"GPU {hw.gpu_bw / 1e9:.0f} GB/s, staging {hw.pcie_bw / 1e9:.1f} GB/s, " if hw.gpu_mem else ""
     console.print(
         f"[dim]hardware: {escape(hw.source)}; {gpu}CPU {hw.cpu_bw / 1e9:.0f} GB/s, {hw.cpu_flops / 1e12:.1f} TFLOP/s[/]"
     )

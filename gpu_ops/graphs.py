@@ -1,4 +1,4 @@
-"""The CUDA-only seam of the decode step: graph capture/replay, pinned buffers, events.
+"""The CUDA-only seam: graph capture/replay, pinned buffers, events, the staging copy stream.
 
 A `Segment` is a function that reads and writes only fixed tensors. It runs eagerly where there
 is no CUDA (the CPU standing in for the GPU: same code, same buffers) and on CUDA it runs
@@ -6,7 +6,8 @@ eagerly once, is captured into a CUDA graph, and is replayed after that: one lau
 hundreds. `Fence` marks a point of the GPU stream that the host can wait for without
 synchronizing the whole stream; its event blocks the waiting thread instead of spinning, so it
 does not take a core from the CPU experts. `host_buffer` gives page-locked memory on CUDA, so
-device<->host copies can be asynchronous and can be captured into a graph.
+device<->host copies can be asynchronous and can be captured into a graph. `CopyStream` runs
+host-to-device copies beside the compute stream (a prompt's experts streamed to the GPU).
 """
 
 import time
@@ -94,3 +95,45 @@ class Stopwatch:
 
 def graph_pool(device: torch.device):
     return torch.cuda.graph_pool_handle() if device.type == "cuda" else None
+
+
+class CopyStream:
+    """Host-to-device copies on a stream of their own, ordered against the compute stream by
+    events; without CUDA every copy is done when `copy` returns and the events are None."""
+
+    def __init__(self, device: torch.device):
+        self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+
+    def copy(self, dst: torch.Tensor, src: torch.Tensor, after=None):
+        """dst <- src (pinned host memory) once the compute stream has passed `after` (an event
+        from `computed`, or None); returns the copy's event."""
+        if self.stream is None:
+            dst.copy_(src)
+            return None
+        with torch.cuda.stream(self.stream):
+            if after is not None:
+                self.stream.wait_event(after)
+            dst.copy_(src, non_blocking=True)
+            done = torch.cuda.Event()
+            done.record(self.stream)
+        return done
+
+    def computed(self):
+        """An event at the compute stream's current point (what a later copy must wait for)."""
+        if self.stream is None:
+            return None
+        done = torch.cuda.Event()
+        done.record()
+        return done
+
+    @staticmethod
+    def compute_after(event) -> None:
+        """The compute stream waits for a copy (the host does not)."""
+        if event is not None:
+            torch.cuda.current_stream().wait_event(event)
+
+    @staticmethod
+    def host_after(event) -> None:
+        """The host waits for a copy (before it refills the pinned buffer the copy reads)."""
+        if event is not None:
+            event.synchronize()

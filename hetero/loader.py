@@ -79,4 +79,5 @@ class OpBuilder:
         fuses them (placement.planner: both on the CPU engine)."""
         fused = tuple(self.tensors[n] for n in shared) if layer in self.fused_shared else None
         infos = (self.tensors[gate], self.tensors[up], self.tensors[down])
-        return ExpertBank(*infos, self.device(gate), self.backend(gate), self.executor, shared=fused)
+        resident = self.placements[gate].device
+        return ExpertBank(*infos, self.device(gate), self.backend(gate), self.executor, shared=fused, resident=resident)

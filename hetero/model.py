@@ -66,6 +66,7 @@ class Model:
         cache_width = family.cached_values_per_token(self.config)
         self.net = Net(self.config, description, ops, cache_width, getattr(torch, plan.kv_cache_dtype))
         self.net.attention_form = "llama.cpp" if match_llama_cpp else "auto"
+        self.net.stream_experts(plan.prediction.prefill_crossover_tokens, gpu)
         self.net.decode_step = native_decode(self.net, self.executor)
         if self.net.decode_step is None and plan.weights_bytes("gpu"):
             self.net.decode_step = HybridDecode(self.net)

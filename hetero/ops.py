@@ -174,8 +174,10 @@ class ExpertBank:
         backend: str = "reference",
         engine: Executor | None = None,
         shared: tuple[TensorInfo, TensorInfo, TensorInfo] | None = None,
+        resident: str = "cpu",
     ):
-        """backend: the plan's for all three stacks (cpu-engine: cpu_ops' fused expert MLP;
+        """resident: where the plan keeps them ("cpu": a prompt may stream them to the GPU,
+        gpu_ops.staging); backend: the plan's for all three stacks (cpu-engine: cpu_ops' fused expert MLP;
         gpu-triton / gpu-torch: gpu_ops.experts, the GGUF bytes staying in the file map;
         reference). shared: the layer's shared-expert matrices [F', D], [F', D], [D, F'] when the
         plan fuses them into this hand-off (see `includes_shared`)."""
@@ -183,6 +185,8 @@ class ExpertBank:
         for t in (gate, up, down):
             check_backend(t.name, backend, t.qtype, t.shape[2], device, engine)
         stacks = [Stack(t.data.reshape(t.shape[0], t.shape[1], -1), t.qtype, t.shape[2]) for t in (gate, up, down)]
+        self.resident = resident
+        self.gguf_stacks = tuple((s.raw, s.qtype, s.in_features) for s in stacks)  # what a stream copies
         if backend == "cpu-engine" and not supported_stacks(*stacks):
             raise HeteroError(f"{gate.name}: the CPU engine runs gate and up of one type only")
         self.gpu = None
@@ -220,6 +224,12 @@ class ExpertBank:
             t = xn.shape[0]
             also = ((self.shared_cpu, np.zeros((t, 1), np.int64), np.ones((t, 1), np.float32)),)
         handle = self.cpu.submit(xn, ids.cpu().numpy(), _numpy(weights), also)
+        return ExpertResult(handle=handle, device=x.device)
+
+    def submit_shared(self, x: torch.Tensor) -> "ExpertResult":
+        """The shared experts fused into this hand-off, alone (the routed ones run elsewhere)."""
+        t = x.shape[0]
+        handle = self.shared_cpu.submit(_numpy(x), np.zeros((t, 1), np.int64), np.ones((t, 1), np.float32))
         return ExpertResult(handle=handle, device=x.device)
 
     def __call__(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:

@@ -25,6 +25,8 @@ class Hardware:
     disk_bw: float = 2e9  # bytes/s of page-cache misses on the model file (plans over RAM only)
     cpu_engine: bool = True  # the CPU can run cpu_ops' kernels (AVX2), and the run may use them
     gpu_kernels: str = "triton"  # "triton" where Triton runs on the GPU, else "torch"
+    cpu_macs: float = 0.0  # int8 multiply-adds/s of the CPU engine on a prompt tile (0: unmeasured)
+    pcie_bw: float = 0.0  # bytes/s from host RAM through pinned staging into GPU memory (0: no GPU)
 
     @property
     def gpu_is_stand_in(self) -> bool:
@@ -61,6 +63,7 @@ UNKNOWN_GPU_BW, UNKNOWN_GPU_FLOPS = 1000e9, 150e12  # an RTX 4090-class card
 ASSUMED_GPU = "none detected; assumed RTX 4090-class"
 STAND_IN_GPU = "the CPU standing in for a GPU"
 CPU_FLOPS_PER_CORE = 100e9  # AVX-512 FMA at ~3 GHz; AMX would be far higher
+PCIE4_X16 = 25e9  # bytes/s a host-to-device copy reaches on PCIe 4.0 x16 (of 31.5 on the wire)
 
 
 def parse_size(text: str) -> int:
@@ -86,10 +89,11 @@ def parse_rate(text: str) -> float:
     return rate
 
 
-def detect(measure_cpu: bool = True) -> Hardware:
-    """This machine: cores, NUMA nodes, RAM, its CPU read bandwidth (measured once and cached,
-    placement.cpu_bandwidth) and the CUDA GPU if any. measure_cpu=False when --cpu-bw will
-    replace the figure anyway."""
+def detect(measure_cpu: bool = True, measure_prefill: bool = True) -> Hardware:
+    """This machine: cores, NUMA nodes, RAM, the CUDA GPU if any, and the measured figures
+    (placement.measured, each probed once and cached): CPU read bandwidth, the CPU engine's
+    prompt multiply-adds, the GPU's staging bandwidth. measure_cpu=False when --cpu-bw will
+    replace the bandwidth anyway; measure_prefill=False leaves the multiply-adds unmeasured."""
     from cpu_ops.topology import detect_topology
 
     cores = os.cpu_count() or 1
@@ -98,7 +102,7 @@ def detect(measure_cpu: bool = True) -> Hardware:
     notes = ["detected"]
     cpu_bw = 0.0
     if measure_cpu:
-        from placement.cpu_bandwidth import cached_cpu_bandwidth
+        from placement.measured import cached_cpu_bandwidth
 
         measured = cached_cpu_bandwidth(ram, nodes)
         cpu_bw = measured.bytes_per_s
@@ -108,6 +112,12 @@ def detect(measure_cpu: bool = True) -> Hardware:
     hw = Hardware("none", 0, 0.0, 0.0, cores, nodes, ram, cpu_bw, cores * CPU_FLOPS_PER_CORE, "", cpu_engine=HAVE_AVX2)
     if not HAVE_AVX2:
         notes.append("no AVX2: CPU weights take the reference path")
+    elif measure_prefill:
+        from placement.measured import cached_prefill_macs
+
+        macs = cached_prefill_macs(ram, nodes)
+        hw = replace(hw, cpu_macs=macs.value)
+        notes.append(macs.describe("CPU prompt multiply-adds"))
     try:
         import torch
 
@@ -117,6 +127,12 @@ def detect(measure_cpu: bool = True) -> Hardware:
             bw, flops = (known[1], known[2]) if known else (UNKNOWN_GPU_BW, UNKNOWN_GPU_FLOPS)
             hw = replace(hw, gpu_name=props.name, gpu_mem=props.total_memory, gpu_bw=bw, gpu_flops=flops)
             hw = replace(hw, gpu_kernels=_gpu_kernels("cuda"))
+            from gpu_ops.staging import staging_bandwidth
+            from placement.measured import cached_staging_bandwidth
+
+            staging = cached_staging_bandwidth(ram, nodes, props.name, lambda: staging_bandwidth(torch.device("cuda")))
+            hw = replace(hw, pcie_bw=staging.value)
+            notes.append(staging.describe("GPU staging bandwidth"))
             if not known:
                 notes.append(f"{props.name} is not in hetero's GPU table: assumed {bw / 1e9:.0f} GB/s")
         else:
@@ -127,16 +143,21 @@ def detect(measure_cpu: bool = True) -> Hardware:
 
 
 def with_overrides(
-    hw: Hardware, gpu=None, gpu_mem=None, cpu_bw=None, ram=None, cpu_cores=None, disk_bw=None, stand_in=False
-) -> Hardware:
+    hw: Hardware, gpu=None, gpu_mem=None, cpu_bw=None, ram=None, cpu_cores=None, disk_bw=None, stand_in=False,
+    pcie_bw=None,
+) -> Hardware:  # fmt: skip
     """Apply --gpu NAME, --gpu-mem SIZE, --cpu-bw RATE|MEMCONFIG, --ram SIZE, --cpu-cores N,
-    --disk-bw RATE on top of hw. A GPU budget where no GPU was detected plans for an assumed
-    RTX 4090-class card, or, with stand_in (a run, not a plan), for the CPU that will play it."""
+    --disk-bw RATE, --pcie-bw RATE on top of hw. A GPU budget where no GPU was detected plans
+    for an assumed RTX 4090-class card, or, with stand_in (a run, not a plan), for the CPU that
+    will play it (its "PCIe" a memory copy: each byte read and written). A GPU not measured here
+    is fed at PCIe 4.0 x16's practical rate unless --pcie-bw says otherwise. The engine's
+    multiply-adds scale with --cpu-cores (a prompt tile is compute-bound)."""
     notes = []
     if cpu_cores is not None:
         if cpu_cores < 1:
             raise HeteroError(f"--cpu-cores {cpu_cores} must be at least 1")
-        hw = replace(hw, cpu_cores=cpu_cores, cpu_flops=cpu_cores * CPU_FLOPS_PER_CORE)
+        macs = hw.cpu_macs * cpu_cores / hw.cpu_cores
+        hw = replace(hw, cpu_cores=cpu_cores, cpu_flops=cpu_cores * CPU_FLOPS_PER_CORE, cpu_macs=macs)
         notes.append(f"--cpu-cores {cpu_cores}")
     if cpu_bw is not None:
         bw = CPU_MEMORY.get(cpu_bw.lower()) if isinstance(cpu_bw, str) else parse_rate(f"{float(cpu_bw) / 1e9}GB/s")
@@ -144,22 +165,23 @@ def with_overrides(
         notes.append(f"--cpu-bw {cpu_bw}")
     if gpu is not None:
         if gpu == "none":
-            hw = replace(hw, gpu_name="none", gpu_mem=0, gpu_bw=0.0, gpu_flops=0.0)
+            hw = replace(hw, gpu_name="none", gpu_mem=0, gpu_bw=0.0, gpu_flops=0.0, pcie_bw=0.0)
         else:
             known = _lookup_gpu(gpu)
             if not known:
                 raise HeteroError(f"unknown GPU {gpu!r}; known: {', '.join(GPUS)} (or give --gpu-mem)")
-            hw = replace(hw, gpu_name=gpu, gpu_mem=known[0], gpu_bw=known[1], gpu_flops=known[2])
+            hw = replace(hw, gpu_name=gpu, gpu_mem=known[0], gpu_bw=known[1], gpu_flops=known[2], pcie_bw=PCIE4_X16)
         notes.append(f"--gpu {gpu}")
     if gpu_mem is not None:
         size = parse_size(gpu_mem) if isinstance(gpu_mem, str) else int(gpu_mem)
         if size == 0:
-            hw = replace(hw, gpu_name="none", gpu_mem=0, gpu_bw=0.0, gpu_flops=0.0)
+            hw = replace(hw, gpu_name="none", gpu_mem=0, gpu_bw=0.0, gpu_flops=0.0, pcie_bw=0.0)
         elif hw.gpu_name == "none" and stand_in:  # device memory read as fast as the CPU reads RAM
             hw = replace(hw, gpu_name=STAND_IN_GPU, gpu_mem=size, gpu_bw=hw.cpu_bw, gpu_flops=hw.cpu_flops)
-            hw = replace(hw, gpu_kernels=_gpu_kernels("cpu"))
+            hw = replace(hw, gpu_kernels=_gpu_kernels("cpu"), pcie_bw=hw.cpu_bw / 2)
         elif hw.gpu_name == "none":
             hw = replace(hw, gpu_name=ASSUMED_GPU, gpu_mem=size, gpu_bw=UNKNOWN_GPU_BW, gpu_flops=UNKNOWN_GPU_FLOPS)
+            hw = replace(hw, pcie_bw=PCIE4_X16)
         else:
             hw = replace(hw, gpu_mem=size)
         notes.append(f"--gpu-mem {gpu_mem}")
@@ -169,6 +191,11 @@ def with_overrides(
     if disk_bw is not None:
         hw = replace(hw, disk_bw=parse_rate(disk_bw) if isinstance(disk_bw, str) else float(disk_bw))
         notes.append(f"--disk-bw {disk_bw}")
+    if pcie_bw is not None and not hw.gpu_mem:
+        raise HeteroError("--pcie-bw needs a GPU in the plan (--gpu NAME or --gpu-mem SIZE)")
+    if pcie_bw is not None:
+        hw = replace(hw, pcie_bw=parse_rate(pcie_bw) if isinstance(pcie_bw, str) else float(pcie_bw))
+        notes.append(f"--pcie-bw {pcie_bw}")
     return replace(hw, source=hw.source + (" + " + " ".join(notes) if notes else ""))
 
 

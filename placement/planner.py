@@ -18,6 +18,7 @@ import math
 from dataclasses import dataclass, field, replace
 
 from cpu_ops.capabilities import experts_run_on_engine
+from gpu_ops.staging import staging_bytes
 from modelfile.config import ModelConfig
 from modelfile.errors import HeteroError
 from modelfile.families import Family, family_of, family_of_config
@@ -115,7 +116,8 @@ def make_plan(
     kv_device = "gpu" if has_gpu else "cpu"
     kv_dtype = "bfloat16" if has_gpu and not hw.gpu_is_stand_in else "float32"  # the stand-in keeps float32
     kv = kv_cache_bytes(cfg, ctx, 2 if kv_dtype == "bfloat16" else 4)
-    reserved = _reserved(family, cfg, has_gpu)
+    staging = _staging(family, cfg, by_name) if has_gpu and hw.pcie_bw else (0, 0)
+    reserved = _reserved(family, cfg, has_gpu) + ((("prefill staging", staging[0]),) if staging[0] else ())
     free = hw.gpu_mem - kv - sum(b for _, b in reserved) - int(HEADROOM * hw.gpu_mem) if has_gpu else 0
     devices: dict[str, str] = {}
 
@@ -201,6 +203,16 @@ def make_plan(
     prefill = family.prefill_host_bytes(cfg, ctx, any(p.device == "gpu" for p in placements))
     cpu_need = sum(p.bytes for p in placements if p.device == "cpu") + (kv if kv_device == "cpu" else 0) + prefill
     overflow = max(0, cpu_need - hw.ram) if hw.ram else 0
+    # the CPU's experts are streamed to the GPU for chunks from the crossover on, if any (placement.predict)
+    longest = longest_chunk(family, cfg, ctx)
+    streams = staging[0] and predict(costs, devices, backends, hw, kv, kv_device, overflow,
+                                     longest).prefill_crossover_tokens  # fmt: skip
+    if streams:
+        prefill += staging[1]
+        cpu_need += staging[1]
+        overflow = max(0, cpu_need - hw.ram) if hw.ram else 0
+    else:
+        reserved = tuple(r for r in reserved if r[0] != "prefill staging")
     warnings = []
     if overflow and overcommit:
         warnings.append(
@@ -217,7 +229,7 @@ def make_plan(
             f"{len(slow)} tensors ({_gib(sum(p.bytes for p in slow))}: {', '.join(types)}) have no fast kernel where "
             "they are placed and run on the reference path, dequantized on every call (counted in the speed above)"
         )
-    prediction = predict(costs, devices, backends, hw, kv, kv_device, overflow)
+    prediction = predict(costs, devices, backends, hw, kv, kv_device, overflow, longest)
     return Plan(
         model=model,
         hardware=hw,
@@ -300,6 +312,29 @@ def _reserved(family: Family, cfg: ModelConfig, has_gpu: bool) -> tuple[tuple[st
         ("CUDA graphs", CUDA_GRAPHS),
         ("CUDA context", CUDA_CONTEXT),
     )
+
+
+def longest_chunk(family: Family, cfg: ModelConfig, ctx: int) -> int:
+    """The most tokens one prompt pass takes within ctx: the family's chunk shrinks as the
+    pass ends further in (its attention scores are bounded), so the longest pass ends where
+    the chunk still covers every position up to it, or just after."""
+    low, high = 1, ctx  # the largest p <= ctx with p <= chunk(p), by bisection
+    while low < high:
+        mid = (low + high + 1) // 2
+        low, high = (mid, high) if mid <= family.prefill_chunk(cfg, mid) else (low, mid - 1)
+    return max(low, min(ctx, family.prefill_chunk(cfg, min(ctx, low + 1))))
+
+
+def _staging(family: Family, cfg: ModelConfig, costs: dict[str, TensorCost]) -> tuple[int, int]:
+    """(GPU bytes, pinned host bytes) of the staging that streams a prompt's CPU experts to the
+    GPU (gpu_ops.staging), sized for the model's largest experts; (0, 0) without routed experts."""
+    trios = [tuple(costs[n] for n in trio) for trio in family.expert_trios(costs)]
+    if not trios:
+        return 0, 0
+    n = cfg.n_expert
+    per_expert = max(sum(c.gguf_bytes for c in trio) // n for trio in trios)
+    values = max(c.n_values // n for trio in trios for c in trio)
+    return staging_bytes(per_expert, n, values)
 
 
 def _suggestion(problems, hw: Hardware, dense_need: int, kv: int, cfg: ModelConfig, ctx: int, cpu_need: int) -> str:

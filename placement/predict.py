@@ -7,6 +7,8 @@ from placement.cost import TensorCost
 from placement.hardware import Hardware
 
 FLOPS_EFFICIENCY = 0.5  # share of peak FLOP/s reached by prefill matmuls, both sides
+ROAD_FP32_SHARE = 1 / 8  # float32 FLOP/s against the table's tensor-core figure (H100-class; consumer cards 1/2)
+DEQUANTIZE_TRAFFIC = 64  # device bytes per value the reference dequantizers move (26-37 allocated for K-quants)
 SYNC_S = 50e-6  # per layer that hands work between GPU and CPU: copy, event, wake-up
 PREFILL_TOKENS = 512
 FFN_KINDS = ("routed experts", "shared experts", "dense FFN", "router")
@@ -18,7 +20,11 @@ ASSUMPTIONS = (
     "attention reads the whole latent KV cache (a full context) each token",
     "per layer: attention, then shared experts on the GPU overlapped with routed experts on the CPU,"
     f" plus {SYNC_S * 1e6:.0f} µs of hand-off where both sides work",
-    f"prefill of {PREFILL_TOKENS} tokens: the slower of FLOPs at {FLOPS_EFFICIENCY:.0%} of peak and bytes read",
+    f"prefill of {PREFILL_TOKENS} tokens: the slower of FLOPs at {FLOPS_EFFICIENCY:.0%} of peak (the CPU "
+    "engine's at its measured multiply-adds) and bytes read",
+    "a prompt chunk's CPU experts streamed to the GPU copy every layer's whole stacks at the staging bandwidth,"
+    f" dequantize on the device ({DEQUANTIZE_TRAFFIC} bytes of device traffic per value) and multiply in"
+    f" float32 ({ROAD_FP32_SHARE:.3g} of the tensor-core FLOP/s), overlapped",
 )
 
 
@@ -31,6 +37,9 @@ class Prediction:
     decode_cpu_ms: float
     assumptions: tuple[str, ...] = ASSUMPTIONS
     disk_bytes_per_token: float = 0.0  # page-cache misses when the CPU's weights exceed RAM
+    prefill_crossover_tokens: int = 0  # chunks of this many tokens or more stream CPU experts to the GPU (0: never)
+    prefill_cpu_road_tok_s: float = 0.0  # prefill of PREFILL_TOKENS with the CPU experts on the CPU
+    prefill_gpu_road_tok_s: float = 0.0  # ... streamed to the GPU (0: no such road)
 
 
 def evicted_shares(costs: list[TensorCost], devices: dict[str, str], overflow: int) -> dict[str, float]:
@@ -54,14 +63,17 @@ def predict(
     kv_bytes: int,
     kv_device: str,
     overflow: int = 0,
+    longest_chunk: int = PREFILL_TOKENS,
 ):
     """costs of every tensor, devices[name] in {"gpu", "cpu"}, backends[name] (placement.backends),
     the KV cache size and where it lives; overflow: bytes of the CPU's share beyond RAM, read
-    from disk as they are used."""
+    from disk as they are used; longest_chunk: the most tokens a prompt pass takes at once
+    (a crossover beyond it is never reached)."""
     gpu_bw = hw.gpu_bw * GPU_TRITON_EFFICIENCY
     cpu_bw = hw.cpu_bw * CPU_ENGINE_EFFICIENCY
     on_disk = evicted_shares(costs, devices, overflow)
     disk_per_token = 0.0
+    terms: list[_PrefillTerm] = []
     layers: dict[int, dict[str, float]] = {}
     for c in costs:
         on_gpu = devices[c.name] == "gpu"
@@ -83,13 +95,17 @@ def predict(
         slot = layers.setdefault(c.layer, {})
         key = f"{'gpu' if on_gpu else 'cpu'}_{part}"
         slot[key] = slot.get(key, 0.0) + decode_s * c.read_fraction_decode + missed / hw.disk_bw
-        pre = f"pre_{'gpu' if on_gpu else 'cpu'}"
-        flops = c.flops_per_token * PREFILL_TOKENS / ((hw.gpu_flops if on_gpu else hw.cpu_flops) * FLOPS_EFFICIENCY)
-        share = min(1.0, c.read_fraction_decode * PREFILL_TOKENS)  # of the weights a prefill touches
-        from_disk = prefill_bytes * share * evicted / hw.disk_bw
-        slot[pre] = slot.get(pre, 0.0) + max(flops, prefill_s * share) + from_disk
+        if on_gpu:
+            per_token = c.flops_per_token / (hw.gpu_flops * FLOPS_EFFICIENCY)
+        elif backends[c.name] == "cpu-engine" and hw.cpu_macs:
+            per_token = c.flops_per_token / 2 / hw.cpu_macs  # the engine's measured multiply-adds
+        else:
+            per_token = c.flops_per_token / (hw.cpu_flops * FLOPS_EFFICIENCY)
+        streamed = not on_gpu and c.kind == "routed experts" and hw.pcie_bw > 0
+        terms.append(_PrefillTerm(c.layer, on_gpu, per_token, prefill_s, c.read_fraction_decode,
+                                  prefill_bytes * evicted / hw.disk_bw, streamed, c))  # fmt: skip
     kv_per_layer = kv_bytes / max(1, len([k for k in layers if k >= 0]))
-    decode = prefill = gpu_busy = cpu_busy = 0.0
+    decode = gpu_busy = cpu_busy = 0.0
     for layer, s in layers.items():
         if layer >= 0:
             s[f"{kv_device}_rest"] = s.get(f"{kv_device}_rest", 0.0) + kv_per_layer / (
@@ -99,7 +115,6 @@ def predict(
         c_rest, c_ffn = s.get("cpu_rest", 0.0), s.get("cpu_ffn", 0.0)
         mixed = (g_rest + g_ffn) > 0 and (c_rest + c_ffn) > 0
         decode += g_rest + c_rest + max(g_ffn, c_ffn) + (SYNC_S if mixed else 0.0)
-        prefill += max(s.get("pre_gpu", 0.0), s.get("pre_cpu", 0.0)) + (SYNC_S if mixed else 0.0)
         gpu_busy += g_rest + g_ffn
         cpu_busy += c_rest + c_ffn
     disk = (
@@ -107,6 +122,9 @@ def predict(
          f"{hw.disk_bw / 1e9:.1f} GB/s as they are used, least-read bytes first (the page cache keeps the rest)",)
         if overflow > 0 else ()
     )  # fmt: skip
+    cpu_road = prefill_seconds(terms, PREFILL_TOKENS, hw, stream=False)
+    gpu_road = prefill_seconds(terms, PREFILL_TOKENS, hw, stream=True) if any(t.streamed for t in terms) else 0.0
+    prefill = min(cpu_road, gpu_road) if gpu_road else cpu_road
     return Prediction(
         decode_tok_s=1.0 / decode if decode else 0.0,
         prefill_tok_s=PREFILL_TOKENS / prefill if prefill else 0.0,
@@ -115,4 +133,59 @@ def predict(
         decode_cpu_ms=cpu_busy * 1e3,
         assumptions=ASSUMPTIONS + disk,
         disk_bytes_per_token=disk_per_token,
+        prefill_crossover_tokens=crossover(terms, hw, longest_chunk) if gpu_road else 0,
+        prefill_cpu_road_tok_s=PREFILL_TOKENS / cpu_road if cpu_road else 0.0,
+        prefill_gpu_road_tok_s=PREFILL_TOKENS / gpu_road if gpu_road else 0.0,
     )
+
+
+@dataclass(frozen=True)
+class _PrefillTerm:
+    """One tensor's share of a prefill chunk: seconds per token of FLOPs, seconds to read all
+    its bytes (of which a chunk of T tokens reads min(1, read_fraction * T)), seconds of disk
+    reads for all its bytes, and whether its experts may be streamed to the GPU."""
+
+    layer: int
+    on_gpu: bool
+    flops_s: float
+    read_s: float
+    read_fraction: float
+    disk_s: float
+    streamed: bool
+    cost: TensorCost
+
+
+def prefill_seconds(terms: list[_PrefillTerm], tokens: int, hw: Hardware, stream: bool) -> float:
+    """A chunk of `tokens` through every layer: per layer the slower of the GPU's and the CPU's
+    work (their hand-off between), the CPU's routed experts on the GPU when `stream` (their
+    copy at the staging bandwidth overlapped with the device's dequantizing and multiplying)."""
+    sides: dict[int, list[float]] = {}
+    for t in terms:
+        share = min(1.0, t.read_fraction * tokens)
+        side = sides.setdefault(t.layer, [0.0, 0.0])
+        if stream and t.streamed:
+            copy = t.cost.gguf_bytes / hw.pcie_bw
+            fp32 = hw.gpu_flops * (1.0 if hw.gpu_is_stand_in else ROAD_FP32_SHARE)  # the stand-in's are float32
+            multiply = t.cost.flops_per_token * tokens / (fp32 * FLOPS_EFFICIENCY)
+            device = t.cost.n_values * DEQUANTIZE_TRAFFIC / hw.gpu_bw + multiply
+            side[0] += max(copy, device) + t.disk_s * share
+        else:
+            side[0 if t.on_gpu else 1] += max(t.flops_s * tokens, t.read_s * share) + t.disk_s * share
+    return sum(max(g, c) + (SYNC_S if g > 0 and c > 0 else 0.0) for g, c in sides.values())
+
+
+def crossover(terms: list[_PrefillTerm], hw: Hardware, longest: int) -> int:
+    """The smallest chunk (tokens) whose prefill is faster with the CPU's experts streamed to
+    the GPU, or 0 if no chunk up to `longest` is. Per token, the GPU road's copy shrinks as
+    1/T while the CPU's compute does not, so there is one crossing: found by bisection."""
+
+    def faster(tokens: int) -> bool:
+        return prefill_seconds(terms, tokens, hw, True) < prefill_seconds(terms, tokens, hw, False)
+
+    if not faster(longest):
+        return 0
+    low, high = 0, longest  # faster(high), not faster(low) (or low = 0)
+    while high - low > 1:
+        mid = (low + high) // 2
+        low, high = (low, mid) if faster(mid) else (mid, high)
+    return high

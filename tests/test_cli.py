@@ -140,8 +140,8 @@ def test_plan_says_no_gpu_was_detected(synth):
 
 def test_plan_demo_and_bench_use_one_cached_cpu_bandwidth(synth, tmp_path, keep_torch_threads, monkeypatch):
     """One figure for the machine, whichever command predicts: the cached one, shown with its method."""
-    from placement.cpu_bandwidth import cached_cpu_bandwidth
     from placement.hardware import detect
+    from placement.measured import cached_cpu_bandwidth
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     here = detect(measure_cpu=False)

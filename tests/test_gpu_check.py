@@ -21,11 +21,13 @@ def test_the_kit_runs_every_stage_with_the_cpu_standing_in(tmp_path):
     )  # fmt: skip
     report = json.loads((out / "results.json").read_text())
     stages = {r["stage"]: r for r in report["results"]}
-    assert list(stages) == ["install", "models", "tests", "kernels", "bench-gpu", "bench-hybrid"]
+    assert list(stages) == ["install", "models", "tests", "kernels", "bench-gpu", "bench-hybrid", "bench-roads"]
     assert all(r["status"] == "ok" for r in stages.values()), run.stdout[-3000:]
     assert run.returncode == 0
     assert stages["tests"]["data"]["passed"] >= 3 and stages["kernels"]["data"]["rows"]
     assert stages["bench-hybrid"]["data"]["profile"]["layers"]  # the hybrid timeline came back
+    roads = stages["bench-roads"]["data"]
+    assert [roads[r]["prefill_road"] for r in ("cpu", "gpu")] == ["cpu", "gpu"] and roads["gpu"]["prefill_tok_s"] > 0
     table = (out / "results.md").read_text()
     assert table.startswith("| stage |") and run.stdout.rstrip().endswith(table.rstrip().splitlines()[-1])
     assert (out / "log.txt").stat().st_size > 0

@@ -217,7 +217,7 @@ def test_a_gpu_budget_without_a_gpu_is_named_in_the_plan():
 
 
 def test_the_cpu_bandwidth_is_measured_once_and_cached(tmp_path, monkeypatch):
-    from placement import cpu_bandwidth
+    from placement import measured as cpu_bandwidth
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     calls = []

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from gpu_ops.attention import latent_attention_torch, masked_softmax_, mla_decode
 from gpu_ops.capabilities import FLOATS
+from gpu_ops.staging import ExpertStream
 from hetero.kv_cache import KVCache
 from hetero.loader import OpBuilder
 from hetero.rope import apply_rope, attention_scales
@@ -40,6 +41,7 @@ class Pass:
     cos: torch.Tensor
     sin: torch.Tensor
     attention_form: str = "auto"
+    experts: ExpertStream | None = None  # the CPU's routed experts streamed to the GPU for this pass
 
 
 class Body:
@@ -206,6 +208,7 @@ class Moe(Body):
         w = block.weights
         shared = tuple(w.get(r) for r in ("gate", "up", "down"))
         self.experts = ops.experts(block.layer, w["gate_exps"], w["up_exps"], w["down_exps"], shared)
+        self.streamed: int | None = None  # this layer's place in the pass's ExpertStream, if it has one
 
     def built_elsewhere(self) -> set[str]:
         return {"gate_exps", "up_exps", "down_exps"}
@@ -237,12 +240,22 @@ class Moe(Body):
 
     def __call__(self, x: torch.Tensor, run: Pass | None = None) -> torch.Tensor:
         ids, weights = self.route(x)
-        routed = self.experts.submit(x, ids, weights)  # runs on the CPU workers meanwhile
+        streamed = run is not None and run.experts is not None and self.streamed is not None
+        if not streamed:
+            on_cpu = self.experts.submit(x, ids, weights)  # routed (and fused shared) experts on the CPU workers
+        elif self.experts.includes_shared:
+            on_cpu = self.experts.submit_shared(x)  # the fused shared ones, while the GPU runs the routed ones
+        else:
+            on_cpu = None
         side = self.shared(x) if self.shared_on_side else None
-        out = routed.wait()
+        out = run.experts.run(self.streamed, x, ids, weights).to(x.dtype) if streamed else on_cpu.wait()
+        if streamed and on_cpu is not None:
+            out = out + on_cpu.wait()
         return out if side is None else out + side
 
-    decode = __call__
+    def decode(self, x: torch.Tensor, step=None) -> torch.Tensor:
+        """One token of the hybrid step (which passes itself as `step`): experts where they live."""
+        return self(x)
 
 
 KINDS = {"mla": Mla, "mlp": Mlp, "moe": Moe}

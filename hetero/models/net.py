@@ -7,9 +7,10 @@ the hybrid and native steps (hybrid.py, native.py) are derived from the same blo
 
 import torch
 
+from gpu_ops.staging import ExpertStream
 from hetero.kv_cache import KVCache
 from hetero.loader import OpBuilder
-from hetero.models.blocks import KINDS, Pass, rms_norm
+from hetero.models.blocks import KINDS, Moe, Pass, rms_norm
 from hetero.rope import rope_tables
 from modelfile.blocks import Description
 from modelfile.families import family_of_config
@@ -30,6 +31,19 @@ class Net:
         self.cache_width, self.cache_dtype = cache_width, cache_dtype
         self.attention_form = "auto"  # or "llama.cpp", "absorbed", "expanded" (hetero.models.blocks.Pass)
         self.decode_step = None  # one-token step: NativeDecode (all on the CPU engine) or HybridDecode (GPU)
+        self.expert_stream: ExpertStream | None = None  # the GPU road of a prompt's CPU experts
+        self.stream_from = 0  # chunks of this many tokens or more take it
+
+    def stream_experts(self, from_tokens: int, device: torch.device) -> None:
+        """Prompt chunks of from_tokens or more run the CPU-resident routed experts on `device`,
+        streamed there layer by layer (the plan's crossover; 0: never)."""
+        banks = [b for b in self.blocks if isinstance(b, Moe) and b.experts.resident == "cpu"]
+        if not from_tokens or not banks:
+            return
+        for i, block in enumerate(banks):
+            block.streamed = i
+        self.expert_stream = ExpertStream([b.experts.gguf_stacks for b in banks], device)
+        self.stream_from = from_tokens
 
     def matrix_ops(self):
         """Every op that multiplies by a weight matrix: what the plan's backends are checked against."""
@@ -67,7 +81,10 @@ class Net:
             parts = [self.forward(ids[i : i + chunk], cache, last_only, watch) for i in range(0, ids.shape[0], chunk)]
             return parts[-1] if last_only else torch.cat(parts)
         cos, sin = rope_tables(self.cfg, torch.arange(start, start + ids.shape[0]), self.device)
-        run = Pass(cache, start, cos, sin, self.attention_form)
+        stream = self.expert_stream if self.expert_stream is not None and ids.shape[0] >= self.stream_from else None
+        if stream is not None:
+            stream.begin()
+        run = Pass(cache, start, cos, sin, self.attention_form, stream)
         x = self.embed(ids.to(self.device))  # [T, D]
         for block in self.blocks:
             x = x + block(rms_norm(x, block.norm, self.cfg.rms_eps), run)
