@@ -399,14 +399,15 @@ def plan(
 
 def road_plan(plan, road: str):
     """The plan with its prefill crossover set for --prefill-road: as planned, never (cpu) or
-    from one token (gpu: needs a GPU in the plan and routed experts in CPU RAM)."""
+    from two tokens (gpu: needs a GPU in the plan and routed experts in CPU RAM; a measurement,
+    its staging not budgeted where the plan has no crossover of its own)."""
     from dataclasses import replace
 
     if road == "plan":
         return plan
     if road == "gpu" and not plan.prediction.prefill_gpu_road_tok_s:
         raise HeteroError("--prefill-road gpu needs a GPU in the plan (--gpu-mem) and routed experts in CPU RAM")
-    crossover = 1 if road == "gpu" else 0
+    crossover = 2 if road == "gpu" else 0
     return replace(plan, prediction=replace(plan.prediction, prefill_crossover_tokens=crossover))
 
 
@@ -429,7 +430,10 @@ def bench(
     ] = False,
     no_overcommit: Annotated[bool, typer.Option("--no-overcommit", help=NO_OVERCOMMIT_HELP)] = False,
     prefill_road: Annotated[
-        str, typer.Option(help="plan (the plan's crossover), cpu or gpu: where a prompt's CPU experts run.")
+        str,
+        typer.Option(
+            help="plan (the plan's crossover), cpu or gpu: where a prompt's CPU experts run (predicted at 512)."
+        ),
     ] = "plan",
 ):
     """Measure prefill and decode tokens/s (medians over repetitions) beside the planner's prediction.
@@ -461,7 +465,8 @@ def bench(
     rules = [parse_override(o) for o in override or []]
     if device != "cpu":
         warn_if_gpu_stands_in(gpu_mem)
-    plan = road_plan(plan_model(file, hw, ctx, rules, overcommit=not no_overcommit), prefill_road)
+    planned = plan_model(file, hw, ctx, rules, overcommit=not no_overcommit)
+    plan = road_plan(planned, prefill_road)
     if profile and not plan.weights_bytes("gpu"):
         raise HeteroError(
             "--profile times the hybrid decode step, and this plan puts nothing on the GPU; give --gpu-mem "
@@ -500,7 +505,7 @@ def bench(
             "prefill_tok_s": predicted_prefill,
             "decode_tok_s": pred.decode_tok_s,
             "bound": pred.bound,
-            "prefill_crossover_tokens": pred.prefill_crossover_tokens,
+            "prefill_crossover_tokens": planned.prediction.prefill_crossover_tokens,
             "prefill_cpu_road_tok_s": pred.prefill_cpu_road_tok_s,
             "prefill_gpu_road_tok_s": pred.prefill_gpu_road_tok_s,
         },

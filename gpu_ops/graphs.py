@@ -102,6 +102,7 @@ class CopyStream:
     events; without CUDA every copy is done when `copy` returns and the events are None."""
 
     def __init__(self, device: torch.device):
+        self.device = device
         self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
 
     def copy(self, dst: torch.Tensor, src: torch.Tensor, after=None):
@@ -114,7 +115,7 @@ class CopyStream:
             if after is not None:
                 self.stream.wait_event(after)
             dst.copy_(src, non_blocking=True)
-            done = torch.cuda.Event()
+            done = torch.cuda.Event(blocking=True)  # the host waits on it without spinning a core
             done.record(self.stream)
         return done
 
@@ -123,14 +124,13 @@ class CopyStream:
         if self.stream is None:
             return None
         done = torch.cuda.Event()
-        done.record()
+        done.record(torch.cuda.current_stream(self.device))
         return done
 
-    @staticmethod
-    def compute_after(event) -> None:
+    def compute_after(self, event) -> None:
         """The compute stream waits for a copy (the host does not)."""
         if event is not None:
-            torch.cuda.current_stream().wait_event(event)
+            torch.cuda.current_stream(self.device).wait_event(event)
 
     @staticmethod
     def host_after(event) -> None:

@@ -15,8 +15,11 @@ host buffer and a device buffer: the host fills one pinned buffer from the file'
 the other's copy is in flight and the GPU computes the unit before it.
 
 On the device the GGUF blocks are dequantized by the reference dequantizers (bit-identical to
-gguf's) one matrix of a unit at a time and multiplied in float32: every quant type runs, and
-nothing is repacked on the host (the GPU formats' numpy repack runs at a fraction of PCIe's rate).
+gguf's) one used expert at a time, each matrix in calls of at most DEQUANTIZE_CHUNK_VALUES
+values (their temporaries, up to DEQUANTIZE_BYTES a value, stay bounded), and multiplied in
+float32: every quant type runs, and nothing is repacked on the host (the GPU formats' numpy
+repack runs at 0.06-0.5 GB/s on one core, a fraction of PCIe's rate). A fused kernel that
+dequantizes as it multiplies would cut both the device traffic and the launches.
 The CPU standing in for the GPU runs the same code with synchronous copies (gpu_ops.graphs).
 """
 
@@ -31,6 +34,8 @@ from gpu_ops.graphs import CopyStream, host_buffer
 from modelfile.quants.types import dequantize
 
 SLOT_BYTES = 64 << 20  # GGUF bytes per copy: 2.7 ms of PCIe 4.0, a few experts of R1
+DEQUANTIZE_CHUNK_VALUES = 4 << 20  # values per dequantization call: R1's expert matrices in 4
+DEQUANTIZE_BYTES = 96  # device bytes a value's dequantization allocates at most (IQ2_XXS 92, K-quants 26-37)
 
 
 def expert_bytes(stacks) -> int:
@@ -44,12 +49,13 @@ def slot_bytes(per_expert: int, layer_bytes: int) -> int:
 
 
 def staging_bytes(per_expert: int, n_expert: int, matrix_values: int) -> tuple[int, int]:
-    """(device bytes, pinned host bytes) the road holds for experts of `per_expert` GGUF bytes
-    (n_expert a layer, the largest of their matrices `matrix_values` values): two slots on each
-    side, and on the device one matrix of a unit dequantized to float32 at a time."""
+    """(device bytes, pinned host bytes) the road holds for experts of up to `per_expert` GGUF
+    bytes (n_expert a layer, their largest matrix `matrix_values` values): two slots on each
+    side, and on the device one expert's three matrices in float32 plus one dequantization
+    call's temporaries."""
     slot = slot_bytes(per_expert, per_expert * n_expert)
-    per_unit = min(n_expert, max(1, slot // per_expert))
-    return 2 * slot + per_unit * matrix_values * 4, 2 * slot
+    temporaries = min(matrix_values, DEQUANTIZE_CHUNK_VALUES) * DEQUANTIZE_BYTES
+    return 2 * slot + 3 * matrix_values * 4 + temporaries, 2 * slot
 
 
 @dataclass(frozen=True)
@@ -81,7 +87,7 @@ class ExpertStream:
         self.copies = CopyStream(device)
         self.copied = [None, None]  # per slot: the event of its last copy
         self.released = [None, None]  # per slot: the compute stream past its last unit
-        self.next_copy = self.next_run = 0
+        self.next_copy = self.next_run = self.next_bank = 0
 
     def _units(self, index: int, stacks) -> list[Unit]:
         n = stacks[0][0].shape[0]
@@ -103,7 +109,7 @@ class ExpertStream:
         """A new pass: the copies start again from the first layer's first unit."""
         for slot in range(2):
             CopyStream.host_after(self.copied[slot])
-        self.next_copy = self.next_run = 0
+        self.next_copy = self.next_run = self.next_bank = 0
         self._issue()
         self._issue()
 
@@ -124,41 +130,47 @@ class ExpertStream:
     def run(self, bank: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """Layer bank `bank`'s experts (the pass must reach the layers in order): x [T, D],
         ids [T, A], weights [T, A] -> sum over A of weight * expert(x), float32 [T, D] where x is."""
+        if bank != self.next_bank:
+            raise RuntimeError(f"expert stream: layer bank {bank} asked for, {self.next_bank} expected")
         home = x.device
         x, ids, weights = x.to(self.device), ids.to(self.device), weights.to(self.device)
         out = torch.zeros(x.shape[0], self.banks[bank][2][0].shape[1], dtype=torch.float32, device=self.device)
         a = ids.shape[1]
         flat = ids.reshape(-1)
         order = torch.argsort(flat, stable=True)  # (token, slot) pairs grouped by expert
-        counts = torch.bincount(flat, minlength=self.banks[bank][0][0].shape[0]).tolist()
+        counts = torch.bincount(flat, minlength=self.banks[bank][0][0].shape[0]).tolist()  # a host sync per layer
         starts = np.concatenate([[0], np.cumsum(counts)])
         xf = x.float()
         while self.next_run < len(self.units) and self.units[self.next_run].bank == bank:
             unit, slot = self.units[self.next_run], self.next_run % 2
-            CopyStream.compute_after(self.copied[slot])
-            used = [e for e in range(unit.first, unit.stop) if counts[e]]
-            if used:
-                gate, up, down = (self._matrices(unit, slot, m) for m in range(3))
-                for e in used:
-                    pairs = order[starts[e] : starts[e + 1]]
-                    tok, which = pairs // a, pairs % a
-                    xe, j = xf[tok], e - unit.first
-                    h = F.silu(xe @ gate[j].T) * (xe @ up[j].T)
-                    out.index_add_(0, tok, (h @ down[j].T) * weights[tok, which, None])
-                del gate, up, down
+            self.copies.compute_after(self.copied[slot])
+            for e in range(unit.first, unit.stop):
+                if not counts[e]:
+                    continue
+                pairs = order[starts[e] : starts[e + 1]]
+                tok, which = pairs // a, pairs % a
+                xe = xf[tok]
+                gate, up = self._matrix(unit, slot, 0, e), self._matrix(unit, slot, 1, e)
+                h = F.silu(xe @ gate.T) * (xe @ up.T)
+                del gate, up
+                out.index_add_(0, tok, (h @ self._matrix(unit, slot, 2, e).T) * weights[tok, which, None])
             self.released[slot] = self.copies.computed()
             self.next_run += 1
             self._issue()
-        if self.next_run == 0 or self.units[self.next_run - 1].bank != bank:
-            raise RuntimeError(f"expert stream: layer bank {bank} asked for out of order")
+        self.next_bank += 1
         return out.to(home)
 
-    def _matrices(self, unit: Unit, slot: int, m: int) -> torch.Tensor:
-        """Matrix m (gate, up, down) of the unit's experts, dequantized: float32 [n, rows, K]."""
+    def _matrix(self, unit: Unit, slot: int, m: int, e: int) -> torch.Tensor:
+        """Matrix m (gate, up, down) of expert e, staged in `slot`, dequantized: float32 [rows, K]."""
         raw, qtype, k = self.banks[unit.bank][m]
-        n, rows, row = unit.stop - unit.first, raw.shape[1], raw.shape[2]
-        blocks = self.dev[slot][unit.offsets[m] : unit.offsets[m] + n * rows * row].view(n * rows, row)
-        return dequantize(blocks, qtype, k).view(n, rows, k)
+        rows, row = raw.shape[1], raw.shape[2]
+        at = unit.offsets[m] + (e - unit.first) * rows * row
+        blocks = self.dev[slot][at : at + rows * row].view(rows, row)
+        out = torch.empty(rows, k, dtype=torch.float32, device=self.device)
+        step = max(1, DEQUANTIZE_CHUNK_VALUES // k)
+        for r in range(0, rows, step):
+            out[r : r + step] = dequantize(blocks[r : r + step], qtype, k)
+        return out
 
 
 def staging_bandwidth(device: torch.device, megabytes: int = 512, repeats: int = 3) -> tuple[float, str]:
@@ -182,5 +194,5 @@ def staging_bandwidth(device: torch.device, megabytes: int = 512, repeats: int =
         best = min(best, time.perf_counter() - t0)
     return (
         n * SLOT_BYTES / best,
-        f"{n} slots of {SLOT_BYTES >> 20} MiB, file pages -> pinned -> device, best of {repeats}",
+        f"{n} slots of {SLOT_BYTES >> 20} MiB, pageable -> pinned -> device, best of {repeats}",
     )

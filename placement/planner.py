@@ -6,10 +6,13 @@ Order of play:
    and keep 15% of the budget unplanned (fragmentation, transient peaks);
 3. the dense, every-token parts by priority (attention, norms, router, shared experts, dense
    FFN, output head, embedding), most FLOPs per byte first within a kind;
-4. spare VRAM goes to whole layers of routed experts, smallest first (KTransformers' static
+4. staging for streaming a prompt's CPU experts to the GPU (gpu_ops.staging), if it fits
+   beside the dense part; kept only if the plan then has a crossover, a chunk size from which
+   that road is faster (placement.predict), else the plan is made again without it;
+5. spare VRAM goes to whole layers of routed experts, smallest first (KTransformers' static
    rules leave it idle), when at least 5% of the MoE layers fit: below that the CPU traffic
    saved is within the prediction's error and the VRAM is worth more as headroom;
-5. everything else stays in CPU RAM, quantized as in the file. When that is more than the
+6. everything else stays in CPU RAM, quantized as in the file. When that is more than the
    machine's RAM, the plan still runs (as llama.cpp does) with pages read from disk as they
    are used: a warning, and a prediction that counts those reads; overcommit=False refuses.
 """
@@ -98,11 +101,13 @@ def make_plan(
     rules: list[Rule] = (),
     model: str = "",
     overcommit: bool = True,
+    streaming: bool = True,
 ) -> Plan:
     """Place every tensor of a model (name -> TensorInfo; only shapes and types are read).
     Tensors the architecture does not use (rope_freqs, anything unknown) are left in the file
     and listed as ignored. overcommit: a CPU share over RAM runs from the page cache (warned)
-    rather than being refused."""
+    rather than being refused. streaming=False plans no staging for a prompt's CPU experts
+    (what a plan whose GPU road would never be taken is made again with)."""
     if ctx <= 0 or ctx > cfg.n_ctx_train:
         raise HeteroError(f"--ctx {ctx} must be between 1 and the model's {cfg.n_ctx_train}")
     tied = "output.weight" not in tensors
@@ -116,8 +121,7 @@ def make_plan(
     kv_device = "gpu" if has_gpu else "cpu"
     kv_dtype = "bfloat16" if has_gpu and not hw.gpu_is_stand_in else "float32"  # the stand-in keeps float32
     kv = kv_cache_bytes(cfg, ctx, 2 if kv_dtype == "bfloat16" else 4)
-    staging = _staging(family, cfg, by_name) if has_gpu and hw.pcie_bw else (0, 0)
-    reserved = _reserved(family, cfg, has_gpu) + ((("prefill staging", staging[0]),) if staging[0] else ())
+    reserved = _reserved(family, cfg, has_gpu)
     free = hw.gpu_mem - kv - sum(b for _, b in reserved) - int(HEADROOM * hw.gpu_mem) if has_gpu else 0
     devices: dict[str, str] = {}
 
@@ -171,7 +175,14 @@ def make_plan(
             f"{HEADROOM:.0%} headroom, over the {_gib(hw.gpu_mem)} budget"
         )
 
-    # 4. spare VRAM -> whole layers of routed experts
+    # 4. the staging that streams a prompt's CPU experts to the GPU, if it fits beside the dense
+    # part (kept only where the plan then has a crossover: otherwise planned again without it)
+    staging = _staging(family, cfg, by_name) if streaming and has_gpu and hw.pcie_bw and not problems else (0, 0)
+    if staging[0] > free:
+        staging = (0, 0)
+    free -= staging[0]
+
+    # 5. spare VRAM -> whole layers of routed experts (6: the rest stays on the CPU)
     experts_by_layer: dict[int, list[TensorCost]] = {}
     for c in costs:
         if c.kind == "routed experts" and c.name not in devices:
@@ -203,16 +214,17 @@ def make_plan(
     prefill = family.prefill_host_bytes(cfg, ctx, any(p.device == "gpu" for p in placements))
     cpu_need = sum(p.bytes for p in placements if p.device == "cpu") + (kv if kv_device == "cpu" else 0) + prefill
     overflow = max(0, cpu_need - hw.ram) if hw.ram else 0
-    # the CPU's experts are streamed to the GPU for chunks from the crossover on, if any (placement.predict)
-    longest = longest_chunk(family, cfg, ctx)
-    streams = staging[0] and predict(costs, devices, backends, hw, kv, kv_device, overflow,
-                                     longest).prefill_crossover_tokens  # fmt: skip
-    if streams:
+    longest, experts = longest_chunk(family, cfg, ctx), (cfg.n_expert, cfg.n_expert_used)
+    if staging[0]:
+        roads = predict(costs, devices, backends, hw, kv, kv_device, overflow, longest, experts)
+        if not roads.prefill_crossover_tokens:
+            return make_plan(cfg, tensors, hw, ctx, rules, model, overcommit, streaming=False)
+        reserved += (("prefill staging", staging[0]),)
         prefill += staging[1]
         cpu_need += staging[1]
         overflow = max(0, cpu_need - hw.ram) if hw.ram else 0
     else:
-        reserved = tuple(r for r in reserved if r[0] != "prefill staging")
+        longest = 0  # the GPU road is never taken (its speed is still shown)
     warnings = []
     if overflow and overcommit:
         warnings.append(
@@ -229,7 +241,7 @@ def make_plan(
             f"{len(slow)} tensors ({_gib(sum(p.bytes for p in slow))}: {', '.join(types)}) have no fast kernel where "
             "they are placed and run on the reference path, dequantized on every call (counted in the speed above)"
         )
-    prediction = predict(costs, devices, backends, hw, kv, kv_device, overflow, longest)
+    prediction = predict(costs, devices, backends, hw, kv, kv_device, overflow, longest, experts)
     return Plan(
         model=model,
         hardware=hw,

@@ -2,13 +2,17 @@
 
 from dataclasses import dataclass
 
+from gpu_ops.staging import DEQUANTIZE_CHUNK_VALUES
 from placement.backends import CPU_ENGINE_EFFICIENCY, GPU_TRITON_EFFICIENCY, gpu_read_seconds, read_rate
 from placement.cost import TensorCost
 from placement.hardware import Hardware
 
 FLOPS_EFFICIENCY = 0.5  # share of peak FLOP/s reached by prefill matmuls, both sides
-ROAD_FP32_SHARE = 1 / 8  # float32 FLOP/s against the table's tensor-core figure (H100-class; consumer cards 1/2)
+ROAD_FP32_SHARE = 1 / 15  # float32 FLOP/s against the table's tensor-core figure (H100: 67 of 989; consumer cards 1/2)
 DEQUANTIZE_TRAFFIC = 64  # device bytes per value the reference dequantizers move (26-37 allocated for K-quants)
+LAUNCH_S = 5e-6  # host time to launch one device op
+DEQUANTIZE_LAUNCHES = 16  # ops per reference dequantization call (K-quants; legacy types fewer)
+EXPERT_LAUNCHES = 8  # ops per used expert besides dequantizing: gathers, three products, weighting, the add
 SYNC_S = 50e-6  # per layer that hands work between GPU and CPU: copy, event, wake-up
 PREFILL_TOKENS = 512
 FFN_KINDS = ("routed experts", "shared experts", "dense FFN", "router")
@@ -63,12 +67,15 @@ def predict(
     kv_bytes: int,
     kv_device: str,
     overflow: int = 0,
-    longest_chunk: int = PREFILL_TOKENS,
+    longest_chunk: int = 0,
+    experts: tuple[int, int] = (0, 0),
 ):
     """costs of every tensor, devices[name] in {"gpu", "cpu"}, backends[name] (placement.backends),
     the KV cache size and where it lives; overflow: bytes of the CPU's share beyond RAM, read
     from disk as they are used; longest_chunk: the most tokens a prompt pass takes at once
-    (a crossover beyond it is never reached)."""
+    (a crossover beyond it is never reached; 0: the GPU road is never taken, though its speed
+    is still predicted); experts: (E, A), routed experts
+    per layer and per token, for the GPU road's per-expert costs."""
     gpu_bw = hw.gpu_bw * GPU_TRITON_EFFICIENCY
     cpu_bw = hw.cpu_bw * CPU_ENGINE_EFFICIENCY
     on_disk = evicted_shares(costs, devices, overflow)
@@ -101,7 +108,7 @@ def predict(
             per_token = c.flops_per_token / 2 / hw.cpu_macs  # the engine's measured multiply-adds
         else:
             per_token = c.flops_per_token / (hw.cpu_flops * FLOPS_EFFICIENCY)
-        streamed = not on_gpu and c.kind == "routed experts" and hw.pcie_bw > 0
+        streamed = not on_gpu and c.kind == "routed experts" and hw.pcie_bw > 0 and hw.gpu_mem > 0
         terms.append(_PrefillTerm(c.layer, on_gpu, per_token, prefill_s, c.read_fraction_decode,
                                   prefill_bytes * evicted / hw.disk_bw, streamed, c))  # fmt: skip
     kv_per_layer = kv_bytes / max(1, len([k for k in layers if k >= 0]))
@@ -122,9 +129,11 @@ def predict(
          f"{hw.disk_bw / 1e9:.1f} GB/s as they are used, least-read bytes first (the page cache keeps the rest)",)
         if overflow > 0 else ()
     )  # fmt: skip
-    cpu_road = prefill_seconds(terms, PREFILL_TOKENS, hw, stream=False)
-    gpu_road = prefill_seconds(terms, PREFILL_TOKENS, hw, stream=True) if any(t.streamed for t in terms) else 0.0
-    prefill = min(cpu_road, gpu_road) if gpu_road else cpu_road
+    cpu_road = prefill_seconds(terms, PREFILL_TOKENS, hw, experts, stream=False)
+    road = any(t.streamed for t in terms)
+    gpu_road = prefill_seconds(terms, PREFILL_TOKENS, hw, experts, stream=True) if road else 0.0
+    crossing = crossover(terms, hw, experts, longest_chunk) if road and longest_chunk else 0
+    prefill = gpu_road if 0 < crossing <= PREFILL_TOKENS else cpu_road  # the road a chunk of that size takes
     return Prediction(
         decode_tok_s=1.0 / decode if decode else 0.0,
         prefill_tok_s=PREFILL_TOKENS / prefill if prefill else 0.0,
@@ -133,7 +142,7 @@ def predict(
         decode_cpu_ms=cpu_busy * 1e3,
         assumptions=ASSUMPTIONS + disk,
         disk_bytes_per_token=disk_per_token,
-        prefill_crossover_tokens=crossover(terms, hw, longest_chunk) if gpu_road else 0,
+        prefill_crossover_tokens=crossing,
         prefill_cpu_road_tok_s=PREFILL_TOKENS / cpu_road if cpu_road else 0.0,
         prefill_gpu_road_tok_s=PREFILL_TOKENS / gpu_road if gpu_road else 0.0,
     )
@@ -155,36 +164,44 @@ class _PrefillTerm:
     cost: TensorCost
 
 
-def prefill_seconds(terms: list[_PrefillTerm], tokens: int, hw: Hardware, stream: bool) -> float:
+def prefill_seconds(terms: list[_PrefillTerm], tokens: int, hw: Hardware, experts: tuple[int, int],
+                    stream: bool) -> float:  # fmt: skip
     """A chunk of `tokens` through every layer: per layer the slower of the GPU's and the CPU's
-    work (their hand-off between), the CPU's routed experts on the GPU when `stream` (their
-    copy at the staging bandwidth overlapped with the device's dequantizing and multiplying)."""
+    work (their hand-off between), the CPU's routed experts on the GPU when `stream`: their
+    copy at the staging bandwidth plus the host's launches (one thread does both), against the
+    device's dequantizing and multiplying, and a host sync per layer (the experts' token counts)."""
+    n_expert, n_used = experts
+    used = n_expert * (1 - (1 - n_used / n_expert) ** tokens) if n_expert else 0.0  # experts a chunk touches
     sides: dict[int, list[float]] = {}
     for t in terms:
         share = min(1.0, t.read_fraction * tokens)
         side = sides.setdefault(t.layer, [0.0, 0.0])
         if stream and t.streamed:
-            copy = t.cost.gguf_bytes / hw.pcie_bw
+            per_expert = t.cost.n_values // max(1, n_expert)  # values of one expert's matrix
+            calls = -(-per_expert // DEQUANTIZE_CHUNK_VALUES)
+            host = (
+                t.cost.gguf_bytes / hw.pcie_bw + used * (calls * DEQUANTIZE_LAUNCHES + EXPERT_LAUNCHES / 3) * LAUNCH_S
+            )
             fp32 = hw.gpu_flops * (1.0 if hw.gpu_is_stand_in else ROAD_FP32_SHARE)  # the stand-in's are float32
             multiply = t.cost.flops_per_token * tokens / (fp32 * FLOPS_EFFICIENCY)
             device = t.cost.n_values * DEQUANTIZE_TRAFFIC / hw.gpu_bw + multiply
-            side[0] += max(copy, device) + t.disk_s * share
+            side[0] += max(host, device) + SYNC_S / 3 + t.disk_s  # every page of the stacks, every pass
         else:
             side[0 if t.on_gpu else 1] += max(t.flops_s * tokens, t.read_s * share) + t.disk_s * share
     return sum(max(g, c) + (SYNC_S if g > 0 and c > 0 else 0.0) for g, c in sides.values())
 
 
-def crossover(terms: list[_PrefillTerm], hw: Hardware, longest: int) -> int:
+def crossover(terms: list[_PrefillTerm], hw: Hardware, experts: tuple[int, int], longest: int) -> int:
     """The smallest chunk (tokens) whose prefill is faster with the CPU's experts streamed to
     the GPU, or 0 if no chunk up to `longest` is. Per token, the GPU road's copy shrinks as
     1/T while the CPU's compute does not, so there is one crossing: found by bisection."""
 
     def faster(tokens: int) -> bool:
-        return prefill_seconds(terms, tokens, hw, True) < prefill_seconds(terms, tokens, hw, False)
+        return prefill_seconds(terms, tokens, hw, experts, True) < prefill_seconds(terms, tokens, hw, experts, False)
 
-    if not faster(longest):
+    if longest < 2 or not faster(longest):
         return 0
-    low, high = 0, longest  # faster(high), not faster(low) (or low = 0)
+    low, high = 1, longest  # faster(high); a one-token pass never streams (net.py)
     while high - low > 1:
         mid = (low + high) // 2
         low, high = (low, mid) if faster(mid) else (mid, high)

@@ -7,7 +7,7 @@ from placement.hardware import Hardware
 from placement.planner import EXECUTORS, Placement, Plan
 from placement.predict import Prediction
 
-SCHEMA = "hetero.plan/2"  # 2: a backend per tensor, the executor and the KV cache dtype
+SCHEMA = "hetero.plan/3"  # 2: a backend per tensor, executor, KV cache dtype; 3: prefill roads, measured figures
 
 
 def plan_to_json(plan: Plan) -> dict:

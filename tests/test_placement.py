@@ -112,7 +112,7 @@ def test_plan_round_trips_through_json(r1_header):
     for key in ("tensors", "devices", "kv_cache", "fits", "prediction", "executor"):
         assert key in data
     assert {"decode_tok_s", "prefill_tok_s", "bound"} <= set(data["prediction"])
-    assert data["schema"] == "hetero.plan/2" and data["executor"] == "hybrid"
+    assert data["schema"] == "hetero.plan/3" and data["executor"] == "hybrid"
     assert data["kv_cache"]["dtype"] == "bfloat16"
     assert all(t["backend"] for t in data["tensors"])
     assert plan_from_json(data) == plan

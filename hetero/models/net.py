@@ -81,7 +81,8 @@ class Net:
             parts = [self.forward(ids[i : i + chunk], cache, last_only, watch) for i in range(0, ids.shape[0], chunk)]
             return parts[-1] if last_only else torch.cat(parts)
         cos, sin = rope_tables(self.cfg, torch.arange(start, start + ids.shape[0]), self.device)
-        stream = self.expert_stream if self.expert_stream is not None and ids.shape[0] >= self.stream_from else None
+        long = ids.shape[0] >= max(2, self.stream_from)  # one token never copies every expert
+        stream = self.expert_stream if self.expert_stream is not None and long else None
         if stream is not None:
             stream.begin()
         run = Pass(cache, start, cos, sin, self.attention_form, stream)
