@@ -42,8 +42,8 @@ def prefill_road(plan: Plan) -> str:
     n = pred.prefill_crossover_tokens
     if not n:
         return (
-            "prefill: the CPU's experts stay on the CPU (streaming them to the GPU is slower for every chunk this "
-            f"context runs; {both})"
+            "prefill: the CPU's experts stay on the CPU (streaming them to the GPU pays for no chunk this context "
+            f"runs, or its staging would cost VRAM, RAM or decode speed; {both})"
         )
     return f"prefill: the CPU's experts run on the CPU below {n} tokens a chunk, streamed to the GPU from {n} ({both})"
 

@@ -37,6 +37,7 @@ CUDA_GRAPHS = 256 * 2**20
 PREFILL_CHUNK = 4096  # tokens per prefill step; long prompts need big chunks to keep the GPU busy
 HEADROOM = 0.15  # of the budget, never planned: allocator fragmentation and transient peaks
 MIN_EXPERT_SHARE = 0.05  # move routed experts only if >= 5% of the MoE layers fit (a visible gain)
+STAGING_DECODE_LOSS = 0.02  # decode speed a plan may give up to stream prompts' experts to the GPU
 
 
 @dataclass(frozen=True)
@@ -114,7 +115,7 @@ def make_plan(
     family = family_of_config(cfg)
     used = set(family.expected_tensors(cfg, tied)) | set(family.optional_tensors(cfg))
     ignored = tuple(sorted(n for n in tensors if n not in used))
-    tensors = {n: t for n, t in tensors.items() if n in used}
+    every_tensor, tensors = tensors, {n: t for n, t in tensors.items() if n in used}
     costs = tensor_costs(cfg, tensors, ctx)
     by_name = {c.name: c for c in costs}
     has_gpu = hw.gpu_mem > 0
@@ -177,7 +178,9 @@ def make_plan(
 
     # 4. the staging that streams a prompt's CPU experts to the GPU, if it fits beside the dense
     # part (kept only where the plan then has a crossover: otherwise planned again without it)
-    staging = _staging(family, cfg, by_name) if streaming and has_gpu and hw.pcie_bw and not problems else (0, 0)
+    gpu_holds_weights = any(d == "gpu" for d in devices.values())  # not when the rules sent everything to the CPU
+    stream = streaming and has_gpu and hw.pcie_bw and gpu_holds_weights and not problems
+    staging = _staging(family, cfg, by_name, longest_chunk(family, cfg, ctx)) if stream else (0, 0)
     if staging[0] > free:
         staging = (0, 0)
     free -= staging[0]
@@ -216,9 +219,6 @@ def make_plan(
     overflow = max(0, cpu_need - hw.ram) if hw.ram else 0
     longest, experts = longest_chunk(family, cfg, ctx), (cfg.n_expert, cfg.n_expert_used)
     if staging[0]:
-        roads = predict(costs, devices, backends, hw, kv, kv_device, overflow, longest, experts)
-        if not roads.prefill_crossover_tokens:
-            return make_plan(cfg, tensors, hw, ctx, rules, model, overcommit, streaming=False)
         reserved += (("prefill staging", staging[0]),)
         prefill += staging[1]
         cpu_need += staging[1]
@@ -242,7 +242,7 @@ def make_plan(
             "they are placed and run on the reference path, dequantized on every call (counted in the speed above)"
         )
     prediction = predict(costs, devices, backends, hw, kv, kv_device, overflow, longest, experts)
-    return Plan(
+    plan = Plan(
         model=model,
         hardware=hw,
         ctx=ctx,
@@ -261,6 +261,23 @@ def make_plan(
         kv_cache_dtype=kv_dtype,
         fused_shared_layers=fused,
         prefill_host_bytes=prefill,
+    )
+    if staging[0]:  # kept only where it pays and costs nothing else
+        without = make_plan(cfg, every_tensor, hw, ctx, rules, model, overcommit, streaming=False)
+        if not prediction.prefill_crossover_tokens or _worth(without) > _worth(plan):
+            return without
+    return plan
+
+
+def _worth(plan: Plan) -> tuple:
+    """What a plan must not lose to make room for the staging: its fit, its reads from disk,
+    and decode speed beyond STAGING_DECODE_LOSS (within the roofline's error; the staging
+    displaces at most an expert layer or two, while the prompts it serves prefill faster)."""
+    decode = plan.prediction.decode_tok_s
+    return (
+        plan.fits,
+        -plan.prediction.disk_bytes_per_token,
+        decode * (1 + STAGING_DECODE_LOSS if "prefill staging" in dict(plan.reserved) else 1),
     )
 
 
@@ -337,16 +354,22 @@ def longest_chunk(family: Family, cfg: ModelConfig, ctx: int) -> int:
     return max(low, min(ctx, family.prefill_chunk(cfg, min(ctx, low + 1))))
 
 
-def _staging(family: Family, cfg: ModelConfig, costs: dict[str, TensorCost]) -> tuple[int, int]:
+def _staging(family: Family, cfg: ModelConfig, costs: dict[str, TensorCost], tokens: int) -> tuple[int, int]:
     """(GPU bytes, pinned host bytes) of the staging that streams a prompt's CPU experts to the
-    GPU (gpu_ops.staging), sized for the model's largest experts; (0, 0) without routed experts."""
+    GPU (gpu_ops.staging), sized for the model's largest experts and a pass of `tokens`; (0, 0)
+    without routed experts."""
     trios = [tuple(costs[n] for n in trio) for trio in family.expert_trios(costs)]
     if not trios:
         return 0, 0
     n = cfg.n_expert
     per_expert = max(sum(c.gguf_bytes for c in trio) // n for trio in trios)
     values = max(c.n_values // n for trio in trios for c in trio)
-    return staging_bytes(per_expert, n, values)
+    device, host = staging_bytes(per_expert, n, values)
+    # the road's float32 activations: the input, its copy and the output [T, D], one expert's
+    # tokens (up to all T) with their gate, up and hidden [T, F], down's product and its weighting [T, D]
+    gate = trios[0][0]  # [E, F, D]: rows of D values
+    width, hidden = gate.row, gate.n_values // n // gate.row
+    return device + tokens * (5 * width + 3 * hidden) * 4, host
 
 
 def _suggestion(problems, hw: Hardware, dense_need: int, kv: int, cfg: ModelConfig, ctx: int, cpu_need: int) -> str:

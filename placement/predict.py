@@ -184,7 +184,8 @@ def prefill_seconds(terms: list[_PrefillTerm], tokens: int, hw: Hardware, expert
             )
             fp32 = hw.gpu_flops * (1.0 if hw.gpu_is_stand_in else ROAD_FP32_SHARE)  # the stand-in's are float32
             multiply = t.cost.flops_per_token * tokens / (fp32 * FLOPS_EFFICIENCY)
-            device = t.cost.n_values * DEQUANTIZE_TRAFFIC / hw.gpu_bw + multiply
+            dequantized = t.cost.n_values * (used / n_expert if n_expert else 1.0)  # the used experts only
+            device = dequantized * DEQUANTIZE_TRAFFIC / hw.gpu_bw + multiply
             side[0] += max(host, device) + SYNC_S / 3 + t.disk_s  # every page of the stacks, every pass
         else:
             side[0 if t.on_gpu else 1] += max(t.flops_s * tokens, t.read_s * share) + t.disk_s * share

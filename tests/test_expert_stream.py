@@ -18,7 +18,7 @@ from modelfile.families import family_of
 from modelfile.gguf_file import GGUFModelFile
 from placement import predict
 from placement.hardware import detect, with_overrides
-from placement.planner import longest_chunk, make_plan, plan_model
+from placement.planner import STAGING_DECODE_LOSS, longest_chunk, make_plan, plan_model
 from placement.rules import parse_override
 
 
@@ -144,6 +144,7 @@ def test_the_crossover_is_where_the_gpu_road_becomes_faster(r1_header, r1_hardwa
     cfg = plan_config(file)
     matrix = cfg.n_ff_expert * cfg.n_embd  # values of one expert's gate: R1's matrices are all this size
     staged = 2 * staging.SLOT_BYTES + 3 * matrix * 4 + staging.DEQUANTIZE_CHUNK_VALUES * staging.DEQUANTIZE_BYTES
+    staged += longest_chunk(family_of(file.metadata), cfg, plan.ctx) * (5 * cfg.n_embd + 3 * cfg.n_ff_expert) * 4
     assert dict(plan.reserved)["prefill staging"] == staged and plan.prefill_host_bytes > 2 * staging.SLOT_BYTES
     link = plan_model(file, dataclasses.replace(r1_hardware, pcie_bw=4 * r1_hardware.pcie_bw)).prediction
     assert 0 < link.prefill_crossover_tokens < n
@@ -158,15 +159,31 @@ def test_the_crossover_is_where_the_gpu_road_becomes_faster(r1_header, r1_hardwa
 
 
 def test_staging_never_costs_a_plan_its_fit(r1_header, r1_hardware):
-    """Budgets around where R1's dense part stops fitting fit exactly as they do without the
-    staging: it is reserved only in what the dense part leaves."""
+    """Budgets around where R1's dense part stops fitting, and with room for expert layers,
+    and RAM just short of the staging's pinned slots: a plan with the staging fits and reads
+    from disk as the plan made without it does, and decodes at most STAGING_DECODE_LOSS
+    slower. A plan made again without it keeps the file's unused tensors listed; rules that
+    send every weight to the CPU get no staging."""
     file = GGUFModelFile(r1_header[0])
     cfg = plan_config(file)
-    for gib in np.arange(14.0, 17.0, 0.25):
+    tensors = {**file.tensors, "junk.thing": next(iter(file.tensors.values()))}
+    streamed = 0
+    for gib in (*np.arange(14.0, 17.0, 0.25), 40, 80):
         hw = with_overrides(r1_hardware, gpu_mem=f"{gib}GiB")
-        with_staging = plan_model(file, hw)
-        without = make_plan(cfg, file.tensors, hw, with_staging.ctx, streaming=False)
-        assert with_staging.fits == without.fits, gib
+        with_staging = make_plan(cfg, tensors, hw, 4096)
+        without = make_plan(cfg, tensors, hw, 4096, streaming=False)
+        assert with_staging.fits == without.fits and with_staging.ignored == ("junk.thing",), gib
+        ours, theirs = with_staging.prediction, without.prediction
+        assert ours.disk_bytes_per_token <= theirs.disk_bytes_per_token, gib
+        assert ours.decode_tok_s >= theirs.decode_tok_s * (1 - STAGING_DECODE_LOSS), gib
+        streamed += bool(with_staging.prediction.prefill_crossover_tokens)
+    assert streamed  # some of them stream
+    without = make_plan(cfg, tensors, r1_hardware, 4096, streaming=False)
+    short = dataclasses.replace(r1_hardware, ram=without.used_bytes("cpu") + (32 << 20))
+    tight = make_plan(cfg, tensors, short, 4096, overcommit=False)
+    assert tight.fits and not tight.prediction.prefill_crossover_tokens and tight.ignored == ("junk.thing",)
+    all_cpu = make_plan(cfg, tensors, r1_hardware, 4096, rules=[parse_override(".*=cpu")])
+    assert not all_cpu.prediction.prefill_crossover_tokens  # the rules left the GPU nothing: it streams nothing
 
 
 def test_plan_prints_both_roads(r1_header, monkeypatch, tmp_path):
