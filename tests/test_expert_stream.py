@@ -206,3 +206,21 @@ def test_plan_prints_both_roads(r1_header, monkeypatch, tmp_path):
     assert f"GPU road {data['prefill_gpu_road_tok_s']:.0f} tok/s" in text and data["prefill_cpu_road_tok_s"] > 0
     slow = CliRunner().invoke(app, [*args, "--pcie-bw", "0.01GB/s", "--json"]).stdout
     assert json.loads(slow)["prediction"]["prefill_crossover_tokens"] == 0
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["plan", "{tiny}", "--gpu", "h100", "--pcie-bw", "fast"], "cannot read bandwidth 'fast'"),
+        (["plan", "{tiny}", "--pcie-bw", "25GB/s", "--gpu-mem", "0"], "--pcie-bw needs a GPU in the plan"),
+        (["bench", "{tiny}", "--prefill-road", "sideways"], "--prefill-road sideways: choose plan, cpu or gpu"),
+        (["bench", "{tiny}", "--device", "cpu", "--prefill-road", "gpu"], "--prefill-road gpu needs a GPU"),
+    ],
+    ids=["unreadable rate", "rate without a GPU", "unknown road", "GPU road without a GPU"],
+)
+def test_the_road_options_refuse_bad_input_in_one_line(synth, args, message):
+    tiny = str(synth("tiny", "Q8_0"))
+    r = CliRunner().invoke(app, [a.format(tiny=tiny) for a in args])
+    lines = [line for line in r.output.splitlines() if line.strip()]
+    assert r.exit_code == 2 and message in " ".join(r.output.split()), r.output
+    assert "Traceback" not in r.output and lines[-1].startswith("error:"), r.output
