@@ -29,13 +29,15 @@ def weights(qtype, rows, k, rng):
 def oracle(qtype, dense, acts, raw):
     """The float64 product and the sum of |terms| that bounds float32 rounding. Types with a min
     (Q4_1, Q5_1) take Q8_1 activations: the min meets s = float16(d * sum(q)) per 32 values, as
-    in llama.cpp, not the sum of the dequantized values."""
+    in llama.cpp, not the sum of the dequantized values; d * sum is a float32 product there
+    (rounded from float64 instead, one s in ~10^4 lands an ulp of float16 apart)."""
     x = acts.xf.astype(np.float64) if qtype in FLOATS else acts.dequantized()
     if acts.form != Q8_1 or qtype in FLOATS:
         return x @ dense.T, np.abs(x) @ np.abs(dense).T
     mins = raw.reshape(raw.shape[0], -1, GGML_QUANT_SIZES[qtype][1])[:, :, 2:4].copy().view(np.float16)[..., 0]
     m = mins.astype(np.float64)  # [rows, blocks]
-    s = (acts.dx * acts.xs.reshape(acts.n_tokens, -1, 2).sum(-1)).astype(np.float16).astype(np.float64)  # [T, blocks]
+    sums = acts.xs.reshape(acts.n_tokens, -1, 2).sum(-1).astype(np.float32)  # exact: |sum| <= 32 * 127
+    s = (acts.dx * sums).astype(np.float16).astype(np.float64)  # [T, blocks]: float32 d * sum, then float16
     scaled = dense - np.repeat(m, 32, axis=1)
     return x @ scaled.T + s @ m.T, np.abs(x) @ np.abs(scaled).T + np.abs(s) @ np.abs(m).T
 
