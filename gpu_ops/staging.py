@@ -100,11 +100,6 @@ class ExpertStream:
             units.append(Unit(index, first, stop, offsets, sum(sizes)))
         return units
 
-    @property
-    def staged_bytes(self) -> int:
-        """GGUF bytes one pass copies: every expert of every layer."""
-        return sum(u.nbytes for u in self.units)
-
     def begin(self) -> None:
         """A new pass: the copies start again from the first layer's first unit."""
         for slot in range(2):
