@@ -151,6 +151,99 @@ def q4_k(b, w, acts):
     return _k_body(b, w, acts, quants, 4)
 
 
+ROWS = 8  # rows a multi-row body decodes together: two sets of four (a qword of each fills a register)
+
+
+def _qword_columns(b, chunks):
+    """4 rows' 32-byte chunks -> 4 vectors, vector k holding qword k of rows 0-3 in order (a 4 x 4
+    transpose of qwords: 4 in-lane unpacks and 4 half swaps)."""
+    q = [b.bitcast(c, vec(I64, 4)) for c in chunks]
+    even01, odd01 = shuffle(b, q[0], [0, 4, 2, 6], q[1]), shuffle(b, q[0], [1, 5, 3, 7], q[1])
+    even23, odd23 = shuffle(b, q[2], [0, 4, 2, 6], q[3]), shuffle(b, q[2], [1, 5, 3, 7], q[3])
+    cols = (
+        shuffle(b, even01, [0, 1, 4, 5], even23),
+        shuffle(b, odd01, [0, 1, 4, 5], odd23),
+        shuffle(b, even01, [2, 3, 6, 7], even23),
+        shuffle(b, odd01, [2, 3, 6, 7], odd23),
+    )
+    return [b.bitcast(c, vec(I8, 32)) for c in cols]
+
+
+def _qword_of(b, base, offset):
+    """The 8 bytes at base + offset in all four qwords of a vector (vpbroadcastq)."""
+    return b.bitcast(broadcast(b, from_scalars(b, [load(b, base, offset, I64)]), 0, 4), vec(I8, 32))
+
+
+def _row_pairs(b, values):
+    """Four scalars (one per row) -> 8 lanes, row r in lanes 2r and 2r + 1."""
+    return from_scalars(b, [v for v in values for _ in range(2)])
+
+
+def _q4_k_set(b, ws):
+    """Per-block constants of four rows: per group the scales (16 x i16, lanes 4r..4r+3 = row r's),
+    the mins as two halves for `_mins_term`, and d, dmin in lanes 2r, 2r + 1."""
+    sms = [_k_scales(b, w, 4) for w in ws]  # 16 x i16 each: 8 scales, then 8 mins
+    scales = []
+    for g in range(8):
+        s01 = shuffle(b, sms[0], [g] * 4 + [16 + g] * 4, sms[1])
+        s23 = shuffle(b, sms[2], [g] * 4 + [16 + g] * 4, sms[3])
+        scales.append(shuffle(b, s01, list(range(16)), s23))
+    mins_lo = list(range(8, 16)) + list(range(24, 32))
+    mins = shuffle(b, sms[0], mins_lo, sms[2]), shuffle(b, sms[1], mins_lo, sms[3])
+    d = _row_pairs(b, [_f16(b, w, 0) for w in ws])
+    dmin = _row_pairs(b, [_f16(b, w, 2) for w in ws])
+    return scales, mins, d, dmin
+
+
+def q4_k_rows(b, ws, tokens):
+    """ROWS rows' Q4_K blocks (pointers ws) times every token of `tokens` (a `kernels.TokenLoop`):
+    per token and set of four rows, 8 float lanes (row r's share in lanes 2r and 2r + 1) added
+    into tokens.acc.
+
+    With one row per register every 32-value group and token costs a vpmaddubsw and a vpmaddwd
+    (the scale and the widening to 32 bits), and the multiply ports are the bound. Here a
+    register holds 8 values of each of four rows (`_qword_columns`), a group's four registers
+    meet the token's 8-byte pieces broadcast, and their 16-bit sums add exactly (15 * 127 * 2 * 4
+    < 2^15) before one vpmaddwd with the four rows' scales: 5 multiplies per 4 rows, group and
+    token instead of 8. Each broadcast piece serves both sets of rows (one set alone is bound by
+    the loads). A group's 8 quant registers and 2 scales stay in registers while a run-time
+    loop passes every token over them; the tokens' 32-bit sums wait in memory (unrolled over
+    tokens, the quants spilled instead: 650 stack accesses per block of 8 tokens). The mins meet
+    the activations' per-32 sums in 16 bits as well, a tail per token shared by four rows."""
+    sets = [ws[i : i + 4] for i in range(0, len(ws), 4)]
+    consts = [_q4_k_set(b, rows) for rows in sets]
+    for g in range(8):
+        c, high = divmod(g, 2)
+        quants = []
+        for rows in sets:
+            cols = _qword_columns(b, [load(b, w, 16 + 32 * c, I8, 32) for w in rows])
+            quants.append([b.lshr(q, splat(I8, 32, 4)) if high else b.and_(q, splat(I8, 32, 15)) for q in cols])
+
+        def group(t, a, g=g, quants=quants):
+            xs = [_qword_of(b, a.xq, 32 * g + 8 * k) for k in range(4)]
+            for i, (scales, *_) in enumerate(consts):
+                pieces = [dot_u8_s8(b, q, x) for q, x in zip(quants[i], xs, strict=True)]
+                p = madd_i16(b, _sum(b, pieces), scales[g])
+                slot = tokens.dot(t, i)
+                b.store(p if g == 0 else b.add(b.load(slot), p), slot)
+
+        tokens.each(group)
+
+    def tail(t, a):
+        sums = b.trunc(_pairs(b, load(b, a.xs, 0, I32, 16)), vec(I16, 8))  # per 32: |sum| <= 32 * 127
+        both = shuffle(b, sums, list(range(8)) * 2)
+        for i, (_, (mins02, mins13), d, dmin) in enumerate(consts):
+            msum = hadd_i32(b, madd_i16(b, mins02, both), madd_i16(b, mins13, both))  # lanes 2r, 2r+1: row r
+            v = b.fsub(b.fmul(to_float(b, b.load(tokens.dot(t, i))), d), b.fmul(to_float(b, msum), dmin))
+            slot = tokens.acc(t, i)
+            b.store(b.fadd(b.load(slot), b.fmul(v, _block_scale(b, a))), slot)
+
+    tokens.each(tail)
+
+
+q4_k.rows = q4_k_rows
+
+
 def q5_k(b, w, acts):
     qh = load(b, w, 16, I8, 32)
     quants = []
@@ -674,6 +767,7 @@ class BlockKind:
     act_form: int  # the activations' format (cpu_ops.activations.FORMATS' values)
     values_of: object = None  # 32-value legacy types: one block's values, for `legacy_group`
     zero: int | None = None  # their zero point, where values_of gives them unsigned
+    rows: object = None  # a body for ROWS rows at once (prefill), where the type has one
 
 
 def _kind(code: int, qtype: QType, body) -> BlockKind:
@@ -681,8 +775,8 @@ def _kind(code: int, qtype: QType, body) -> BlockKind:
     block, size = GGML_QUANT_SIZES[qtype]
     values = values_per_block(qtype)
     form = FORMATS[QUANT_TYPES[qtype].activation_format]
-    legacy = getattr(body, "values_of", None), getattr(body, "zero", None)
-    return BlockKind(code, values, size * values // block, body, form, *legacy)
+    extras = getattr(body, "values_of", None), getattr(body, "zero", None), getattr(body, "rows", None)
+    return BlockKind(code, values, size * values // block, body, form, *extras)
 
 
 # each engine type's body, as its declaration names it (modelfile/quants/types.py); the code is

@@ -51,11 +51,13 @@ def executor():
 @pytest.mark.parametrize("qtype", list(BLOCKS), ids=lambda t: t.name)
 # tokens: 1, fours, and fours with 1, 2 or 3 left over (each count has its own row step), eights
 # for 256-value blocks; blocks: 32-value types take 8 at a time where a row has them, then the rest
-# (9, 11: with 2 or 3 tokens too); 70 and 100 tokens of 11 and 96 blocks span two tiles of tokens
+# (9, 11: with 2 or 3 tokens too); 70 and 100 tokens of 11 and 96 blocks span two tiles of tokens.
+# Types with a multi-row body take 8 rows at once from 3 tokens on (19 rows: two eights and 3 rows
+# alone), at most 16 tokens a call in even shares (33: three calls of 11), tiles of 8 (96 blocks)
 @pytest.mark.parametrize(
     "rows,blocks,tokens",
     [(1, 1, 1), (7, 3, 1), (37, 2, 5), (9, 2, 6), (5, 1, 7), (130, 1, 16), (3, 11, 13), (2, 8, 4), (3, 9, 7),
-     (2, 8, 6), (2, 11, 70), (1, 96, 100)],
+     (2, 8, 6), (2, 11, 70), (1, 96, 100), (19, 2, 3), (16, 2, 2), (8, 1, 33), (16, 96, 20)],
 )  # fmt: skip
 def test_matmul_matches_float64(qtype, rows, blocks, tokens, executor):
     rng = np.random.default_rng()
@@ -86,6 +88,26 @@ def test_grouped_legacy_blocks_at_their_extremes(qtype, fill):
     matrix = CpuMatrix(raw, qtype, 16 * 32)
     signs = np.where(rng.random((5, 16 * 32)) < 0.5, -1.0, 1.0).astype(np.float32)
     for x in (np.ones((5, 16 * 32), np.float32), -np.ones((5, 16 * 32), np.float32), signs):
+        acts = matrix.quantize(x)
+        expected, bound = oracle(qtype, dense, acts, raw)
+        assert np.all(np.abs(matrix(None, acts) - expected) <= 2e-6 * bound + 1e-30)
+
+
+MULTI_ROW = [q for q, kind in BLOCKS.items() if kind.rows is not None]
+
+
+@pytest.mark.parametrize("qtype", MULTI_ROW, ids=lambda t: t.name)
+def test_multi_row_sums_at_their_extremes(qtype):
+    """Every quant, scale and min at its largest and every activation at +-127: the 16-bit sums
+    of four vpmaddubsw (4 * 2 * 15 * 127) and of the mins' per-32 sums stay exact."""
+    rng = np.random.default_rng()
+    raw, _ = weights(qtype, 16, 4 * 256, rng)
+    blocks = raw.reshape(16, 4, -1)
+    blocks[:, :, 4:] = 0xFF  # d and dmin (bytes 0-3) stay small and finite
+    dense = dequantize(torch.from_numpy(raw), qtype, 4 * 256).double().numpy()
+    matrix = CpuMatrix(raw, qtype, 4 * 256)
+    signs = np.where(rng.random((5, 4 * 256)) < 0.5, -1.0, 1.0).astype(np.float32)
+    for x in (np.ones((5, 4 * 256), np.float32), -np.ones((5, 4 * 256), np.float32), signs):
         acts = matrix.quantize(x)
         expected, bound = oracle(qtype, dense, acts, raw)
         assert np.all(np.abs(matrix(None, acts) - expected) <= 2e-6 * bound + 1e-30)
