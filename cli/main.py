@@ -632,6 +632,61 @@ def demo(
         )
 
 
+@app.command()
+@friendly_errors
+def serve(
+    model: Annotated[Path, typer.Argument(help="A deepseek2 GGUF (any file of a split set).")],
+    host: Annotated[str, typer.Option(help="Address to listen on; 0.0.0.0 for every interface.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port.")] = 8080,
+    api_key: Annotated[
+        str | None,
+        typer.Option(help="Require 'Authorization: Bearer KEY'.", envvar="HETERO_API_KEY", show_default="none"),
+    ] = None,
+    alias: Annotated[
+        str | None, typer.Option(help="The model's name in the API.", show_default="the file's name")
+    ] = None,
+    reasoning_format: Annotated[
+        str, typer.Option(help="deepseek: R1's <think> text as reasoning_content; none: left in the content.")
+    ] = "deepseek",
+    chat_template_file: Annotated[
+        Path | None, typer.Option(help="A Jinja chat template to use instead of the file's.", show_default="the file's")
+    ] = None,
+    temperature: Annotated[float, typer.Option(help="Default when a request gives none; 0 for greedy.")] = 0.6,
+    top_p: Annotated[float, typer.Option(help="Default nucleus mass when a request gives none.")] = 0.95,
+    max_queue: Annotated[int, typer.Option(help="Requests that may wait for the model; more get 429.")] = 8,
+    gpu_mem: Annotated[str | None, typer.Option(help=GPU_MEM_HELP, show_default=GPU_MEM_DEFAULT)] = None,
+    ctx: Annotated[int | None, typer.Option(help="Context length.", show_default=CTX_DEFAULT)] = None,
+    threads: Annotated[int | None, typer.Option(help="CPU threads.", show_default=THREADS_DEFAULT)] = None,
+    no_overcommit: Annotated[bool, typer.Option("--no-overcommit", help=NO_OVERCOMMIT_HELP)] = False,
+):
+    """Serve the model over the OpenAI API (chat and text completions, streaming, a prompt cache).
+
+    Example: hetero serve DeepSeek-R1-Q4_K_M-00001-of-00009.gguf --gpu-mem 24GiB --ctx 16384
+    Then: curl http://127.0.0.1:8080/v1/chat/completions -H 'Content-Type: application/json'
+      -d '{"messages": [{"role": "user", "content": "Hello"}]}'
+    One request runs at a time, the rest wait in order (up to --max-queue); a conversation's earlier
+    turns are not prefilled again (the prompt cache). GET /health says loading or ready.
+    """
+    from cli.serve import run_server
+
+    if not 0 < port < 65536:
+        raise HeteroError(f"--port {port}: must be from 1 to 65535")
+    if reasoning_format not in ("deepseek", "none"):
+        raise HeteroError(f"--reasoning-format {reasoning_format}: choose deepseek or none")
+    if max_queue < 1:
+        raise HeteroError(f"--max-queue {max_queue}: must be at least 1")
+    check_generation_options(1, temperature, top_p)
+    check_threads(threads)
+    warn_if_gpu_stands_in(gpu_mem)
+    if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
+        err_console.print(f"[yellow]warning:[/] listening on {escape(host)} without --api-key: anyone who can reach "
+                          "this machine can use the model", highlight=False)  # fmt: skip
+    run_server(
+        model, host, port, api_key, alias, reasoning_format == "deepseek", temperature, top_p, max_queue,
+        chat_template_file, dict(n_ctx=ctx, gpu_mem=gpu_mem, threads=threads, overcommit=not no_overcommit),
+    )  # fmt: skip
+
+
 def main():
     app()
 

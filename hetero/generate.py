@@ -2,11 +2,12 @@
 
 import codecs
 import time
-from collections.abc import Iterator
+from collections.abc import Generator
 from dataclasses import dataclass
 
 import torch
 
+from hetero.kv_cache import KVCache
 from hetero.sampling import SamplingParams, sample
 
 
@@ -27,35 +28,45 @@ def generate_steps(
     max_tokens: int = 256,
     sampling: SamplingParams = SamplingParams(),
     stop: tuple[str, ...] = (),
-) -> Iterator[Step]:
-    """Yield tokens until EOS, a stop string, max_tokens or a full context.
+    cache: KVCache | None = None,
+    cached: int = 0,
+) -> Generator[Step, None, str]:
+    """Yield tokens until EOS, a stop string, max_tokens or a full context; the generator's
+    return value says which: "stop" (EOS or a stop string) or "length".
 
-    Text never splits a UTF-8 character and never shows any part of a stop string.
+    Text never splits a UTF-8 character and never shows any part of a stop string. `cache`
+    (default: a new one) may already hold the first `cached` prompt tokens (a server's prompt
+    cache): only the rest are prefilled. It holds the prompt and the tokens fed back afterwards.
     """
+    if cached < 0 or (cached and cached >= len(prompt_ids)):
+        raise ValueError(f"{cached} cached tokens of a {len(prompt_ids)}-token prompt: at least one must run")
     generator = None
     if sampling.seed is not None:
         generator = torch.Generator().manual_seed(sampling.seed)
-    cache = model.new_cache()
+    cache = cache if cache is not None else model.new_cache()
     room = cache.max_tokens - len(prompt_ids)
     if room <= 0:
         raise ValueError(f"prompt of {len(prompt_ids)} tokens does not fit the {cache.max_tokens}-token context")
+    cache.length = cached
     t0 = time.perf_counter()
-    logits = _checked(model, model.forward(prompt_ids, cache, last_only=True)[-1], lambda: prompt_ids)
+    logits = _checked(model, model.forward(prompt_ids[cached:], cache, last_only=True)[-1], lambda: prompt_ids)
     prefill_s = time.perf_counter() - t0
     t1 = time.perf_counter()
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
     pending = ""  # text held back because it may begin a stop string
     done: list[int] = []
+    finish = "length"  # unless EOS comes first
     for i in range(min(max_tokens, room)):
         token = sample(logits.float().cpu(), sampling, generator)
         if token in model.tokenizer.eog_ids:
+            finish = "stop"
             break
         pending += decoder.decode(model.tokenizer.token_bytes([token]))
         cut = _stop_index(pending, stop)
         if cut is not None:
             if pending[:cut]:
                 yield Step(token, pending[:cut], len(prompt_ids), prefill_s, time.perf_counter() - t1)
-            return
+            return "stop"
         safe = len(pending) - _partial_stop(pending, stop)
         yield Step(token, pending[:safe], len(prompt_ids), prefill_s, time.perf_counter() - t1)
         pending = pending[safe:]
@@ -65,6 +76,7 @@ def generate_steps(
     tail = pending + decoder.decode(b"", final=True)
     if tail:
         yield Step(-1, tail, len(prompt_ids), prefill_s, time.perf_counter() - t1)
+    return finish
 
 
 def _checked(model, logits: torch.Tensor, ids) -> torch.Tensor:

@@ -215,6 +215,14 @@ def run_hardware(gpu_mem=None, numa: str = "auto", cpu_kernels: bool = True, gpu
     return hw if cpu_kernels and HAVE_AVX2 else replace(hw, cpu_engine=False)
 
 
+def check_runnable(plan: Plan, overcommit: bool = True) -> None:
+    """Refuse, in one line, a plan that does not fit (or reads from disk when told not to)."""
+    if not overcommit and plan.prediction.disk_bytes_per_token:
+        raise HeteroError("the plan's CPU share exceeds RAM (overcommit=False): " + "; ".join(plan.warnings))
+    if not plan.fits:
+        raise HeteroError("the plan does not fit: " + "; ".join(plan.problems) + f" ({plan.suggestion})")
+
+
 def load_model(
     path: str | Path | GGUFModelFile,
     n_ctx: int | None = None,
@@ -250,10 +258,7 @@ def load_model(
         plan = default_plan(file, n_ctx, gpu_mem, rules, overcommit, numa, cpu_kernels, gpu_device)
     elif {p.name for p in plan.placements} | set(plan.ignored) != set(file.tensors):
         raise HeteroError("the plan was made for a different model (tensor names differ)")
-    if not overcommit and plan.prediction.disk_bytes_per_token:
-        raise HeteroError("the plan's CPU share exceeds RAM (overcommit=False): " + "; ".join(plan.warnings))
-    if not plan.fits:
-        raise HeteroError("the plan does not fit: " + "; ".join(plan.problems) + f" ({plan.suggestion})")
+    check_runnable(plan, overcommit)
     with report_placed_bytes(on_gpu_bytes) if on_gpu_bytes else nullcontext():
         return Model(file, plan, gpu_device, threads, numa, cpu_kernels, match_llama_cpp=match_llama_cpp)
 

@@ -1,0 +1,295 @@
+"""The ASGI application: OpenAI's chat and text completions, models, health and metrics.
+
+Starlette rather than FastAPI: the routes are five and their bodies are checked by hand
+(`requests.py`) so that every refusal reads as OpenAI's do ({"error": {...}}, the field
+named); FastAPI's value, pydantic models and generated docs, would add a dependency and
+answer bad bodies in its own format. uvicorn serves it (cli/main.py).
+"""
+
+import asyncio
+import json
+import time
+import uuid
+from dataclasses import dataclass, field
+
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from hetero.conversation import THINK_OPEN, ThinkSplitter
+from hetero.sampling import SamplingParams
+from hetero.server import requests
+from hetero.server.requests import ApiError
+from hetero.server.worker import Job, Usage, Worker
+from modelfile.errors import HeteroError
+
+MAX_BODY_BYTES = 8 << 20  # a 128k-token history is ~0.5 MB of text
+RETRY_AFTER_S = 5
+
+
+@dataclass
+class ServerState:
+    alias: str
+    api_key: str | None = None
+    defaults: SamplingParams = SamplingParams()
+    reasoning: bool = True  # DeepSeek-R1's <think> text as reasoning_content
+    max_body: int = MAX_BODY_BYTES
+    worker: Worker | None = None  # None while the model loads
+    created: int = field(default_factory=lambda: int(time.time()))
+
+
+def create_app(state: ServerState) -> Starlette:
+    async def health(request: Request) -> Response:
+        if state.worker is None:
+            return JSONResponse({"status": "loading"}, status_code=503)
+        return JSONResponse({"status": "ok"})
+
+    async def models(request: Request) -> Response:
+        _authorize(request, state)
+        card = {"id": state.alias, "object": "model", "created": state.created, "owned_by": "hetero"}
+        return JSONResponse({"object": "list", "data": [card]})
+
+    async def metrics(request: Request) -> Response:
+        _authorize(request, state)
+        worker = _ready(state)
+        return PlainTextResponse(worker.metrics_text(), media_type="text/plain; version=0.0.4")
+
+    async def chat(request: Request) -> Response:
+        body = await _body(request, state)
+        messages = requests.messages(body)
+        settings = requests.settings(body, state.defaults)
+        worker = _ready(state)
+        try:
+            ids = await run_in_threadpool(worker.model.chat_prompt, messages)
+        except HeteroError as e:  # the template refused these messages (raise_exception, a limit)
+            raise ApiError(400, str(e), code="invalid_messages", param="messages") from None
+        thinking = state.reasoning and worker.model.detokenize(ids[-8:]).rstrip().endswith(THINK_OPEN)
+        return await _complete(request, state, worker, ids, settings, "chat", thinking)
+
+    async def completions(request: Request) -> Response:
+        body = await _body(request, state)
+        prompt = requests.prompt(body)
+        settings = requests.settings(body, state.defaults)
+        worker = _ready(state)
+        if isinstance(prompt, str):
+            ids = await run_in_threadpool(worker.model.tokenize, prompt)
+        else:
+            n_vocab = worker.model.config.n_vocab
+            if not all(0 <= t < n_vocab for t in prompt):
+                raise ApiError(400, f"'prompt': token ids must be from 0 to {n_vocab - 1}", param="prompt")
+            ids = prompt
+        return await _complete(request, state, worker, ids, settings, "text", False)
+
+    routes = [
+        Route("/health", health),
+        Route("/v1/models", models),
+        Route("/metrics", metrics),
+        Route("/v1/chat/completions", chat, methods=["POST"]),
+        Route("/v1/completions", completions, methods=["POST"]),
+    ]
+    handlers = {ApiError: _api_error, HTTPException: _http_error, Exception: _internal_error}
+    return Starlette(routes=routes, exception_handlers=handlers)
+
+
+# -- request checks ------------------------------------------------------------------------------
+
+
+def _authorize(request: Request, state: ServerState) -> None:
+    if state.api_key is None:
+        return
+    given = request.headers.get("authorization", "")
+    if given != f"Bearer {state.api_key}":
+        what = "No API key provided" if not given else "Incorrect API key provided"
+        raise ApiError(401, f"{what}: send 'Authorization: Bearer KEY'", code="invalid_api_key")
+
+
+def _ready(state: ServerState) -> Worker:
+    if state.worker is None:
+        raise ApiError(503, "the model is still loading; GET /health says when it is ready", "server_error", "loading")
+    return state.worker
+
+
+async def _body(request: Request, state: ServerState) -> dict:
+    """The JSON object of a POST, read no further than the size limit."""
+    _authorize(request, state)
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > state.max_body:
+        raise ApiError(413, f"the request body of {declared} bytes is over the {state.max_body}-byte limit")
+    raw = bytearray()
+    async for chunk in request.stream():
+        raw += chunk
+        if len(raw) > state.max_body:
+            raise ApiError(413, f"the request body is over the {state.max_body}-byte limit")
+    try:
+        body = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ApiError(400, f"the body is not valid JSON ({e})", code="invalid_json") from None
+    if not isinstance(body, dict):
+        raise ApiError(400, "the body must be a JSON object", code="invalid_json")
+    model = body.get("model")
+    if model is not None and model != state.alias:
+        raise ApiError(404, f"the model {model!r} does not exist; this server has {state.alias!r}",
+                       code="model_not_found", param="model")  # fmt: skip
+    return body
+
+
+# -- running a request ---------------------------------------------------------------------------
+
+
+async def _complete(request, state, worker: Worker, ids, settings, kind: str, thinking: bool) -> Response:
+    if len(ids) >= worker.n_ctx:
+        raise ApiError(400, f"this model's context is {worker.n_ctx} tokens, but the prompt has {len(ids)} tokens",
+                       code="context_length_exceeded", param="messages" if kind == "chat" else "prompt")  # fmt: skip
+    room = worker.n_ctx - len(ids)
+    max_tokens = min(settings.max_tokens or room, room)
+    loop = asyncio.get_running_loop()
+    events: asyncio.Queue = asyncio.Queue()
+    job = Job(
+        ids, max_tokens, settings.sampling, settings.stop, lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev)
+    )
+    if not worker.submit(job):
+        raise ApiError(429, "the server is busy with other requests; try again shortly", "rate_limit_error",
+                       "rate_limit_exceeded")  # fmt: skip
+    reply = _Reply(kind, state.alias, thinking if state.reasoning else None)
+    if settings.stream:
+        return StreamingResponse(_stream(job, events, reply, settings.include_usage), media_type="text/event-stream")
+    try:
+        while True:
+            try:
+                event = await asyncio.wait_for(events.get(), 0.5)
+            except TimeoutError:
+                if await request.is_disconnected():
+                    return Response(status_code=499)
+                continue
+            if event[0] == "text":
+                reply.add(event[1])
+            elif event[0] == "error":
+                raise ApiError(500, f"generation failed: {event[1]}", "server_error", "generation_failed")
+            else:
+                return JSONResponse(reply.whole(event[1]))
+    finally:
+        job.cancel.set()  # a no-op once the job is done; stops it if this handler was cancelled
+
+
+async def _stream(job: Job, events: asyncio.Queue, reply: "_Reply", include_usage: bool):
+    try:
+        yield _sse(reply.chunk(reply.opening()))
+        while True:
+            event = await events.get()
+            if event[0] == "text":
+                for delta in reply.pieces(event[1]):
+                    yield _sse(reply.chunk(delta))
+            elif event[0] == "error":
+                yield _sse(ApiError(500, f"generation failed: {event[1]}", "server_error", "generation_failed").body())
+                break
+            else:
+                usage: Usage = event[1]
+                for delta in reply.pieces(None):
+                    yield _sse(reply.chunk(delta))
+                yield _sse(reply.chunk(reply.closing(), usage.finish_reason))
+                if include_usage:
+                    yield _sse({**reply.chunk(None), "choices": [], "usage": _usage(usage)})
+                break
+        yield b"data: [DONE]\n\n"
+    finally:
+        job.cancel.set()  # the client left (the task is cancelled) or the stream ended
+
+
+def _sse(payload: dict) -> bytes:
+    return b"data: " + json.dumps(payload, ensure_ascii=False).encode() + b"\n\n"
+
+
+def _usage(u: Usage) -> dict:
+    return {
+        "prompt_tokens": u.prompt_tokens,
+        "completion_tokens": u.completion_tokens,
+        "total_tokens": u.prompt_tokens + u.completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": u.cached_tokens},
+    }
+
+
+class _Reply:
+    """The text of one choice as it grows, in chat or text-completion shape. With `thinking`
+    not None, R1's reasoning goes to reasoning_content (True: the prompt already opened it)."""
+
+    def __init__(self, kind: str, model: str, thinking: bool | None):
+        self.kind, self.model = kind, model
+        self.id = ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex
+        self.created = int(time.time())
+        self.splitter = None
+        if thinking is not None and kind == "chat":
+            self.splitter = ThinkSplitter()
+            self.splitter.inside = thinking
+        self.parts = {"think": [], "answer": []}
+
+    def pieces(self, text: str | None) -> list[dict]:
+        """Stream deltas for new text (None: the end, flushing held-back text)."""
+        if self.splitter is None:
+            return [{"content": text}] if text else []
+        split = self.splitter.flush() if text is None else self.splitter.feed(text)
+        return [{"reasoning_content" if kind == "think" else "content": t} for kind, t in split]
+
+    def add(self, text: str) -> None:
+        if self.splitter is None:
+            self.parts["answer"].append(text)
+            return
+        for kind, t in self.splitter.feed(text):
+            self.parts[kind].append(t)
+
+    def opening(self) -> dict:
+        return {"role": "assistant", "content": ""}
+
+    def closing(self) -> dict:
+        return {}
+
+    def chunk(self, delta: dict | None, finish: str | None = None) -> dict:
+        if self.kind == "chat":
+            choice = {"index": 0, "delta": delta or {}, "logprobs": None, "finish_reason": _finish(finish)}
+            return {"id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.model,
+                    "choices": [choice]}  # fmt: skip
+        text = (delta or {}).get("content", "")
+        choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": _finish(finish)}
+        return {"id": self.id, "object": "text_completion", "created": self.created, "model": self.model,
+                "choices": [choice]}  # fmt: skip
+
+    def whole(self, usage: Usage) -> dict:
+        if self.splitter is not None:
+            for kind, t in self.splitter.flush():
+                self.parts[kind].append(t)
+        answer, think = "".join(self.parts["answer"]), "".join(self.parts["think"])
+        head = {"id": self.id, "created": self.created, "model": self.model, "usage": _usage(usage)}
+        finish = _finish(usage.finish_reason)
+        if self.kind == "text":
+            choice = {"index": 0, "text": answer, "logprobs": None, "finish_reason": finish}
+            return {**head, "object": "text_completion", "choices": [choice]}
+        message = {"role": "assistant", "content": answer}
+        if think:
+            message["reasoning_content"] = think
+        choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": finish}
+        return {**head, "object": "chat.completion", "choices": [choice]}
+
+
+def _finish(reason: str | None) -> str | None:
+    return None if reason is None else ("length" if reason == "length" else "stop")
+
+
+# -- errors ----------------------------------------------------------------------------------------
+
+
+async def _api_error(request: Request, e: ApiError) -> Response:
+    headers = {"Retry-After": str(RETRY_AFTER_S)} if e.status == 429 else None
+    return JSONResponse(e.body(), status_code=e.status, headers=headers)
+
+
+async def _http_error(request: Request, e: HTTPException) -> Response:
+    what = {404: f"no route {request.url.path}", 405: f"{request.method} is not allowed on {request.url.path}"}
+    message = what.get(e.status_code, str(e.detail))
+    return JSONResponse(ApiError(e.status_code, message).body(), status_code=e.status_code)
+
+
+async def _internal_error(request: Request, e: Exception) -> Response:
+    message = str(e).splitlines()[0] if str(e) else type(e).__name__
+    return JSONResponse(ApiError(500, f"internal error: {message}", "server_error").body(), status_code=500)

@@ -1,0 +1,168 @@
+"""One sequence at a time on the model, with a prompt cache and a bounded queue.
+
+The model is not safe to run twice at once (one KV cache, one set of CPU workers), and a
+671B model's throughput does not grow with concurrent sequences on one GPU anyway, so every
+request becomes a `Job` on one worker thread, in arrival order. The queue is bounded: a full
+queue is refused at once (the HTTP layer answers 429) rather than making clients wait minutes.
+
+The prompt cache: the worker keeps the KV cache of the last sequence and the tokens in it. A
+new prompt that starts with some of those tokens (the previous turns of the same
+conversation) prefills only the rest. One slot: it is the one KV cache the plan budgets.
+
+A job's events (text pieces, then the end) go to `Job.emit`, which the HTTP layer points at its
+event loop; `Job.cancel` (a client gone) stops the generation before its next token.
+"""
+
+import queue
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from hetero.generate import generate_steps
+from hetero.sampling import SamplingParams
+
+
+@dataclass
+class Job:
+    ids: list[int]
+    max_tokens: int
+    sampling: SamplingParams
+    stop: tuple[str, ...]
+    emit: Callable[[tuple], None]  # ("text", str) ... then ("done", Usage) or ("error", str)
+    cancel: threading.Event = field(default_factory=threading.Event)
+
+
+@dataclass(frozen=True)
+class Usage:
+    prompt_tokens: int
+    cached_tokens: int
+    completion_tokens: int
+    finish_reason: str  # "stop" | "length" | "cancelled"
+    prefill_s: float
+    decode_s: float
+
+
+@dataclass
+class Metrics:
+    """Counters for /metrics (Prometheus text)."""
+
+    requests: int = 0
+    rejected: int = 0  # queue full
+    cancelled: int = 0
+    failed: int = 0
+    prompt_tokens: int = 0
+    cached_tokens: int = 0
+    cache_hits: int = 0
+    completion_tokens: int = 0
+    prefill_tok_s: float = 0.0  # of the last request
+    decode_tok_s: float = 0.0
+
+    def text(self, queued: int, busy: bool) -> str:
+        rows = [
+            ("requests_total", "counter", "requests answered or under way", self.requests),
+            ("requests_rejected_total", "counter", "requests refused because the queue was full", self.rejected),
+            ("requests_cancelled_total", "counter", "generations stopped because the client left", self.cancelled),
+            ("requests_failed_total", "counter", "generations that ended in an error", self.failed),
+            ("prompt_tokens_total", "counter", "prompt tokens, cached ones included", self.prompt_tokens),
+            ("prompt_tokens_cached_total", "counter", "prompt tokens taken from the prompt cache", self.cached_tokens),
+            ("prompt_cache_hits_total", "counter", "requests that reused cached prompt tokens", self.cache_hits),
+            ("completion_tokens_total", "counter", "generated tokens", self.completion_tokens),
+            ("prefill_tokens_per_second", "gauge", "prefill speed of the last request", self.prefill_tok_s),
+            ("decode_tokens_per_second", "gauge", "decode speed of the last request", self.decode_tok_s),
+            ("queue_length", "gauge", "requests waiting for the model", queued),
+            ("busy", "gauge", "1 while a request runs on the model", int(busy)),
+        ]
+        out = []
+        for name, kind, help_text, value in rows:
+            out += [f"# HELP hetero_{name} {help_text}", f"# TYPE hetero_{name} {kind}", f"hetero_{name} {value:g}"]
+        return "\n".join(out) + "\n"
+
+
+def common_prefix(a: list[int], b: list[int]) -> int:
+    n = min(len(a), len(b))
+    for i in range(n):
+        if a[i] != b[i]:
+            return i
+    return n
+
+
+class Worker:
+    def __init__(self, model, max_queue: int):
+        self.model = model
+        self.metrics = Metrics()
+        self._queue: queue.Queue[Job | None] = queue.Queue(maxsize=max_queue)
+        self._cache = model.new_cache()
+        self._cached_ids: list[int] = []  # the tokens whose keys and values _cache holds, in order
+        self._busy = False
+        self._thread = threading.Thread(target=self._run, name="hetero-generate", daemon=True)
+        self._thread.start()
+
+    @property
+    def n_ctx(self) -> int:
+        return self._cache.max_tokens
+
+    def submit(self, job: Job) -> bool:
+        """Queue a job; False when the queue is full."""
+        try:
+            self._queue.put_nowait(job)
+        except queue.Full:
+            self.metrics.rejected += 1
+            return False
+        self.metrics.requests += 1
+        return True
+
+    def metrics_text(self) -> str:
+        return self.metrics.text(self._queue.qsize(), self._busy)
+
+    def close(self) -> None:
+        self._queue.put(None)
+        self._thread.join(timeout=5)
+
+    def _run(self) -> None:
+        while (job := self._queue.get()) is not None:
+            if job.cancel.is_set():
+                self.metrics.cancelled += 1
+                continue
+            self._busy = True
+            try:
+                self._generate(job)
+            except Exception as e:  # the model's own one-line errors and anything unforeseen
+                self._cached_ids = []  # the cache may hold a half-written prefill
+                self.metrics.failed += 1
+                job.emit(("error", str(e).splitlines()[0] if str(e) else type(e).__name__))
+            finally:
+                self._busy = False
+
+    def _generate(self, job: Job) -> None:
+        previous = self._cached_ids
+        cached = min(common_prefix(previous, job.ids), len(job.ids) - 1)
+        self._cached_ids = []  # until this sequence is done, the cache holds nothing reusable
+        steps = generate_steps(self.model, job.ids, job.max_tokens, job.sampling, job.stop, self._cache, cached)
+        tokens: list[int] = []
+        finish, prefill_s, decode_s, started = "cancelled", 0.0, 0.0, False
+        while not job.cancel.is_set():
+            try:
+                step = next(steps)
+                started = True
+            except StopIteration as end:
+                finish, started = end.value, True
+                break
+            prefill_s, decode_s = step.prefill_s, step.decode_s
+            if step.token >= 0:
+                tokens.append(step.token)
+            if step.text:
+                job.emit(("text", step.text))
+        steps.close()
+        fed = self._cache.length - len(job.ids)  # generated tokens whose keys and values are cached
+        self._cached_ids = (job.ids + tokens[:fed] if fed >= 0 else []) if started else previous
+        m = self.metrics
+        m.prompt_tokens += len(job.ids)
+        m.cached_tokens += cached
+        m.cache_hits += cached > 0
+        m.completion_tokens += len(tokens)
+        m.cancelled += finish == "cancelled"
+        if prefill_s > 0:
+            m.prefill_tok_s = (len(job.ids) - cached) / prefill_s
+        if len(tokens) > 1 and decode_s > 0:
+            m.decode_tok_s = (len(tokens) - 1) / decode_s
+        job.emit(("done", Usage(len(job.ids), cached, len(tokens), finish, prefill_s, decode_s)))
