@@ -39,7 +39,8 @@ def free_port() -> int:
 
 
 class Server:
-    def __init__(self, path, *args):
+    def __init__(self, path, *args, key: str | None = None):
+        self.key = key
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         cmd = [sys.executable, "-m", "cli.main", "serve", str(path), "--port", str(self.port), "--ctx", str(CTX),
@@ -69,7 +70,9 @@ class Server:
             return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
 
     def metric(self, name: str) -> float:
-        _, text = get(self.url + "/metrics", raw=True)
+        _, text = get(
+            self.url + "/metrics", raw=True, headers={"Authorization": f"Bearer {self.key}"} if self.key else {}
+        )
         return next(float(line.split()[1]) for line in text.splitlines() if line.startswith(f"hetero_{name} "))
 
     def stop(self):
@@ -119,7 +122,7 @@ def r1_server(model_path, tmp_path_factory):
     template = tmp_path_factory.mktemp("tpl") / "r1.jinja"
     template.write_text(R1_TEMPLATE, encoding="utf-8")
     s = Server(model_path, "--chat-template-file", str(template), "--api-key", API_KEY, "--max-queue", "1",
-               "--alias", "r1-test")  # fmt: skip
+               "--alias", "r1-test", key=API_KEY)  # fmt: skip
     yield s
     s.stop()
 
@@ -213,8 +216,9 @@ def test_four_clients_at_once_answered_in_order(server, model):
                                                           temperature=0, stream=True)  # fmt: skip
         parts = []
         for c in chunks:
-            first_chunk.setdefault(i, time.monotonic())
             parts.append(c.choices[0].delta.content or "")
+            if parts[-1]:
+                first_chunk.setdefault(i, time.monotonic())  # text: the job runs on the model
         texts[i] = "".join(parts)
 
     threads = []
@@ -281,7 +285,8 @@ def test_reasoning_format_none_leaves_it_inline():
 
 def test_full_queue_answers_429(r1_server):
     client = r1_server.client(API_KEY)
-    running = client.chat.completions.create(model="r1-test", messages=HELLO, max_tokens=300, stream=True)
+    running = client.chat.completions.create(model="r1-test", messages=HELLO, max_tokens=300, temperature=0,
+                                             stream=True)  # fmt: skip
     for chunk in running:  # text has come: it runs on the model now
         if chunk.choices[0].delta.content or getattr(chunk.choices[0].delta, "reasoning_content", None):
             break
@@ -289,12 +294,62 @@ def test_full_queue_answers_429(r1_server):
         target=lambda: client.chat.completions.create(model="r1-test", messages=HELLO, max_tokens=1), daemon=True
     )
     waiting.start()
-    time.sleep(0.5)  # queued: the queue of one is full
+    deadline = time.monotonic() + 30
+    while r1_server.metric("queue_length") < 1:  # the queue of one is full
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert r1_server.metric("busy") == 1  # greedy, this reply does not end within 300 tokens
     status, body = request("POST", r1_server.url + "/v1/chat/completions", json.dumps({"messages": HELLO}).encode(),
                            headers={"Authorization": f"Bearer {API_KEY}"})  # fmt: skip
     running.close()
     waiting.join(60)
     assert status == 429 and body["error"]["code"] == "rate_limit_exceeded"
+
+
+def test_a_request_mid_generation_is_answered(server, model):
+    """A chat request arriving while another generates: its template renders on the worker
+    (rendering turns tracemalloc on process-wide, which crashed the decoding threads)."""
+    client = server.client()
+    long = client.chat.completions.create(model="tiny-test", messages=HELLO, max_tokens=200, temperature=0.8,
+                                          stream=True)  # fmt: skip
+    for i, _ in enumerate(long):
+        if i == 3:
+            break
+    answers = []
+    threads = [
+        threading.Thread(
+            target=lambda: answers.append(
+                client.chat.completions.create(model="tiny-test", messages=HELLO, max_tokens=3, temperature=0)
+                .choices[0]
+                .message.content
+            )
+        )
+        for _ in range(3)
+    ]
+    for t in threads:
+        t.start()
+    for _ in long:  # the first reply goes on while the others wait
+        pass
+    for t in threads:
+        t.join(120)
+    assert answers == [expected(model, HELLO, 3, temperature=0)] * 3
+    assert server.proc.poll() is None
+
+
+def test_a_non_streaming_client_that_leaves_is_cancelled(server):
+    before = server.metric("requests_cancelled_total")
+    with socket.create_connection(("127.0.0.1", server.port), timeout=30) as s:
+        body = json.dumps({"messages": HELLO, "max_tokens": 400, "temperature": 0.8}).encode()
+        s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
+                  b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)  # fmt: skip
+        deadline = time.monotonic() + 30
+        while server.metric("busy") < 1:  # it generates
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+    deadline = time.monotonic() + 30
+    while server.metric("requests_cancelled_total") < before + 1:  # 400 tokens would take ~10 s more
+        assert time.monotonic() < deadline, "the job went on after its client left"
+        time.sleep(0.05)
 
 
 @pytest.mark.parametrize(
@@ -307,6 +362,11 @@ def test_full_queue_answers_429(r1_server):
         (json.dumps({"messages": HELLO, "temperature": "hot"}).encode(), {}, 400, "invalid_value"),
         (json.dumps({"messages": HELLO, "top_p": 3}).encode(), {}, 400, "invalid_value"),
         (json.dumps({"messages": HELLO, "max_tokens": 0}).encode(), {}, 400, "invalid_value"),
+        (b'{"messages": [{"role": "user", "content": "hi"}], "temperature": 1' + b"0" * 400 + b"}", {}, 400,
+         "invalid_value"),
+        (json.dumps({"messages": HELLO, "seed": 2**70}).encode(), {}, 400, "invalid_value"),
+        (json.dumps({"messages": HELLO, "seed": -1}).encode(), {}, 400, "invalid_value"),
+        (b"[" * 100000 + b"]" * 100000, {}, 400, "invalid_json"),
         (json.dumps({"messages": HELLO, "n": 2}).encode(), {}, 400, "invalid_value"),
         (json.dumps({"messages": HELLO, "stop": [1]}).encode(), {}, 400, "invalid_value"),
         (json.dumps({"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}).encode(), {}, 400,

@@ -13,7 +13,6 @@ import uuid
 from dataclasses import dataclass, field
 
 from starlette.applications import Starlette
-from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
@@ -62,26 +61,26 @@ def create_app(state: ServerState) -> Starlette:
         messages = requests.messages(body)
         settings = requests.settings(body, state.defaults)
         worker = _ready(state)
-        try:
-            ids = await run_in_threadpool(worker.model.chat_prompt, messages)
-        except HeteroError as e:  # the template refused these messages (raise_exception, a limit)
-            raise ApiError(400, str(e), code="invalid_messages", param="messages") from None
-        thinking = state.reasoning and worker.model.detokenize(ids[-8:]).rstrip().endswith(THINK_OPEN)
-        return await _complete(request, state, worker, ids, settings, "chat", thinking)
+
+        def prepare() -> list[int]:
+            try:
+                return worker.model.chat_prompt(messages)
+            except HeteroError as e:  # the template refused these messages (raise_exception, a limit)
+                raise ApiError(400, str(e), code="invalid_messages", param="messages") from None
+
+        return await _complete(request, state, worker, prepare, settings, "chat")
 
     async def completions(request: Request) -> Response:
         body = await _body(request, state)
         prompt = requests.prompt(body)
         settings = requests.settings(body, state.defaults)
         worker = _ready(state)
-        if isinstance(prompt, str):
-            ids = await run_in_threadpool(worker.model.tokenize, prompt)
-        else:
+        if not isinstance(prompt, str):
             n_vocab = worker.model.config.n_vocab
             if not all(0 <= t < n_vocab for t in prompt):
                 raise ApiError(400, f"'prompt': token ids must be from 0 to {n_vocab - 1}", param="prompt")
-            ids = prompt
-        return await _complete(request, state, worker, ids, settings, "text", False)
+        prepare = (lambda: worker.model.tokenize(prompt)) if isinstance(prompt, str) else (lambda: list(prompt))
+        return await _complete(request, state, worker, prepare, settings, "text")
 
     routes = [
         Route("/health", health),
@@ -127,6 +126,8 @@ async def _body(request: Request, state: ServerState) -> dict:
         body = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ApiError(400, f"the body is not valid JSON ({e})", code="invalid_json") from None
+    except RecursionError:
+        raise ApiError(400, "the body's JSON is nested too deeply", code="invalid_json") from None
     if not isinstance(body, dict):
         raise ApiError(400, "the body must be a JSON object", code="invalid_json")
     model = body.get("model")
@@ -139,31 +140,38 @@ async def _body(request: Request, state: ServerState) -> dict:
 # -- running a request ---------------------------------------------------------------------------
 
 
-async def _complete(request, state, worker: Worker, ids, settings, kind: str, thinking: bool) -> Response:
-    if len(ids) >= worker.n_ctx:
-        raise ApiError(400, f"this model's context is {worker.n_ctx} tokens, but the prompt has {len(ids)} tokens",
-                       code="context_length_exceeded", param="messages" if kind == "chat" else "prompt")  # fmt: skip
-    room = worker.n_ctx - len(ids)
-    max_tokens = min(settings.max_tokens or room, room)
+async def _complete(request, state, worker: Worker, prepare, settings, kind: str) -> Response:
+    """Queue the job, wait for its turn (watching for the client leaving), then answer whole or
+    as a stream. The prompt is tokenized on the worker (worker.py says why), so a prompt over
+    the context is refused when its turn comes."""
     loop = asyncio.get_running_loop()
     events: asyncio.Queue = asyncio.Queue()
-    job = Job(
-        ids, max_tokens, settings.sampling, settings.stop, lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev)
-    )
+    job = Job(prepare, settings.max_tokens, settings.sampling, settings.stop,
+              lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev))  # fmt: skip
     if not worker.submit(job):
         raise ApiError(429, "the server is busy with other requests; try again shortly", "rate_limit_error",
                        "rate_limit_exceeded")  # fmt: skip
-    reply = _Reply(kind, state.alias, thinking if state.reasoning else None)
-    if settings.stream:
-        return StreamingResponse(_stream(job, events, reply, settings.include_usage), media_type="text/event-stream")
+    watcher = asyncio.create_task(_watch_disconnect(request, job))
+    streaming = False
     try:
+        first = await events.get()
+        if first[0] == "refused":
+            raise first[1]
+        if first[0] != "start":  # cancelled: nobody is listening any more
+            return Response(status_code=499)
+        ids = first[1]
+        thinking = (
+            state.reasoning and kind == "chat" and worker.model.detokenize(ids[-8:]).rstrip().endswith(THINK_OPEN)
+        )
+        reply = _Reply(kind, state.alias, thinking if state.reasoning else None)
+        if settings.stream:
+            streaming = True
+            watcher.cancel()  # from here the stream notices the client leaving (its sends fail)
+            return StreamingResponse(
+                _stream(job, events, reply, settings.include_usage), media_type="text/event-stream"
+            )
         while True:
-            try:
-                event = await asyncio.wait_for(events.get(), 0.5)
-            except TimeoutError:
-                if await request.is_disconnected():
-                    return Response(status_code=499)
-                continue
+            event = await events.get()
             if event[0] == "text":
                 reply.add(event[1])
             elif event[0] == "error":
@@ -171,7 +179,18 @@ async def _complete(request, state, worker: Worker, ids, settings, kind: str, th
             else:
                 return JSONResponse(reply.whole(event[1]))
     finally:
-        job.cancel.set()  # a no-op once the job is done; stops it if this handler was cancelled
+        watcher.cancel()
+        if not streaming:
+            job.cancel.set()  # a no-op once the job is done; stops it if this handler ended early
+
+
+async def _watch_disconnect(request: Request, job: Job) -> None:
+    """Cancel the job when the client goes, whether or not tokens are flowing."""
+    while not job.cancel.is_set():
+        if await request.is_disconnected():
+            job.cancel.set()
+            return
+        await asyncio.sleep(0.2)
 
 
 async def _stream(job: Job, events: asyncio.Queue, reply: "_Reply", include_usage: bool):

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from hetero.sampling import SamplingParams, sampling_problem
 
 MAX_STOP_STRINGS = 16
+MAX_NUMBER = 2**63 - 1  # no setting needs more; a seed must fit torch's 64-bit generator
 
 
 class ApiError(Exception):
@@ -46,8 +47,12 @@ def _number(body: dict, name: str, default, kind=float):
         return default
     if isinstance(value, bool) or not isinstance(value, int | float) or (kind is int and not isinstance(value, int)):
         raise _bad(name, f"expected {'an integer' if kind is int else 'a number'}, got {value!r}")
-    if not math.isfinite(value):
-        raise _bad(name, f"expected a finite number, got {value!r}")
+    try:
+        finite = math.isfinite(value)
+    except OverflowError:  # an integer too large for a float
+        finite = False
+    if not finite or abs(value) > MAX_NUMBER:
+        raise _bad(name, f"expected a finite number of at most {MAX_NUMBER:.0e}, got {str(value)[:40]}")
     return kind(value)
 
 
@@ -74,6 +79,8 @@ def settings(body: dict, defaults: SamplingParams) -> Settings:
     top_k = _number(body, "top_k", defaults.top_k, int)
     min_p = _number(body, "min_p", defaults.min_p)
     seed = _number(body, "seed", defaults.seed, int)
+    if seed is not None and seed < 0:
+        raise _bad("seed", f"must be 0 or more, got {seed}")
     problem = sampling_problem(temperature, top_p, top_k, min_p)
     if problem:  # "--top-p 2: must be ..." -> "'top_p': must be ..."
         option, _, why = problem.partition(": ")

@@ -9,8 +9,12 @@ The prompt cache: the worker keeps the KV cache of the last sequence and the tok
 new prompt that starts with some of those tokens (the previous turns of the same
 conversation) prefills only the rest. One slot: it is the one KV cache the plan budgets.
 
-A job's events (text pieces, then the end) go to `Job.emit`, which the HTTP layer points at its
-event loop; `Job.cancel` (a client gone) stops the generation before its next token.
+A job's prompt is tokenized on the worker thread too (`Job.prepare`): rendering a chat template
+turns tracemalloc on and off process-wide (its memory bound), which crashed the decode
+threads when a request arrived mid-generation. A job's events go to `Job.emit`, which the
+HTTP layer points at its event loop: ("start", ids) or ("refused", ApiError) or
+("cancelled",) first, then ("text", str) pieces, then ("done", Usage) or ("error", str).
+`Job.cancel` (a client gone) stops the generation before its next token, or skips the job.
 """
 
 import queue
@@ -20,15 +24,16 @@ from dataclasses import dataclass, field
 
 from hetero.generate import generate_steps
 from hetero.sampling import SamplingParams
+from hetero.server.requests import ApiError
 
 
 @dataclass
 class Job:
-    ids: list[int]
-    max_tokens: int
+    prepare: Callable[[], list[int]]  # the prompt's token ids (run on the worker thread)
+    max_tokens: int | None  # None: what the context leaves
     sampling: SamplingParams
     stop: tuple[str, ...]
-    emit: Callable[[tuple], None]  # ("text", str) ... then ("done", Usage) or ("error", str)
+    emit: Callable[[tuple], None]
     cancel: threading.Event = field(default_factory=threading.Event)
 
 
@@ -94,6 +99,8 @@ class Worker:
         self._cache = model.new_cache()
         self._cached_ids: list[int] = []  # the tokens whose keys and values _cache holds, in order
         self._busy = False
+        self._stop = threading.Event()
+        self._current: Job | None = None
         self._thread = threading.Thread(target=self._run, name="hetero-generate", daemon=True)
         self._thread.start()
 
@@ -115,15 +122,23 @@ class Worker:
         return self.metrics.text(self._queue.qsize(), self._busy)
 
     def close(self) -> None:
-        self._queue.put(None)
+        """Stop after the current token; waiting jobs are dropped."""
+        self._stop.set()
+        if self._current is not None:
+            self._current.cancel.set()
+        try:
+            self._queue.put_nowait(None)  # wakes a worker waiting for work
+        except queue.Full:
+            pass
         self._thread.join(timeout=5)
 
     def _run(self) -> None:
-        while (job := self._queue.get()) is not None:
+        while (job := self._queue.get()) is not None and not self._stop.is_set():
             if job.cancel.is_set():
                 self.metrics.cancelled += 1
+                job.emit(("cancelled",))
                 continue
-            self._busy = True
+            self._busy, self._current = True, job
             try:
                 self._generate(job)
             except Exception as e:  # the model's own one-line errors and anything unforeseen
@@ -131,13 +146,28 @@ class Worker:
                 self.metrics.failed += 1
                 job.emit(("error", str(e).splitlines()[0] if str(e) else type(e).__name__))
             finally:
-                self._busy = False
+                self._busy, self._current = False, None
 
     def _generate(self, job: Job) -> None:
+        try:
+            ids = job.prepare()
+        except ApiError as e:
+            job.emit(("refused", e))
+            return
+        if not ids:
+            job.emit(("refused", ApiError(400, "the prompt is empty: it has no tokens", code="invalid_value")))
+            return
+        if len(ids) >= self.n_ctx:
+            job.emit(("refused", ApiError(400, f"this model's context is {self.n_ctx} tokens, but the prompt has "
+                                               f"{len(ids)} tokens", code="context_length_exceeded")))  # fmt: skip
+            return
+        room = self.n_ctx - len(ids)
+        max_tokens = min(job.max_tokens or room, room)
+        job.emit(("start", ids))
         previous = self._cached_ids
-        cached = min(common_prefix(previous, job.ids), len(job.ids) - 1)
+        cached = min(common_prefix(previous, ids), len(ids) - 1)
         self._cached_ids = []  # until this sequence is done, the cache holds nothing reusable
-        steps = generate_steps(self.model, job.ids, job.max_tokens, job.sampling, job.stop, self._cache, cached)
+        steps = generate_steps(self.model, ids, max_tokens, job.sampling, job.stop, self._cache, cached)
         tokens: list[int] = []
         finish, prefill_s, decode_s, started = "cancelled", 0.0, 0.0, False
         while not job.cancel.is_set():
@@ -153,16 +183,16 @@ class Worker:
             if step.text:
                 job.emit(("text", step.text))
         steps.close()
-        fed = self._cache.length - len(job.ids)  # generated tokens whose keys and values are cached
-        self._cached_ids = (job.ids + tokens[:fed] if fed >= 0 else []) if started else previous
+        fed = self._cache.length - len(ids)  # generated tokens whose keys and values are cached
+        self._cached_ids = (ids + tokens[:fed] if fed >= 0 else []) if started else previous
         m = self.metrics
-        m.prompt_tokens += len(job.ids)
+        m.prompt_tokens += len(ids)
         m.cached_tokens += cached
         m.cache_hits += cached > 0
         m.completion_tokens += len(tokens)
         m.cancelled += finish == "cancelled"
         if prefill_s > 0:
-            m.prefill_tok_s = (len(job.ids) - cached) / prefill_s
+            m.prefill_tok_s = (len(ids) - cached) / prefill_s
         if len(tokens) > 1 and decode_s > 0:
             m.decode_tok_s = (len(tokens) - 1) / decode_s
-        job.emit(("done", Usage(len(job.ids), cached, len(tokens), finish, prefill_s, decode_s)))
+        job.emit(("done", Usage(len(ids), cached, len(tokens), finish, prefill_s, decode_s)))
