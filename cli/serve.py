@@ -10,11 +10,9 @@ import socket
 import threading
 from pathlib import Path
 
-from rich.console import Console
-
+from cli.main import err_console, load_with_progress  # the console the loading bars are drawn on
+from hetero.chat_template import ChatTemplate
 from modelfile.errors import HeteroError
-
-err_console = Console(stderr=True)
 
 
 def default_alias(path: Path) -> str:
@@ -34,8 +32,6 @@ def check_port_free(host: str, port: int) -> None:
 
 def read_template(path: Path | None) -> str | None:
     """A chat template file's text, parsed once here so that a broken one fails before loading."""
-    from hetero.chat_template import ChatTemplate
-
     if path is None:
         return None
     try:
@@ -51,8 +47,6 @@ def run_server(
 ) -> None:
     import uvicorn
 
-    from cli.main import load_with_progress
-    from hetero.chat_template import ChatTemplate
     from hetero.model import check_runnable, default_plan
     from hetero.sampling import SamplingParams
     from hetero.server.app import ServerState, create_app

@@ -181,7 +181,8 @@ def _row_pairs(b, values):
 
 def _q4_k_set(b, ws):
     """Per-block constants of four rows: per group the scales (16 x i16, lanes 4r..4r+3 = row r's),
-    the mins as two halves for `_mins_term`, and d, dmin in lanes 2r, 2r + 1."""
+    the mins as rows 0 and 2, then rows 1 and 3 (for the tail's vpmaddwd pair and vphaddd), and
+    d, dmin in lanes 2r, 2r + 1."""
     sms = [_k_scales(b, w, 4) for w in ws]  # 16 x i16 each: 8 scales, then 8 mins
     scales = []
     for g in range(8):

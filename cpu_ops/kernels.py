@@ -148,14 +148,15 @@ class TokenLoop:
             body(loop.index, _act(b, self.ptrs, b.add(self.first, b.mul(loop.index, self.stride))))
 
     def dot(self, t, i):
-        return self.builder.gep(
-            self.dots, [self.builder.add(self.builder.mul(t, const(I64, ROWS // 4)), const(I64, i))]
-        )
+        return _slot(self.builder, self.dots, t, i)
 
     def acc(self, t, i):
-        return self.builder.gep(
-            self.accs, [self.builder.add(self.builder.mul(t, const(I64, ROWS // 4)), const(I64, i))]
-        )
+        return _slot(self.builder, self.accs, t, i)
+
+
+def _slot(builder, slots, t, i):
+    """Token t's slot for the set of four rows i in a stack array of ROW_TOKENS * ROWS // 4."""
+    return builder.gep(slots, [builder.add(builder.mul(t, const(I64, ROWS // 4)), const(I64, i))])
 
 
 def _rows_codegen(kind):
@@ -191,9 +192,7 @@ def _rows_codegen(kind):
         out_arr = context.make_array(sig.args[12])(context, builder, out)
         with cgutils.for_range(builder, n_tok) as loop:
             for i in range(ROWS // 4):
-                total = builder.load(
-                    builder.gep(accs, [builder.add(builder.mul(loop.index, const(I64, ROWS // 4)), const(I64, i))])
-                )
+                total = builder.load(_slot(builder, accs, loop.index, i))
                 for r in range(4):
                     lanes = [builder.extract_element(total, const(I32, 2 * r + j)) for j in range(2)]
                     index = [builder.add(out_row, loop.index), builder.add(out_col, const(I64, 4 * i + r))]

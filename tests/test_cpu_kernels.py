@@ -84,10 +84,16 @@ def test_grouped_legacy_blocks_at_their_extremes(qtype, fill):
     raw, _ = weights(qtype, 3, 16 * 32, rng)
     blocks = raw.reshape(3, 16, -1)
     blocks[:, :, 2:] = fill  # the float16 scale d stays in bytes 0-1
-    dense = dequantize(torch.from_numpy(raw), qtype, 16 * 32).double().numpy()
-    matrix = CpuMatrix(raw, qtype, 16 * 32)
-    signs = np.where(rng.random((5, 16 * 32)) < 0.5, -1.0, 1.0).astype(np.float32)
-    for x in (np.ones((5, 16 * 32), np.float32), -np.ones((5, 16 * 32), np.float32), signs):
+    assert_exact_at_unit_activations(qtype, raw, 16 * 32, rng)
+
+
+def assert_exact_at_unit_activations(qtype, raw, k, rng):
+    """raw's rows times activations of all +1, all -1 and random signs (quantized to +-127) match
+    the float64 oracle: the integer sums at their extremes did not saturate or wrap."""
+    dense = dequantize(torch.from_numpy(raw), qtype, k).double().numpy()
+    matrix = CpuMatrix(raw, qtype, k)
+    signs = np.where(rng.random((5, k)) < 0.5, -1.0, 1.0).astype(np.float32)
+    for x in (np.ones((5, k), np.float32), -np.ones((5, k), np.float32), signs):
         acts = matrix.quantize(x)
         expected, bound = oracle(qtype, dense, acts, raw)
         assert np.all(np.abs(matrix(None, acts) - expected) <= 2e-6 * bound + 1e-30)
@@ -104,13 +110,7 @@ def test_multi_row_sums_at_their_extremes(qtype):
     raw, _ = weights(qtype, 16, 4 * 256, rng)
     blocks = raw.reshape(16, 4, -1)
     blocks[:, :, 4:] = 0xFF  # d and dmin (bytes 0-3) stay small and finite
-    dense = dequantize(torch.from_numpy(raw), qtype, 4 * 256).double().numpy()
-    matrix = CpuMatrix(raw, qtype, 4 * 256)
-    signs = np.where(rng.random((5, 4 * 256)) < 0.5, -1.0, 1.0).astype(np.float32)
-    for x in (np.ones((5, 4 * 256), np.float32), -np.ones((5, 4 * 256), np.float32), signs):
-        acts = matrix.quantize(x)
-        expected, bound = oracle(qtype, dense, acts, raw)
-        assert np.all(np.abs(matrix(None, acts) - expected) <= 2e-6 * bound + 1e-30)
+    assert_exact_at_unit_activations(qtype, raw, 4 * 256, rng)
 
 
 def test_big_matrix_splits_over_workers(executor):

@@ -21,7 +21,7 @@ from starlette.routing import Route
 from hetero.conversation import THINK_OPEN, ThinkSplitter
 from hetero.sampling import SamplingParams
 from hetero.server import requests
-from hetero.server.requests import ApiError
+from hetero.server.requests import ApiError, first_line
 from hetero.server.worker import Job, Usage, Worker
 from modelfile.errors import HeteroError
 
@@ -159,11 +159,10 @@ async def _complete(request, state, worker: Worker, prepare, settings, kind: str
             raise first[1]
         if first[0] != "start":  # cancelled: nobody is listening any more
             return Response(status_code=499)
-        ids = first[1]
-        thinking = (
-            state.reasoning and kind == "chat" and worker.model.detokenize(ids[-8:]).rstrip().endswith(THINK_OPEN)
-        )
-        reply = _Reply(kind, state.alias, thinking if state.reasoning else None)
+        thinking = None  # R1's reasoning left in the content
+        if state.reasoning and kind == "chat":  # split out; already open if the template opened it
+            thinking = worker.model.detokenize(first[1][-8:]).rstrip().endswith(THINK_OPEN)
+        reply = _Reply(kind, state.alias, thinking)
         if settings.stream:
             streaming = True
             watcher.cancel()  # from here the stream notices the client leaving (its sends fail)
@@ -175,7 +174,7 @@ async def _complete(request, state, worker: Worker, prepare, settings, kind: str
             if event[0] == "text":
                 reply.add(event[1])
             elif event[0] == "error":
-                raise ApiError(500, f"generation failed: {event[1]}", "server_error", "generation_failed")
+                raise _generation_failed(event[1])
             else:
                 return JSONResponse(reply.whole(event[1]))
     finally:
@@ -195,26 +194,30 @@ async def _watch_disconnect(request: Request, job: Job) -> None:
 
 async def _stream(job: Job, events: asyncio.Queue, reply: "_Reply", include_usage: bool):
     try:
-        yield _sse(reply.chunk(reply.opening()))
+        yield _sse(reply.chunk({"role": "assistant", "content": ""}))
         while True:
             event = await events.get()
             if event[0] == "text":
                 for delta in reply.pieces(event[1]):
                     yield _sse(reply.chunk(delta))
             elif event[0] == "error":
-                yield _sse(ApiError(500, f"generation failed: {event[1]}", "server_error", "generation_failed").body())
+                yield _sse(_generation_failed(event[1]).body())
                 break
             else:
                 usage: Usage = event[1]
                 for delta in reply.pieces(None):
                     yield _sse(reply.chunk(delta))
-                yield _sse(reply.chunk(reply.closing(), usage.finish_reason))
+                yield _sse(reply.chunk({}, usage.finish_reason))
                 if include_usage:
                     yield _sse({**reply.chunk(None), "choices": [], "usage": _usage(usage)})
                 break
         yield b"data: [DONE]\n\n"
     finally:
         job.cancel.set()  # the client left (the task is cancelled) or the stream ended
+
+
+def _generation_failed(why: str) -> ApiError:
+    return ApiError(500, f"generation failed: {why}", "server_error", "generation_failed")
 
 
 def _sse(payload: dict) -> bytes:
@@ -242,7 +245,7 @@ class _Reply:
         if thinking is not None and kind == "chat":
             self.splitter = ThinkSplitter()
             self.splitter.inside = thinking
-        self.parts = {"think": [], "answer": []}
+        self.parts = {"content": [], "reasoning_content": []}  # what a whole reply collects
 
     def pieces(self, text: str | None) -> list[dict]:
         """Stream deltas for new text (None: the end, flushing held-back text)."""
@@ -251,18 +254,11 @@ class _Reply:
         split = self.splitter.flush() if text is None else self.splitter.feed(text)
         return [{"reasoning_content" if kind == "think" else "content": t} for kind, t in split]
 
-    def add(self, text: str) -> None:
-        if self.splitter is None:
-            self.parts["answer"].append(text)
-            return
-        for kind, t in self.splitter.feed(text):
-            self.parts[kind].append(t)
-
-    def opening(self) -> dict:
-        return {"role": "assistant", "content": ""}
-
-    def closing(self) -> dict:
-        return {}
+    def add(self, text: str | None) -> None:
+        """Collect new text (None: the end) for `whole`."""
+        for delta in self.pieces(text):
+            for key, t in delta.items():
+                self.parts[key].append(t)
 
     def chunk(self, delta: dict | None, finish: str | None = None) -> dict:
         if self.kind == "chat":
@@ -275,10 +271,8 @@ class _Reply:
                 "choices": [choice]}  # fmt: skip
 
     def whole(self, usage: Usage) -> dict:
-        if self.splitter is not None:
-            for kind, t in self.splitter.flush():
-                self.parts[kind].append(t)
-        answer, think = "".join(self.parts["answer"]), "".join(self.parts["think"])
+        self.add(None)
+        answer, think = "".join(self.parts["content"]), "".join(self.parts["reasoning_content"])
         head = {"id": self.id, "created": self.created, "model": self.model, "usage": _usage(usage)}
         finish = _finish(usage.finish_reason)
         if self.kind == "text":
@@ -310,5 +304,4 @@ async def _http_error(request: Request, e: HTTPException) -> Response:
 
 
 async def _internal_error(request: Request, e: Exception) -> Response:
-    message = str(e).splitlines()[0] if str(e) else type(e).__name__
-    return JSONResponse(ApiError(500, f"internal error: {message}", "server_error").body(), status_code=500)
+    return JSONResponse(ApiError(500, f"internal error: {first_line(e)}", "server_error").body(), status_code=500)

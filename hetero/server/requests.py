@@ -26,6 +26,11 @@ class ApiError(Exception):
         return {"error": {"message": self.message, "type": self.kind, "code": self.code, "param": self.param}}
 
 
+def first_line(e: BaseException) -> str:
+    """An exception as the one line a client or the log gets."""
+    return str(e).splitlines()[0] if str(e) else type(e).__name__
+
+
 @dataclass(frozen=True)
 class Settings:
     """What one request asks of the generator."""

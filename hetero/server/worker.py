@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 
 from hetero.generate import generate_steps
 from hetero.sampling import SamplingParams
-from hetero.server.requests import ApiError
+from hetero.server.requests import ApiError, first_line
 
 
 @dataclass
@@ -144,22 +144,25 @@ class Worker:
             except Exception as e:  # the model's own one-line errors and anything unforeseen
                 self._cached_ids = []  # the cache may hold a half-written prefill
                 self.metrics.failed += 1
-                job.emit(("error", str(e).splitlines()[0] if str(e) else type(e).__name__))
+                job.emit(("error", first_line(e)))
             finally:
                 self._busy, self._current = False, None
 
+    def _prompt(self, job: Job) -> list[int]:
+        """The job's token ids, or an ApiError for a prompt the model cannot take."""
+        ids = job.prepare()
+        if not ids:
+            raise ApiError(400, "the prompt is empty: it has no tokens", code="invalid_value")
+        if len(ids) >= self.n_ctx:
+            raise ApiError(400, f"this model's context is {self.n_ctx} tokens, but the prompt has {len(ids)} tokens",
+                           code="context_length_exceeded")  # fmt: skip
+        return ids
+
     def _generate(self, job: Job) -> None:
         try:
-            ids = job.prepare()
+            ids = self._prompt(job)
         except ApiError as e:
             job.emit(("refused", e))
-            return
-        if not ids:
-            job.emit(("refused", ApiError(400, "the prompt is empty: it has no tokens", code="invalid_value")))
-            return
-        if len(ids) >= self.n_ctx:
-            job.emit(("refused", ApiError(400, f"this model's context is {self.n_ctx} tokens, but the prompt has "
-                                               f"{len(ids)} tokens", code="context_length_exceeded")))  # fmt: skip
             return
         room = self.n_ctx - len(ids)
         max_tokens = min(job.max_tokens or room, room)
