@@ -235,7 +235,7 @@ def test_four_clients_at_once_answered_in_order(server, model):
 def test_a_client_that_leaves_frees_the_server(server):
     before = server.metric("requests_cancelled_total")
     stream = server.client().chat.completions.create(model="tiny-test", messages=HELLO, max_tokens=400,
-                                                      temperature=0.8, stream=True)  # fmt: skip
+                                                      temperature=0, stream=True)  # fmt: skip
     for i, _ in enumerate(stream):
         if i == 2:
             break
@@ -310,7 +310,7 @@ def test_a_request_mid_generation_is_answered(server, model):
     """A chat request arriving while another generates: its template renders on the worker
     (rendering turns tracemalloc on process-wide, which crashed the decoding threads)."""
     client = server.client()
-    long = client.chat.completions.create(model="tiny-test", messages=HELLO, max_tokens=200, temperature=0.8,
+    long = client.chat.completions.create(model="tiny-test", messages=HELLO, max_tokens=200, temperature=0,
                                           stream=True)  # fmt: skip
     for i, _ in enumerate(long):
         if i == 3:
@@ -339,7 +339,7 @@ def test_a_request_mid_generation_is_answered(server, model):
 def test_a_non_streaming_client_that_leaves_is_cancelled(server):
     before = server.metric("requests_cancelled_total")
     with socket.create_connection(("127.0.0.1", server.port), timeout=30) as s:
-        body = json.dumps({"messages": HELLO, "max_tokens": 400, "temperature": 0.8}).encode()
+        body = json.dumps({"messages": HELLO, "max_tokens": 400, "temperature": 0}).encode()  # greedy: no EOS
         s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
                   b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)  # fmt: skip
         deadline = time.monotonic() + 30
