@@ -26,7 +26,7 @@ from cpu_ops.activations import QuantizedActivations, quantize, quantize_into
 from cpu_ops.blocks import BLOCKS
 from cpu_ops.capabilities import experts_run_on_engine
 from cpu_ops.executor import Executor, Handle
-from cpu_ops.kernels import rows_of
+from cpu_ops.kernels import is_prompt, rows_of
 from cpu_ops.matmul import split
 from cpu_ops.spin import SpinBarrier
 
@@ -34,7 +34,7 @@ from cpu_ops.spin import SpinBarrier
 def _make_gate_up(gate_code: int, up_code: int):
     @numba.njit(nogil=True, cache=True)
     def gate_up(
-        gw, uw, g_off, u_off, g_rs, u_rs, n_rows, n_blocks, xq, dx, xs, xf, tok_ptr, tok_idx, experts, h, h_col
+        gw, uw, g_off, u_off, g_rs, u_rs, n_rows, n_blocks, xq, dx, xs, xf, tok_ptr, tok_idx, experts, h, h_col, prompt
     ):
         """h[p, h_col:h_col+n_rows] = silu(gate_e x_t) * (up_e x_t) over this worker's rows, for
         the pairs p = (token t, expert e) of every expert in `experts`."""
@@ -55,8 +55,8 @@ def _make_gate_up(gate_code: int, up_code: int):
                 sdx[j] = dx[t]
                 sxs[j] = xs[t]
                 sf[j] = xf[t]
-            rows_of(gate_code, gw, g_off[e], g_rs, n_rows, n_blocks, sq, sdx, sxs, sf, 0, n, g, 0)
-            rows_of(up_code, uw, u_off[e], u_rs, n_rows, n_blocks, sq, sdx, sxs, sf, 0, n, u, 0)
+            rows_of(gate_code, gw, g_off[e], g_rs, n_rows, n_blocks, sq, sdx, sxs, sf, 0, n, g, 0, prompt)
+            rows_of(up_code, uw, u_off[e], u_rs, n_rows, n_blocks, sq, sdx, sxs, sf, 0, n, u, 0, prompt)
             for j in range(n):
                 for f in range(n_rows):
                     h[first + j, h_col + f] = g[j, f] / (np.float32(1.0) + np.exp(-g[j, f])) * u[j, f]
@@ -66,7 +66,7 @@ def _make_gate_up(gate_code: int, up_code: int):
 
 def _make_down(down_code: int):
     @numba.njit(nogil=True, cache=True)
-    def down(dw, d_off, d_rs, n_rows, n_blocks, h, h_form, tok_ptr, tok_idx, tok_w, experts, out, out_col):
+    def down(dw, d_off, d_rs, n_rows, n_blocks, h, h_form, tok_ptr, tok_idx, tok_w, experts, out, out_col, prompt):
         """out[t, out_col:out_col+n_rows] += w * (down_e rows) @ h[p] for the pairs p of `experts`."""
         n_max = 0
         for e in experts:
@@ -81,7 +81,7 @@ def _make_down(down_code: int):
             first, n = tok_ptr[e], tok_ptr[e + 1] - tok_ptr[e]
             rows = h[first : first + n]
             quantize_into(rows, hq[:n], hdx[:n], hxs[:n], hf[:n], h_form)
-            rows_of(down_code, dw, d_off[e], d_rs, n_rows, n_blocks, hq, hdx, hxs, hf, 0, n, part, 0)
+            rows_of(down_code, dw, d_off[e], d_rs, n_rows, n_blocks, hq, hdx, hxs, hf, 0, n, part, 0, prompt)
             for j in range(n):
                 t = tok_idx[first + j]
                 wt = tok_w[first + j]
@@ -246,6 +246,7 @@ class CpuExperts:
         ids = np.ascontiguousarray(ids, np.int64)
         tok_ptr, tok_idx, tok_w, active = group_by_expert(ids, np.ascontiguousarray(weights, np.float32), self.n_expert)
         h = np.empty((ids.size, self.n_ff), np.float32)
+        prompt = is_prompt(ids.shape[0])
         g_blocks = self.n_embd // self.gate_kind.values
         d_blocks = self.n_ff // self.down_kind.values
         first, second = [], []
@@ -259,13 +260,13 @@ class CpuExperts:
             first.append(
                 lambda gw=gw, uw=uw, g_off=g_off, u_off=u_off, g_rs=g_rs, u_rs=u_rs, fa=fa, fb=fb: self.gate_up(
                     gw, uw, g_off, u_off, g_rs, u_rs, fb - fa, g_blocks,
-                    acts.xq, acts.dx, acts.xs, acts.xf, tok_ptr, tok_idx, active, h, fa,
+                    acts.xq, acts.dx, acts.xs, acts.xf, tok_ptr, tok_idx, active, h, fa, prompt,
                 )
             )  # fmt: skip
             second.append(
                 lambda dw=dw, d_off=d_off, d_rs=d_rs, da=da, db=db: self.down(
                     dw, d_off, d_rs, db - da, d_blocks, h, self.down_kind.act_form,
-                    tok_ptr, tok_idx, tok_w, active, out, da,
+                    tok_ptr, tok_idx, tok_w, active, out, da, prompt,
                 )
             )  # fmt: skip
         return first, second

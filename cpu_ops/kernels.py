@@ -47,7 +47,7 @@ def _acts_at(builder, ptrs, x_off, x_stride, n_tok: int, i, values: int) -> list
     return acts
 
 
-def _row_dot_codegen(kind, n_tok: int):
+def _row_dot_codegen(kind, n_tok: int, lone: bool = True):
     """IR for n_tok dot products of one weight row with n_tok activation rows (stride x_stride):
     each block of the row is decoded once and multiplied with every token's slice.
 
@@ -61,15 +61,17 @@ def _row_dot_codegen(kind, n_tok: int):
     llama.cpp's dot does. For several tokens the legacy types take GROUP blocks per step
     (`blocks.legacy_group`: one conversion and scaling per 8 blocks; Q8_0 at 64 tokens 12.6 ->
     22 GMAC/s per thread, Q5_0 11-16 -> 27), the rest of the row block by block. So a prompt's
-    32-value sums run in another order than one token's."""
+    32-value sums run in another order than one token's; `lone=False` gives one token the
+    several-token order (a prompt's token alone in its call: see `rows_of`)."""
 
     def codegen(context, builder, sig, args):
         _, w_arr, w_off, n_blocks, xq, dx, xs, xf, x_off, x_stride = args
         w_ptr = _i8_pointer(context, builder, sig.args[1], w_arr)
         ptrs = [_i8_pointer(context, builder, t, a) for t, a in zip(sig.args[4:8], (xq, dx, xs, xf), strict=True)]
         zero = ir.Constant(vec(F32, 8), [0.0] * 8)
-        grouped = kind.values_of is not None and n_tok > 1
-        unroll = UNROLL_32 if kind.values == 32 and n_tok == 1 else 1  # many tokens: a chain each
+        several = n_tok > 1 or not lone
+        grouped = kind.values_of is not None and several
+        unroll = UNROLL_32 if kind.values == 32 and not several else 1  # many tokens: a chain each
         accs = [[cgutils.alloca_once_value(builder, zero) for _ in range(n_tok)] for _ in range(unroll)]
 
         def acts_at(i, values):
@@ -110,7 +112,7 @@ def _row_dot_codegen(kind, n_tok: int):
     return codegen
 
 
-def _row_dot_intrinsic(n_tok: int):
+def _row_dot_intrinsic(n_tok: int, lone: bool = True):
     @intrinsic
     def row_dot(typingctx, code, w, w_off, n_blocks, xq, dx, xs, xf, x_off, x_stride):
         """Dot products of one weight row (n_blocks blocks of type `code`, a literal, at byte w_off
@@ -119,13 +121,13 @@ def _row_dot_intrinsic(n_tok: int):
             raise numba.errors.TypingError("row_dot needs the block type as a literal")
         kind = next(k for k in BLOCKS.values() if k.code == code.literal_value)
         ret = types.float32 if n_tok == 1 else types.UniTuple(types.float32, n_tok)
-        return ret(code, w, w_off, n_blocks, xq, dx, xs, xf, x_off, x_stride), _row_dot_codegen(kind, n_tok)
+        return ret(code, w, w_off, n_blocks, xq, dx, xs, xf, x_off, x_stride), _row_dot_codegen(kind, n_tok, lone)
 
     return row_dot
 
 
 ROW_TOKENS = 16  # tokens a multi-row call takes at most (its per-token sums live on the stack)
-MULTI_ROW_TOKENS = 3  # fewer tokens than this go row by row (one token: decoded rows serve nobody else)
+MULTI_ROW_TOKENS = 3  # decoding, fewer tokens than this go row by row (one token: its rows serve nobody else)
 
 
 @dataclass(frozen=True)
@@ -219,6 +221,7 @@ def rows_dot(
 
 
 row_dot = _row_dot_intrinsic(1)
+row_dot1 = _row_dot_intrinsic(1, lone=False)  # a prompt's token alone in its call, summed as if it were not
 row_dot2 = _row_dot_intrinsic(2)  # what is left of a prompt's tokens after fours (an expert's few)
 row_dot3 = _row_dot_intrinsic(3)
 row_dot4 = _row_dot_intrinsic(4)  # prefill: four tokens per decoded weight block
@@ -267,8 +270,15 @@ def matmul_rows_any(typingctx, code, w, w_off, row_stride, n_rows, n_blocks, xq,
     return types.none(code, w, w_off, row_stride, n_rows, n_blocks, xq, dx, xs, xf, out, out_col), codegen
 
 
+def is_prompt(n_tokens: int) -> bool:
+    """Whether a call of n_tokens tokens is part of a prompt pass (rows_of's prompt=True) or a
+    decoded token. A prompt pass has two tokens or more: hetero.models.net never cuts a prompt
+    into a one-token pass, and the server never prefills a one-token rest after its cache."""
+    return n_tokens > 1
+
+
 @numba.njit(nogil=True, inline="always")
-def rows_of(code, w, w_off, row_stride, n_rows, n_blocks, xq, dx, xs, xf, x_off, n_tok, out, out_col):
+def rows_of(code, w, w_off, row_stride, n_rows, n_blocks, xq, dx, xs, xf, x_off, n_tok, out, out_col, prompt):
     """out[t, out_col + r] = row r . activations of token t (from column x_off), r < n_rows, for
     weights of block type `code`. Inlined into its caller, where `code` is a closure constant
     (a literal): kernels that capture the code, not a compiled function, pickle the same in
@@ -279,7 +289,15 @@ def rows_of(code, w, w_off, row_stride, n_rows, n_blocks, xq, dx, xs, xf, x_off,
     L3 for every row: Q4_K 3072 x 2048 went 33 -> 60 GMAC/s on 2 threads). Within a tile a row
     is decoded once per 8 tokens (256-value types) or 4, then 3, 2 or 1 for what is left; types
     with a multi-row body take ROWS rows at a time over tiles of MULTI_ROW_TOKENS or more
-    (Q4_K, 704 x 2048, one thread: 1.1x the row loop at 3 tokens, 1.5x at 5-6, 0.9x at 2)."""
+    (Q4_K, 704 x 2048, one thread: 1.1x the row loop at 3 tokens, 1.5x at 5-6, 0.9x at 2).
+
+    prompt=True (a prompt pass): each token's sums come out the same however many tokens share
+    the call, so a prompt split anywhere gives the same numbers (the prompt cache's promise,
+    docs/ARCHITECTURE.md "Prompts are batch-invariant"). The one place the order depends on
+    the count is the row loop's lone token, whose 32-value types unroll into several chains,
+    and the switch to the multi-row body; a prompt's lone token takes the several-token order
+    and the multi-row body at any count (0.84x and 0.89x the row loop at 1 and 2 tokens, paid
+    only by an expert that few of a prompt's tokens chose). Decoding (prompt=False) keeps both."""
     k = xf.shape[1]
     tile = max(8, TILE_BYTES // (k + k // 4 + k // 8) // 8 * 8)  # int8 values, sums per 16, scales per 32
     for t0 in range(0, n_tok, tile):
@@ -287,7 +305,7 @@ def rows_of(code, w, w_off, row_stride, n_rows, n_blocks, xq, dx, xs, xf, x_off,
         eights = t0 + (t1 - t0) // 8 * 8 if WIDE[code] else t0
         quads = eights + (t1 - eights) // 4 * 4
         n_here = t1 - t0
-        grouped = n_rows // ROWS * ROWS if MULTI_ROW[code] and n_here >= MULTI_ROW_TOKENS else 0
+        grouped = n_rows // ROWS * ROWS if MULTI_ROW[code] and (prompt or n_here >= MULTI_ROW_TOKENS) else 0
         calls = (n_here + ROW_TOKENS - 1) // ROW_TOKENS  # even shares: 17 tokens go as 8 + 9, not 16 + 1
         for r in range(0, grouped, ROWS):
             base, col = w_off + r * row_stride, out_col + r
@@ -313,28 +331,30 @@ def rows_of(code, w, w_off, row_stride, n_rows, n_blocks, xq, dx, xs, xf, x_off,
             elif left == 2:
                 y2 = row_dot2(code, w, base, n_blocks, xq, dx, xs, xf, t * k + x_off, k)
                 out[t, out_col + r], out[t + 1, out_col + r] = y2[0], y2[1]
+            elif left == 1 and prompt:
+                out[t, out_col + r] = row_dot1(code, w, base, n_blocks, xq, dx, xs, xf, t * k + x_off, k)
             elif left == 1:
                 out[t, out_col + r] = row_dot(code, w, base, n_blocks, xq, dx, xs, xf, t * k + x_off, k)
 
 
 def _make_matmul(code: int):
     @numba.njit(nogil=True, cache=True)
-    def matmul_rows(w, w_off, row_stride, n_rows, n_blocks, xq, dx, xs, xf, x_off, n_tok, out, out_col):
-        rows_of(code, w, w_off, row_stride, n_rows, n_blocks, xq, dx, xs, xf, x_off, n_tok, out, out_col)
+    def matmul_rows(w, w_off, row_stride, n_rows, n_blocks, xq, dx, xs, xf, x_off, n_tok, out, out_col, prompt):
+        rows_of(code, w, w_off, row_stride, n_rows, n_blocks, xq, dx, xs, xf, x_off, n_tok, out, out_col, prompt)
 
     return matmul_rows
 
 
 def _make_matmul_stack(code: int):
     @numba.njit(nogil=True, cache=True)
-    def matmul_stack(w, row_bytes, n_rows, n_blocks, first, stop, xq, dx, xs, xf, n_tok, out):
+    def matmul_stack(w, row_bytes, n_rows, n_blocks, first, stop, xq, dx, xs, xf, n_tok, out, prompt):
         """For matrices e in [first, stop) of a stack [E, n_rows, row_bytes]: out[t, e * n_rows + r]
         = row r of matrix e . activations row e * n_tok + t (MLA's per-head products; a prompt's
         tokens share each decoded block as in matmul_rows)."""
         k = xf.shape[1]
         for e in range(first, stop):
             rows_of(code, w, e * n_rows * row_bytes, row_bytes, n_rows, n_blocks, xq, dx, xs, xf,
-                    e * n_tok * k, n_tok, out, e * n_rows)  # fmt: skip
+                    e * n_tok * k, n_tok, out, e * n_rows, prompt)  # fmt: skip
 
     return matmul_stack
 

@@ -5,10 +5,10 @@ import functools
 import numpy as np
 
 from cpu_ops.activations import QuantizedActivations, quantize
-from cpu_ops.blocks import BLOCKS
+from cpu_ops.blocks import BLOCKS, ROWS
 from cpu_ops.capabilities import runs_on_engine
 from cpu_ops.executor import Executor
-from cpu_ops.kernels import MATMUL, MATMUL_STACK
+from cpu_ops.kernels import MATMUL, MATMUL_STACK, is_prompt
 
 # less work than this (bytes of weights times tokens) runs on the calling thread: a hand-off
 # (~70 us) costs more. Counted per call, not per matrix: MLA's per-head stacks are under 1 MiB,
@@ -64,6 +64,7 @@ class CpuMatrix:
             acts.n_tokens,
             out,
             start,
+            is_prompt(acts.n_tokens),
         )
 
     def __call__(self, executor: Executor | None, acts: QuantizedActivations) -> np.ndarray:
@@ -77,7 +78,7 @@ class CpuMatrix:
         if _inline(executor, self.raw.nbytes, acts.n_tokens):
             self.rows_into(acts, out, 0, self.rows)
             return out
-        ranges = split(self.rows, executor.n_threads, align=4)
+        ranges = split(self.rows, executor.n_threads, align=ROWS if self.kind.rows else 4)
         executor.run([lambda a=a, b=b: self.rows_into(acts, out, a, b) for a, b in ranges])
         return out
 
@@ -103,7 +104,7 @@ class CpuStack:
 
         def run(first, stop):
             self.kernel(self.raw, self.row_bytes, self.rows, n_blocks, first, stop,
-                        acts.xq, acts.dx, acts.xs, acts.xf, n_tok, out)  # fmt: skip
+                        acts.xq, acts.dx, acts.xs, acts.xf, n_tok, out, is_prompt(n_tok))  # fmt: skip
 
         if _inline(executor, self.raw.nbytes, n_tok):
             run(0, self.n)

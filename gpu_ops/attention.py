@@ -39,6 +39,18 @@ def latent_attention_torch(q_latent, q_rope, rows, scale: float, hidden=None):
     return masked_softmax_(scores.view(*q_latent.shape[:-1], -1), hidden) @ latents
 
 
+def latent_attention_each(q_latent, q_rope, rows, start: int, scale: float):
+    """A prompt's tokens at positions start.. one at a time, each over exactly the cache rows it
+    sees: q_latent [T, H, R], q_rope [T, H, P], rows [S, R + P] -> [T, H, R]. A token's products
+    then have the same shapes, so the same sums, in any split of the prompt (batched, a token's
+    scores would be a row of a [T * H, S] product whose blocking depends on T and S, and its
+    softmax would sum a row of S values, the masked ones included)."""
+    out = q_latent.new_empty(q_latent.shape, dtype=torch.float32)
+    for t in range(q_latent.shape[0]):
+        out[t] = latent_attention_torch(q_latent[t], q_rope[t], rows[: start + t + 1], scale)
+    return out
+
+
 def masked_softmax_(scores: torch.Tensor, hidden: torch.Tensor | None = None) -> torch.Tensor:
     """Softmax over the last dimension, in place, after -inf where `hidden` (broadcast against
     the last hidden.shape[-1] positions) is True: a prompt's scores are the largest buffer of a

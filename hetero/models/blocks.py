@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from gpu_ops.attention import latent_attention_torch, masked_softmax_, mla_decode
+from gpu_ops.attention import latent_attention_each, latent_attention_torch, masked_softmax_, mla_decode
 from gpu_ops.capabilities import FLOATS
 from gpu_ops.staging import ExpertStream
 from hetero.kv_cache import KVCache
@@ -33,8 +33,9 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 @dataclass
 class Pass:
     """What an eager pass over T tokens gives every block: the cache, where the tokens start,
-    their rope tables, and the MLA form: "auto" (the cheaper), "llama.cpp" (where llama.cpp
-    rounds: see Mla.__call__), or "absorbed" / "expanded" (tests)."""
+    their rope tables, and the MLA form: "auto" (token by token on the CPU, the cheaper of the
+    batched forms elsewhere), "llama.cpp" (where llama.cpp rounds: see Mla.__call__), or
+    "each" / "absorbed" / "expanded" (tests)."""
 
     cache: KVCache
     start: int
@@ -133,10 +134,14 @@ class Mla(Body):
         return self.out(o.reshape(o.shape[0], self.cfg.n_head * self.cfg.v_head_dim))
 
     def __call__(self, x: torch.Tensor, run: Pass) -> torch.Tensor:
-        """T tokens: absorbed or expanded, whichever costs fewer multiply-adds; or as llama.cpp
-        runs them, so that its int8 activation rounding falls on the same values: absorbed
-        with split k_b/v_b (q_nope and the latent output go through them as int8), expanded
-        with the joint kv_b (the latents go through it as int8)."""
+        """T tokens. On the CPU, absorbed and one token at a time ("each"): with the CPU
+        engine's prompt sums, a token's result is then the same in any split of the prompt,
+        which the prompt cache relies on (docs/ARCHITECTURE.md, "Prompts are batch-invariant").
+        On a GPU, absorbed or expanded, whichever costs fewer multiply-adds (its kernels are
+        not batch-invariant anyway). Or as llama.cpp runs them, so that its int8 activation
+        rounding falls on the same values: absorbed with split k_b/v_b (q_nope and the latent
+        output go through them as int8), expanded with the joint kv_b (the latents go through
+        it as int8)."""
         t, start = x.shape[0], run.start
         q_nope, q_rope, rows = self.project(x, run.cos, run.sin)
         run.cache.write(self.cache_layer, start, rows)
@@ -146,10 +151,14 @@ class Mla(Body):
             new = torch.arange(t, device=x.device)
             future = (new[None, :] > new[:, None])[:, None, :]  # [T, 1, T]
         form = run.attention_form
-        if form == "auto":
+        if form == "auto" and x.device.type == "cpu":
+            form = "each"
+        elif form == "auto":
             form = "expanded" if expanded_is_cheaper(self.cfg, t, start + t, self.expansion_dequantizes) else "absorbed"
         elif form == "llama.cpp":
             form = "absorbed" if self.kv_b is None else "expanded"
+        if form == "each":
+            return self.latent_out(latent_attention_each(self.absorb_q(q_nope), q_rope, cached, start, self.kq_scale))
         if form == "absorbed":
             o = latent_attention_torch(self.absorb_q(q_nope), q_rope, cached, self.kq_scale, future)  # [T, H, R]
             return self.latent_out(o)

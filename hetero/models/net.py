@@ -76,9 +76,11 @@ class Net:
             raise ValueError(f"context full: {start} + {ids.shape[0]} tokens > {cache.max_tokens}")
         if self.decode_step is not None and ids.shape[0] == 1 and watch is None:
             return self.decode_step(int(ids[0]), cache)
-        chunk = self.prefill_chunk(start + ids.shape[0])
-        if ids.shape[0] > chunk:  # a long prompt goes through in chunks: bounded attention scores
-            parts = [self.forward(ids[i : i + chunk], cache, last_only, watch) for i in range(0, ids.shape[0], chunk)]
+        t, chunk = ids.shape[0], self.prefill_chunk(start + ids.shape[0])
+        if t > chunk:  # a long prompt goes through in chunks (bounded attention scores), in even
+            n = -(-t // chunk)  # shares: never a one-token pass, which would be summed as a decoded token
+            cuts = [t * i // n for i in range(n + 1)]
+            parts = [self.forward(ids[a:b], cache, last_only, watch) for a, b in zip(cuts, cuts[1:], strict=False)]
             return parts[-1] if last_only else torch.cat(parts)
         cos, sin = rope_tables(self.cfg, torch.arange(start, start + ids.shape[0]), self.device)
         long = ids.shape[0] >= max(2, self.stream_from)  # one token never copies every expert
