@@ -36,10 +36,12 @@ def generate_steps(
 
     Text never splits a UTF-8 character and never shows any part of a stop string. `cache`
     (default: a new one) may already hold the first `cached` prompt tokens (a server's prompt
-    cache): only the rest are prefilled. It holds the prompt and the tokens fed back afterwards.
+    cache): only the rest are prefilled, at least two of them, so that they run as a prompt pass
+    (cpu_ops.kernels.is_prompt) and get the cold run's sums. It holds the prompt and the tokens
+    fed back afterwards.
     """
-    if cached < 0 or (cached and cached >= len(prompt_ids)):
-        raise ValueError(f"{cached} cached tokens of a {len(prompt_ids)}-token prompt: at least one must run")
+    if cached < 0 or (cached and cached > len(prompt_ids) - 2):
+        raise ValueError(f"{cached} cached tokens of a {len(prompt_ids)}-token prompt: at least two must run")
     generator = None
     if sampling.seed is not None:
         generator = torch.Generator().manual_seed(sampling.seed)

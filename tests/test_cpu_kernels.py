@@ -209,3 +209,26 @@ def test_stack_multiplies_each_slice_by_its_matrix(qtype, tokens, rows, executor
             xe = xd[e * tokens : (e + 1) * tokens]
             expected, bound = xe @ m.T, np.abs(xe) @ np.abs(m).T
             assert np.all(np.abs(ours[:, e * rows : (e + 1) * rows] - expected) <= 2e-6 * bound + 1e-30)
+
+
+@pytest.mark.parametrize("qtype", list(BLOCKS), ids=lambda t: t.name)
+def test_a_prompt_token_sums_the_same_in_any_call(qtype, executor):
+    """A prompt's token gets bit-equal sums however many tokens share its call and however the
+    rows are split (the prompt cache's promise: docs/ARCHITECTURE.md). 21 rows: two eights of a
+    multi-row body and 5 alone; 9 blocks of 32 values: a group of 8 and one block alone."""
+    rng = np.random.default_rng()
+    kind = BLOCKS[qtype]
+    k = (2 if kind.values == 256 else 9) * kind.values
+    raw, _ = weights(qtype, 21, k, rng)
+    matrix = CpuMatrix(raw, qtype, k)
+    x = rng.standard_normal((40, k)).astype(np.float32)
+    whole = matrix(None, matrix.quantize(x))
+    for n in (2, 3, 5, 9, 17, 33):
+        first = int(rng.integers(0, 40 - n))
+        for ex in (None, executor):
+            assert np.array_equal(matrix(ex, matrix.quantize(x[first : first + n])), whole[first : first + n])
+    t = int(rng.integers(0, 40))  # a prompt's token alone in its call (an expert only it chose)
+    acts, out = matrix.quantize(x[t : t + 1]), np.empty((1, 21), np.float32)
+    matrix.kernel(matrix.raw, 0, matrix.row_bytes, 21, k // kind.values, acts.xq, acts.dx, acts.xs, acts.xf, 0, 1,
+                  out, 0, True)  # fmt: skip
+    assert np.array_equal(out[0], whole[t])

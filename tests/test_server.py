@@ -117,6 +117,20 @@ def server(model_path):
 
 
 @pytest.fixture(scope="module")
+def q8_model(synth):
+    """A quantized file: int8 activation rounding and top-k routing turn any difference in a
+    prompt's sums into other tokens, which the F32 file would hide."""
+    return hetero.load_model(synth("tiny", "Q8_0"), n_ctx=CTX, gpu_mem="0", threads=2)
+
+
+@pytest.fixture(scope="module")
+def q8_server(synth):
+    s = Server(synth("tiny", "Q8_0"), "--alias", "tiny-test")
+    yield s
+    s.stop()
+
+
+@pytest.fixture(scope="module")
 def r1_server(model_path, tmp_path_factory):
     """An R1-style template (the reply opens with <think>), an API key and a queue of one."""
     template = tmp_path_factory.mktemp("tpl") / "r1.jinja"
@@ -187,17 +201,21 @@ def test_stop_strings_end_the_reply_before_them(server, model):
     assert reply.choices[0].finish_reason == "stop"
 
 
-def test_prompt_cache_skips_the_earlier_turns(server, model):
+@pytest.mark.parametrize("weights", ["F32", "Q8_0"])
+def test_prompt_cache_skips_the_earlier_turns(weights, request):
     """Three turns of one conversation: turns 2 and 3 take their history from the cache and
-    answer as a cold run does."""
+    answer as a cold run does, to the token, on float and quantized weights."""
+    server, model = (
+        request.getfixturevalue(n) for n in (("server", "model") if weights == "F32" else ("q8_server", "q8_model"))
+    )
     client = server.client()
-    history = [{"role": "user", "content": "What is the capital of France?"}]
+    history = [{"role": "user", "content": f"What is the capital of France? Answer in {os.getpid() % 97} words."}]
     for turn in range(3):
         t0 = time.perf_counter()
-        reply = client.chat.completions.create(model="tiny-test", messages=history, max_tokens=8, temperature=0)
+        reply = client.chat.completions.create(model="tiny-test", messages=history, max_tokens=16, temperature=0)
         seconds = time.perf_counter() - t0
         answer = reply.choices[0].message.content
-        assert answer == expected(model, history, 8, temperature=0)
+        assert answer == expected(model, history, 16, temperature=0)
         cached = reply.usage.prompt_tokens_details.cached_tokens
         print(f"turn {turn + 1}: {reply.usage.prompt_tokens} prompt tokens, {cached} cached, {seconds:.2f} s")
         if turn:

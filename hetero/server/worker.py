@@ -5,9 +5,13 @@ The model is not safe to run twice at once (one KV cache, one set of CPU workers
 request becomes a `Job` on one worker thread, in arrival order. The queue is bounded: a full
 queue is refused at once (the HTTP layer answers 429) rather than making clients wait minutes.
 
-The prompt cache: the worker keeps the KV cache of the last sequence and the tokens in it. A
-new prompt that starts with some of those tokens (the previous turns of the same
-conversation) prefills only the rest. One slot: it is the one KV cache the plan budgets.
+The prompt cache: the worker keeps the KV cache of the last sequence and the prompt tokens in
+it. A new prompt that starts with some of those tokens (the previous turns of the same
+conversation) prefills only the rest, and gets the same tokens as a cold run: on the CPU
+engine a prompt token's keys and values do not depend on how the prompt was split
+(docs/ARCHITECTURE.md, "Prompts are batch-invariant"). The generated tokens' rows are not
+reused: the decode step sums in its own, faster order, so the next turn prefills the reply
+again (at prefill speed). One slot: it is the one KV cache the plan budgets.
 
 A job's prompt is tokenized on the worker thread too (`Job.prepare`): rendering a chat template
 turns tracemalloc on and off process-wide (its memory bound), which crashed the decode
@@ -168,7 +172,7 @@ class Worker:
         max_tokens = min(job.max_tokens or room, room)
         job.emit(("start", ids))
         previous = self._cached_ids
-        cached = min(common_prefix(previous, ids), len(ids) - 1)
+        cached = max(0, min(common_prefix(previous, ids), len(ids) - 2))  # two tokens at least: a prompt pass
         self._cached_ids = []  # until this sequence is done, the cache holds nothing reusable
         steps = generate_steps(self.model, ids, max_tokens, job.sampling, job.stop, self._cache, cached)
         tokens: list[int] = []
@@ -186,8 +190,8 @@ class Worker:
             if step.text:
                 job.emit(("text", step.text))
         steps.close()
-        fed = self._cache.length - len(ids)  # generated tokens whose keys and values are cached
-        self._cached_ids = (ids + tokens[:fed] if fed >= 0 else []) if started else previous
+        prefilled = self._cache.length >= len(ids)  # the decoded tokens' rows after them are not reused
+        self._cached_ids = (ids if prefilled else []) if started else previous
         m = self.metrics
         m.prompt_tokens += len(ids)
         m.cached_tokens += cached
