@@ -228,7 +228,7 @@ def test_a_failing_worker_does_not_hang_the_others():
         kernel = experts.gate_up
 
         def second_worker_fails(*args):
-            if args[-1] != 0:  # h_col: only the worker whose F-range does not start at 0
+            if args[-2] != 0:  # h_col: only the worker whose F-range does not start at 0
                 raise RuntimeError("worker failed")
             kernel(*args)
 
