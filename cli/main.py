@@ -654,6 +654,13 @@ def serve(
     temperature: Annotated[float, typer.Option(help="Default when a request gives none; 0 for greedy.")] = 0.6,
     top_p: Annotated[float, typer.Option(help="Default nucleus mass when a request gives none.")] = 0.95,
     max_queue: Annotated[int, typer.Option(help="Requests that may wait for the model; more get 429.")] = 8,
+    cache_slots: Annotated[
+        int | None,
+        typer.Option(
+            help="Conversations the prompt cache keeps (each more: a KV cache's size of RAM).",
+            show_default="up to 4, as RAM allows",
+        ),
+    ] = None,  # fmt: skip
     gpu_mem: Annotated[str | None, typer.Option(help=GPU_MEM_HELP, show_default=GPU_MEM_DEFAULT)] = None,
     ctx: Annotated[int | None, typer.Option(help="Context length.", show_default=CTX_DEFAULT)] = None,
     threads: Annotated[int | None, typer.Option(help="CPU threads.", show_default=THREADS_DEFAULT)] = None,
@@ -675,6 +682,8 @@ def serve(
         raise HeteroError(f"--reasoning-format {reasoning_format}: choose deepseek or none")
     if max_queue < 1:
         raise HeteroError(f"--max-queue {max_queue}: must be at least 1")
+    if cache_slots is not None and cache_slots < 1:
+        raise HeteroError(f"--cache-slots {cache_slots}: must be at least 1")
     check_generation_options(1, temperature, top_p)
     check_threads(threads)
     warn_if_gpu_stands_in(gpu_mem)
@@ -683,7 +692,8 @@ def serve(
                           "this machine can use the model", highlight=False)  # fmt: skip
     run_server(
         model, host, port, api_key, alias, reasoning_format == "deepseek", temperature, top_p, max_queue,
-        chat_template_file, dict(n_ctx=ctx, gpu_mem=gpu_mem, threads=threads, overcommit=not no_overcommit),
+        chat_template_file,
+        dict(n_ctx=ctx, gpu_mem=gpu_mem, threads=threads, overcommit=not no_overcommit, cache_slots=cache_slots),
     )  # fmt: skip
 
 

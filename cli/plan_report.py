@@ -78,6 +78,8 @@ def render_plan(plan: Plan, console: Console) -> None:
         console.print("GPU: none (CPU-only plan)")
     ram = f" of {gib(hw.ram)}" if hw.ram else ""
     kv = f"KV cache {gib(plan.kv_cache_bytes)}, " if plan.kv_cache_device == "cpu" else ""
+    if plan.prompt_cache_bytes:
+        kv += f"{plan.cache_slots - 1} more cached conversations {gib(plan.prompt_cache_bytes)}, "
     console.print(
         f"CPU RAM: {gib(plan.used_bytes('cpu'))}{ram} (weights {gib(plan.weights_bytes('cpu'))}, {kv}"
         f"prefill activations {gib(plan.prefill_host_bytes)}; {hw.cpu_cores} cores, {hw.numa_nodes} NUMA node(s))"

@@ -52,13 +52,18 @@ def run_server(
     from hetero.server.app import ServerState, create_app
     from hetero.server.worker import Worker
     from modelfile.gguf_file import GGUFModelFile
+    from placement.planner import roomy_cache_slots
 
     template = read_template(template_file)
     check_port_free(host, port)
     with err_console.status("opening the model"):
         file = GGUFModelFile(path)
         plan_keys = ("n_ctx", "gpu_mem", "overcommit")
-        plan = default_plan(file, **{k: load_options[k] for k in plan_keys})
+        options = {k: load_options[k] for k in plan_keys}
+        slots = load_options["cache_slots"]
+        if slots is None:  # as many conversations as the RAM the plan leaves holds, up to a few
+            slots = roomy_cache_slots(default_plan(file, **options))
+        plan = default_plan(file, **options, cache_slots=slots)
         check_runnable(plan, load_options["overcommit"])
     state = ServerState(alias or default_alias(path), api_key, SamplingParams(temperature, 0, top_p), reasoning)
     server = uvicorn.Server(uvicorn.Config(create_app(state), host=host, port=port, log_level="warning"))
@@ -70,10 +75,11 @@ def run_server(
             if template is not None:
                 tok = model.tokenizer
                 tok.chat = ChatTemplate(template, tok.bos_text, tok.eos_text, str(template_file))
-            state.worker = Worker(model, max_queue)
+            state.worker = Worker(model, max_queue, plan.cache_slots)
             where = f"[{host}]" if ":" in host else host
             err_console.print(f"ready: http://{where}:{port}/v1 serves [bold]{state.alias}[/] "
-                              f"(context {model.n_ctx} tokens); Ctrl-C stops", highlight=False)  # fmt: skip
+                              f"(context {model.n_ctx} tokens, prompt cache of {plan.cache_slots} conversations); "
+                              "Ctrl-C stops", highlight=False)  # fmt: skip
         except BaseException as e:  # reported by the main thread, after the server stops
             failure.append(e)
             server.should_exit = True

@@ -47,5 +47,14 @@ class KVCache:
             raise ValueError("the native step needs a float32 cache on the CPU")
         return self._buf.numpy()
 
+    def save(self, n: int) -> torch.Tensor:
+        """A host copy of every layer's first n rows [L, n, W] (a server's cached conversation)."""
+        return self._buf[:, :n].to("cpu", copy=True)
+
+    def restore(self, rows: torch.Tensor) -> None:
+        """Put back rows [L, n, W] that save() copied; the cache then holds those n tokens."""
+        self._buf[:, : rows.shape[1]].copy_(rows)
+        self.length = rows.shape[1]
+
     def reset(self) -> None:
         self.length = 0

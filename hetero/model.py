@@ -193,12 +193,13 @@ def default_plan(
     numa: str = "auto",
     cpu_kernels: bool = True,
     gpu_device: str | None = None,
+    cache_slots: int = 1,
 ) -> Plan:
     """The plan load_model makes when given none: this machine (its cached CPU bandwidth), the
     budget; without CUDA a GPU budget is played by the CPU, and predicted as such. numa='off'
     and cpu_kernels=False are run options the plan must know: they change what runs."""
     hw = run_hardware(gpu_mem, numa, cpu_kernels, gpu_device)
-    return plan_model(file, hw, n_ctx, rules, overcommit=overcommit)
+    return plan_model(file, hw, n_ctx, rules, overcommit=overcommit, cache_slots=cache_slots)
 
 
 def run_hardware(gpu_mem=None, numa: str = "auto", cpu_kernels: bool = True, gpu_device: str | None = None) -> Hardware:

@@ -75,6 +75,8 @@ class Plan:
     kv_cache_dtype: str = "float32"  # bfloat16 on the GPU, float32 on the CPU
     fused_shared_layers: tuple[int, ...] = ()  # shared experts run in the routed experts' CPU hand-off
     prefill_host_bytes: int = 0  # host RAM a prefill pass holds at its peak (a prompt filling ctx)
+    cache_slots: int = 1  # conversations a server keeps cached: the KV cache, and host copies of the rest
+    prompt_cache_bytes: int = 0  # host RAM of those copies: (cache_slots - 1) KV caches of ctx tokens
 
     def weights_bytes(self, device: str) -> int:
         return sum(p.bytes for p in self.placements if p.device == device)
@@ -90,7 +92,7 @@ class Plan:
         if device == "gpu" and self.hardware.gpu_mem:
             used += sum(b for _, b in self.reserved)
         if device == "cpu":
-            used += self.prefill_host_bytes
+            used += self.prefill_host_bytes + self.prompt_cache_bytes
         return used
 
 
@@ -103,12 +105,17 @@ def make_plan(
     model: str = "",
     overcommit: bool = True,
     streaming: bool = True,
+    cache_slots: int = 1,
 ) -> Plan:
     """Place every tensor of a model (name -> TensorInfo; only shapes and types are read).
     Tensors the architecture does not use (rope_freqs, anything unknown) are left in the file
     and listed as ignored. overcommit: a CPU share over RAM runs from the page cache (warned)
     rather than being refused. streaming=False plans no staging for a prompt's CPU experts
-    (what a plan whose GPU road would never be taken is made again with)."""
+    (what a plan whose GPU road would never be taken is made again with). cache_slots: how
+    many conversations a server keeps (hetero.server.worker): one in the KV cache, the others as
+    host copies of their rows, budgeted in CPU RAM as KV caches of ctx tokens each."""
+    if cache_slots < 1:
+        raise HeteroError(f"--cache-slots {cache_slots} must be at least 1")
     if ctx <= 0 or ctx > cfg.n_ctx_train:
         raise HeteroError(f"--ctx {ctx} must be between 1 and the model's {cfg.n_ctx_train}")
     tied = "output.weight" not in tensors
@@ -215,7 +222,9 @@ def make_plan(
         kv_device, kv_dtype, kv = "cpu", "float32", kv_cache_bytes(cfg, ctx, 4)
     # a prompt filling the context: its last chunk's scores span every position
     prefill = family.prefill_host_bytes(cfg, ctx, any(p.device == "gpu" for p in placements))
+    prompt_cache = (cache_slots - 1) * kv
     cpu_need = sum(p.bytes for p in placements if p.device == "cpu") + (kv if kv_device == "cpu" else 0) + prefill
+    cpu_need += prompt_cache
     overflow = max(0, cpu_need - hw.ram) if hw.ram else 0
     longest, experts = longest_chunk(family, cfg, ctx), (cfg.n_expert, cfg.n_expert_used)
     if staging[0]:
@@ -226,9 +235,10 @@ def make_plan(
     else:
         longest = 0  # the GPU road is never taken (its speed is still shown)
     warnings = []
+    held = f", {cache_slots - 1} more cached conversations" if cache_slots > 1 else ""
     if overflow and overcommit:
         warnings.append(
-            f"CPU RAM: the plan needs {_gib(cpu_need)} (weights, KV cache, prefill activations) but the machine "
+            f"CPU RAM: the plan needs {_gib(cpu_need)} (weights, KV cache, prefill activations{held}) but the machine "
             f"has {_gib(hw.ram)}; {_gib(overflow)} of weights will be read from disk as they are used (slower; "
             "--no-overcommit refuses instead)"
         )
@@ -261,9 +271,13 @@ def make_plan(
         kv_cache_dtype=kv_dtype,
         fused_shared_layers=fused,
         prefill_host_bytes=prefill,
+        cache_slots=cache_slots,
+        prompt_cache_bytes=prompt_cache,
     )
     if staging[0]:  # kept only where it pays and costs nothing else
-        without = make_plan(cfg, every_tensor, hw, ctx, rules, model, overcommit, streaming=False)
+        without = make_plan(
+            cfg, every_tensor, hw, ctx, rules, model, overcommit, streaming=False, cache_slots=cache_slots
+        )
         if not prediction.prefill_crossover_tokens or _worth(without) > _worth(plan):
             return without
     return plan
@@ -281,11 +295,23 @@ def _worth(plan: Plan) -> tuple:
     )
 
 
-def plan_model(file, hw: Hardware, ctx: int | None = None, rules: list[Rule] = (), overcommit: bool = True) -> Plan:
+def plan_model(file, hw: Hardware, ctx: int | None = None, rules: list[Rule] = (), overcommit: bool = True,
+               cache_slots: int = 1) -> Plan:  # fmt: skip
     """make_plan for an opened GGUFModelFile, with the default context where none is given."""
     cfg = family_of(file.metadata).config(file.metadata)
     ctx = min(DEFAULT_CTX, cfg.n_ctx_train) if ctx is None else ctx
-    return make_plan(cfg, file.tensors, hw, ctx, list(rules), model=str(file.paths[0]), overcommit=overcommit)
+    return make_plan(cfg, file.tensors, hw, ctx, list(rules), model=str(file.paths[0]), overcommit=overcommit,
+                     cache_slots=cache_slots)  # fmt: skip
+
+
+MAX_CACHE_SLOTS = 4  # conversations `hetero serve` keeps by default, where RAM allows
+
+
+def roomy_cache_slots(plan: Plan) -> int:
+    """How many conversations a server can keep cached with this plan's spare CPU RAM (at least
+    one: the KV cache itself; at most MAX_CACHE_SLOTS): each more is a host copy of a KV cache."""
+    spare = plan.hardware.ram - plan.used_bytes("cpu") if plan.hardware.ram else 0
+    return max(1, min(MAX_CACHE_SLOTS, 1 + spare // max(plan.kv_cache_bytes, 1)))
 
 
 def _placement(c: TensorCost, device: str, backend: str) -> Placement:

@@ -30,9 +30,11 @@ def plan_to_json(plan: Plan) -> dict:
                 "budget_bytes": hw.ram,
                 "weights_bytes": plan.weights_bytes("cpu"),
                 "prefill_bytes": plan.prefill_host_bytes,
+                "prompt_cache_bytes": plan.prompt_cache_bytes,
             },
         },
         "kv_cache": {
+            "slots": plan.cache_slots,
             "bytes": plan.kv_cache_bytes,
             "device": plan.kv_cache_device,
             "dtype": plan.kv_cache_dtype,
@@ -93,4 +95,6 @@ def plan_from_json(data: dict) -> Plan:
         kv_cache_dtype=data["kv_cache"]["dtype"],
         fused_shared_layers=tuple(data["fused_shared_layers"]),
         prefill_host_bytes=data["devices"]["cpu"].get("prefill_bytes", 0),
+        cache_slots=data["kv_cache"].get("slots", 1),
+        prompt_cache_bytes=data["devices"]["cpu"].get("prompt_cache_bytes", 0),
     )

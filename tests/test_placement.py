@@ -18,7 +18,7 @@ from modelfile.errors import HeteroError
 from modelfile.gguf_file import GGUFModelFile
 from placement.cost import tensor_costs
 from placement.hardware import GiB, Hardware, parse_rate, parse_size, with_overrides
-from placement.planner import make_plan
+from placement.planner import MAX_CACHE_SLOTS, make_plan, roomy_cache_slots
 from placement.report import plan_from_json, plan_to_json
 from placement.rules import load_rules, parse_override
 from tests.conftest import DEVICE
@@ -104,6 +104,25 @@ def test_rules_file_and_override(r1_header, tmp_path):
         parse_override("exps=tpu")
     with pytest.raises(HeteroError, match="not a GPU format"):
         parse_override("exps=gpu:int3")
+
+
+def test_cached_conversations_are_budgeted_in_host_ram(r1_header):
+    """A server's extra prompt-cache slots are host copies of the KV cache: the plan counts
+    them in CPU RAM, the JSON keeps them, and the default takes as many as the RAM left holds."""
+    f = GGUFModelFile(r1_header[0])
+    cfg = config_from_metadata(f.metadata)
+    hw = with_overrides(WORKSTATION, gpu="rtx4090", gpu_mem="24GiB")
+    one = make_plan(cfg, f.tensors, hw, 8192, [], "r1")
+    three = make_plan(cfg, f.tensors, hw, 8192, [], "r1", cache_slots=3)
+    assert three.cache_slots == 3 and three.prompt_cache_bytes == 2 * one.kv_cache_bytes > 0
+    assert three.used_bytes("cpu") - one.used_bytes("cpu") == three.prompt_cache_bytes
+    assert plan_from_json(json.loads(json.dumps(plan_to_json(three)))) == three
+    spare = hw.ram - one.used_bytes("cpu")
+    assert roomy_cache_slots(one) == max(1, min(MAX_CACHE_SLOTS, 1 + spare // one.kv_cache_bytes))
+    tight = make_plan(cfg, f.tensors, dataclasses.replace(hw, ram=one.used_bytes("cpu")), 8192, [], "r1")
+    assert roomy_cache_slots(tight) == 1
+    with pytest.raises(HeteroError, match="--cache-slots 0"):
+        make_plan(cfg, f.tensors, hw, 8192, [], "r1", cache_slots=0)
 
 
 def test_plan_round_trips_through_json(r1_header):

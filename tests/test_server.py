@@ -12,13 +12,16 @@ import time
 import urllib.error
 import urllib.request
 
+import numpy as np
 import pytest
+from conftest import random_prompt
 
 import hetero
 from hetero.chat_template import ChatTemplate
 from hetero.conversation import ThinkSplitter
+from hetero.sampling import SamplingParams
 from hetero.server.app import _Reply
-from hetero.server.worker import Usage
+from hetero.server.worker import Job, Usage, Worker
 
 openai = pytest.importorskip("openai")
 
@@ -449,6 +452,7 @@ def test_cli_refuses_bad_options_in_one_line(model_path, server):
         (["--reasoning-format", "xml"], "--reasoning-format"),
         (["--port", str(server.port)], "cannot listen"),
         (["--chat-template-file", "/nonexistent.jinja"], "cannot read"),
+        (["--cache-slots", "0"], "--cache-slots 0"),
     ):
         run = subprocess.run([sys.executable, "-m", "cli.main", "serve", str(model_path), *args], capture_output=True,
                              text=True, timeout=120, env={**os.environ, "COLUMNS": "200"})  # fmt: skip
@@ -459,3 +463,45 @@ def test_cli_refuses_bad_options_in_one_line(model_path, server):
     help_text = subprocess.run([sys.executable, "-m", "cli.main", "serve", "--help"], capture_output=True, text=True,
                                env={**os.environ, "COLUMNS": "200"}).stdout  # fmt: skip
     assert "Example: hetero serve" in help_text
+
+
+def run_job(worker: Worker, ids: list[int], max_tokens: int = 8) -> tuple[str, Usage]:
+    """One greedy request straight to the worker (no HTTP): its text and usage."""
+    events, done = [], threading.Event()
+
+    def emit(event):
+        events.append(event)
+        done.set() if event[0] in ("done", "error", "refused") else None
+
+    assert worker.submit(Job(lambda: list(ids), max_tokens, SamplingParams(temperature=0), (), emit))
+    assert done.wait(120) and events[-1][0] == "done", events[-1]
+    return "".join(e[1] for e in events if e[0] == "text"), events[-1][1]
+
+
+def test_the_prompt_cache_keeps_several_conversations(q8_model):
+    """Two slots: a request of another conversation between two turns (a front-end's title
+    request) does not cost the first its cache; the resumed turn answers as a cold run. A
+    third conversation drops the least recently used. One slot: the other request evicts."""
+    rng = np.random.default_rng()
+    bos = q8_model.tokenizer.bos_id
+    a, b, c = (random_prompt(int(rng.integers(20, 40)), bos) for _ in range(3))
+    more = rng.integers(0, 600, 5).tolist()
+    worker = Worker(q8_model, 4, slots=2)
+    try:
+        assert run_job(worker, a)[1].cached_tokens == 0
+        assert run_job(worker, b)[1].cached_tokens <= 1  # BOS at most
+        text, usage = run_job(worker, a + more)
+        assert usage.cached_tokens == len(a) and text == expected(q8_model, a + more, 8, temperature=0)
+        assert "hetero_prompt_cache_conversations 2" in worker.metrics_text()
+        run_job(worker, c)  # a is copied out, b (used least recently) dropped
+        assert run_job(worker, b + more)[1].cached_tokens <= 1
+        assert run_job(worker, c + more)[1].cached_tokens == len(c)
+    finally:
+        worker.close()
+    worker = Worker(q8_model, 4, slots=1)
+    try:
+        run_job(worker, a)
+        run_job(worker, b)
+        assert run_job(worker, a + more)[1].cached_tokens <= 1
+    finally:
+        worker.close()

@@ -11,7 +11,11 @@ conversation) prefills only the rest, and gets the same tokens as a cold run: on
 engine a prompt token's keys and values do not depend on how the prompt was split
 (docs/ARCHITECTURE.md, "Prompts are batch-invariant"). The generated tokens' rows are not
 reused: the decode step sums in its own, faster order, so the next turn prefills the reply
-again (at prefill speed). One slot: it is the one KV cache the plan budgets.
+again (at prefill speed). Several conversations (`slots`, which the plan budgets): the one
+in the KV cache and host copies of the others' prompt rows. A request goes to the slot whose
+tokens share the longest prefix with it; when that is a copy, the copy and the KV cache swap.
+A request that would overwrite most of the KV cache's conversation (a front-end's title or
+tag request between two turns) copies it out first. The least recently used copy is dropped.
 
 A job's prompt is tokenized on the worker thread too (`Job.prepare`): rendering a chat template
 turns tracemalloc on and off process-wide (its memory bound), which crashed the decode
@@ -66,7 +70,7 @@ class Metrics:
     prefill_tok_s: float = 0.0  # of the last request
     decode_tok_s: float = 0.0
 
-    def text(self, queued: int, busy: bool) -> str:
+    def text(self, queued: int, busy: bool, held: int) -> str:
         rows = [
             ("requests_total", "counter", "requests answered or under way", self.requests),
             ("requests_rejected_total", "counter", "requests refused because the queue was full", self.rejected),
@@ -80,6 +84,7 @@ class Metrics:
             ("decode_tokens_per_second", "gauge", "decode speed of the last request", self.decode_tok_s),
             ("queue_length", "gauge", "requests waiting for the model", queued),
             ("busy", "gauge", "1 while a request runs on the model", int(busy)),
+            ("prompt_cache_conversations", "gauge", "conversations the prompt cache holds", held),
         ]
         out = []
         for name, kind, help_text, value in rows:
@@ -95,13 +100,23 @@ def common_prefix(a: list[int], b: list[int]) -> int:
     return n
 
 
+@dataclass
+class Saved:
+    """A cached conversation out of the KV cache: its prompt tokens and their rows [L, n, W]."""
+
+    ids: list[int]
+    rows: object  # torch.Tensor on the host
+
+
 class Worker:
-    def __init__(self, model, max_queue: int):
+    def __init__(self, model, max_queue: int, slots: int = 1):
         self.model = model
         self.metrics = Metrics()
         self._queue: queue.Queue[Job | None] = queue.Queue(maxsize=max_queue)
         self._cache = model.new_cache()
         self._cached_ids: list[int] = []  # the tokens whose keys and values _cache holds, in order
+        self.slots = slots
+        self._saved: list[Saved] = []  # the other conversations, least recently used first
         self._busy = False
         self._stop = threading.Event()
         self._current: Job | None = None
@@ -123,7 +138,8 @@ class Worker:
         return True
 
     def metrics_text(self) -> str:
-        return self.metrics.text(self._queue.qsize(), self._busy)
+        held = len(self._saved) + bool(self._cached_ids)
+        return self.metrics.text(self._queue.qsize(), self._busy, held)
 
     def close(self) -> None:
         """Stop after the current token; waiting jobs are dropped."""
@@ -162,6 +178,27 @@ class Worker:
                            code="context_length_exceeded")  # fmt: skip
         return ids
 
+    def _take_slot(self, ids: list[int]) -> list[int]:
+        """Bring the cached conversation sharing the longest prefix with ids into the KV cache
+        (copying the one there out), or copy the KV cache's out when ids would overwrite most
+        of it; returns the tokens the KV cache then holds."""
+        live = common_prefix(self._cached_ids, ids)
+        shared = [common_prefix(s.ids, ids) for s in self._saved]
+        best = max(range(len(shared)), key=shared.__getitem__, default=None)
+        if best is not None and shared[best] > live:
+            chosen = self._saved.pop(best)
+            self._save_live()
+            self._cache.restore(chosen.rows)
+            self._cached_ids = chosen.ids
+        elif 2 * live < len(self._cached_ids):
+            self._save_live()
+        return self._cached_ids
+
+    def _save_live(self) -> None:
+        if self.slots > 1 and self._cached_ids:
+            self._saved.append(Saved(self._cached_ids, self._cache.save(len(self._cached_ids))))
+            del self._saved[: -(self.slots - 1)]  # the least recently used copies beyond the plan's
+
     def _generate(self, job: Job) -> None:
         try:
             ids = self._prompt(job)
@@ -171,7 +208,7 @@ class Worker:
         room = self.n_ctx - len(ids)
         max_tokens = min(job.max_tokens or room, room)
         job.emit(("start", ids))
-        previous = self._cached_ids
+        previous = self._take_slot(ids)
         cached = max(0, min(common_prefix(previous, ids), len(ids) - 2))  # two tokens at least: a prompt pass
         self._cached_ids = []  # until this sequence is done, the cache holds nothing reusable
         steps = generate_steps(self.model, ids, max_tokens, job.sampling, job.stop, self._cache, cached)
