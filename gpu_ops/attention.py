@@ -39,15 +39,32 @@ def latent_attention_torch(q_latent, q_rope, rows, scale: float, hidden=None):
     return masked_softmax_(scores.view(*q_latent.shape[:-1], -1), hidden) @ latents
 
 
-def latent_attention_each(q_latent, q_rope, rows, start: int, scale: float):
+def latent_attention_each(q_latent, q_rope, rows, start: int, scale: float, run=None, parts: int = 1):
     """A prompt's tokens at positions start.. one at a time, each over exactly the cache rows it
     sees: q_latent [T, H, R], q_rope [T, H, P], rows [S, R + P] -> [T, H, R]. A token's products
     then have the same shapes, so the same sums, in any split of the prompt (batched, a token's
     scores would be a row of a [T * H, S] product whose blocking depends on T and S, and its
-    softmax would sum a row of S values, the masked ones included)."""
-    out = q_latent.new_empty(q_latent.shape, dtype=torch.float32)
-    for t in range(q_latent.shape[0]):
-        out[t] = latent_attention_torch(q_latent[t], q_rope[t], rows[: start + t + 1], scale)
+    softmax would sum a row of S values, the masked ones included). run(tasks), given, runs
+    `parts` ranges of tokens at once (the CPU engine's workers; torch keeps one thread there),
+    ranges of equal work: a token's grows with its position."""
+    r, n = q_latent.shape[-1], q_latent.shape[0]
+    q = torch.cat([q_latent, q_rope], dim=-1).float()  # [T, H, R+P]: one product for both parts
+    rows = rows.float()
+    out = q.new_empty(q_latent.shape)
+
+    @torch.inference_mode()  # a worker thread does not inherit the caller's mode
+    def tokens(first: int, stop: int) -> None:
+        for t in range(first, stop):
+            seen = rows[: start + t + 1]  # [p+1, R+P]
+            probs = torch.softmax((q[t] @ seen.T).mul_(scale), dim=-1)  # [H, p+1]
+            torch.matmul(probs, seen[:, :r], out=out[t])
+
+    if run is None or parts < 2 or n < 2:
+        tokens(0, n)
+        return out
+    work = torch.arange(start + 1, start + n + 1, dtype=torch.float64).cumsum(0)  # positions seen, summed
+    cuts = [0, *torch.searchsorted(work, work[-1] * torch.arange(1, parts) / parts).tolist(), n]
+    run([lambda a=a, b=b: tokens(a, b) for a, b in zip(cuts, cuts[1:], strict=False) if b > a])
     return out
 
 

@@ -154,17 +154,19 @@ def test_hybrid_decode_matches_llama_cpp(synth, case, monkeypatch):
 
 
 def test_expanded_and_absorbed_attention_agree(synth):
-    """Prefill's expanded MLA (keys and values made from the latents) and the absorbed form give
-    the same logits (F32, float64-level agreement), on a fresh cache and after cached tokens."""
+    """Prefill's expanded MLA (keys and values made from the latents), the absorbed form, and
+    the absorbed form token by token (the CPU's, batch-invariant) give the same logits (F32,
+    float64-level agreement), on a fresh cache and after cached tokens."""
     model = hetero.load_model(synth("v3", "F32", n_layer=2), cpu_kernels=False)
     ids = random_prompt(14, model.tokenizer.bos_id)
     out = {}
-    for form in ("absorbed", "expanded"):
+    for form in ("absorbed", "expanded", "each"):
         model.net.attention_form = form
         cache = model.new_cache(16)
         out[form] = np.concatenate([model.forward(part, cache).cpu().numpy() for part in (ids[:9], ids[9:])])
     ref = out["absorbed"]
-    np.testing.assert_allclose(out["expanded"], ref, rtol=0, atol=1e-5 * np.abs(ref).max())
+    for form in ("expanded", "each"):
+        np.testing.assert_allclose(out[form], ref, rtol=0, atol=1e-5 * np.abs(ref).max())
 
 
 def test_the_attention_form_follows_the_cost():

@@ -87,6 +87,8 @@ class Mla(Body):
             split = ops.split_stacks(name, cfg.n_head, cfg.qk_nope_dim, cfg.v_head_dim)
             if split is not None:
                 self.ops["k_b"], self.ops["v_b"] = split
+        ex = ops.executor
+        self.workers = (ex.run, ex.n_threads) if ex is not None else ()  # what runs a prompt's attention
         # expanding through split k_b/v_b dequantizes them on every call, on the host unless on the GPU
         k_b = self.ops.get("k_b")
         self.expansion_dequantizes = self.kv_b is None and k_b.gpu is None and k_b.qtype not in FLOATS
@@ -158,7 +160,8 @@ class Mla(Body):
         elif form == "llama.cpp":
             form = "absorbed" if self.kv_b is None else "expanded"
         if form == "each":
-            return self.latent_out(latent_attention_each(self.absorb_q(q_nope), q_rope, cached, start, self.kq_scale))
+            o = latent_attention_each(self.absorb_q(q_nope), q_rope, cached, start, self.kq_scale, *self.workers)
+            return self.latent_out(o)
         if form == "absorbed":
             o = latent_attention_torch(self.absorb_q(q_nope), q_rope, cached, self.kq_scale, future)  # [T, H, R]
             return self.latent_out(o)
