@@ -78,7 +78,8 @@ def run_server(
             state.worker = Worker(model, max_queue, plan.cache_slots)
             where = f"[{host}]" if ":" in host else host
             err_console.print(f"ready: http://{where}:{port}/v1 serves [bold]{state.alias}[/] "
-                              f"(context {model.n_ctx} tokens, prompt cache of {plan.cache_slots} conversations); "
+                              f"(context {model.n_ctx} tokens, prompt cache: {plan.cache_slots} conversation"
+                              f"{'s' if plan.cache_slots > 1 else ''}); "
                               "Ctrl-C stops", highlight=False)  # fmt: skip
         except BaseException as e:  # reported by the main thread, after the server stops
             failure.append(e)

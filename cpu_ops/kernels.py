@@ -273,7 +273,9 @@ def matmul_rows_any(typingctx, code, w, w_off, row_stride, n_rows, n_blocks, xq,
 def is_prompt(n_tokens: int) -> bool:
     """Whether a call of n_tokens tokens is part of a prompt pass (rows_of's prompt=True) or a
     decoded token. A prompt pass has two tokens or more: hetero.models.net never cuts a prompt
-    into a one-token pass, and the server never prefills a one-token rest after its cache."""
+    into a one-token pass, and the server never prefills a one-token rest after its cache. (The
+    output head of a pass asked for its last row only is a one-token call: the same in a cold
+    run and a cached one, which both ask so.)"""
     return n_tokens > 1
 
 

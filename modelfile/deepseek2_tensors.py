@@ -133,9 +133,11 @@ def prefill_chunk(cfg: ModelConfig, positions: int) -> int:
     return max(64, SCORES_BYTES // (4 * cfg.n_head * positions))
 
 
-def prefill_host_bytes(cfg: ModelConfig, positions: int, on_gpu: bool) -> int:
+def prefill_host_bytes(cfg: ModelConfig, positions: int, on_gpu: bool, token_workers: int = 0) -> int:
     """What a prefill pass ending at `positions` holds in host RAM at its peak, float32: on the
-    CPU, its attention scores (one buffer) and the new positions' mask, the keys and values the
+    CPU engine (token_workers > 0: attention token by token on that many workers), each
+    worker's one token of scores and probabilities; on the CPU otherwise, its attention scores
+    (one buffer) and the new positions' mask, the keys and values the
     expanded form makes of every cached latent where the cost rule takes it for that chunk
     (float32 latents, keys, keys transposed for the batched product, values; not for V3's
     64-token chunks at a long context, where they would be gigabytes), and per token the
@@ -150,8 +152,10 @@ def prefill_host_bytes(cfg: ModelConfig, positions: int, on_gpu: bool) -> int:
         return 4 * t * (2 * d + 2 * pairs)
     n, v = cfg.qk_nope_dim, cfg.v_head_dim
     scores = 4 * h * t * positions + t * t  # and the mask of the new positions
+    if token_workers:
+        scores = 2 * 4 * h * positions * token_workers
     expanded = 0  # latents, keys (and transposed), values, where the chunk takes that form
-    if expanded_is_cheaper(cfg, t, positions):
+    if not token_workers and expanded_is_cheaper(cfg, t, positions):
         expanded = 4 * positions * (h * (2 * n + v) + r + p)
     mla = h * (n + 2 * p) + 2 * (r + p) + 2 * h * max(r, v)
     mlp = 4 * max(cfg.n_ff_dense, cfg.n_ff_expert * cfg.n_expert_shared)

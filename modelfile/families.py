@@ -50,7 +50,7 @@ class Family:
     prefill_values_per_token: Callable[[object], int]  # activations a prefill token holds at once
     prefill_chunk: Callable[[object, int], int]  # (config, positions) -> tokens per prefill pass
     # (config, positions, blocks on the GPU) -> host RAM a prefill pass ending there holds at its peak
-    prefill_host_bytes: Callable[[object, int, bool], int]
+    prefill_host_bytes: Callable[[object, int, bool, int], int]  # (config, positions, on_gpu, token workers)
     expert_trios: Callable[[object], list[tuple[str, str, str]]]  # names -> (gate, up, down) per layer
     shared_trio: Callable[[str], tuple[str, str, str]]  # a routed gate's name -> the layer's shared experts
     # (config, name, type) -> (type, shape) of the stacks the loader derives from it and runs instead

@@ -115,7 +115,7 @@ def make_plan(
     many conversations a server keeps (hetero.server.worker): one in the KV cache, the others as
     host copies of their rows, budgeted in CPU RAM as KV caches of ctx tokens each."""
     if cache_slots < 1:
-        raise HeteroError(f"--cache-slots {cache_slots} must be at least 1")
+        raise HeteroError(f"--cache-slots {cache_slots}: must be at least 1")
     if ctx <= 0 or ctx > cfg.n_ctx_train:
         raise HeteroError(f"--ctx {ctx} must be between 1 and the model's {cfg.n_ctx_train}")
     tied = "output.weight" not in tensors
@@ -221,7 +221,9 @@ def make_plan(
     if has_gpu and not any(p.device == "gpu" for p in placements):  # rules sent everything to the CPU
         kv_device, kv_dtype, kv = "cpu", "float32", kv_cache_bytes(cfg, ctx, 4)
     # a prompt filling the context: its last chunk's scores span every position
-    prefill = family.prefill_host_bytes(cfg, ctx, any(p.device == "gpu" for p in placements))
+    on_gpu = any(p.device == "gpu" for p in placements)
+    engine = not on_gpu and any(p.backend == "cpu-engine" for p in placements)  # prompts' attention token by token
+    prefill = family.prefill_host_bytes(cfg, ctx, on_gpu, hw.cpu_cores if engine else 0)
     prompt_cache = (cache_slots - 1) * kv
     cpu_need = sum(p.bytes for p in placements if p.device == "cpu") + (kv if kv_device == "cpu" else 0) + prefill
     cpu_need += prompt_cache
@@ -310,7 +312,7 @@ MAX_CACHE_SLOTS = 4  # conversations `hetero serve` keeps by default, where RAM 
 def roomy_cache_slots(plan: Plan) -> int:
     """How many conversations a server can keep cached with this plan's spare CPU RAM (at least
     one: the KV cache itself; at most MAX_CACHE_SLOTS): each more is a host copy of a KV cache."""
-    spare = plan.hardware.ram - plan.used_bytes("cpu") if plan.hardware.ram else 0
+    spare = int(0.9 * plan.hardware.ram) - plan.used_bytes("cpu") if plan.hardware.ram else 0  # 10% for the OS
     return max(1, min(MAX_CACHE_SLOTS, 1 + spare // max(plan.kv_cache_bytes, 1)))
 
 

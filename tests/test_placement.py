@@ -117,10 +117,14 @@ def test_cached_conversations_are_budgeted_in_host_ram(r1_header):
     assert three.cache_slots == 3 and three.prompt_cache_bytes == 2 * one.kv_cache_bytes > 0
     assert three.used_bytes("cpu") - one.used_bytes("cpu") == three.prompt_cache_bytes
     assert plan_from_json(json.loads(json.dumps(plan_to_json(three)))) == three
-    spare = hw.ram - one.used_bytes("cpu")
-    assert roomy_cache_slots(one) == max(1, min(MAX_CACHE_SLOTS, 1 + spare // one.kv_cache_bytes))
-    tight = make_plan(cfg, f.tensors, dataclasses.replace(hw, ram=one.used_bytes("cpu")), 8192, [], "r1")
-    assert roomy_cache_slots(tight) == 1
+
+    def slots_with(ram: int) -> int:
+        return roomy_cache_slots(make_plan(cfg, f.tensors, dataclasses.replace(hw, ram=ram), 8192, [], "r1"))
+
+    need, kv = one.used_bytes("cpu"), one.kv_cache_bytes  # 10% of RAM is left to the system
+    assert slots_with(int((need + 2.5 * kv) / 0.9)) == 3
+    assert slots_with(int(need / 0.9)) == 1 and slots_with(need) == 1
+    assert slots_with(int((need + 100 * kv) / 0.9)) == MAX_CACHE_SLOTS
     with pytest.raises(HeteroError, match="--cache-slots 0"):
         make_plan(cfg, f.tensors, hw, 8192, [], "r1", cache_slots=0)
 
@@ -426,7 +430,7 @@ def test_a_new_model_family_is_planned_from_its_own_entry(monkeypatch):
         attention_flops=lambda c, ctx: 4 * c.n_head * c.head_dim * ctx,
         prefill_values_per_token=lambda c: 8 * c.n_embd,
         prefill_chunk=lambda c, positions: 512,
-        prefill_host_bytes=lambda c, positions, on_gpu: 512 * 4 * (c.n_embd if on_gpu else 4 * c.n_ff),
+        prefill_host_bytes=lambda c, positions, on_gpu, workers: 512 * 4 * (c.n_embd if on_gpu else 4 * c.n_ff),
         expert_trios=deepseek2_tensors.expert_trios,  # GGUF's own naming of expert stacks
         shared_trio=lambda gate: (),
         derived_at_load=lambda cfg, name, qtype: (),

@@ -485,6 +485,7 @@ def test_the_prompt_cache_keeps_several_conversations(q8_model):
     rng = np.random.default_rng()
     bos = q8_model.tokenizer.bos_id
     a, b, c = (random_prompt(int(rng.integers(20, 40)), bos) for _ in range(3))
+    a[1], b[1], c[1] = 601, 602, 603  # three conversations apart from their second token on
     more = rng.integers(0, 600, 5).tolist()
     worker = Worker(q8_model, 4, slots=2)
     try:

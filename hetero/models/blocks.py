@@ -33,8 +33,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 @dataclass
 class Pass:
     """What an eager pass over T tokens gives every block: the cache, where the tokens start,
-    their rope tables, and the MLA form: "auto" (token by token on the CPU, the cheaper of the
-    batched forms elsewhere), "llama.cpp" (where llama.cpp rounds: see Mla.__call__), or
+    their rope tables, and the MLA form: "auto" (token by token on the CPU engine, the cheaper
+    of the batched forms elsewhere), "llama.cpp" (where llama.cpp rounds: see Mla.__call__), or
     "each" / "absorbed" / "expanded" (tests)."""
 
     cache: KVCache
@@ -136,14 +136,14 @@ class Mla(Body):
         return self.out(o.reshape(o.shape[0], self.cfg.n_head * self.cfg.v_head_dim))
 
     def __call__(self, x: torch.Tensor, run: Pass) -> torch.Tensor:
-        """T tokens. On the CPU, absorbed and one token at a time ("each"): with the CPU
-        engine's prompt sums, a token's result is then the same in any split of the prompt,
-        which the prompt cache relies on (docs/ARCHITECTURE.md, "Prompts are batch-invariant").
-        On a GPU, absorbed or expanded, whichever costs fewer multiply-adds (its kernels are
-        not batch-invariant anyway). Or as llama.cpp runs them, so that its int8 activation
-        rounding falls on the same values: absorbed with split k_b/v_b (q_nope and the latent
-        output go through them as int8), expanded with the joint kv_b (the latents go through
-        it as int8)."""
+        """T tokens. On the CPU engine, absorbed and one token at a time ("each"): with its
+        prompt sums, a token's result is then the same in any split of the prompt, which the
+        prompt cache relies on (docs/ARCHITECTURE.md, "Prompts are batch-invariant").
+        Elsewhere (a GPU, the reference path), absorbed or expanded, whichever costs fewer
+        multiply-adds (their products are not batch-invariant anyway). Or as llama.cpp runs
+        them, so that its int8 activation rounding falls on the same values: absorbed with
+        split k_b/v_b (q_nope and the latent output go through them as int8), expanded with the
+        joint kv_b (the latents go through it as int8)."""
         t, start = x.shape[0], run.start
         q_nope, q_rope, rows = self.project(x, run.cos, run.sin)
         run.cache.write(self.cache_layer, start, rows)
@@ -153,7 +153,7 @@ class Mla(Body):
             new = torch.arange(t, device=x.device)
             future = (new[None, :] > new[:, None])[:, None, :]  # [T, 1, T]
         form = run.attention_form
-        if form == "auto" and x.device.type == "cpu":
+        if form == "auto" and x.device.type == "cpu" and self.workers:  # the CPU engine: batch-invariant
             form = "each"
         elif form == "auto":
             form = "expanded" if expanded_is_cheaper(self.cfg, t, start + t, self.expansion_dequantizes) else "absorbed"

@@ -29,7 +29,7 @@ class Net:
         self.output_norm = ops.vector(description.output_norm)
         self.output = ops.matrix(description.output)
         self.cache_width, self.cache_dtype = cache_width, cache_dtype
-        self.attention_form = "auto"  # or "llama.cpp", "absorbed", "expanded" (hetero.models.blocks.Pass)
+        self.attention_form = "auto"  # or "llama.cpp", "each", "absorbed", "expanded" (hetero.models.blocks.Pass)
         self.decode_step = None  # one-token step: NativeDecode (all on the CPU engine) or HybridDecode (GPU)
         self.expert_stream: ExpertStream | None = None  # the GPU road of a prompt's CPU experts
         self.stream_from = 0  # chunks of this many tokens or more take it

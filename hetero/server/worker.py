@@ -138,7 +138,7 @@ class Worker:
         return True
 
     def metrics_text(self) -> str:
-        held = len(self._saved) + bool(self._cached_ids)
+        held = len(self._saved) + bool(self._cached_ids or self._busy)
         return self.metrics.text(self._queue.qsize(), self._busy, held)
 
     def close(self) -> None:
@@ -186,8 +186,10 @@ class Worker:
         shared = [common_prefix(s.ids, ids) for s in self._saved]
         best = max(range(len(shared)), key=shared.__getitem__, default=None)
         if best is not None and shared[best] > live:
-            chosen = self._saved.pop(best)
-            self._save_live()
+            chosen = self._saved[best]
+            if 2 * shared[best] >= len(chosen.ids):  # its conversation goes on in the KV cache
+                self._saved.pop(best)
+            self._save_live()  # (a copy sharing only a system prompt stays, and ages)
             self._cache.restore(chosen.rows)
             self._cached_ids = chosen.ids
         elif 2 * live < len(self._cached_ids):
@@ -196,6 +198,7 @@ class Worker:
 
     def _save_live(self) -> None:
         if self.slots > 1 and self._cached_ids:
+            self._saved = [s for s in self._saved if s.ids != self._cached_ids]  # one copy each
             self._saved.append(Saved(self._cached_ids, self._cache.save(len(self._cached_ids))))
             del self._saved[: -(self.slots - 1)]  # the least recently used copies beyond the plan's
 
@@ -227,7 +230,9 @@ class Worker:
             if step.text:
                 job.emit(("text", step.text))
         steps.close()
-        prefilled = self._cache.length >= len(ids)  # the decoded tokens' rows after them are not reused
+        # the decoded tokens' rows after the prompt are not reused; nor is a one-token prompt's
+        # row, which ran as a decoded token does
+        prefilled = self._cache.length >= len(ids) > 1
         self._cached_ids = (ids if prefilled else []) if started else previous
         m = self.metrics
         m.prompt_tokens += len(ids)
