@@ -34,28 +34,38 @@ class Conversation:
 
 
 class ThinkSplitter:
-    """Feed streamed text; get back ("think" | "answer", text) pieces. Tags split across pieces
-    are held back until they are whole; the tags themselves are not returned."""
+    """Feed streamed text; get back ("think" | "answer", text) pieces. Reasoning is the one block
+    that opens the reply, as R1 writes it and DeepSeek's API returns it: a <think> after answer
+    text, or after the block closed, is answer text (a model may well write the tag itself).
+    Tags split across pieces are held back until they are whole; the block's tags are not
+    returned. Set `inside` when the prompt already opened the block."""
 
     def __init__(self):
         self.inside = False
+        self.over = False  # the block closed or the answer began: tags are text from here on
         self.pending = ""
 
     def feed(self, text: str) -> list[tuple[str, str]]:
         self.pending += text
         out = []
-        while True:
+        while not self.over:
             tag = THINK_CLOSE if self.inside else THINK_OPEN
             at = self.pending.find(tag)
-            if at >= 0:
-                self._emit(out, self.pending[:at])
-                self.pending = self.pending[at + len(tag) :]
-                self.inside = not self.inside
-                continue
-            keep = _partial_suffix(self.pending, tag)
-            self._emit(out, self.pending[: len(self.pending) - keep])
-            self.pending = self.pending[len(self.pending) - keep :]
-            return out
+            head = (
+                self.pending[:at] if at >= 0 else self.pending[: len(self.pending) - _partial_suffix(self.pending, tag)]
+            )
+            if not self.inside and head.strip():  # the answer began without a block
+                self.over = True
+                break
+            self._emit(out, head)
+            self.pending = self.pending[len(head) :]
+            if at < 0:
+                return out
+            self.pending = self.pending[len(tag) :]
+            self.over, self.inside = self.inside, not self.inside
+        self._emit(out, self.pending)
+        self.pending = ""
+        return out
 
     def flush(self) -> list[tuple[str, str]]:
         out = []

@@ -44,6 +44,11 @@ def test_chat_in_a_terminal(synth, tmp_path):
         (["<think>", "hmm", "</think>", "Hi"], [("think", "hmm"), ("answer", "Hi")]),
         (["<thi", "nk>a", "b</th", "ink>c"], [("think", "a"), ("think", "b"), ("answer", "c")]),
         (["no tags <thx"], [("answer", "no tags <thx")]),
+        # reasoning only opens the reply: a tag after answer text, or after the block, is text
+        (["Hi <think>x</think> y"], [("answer", "Hi <think>x</think> y")]),
+        (["Hi <thi", "nk>x"], [("answer", "Hi <thi"), ("answer", "nk>x")]),
+        (["<think>a</think>b<think>c", "</think>"], [("think", "a"), ("answer", "b<think>c"), ("answer", "</think>")]),
+        (["\n<think>a</think>b"], [("answer", "\n"), ("think", "a"), ("answer", "b")]),
     ],
 )
 def test_think_splitter(pieces, expected):
