@@ -12,7 +12,9 @@ from hetero.conversation import ThinkSplitter
 
 def test_chat_in_a_terminal(synth, tmp_path):
     path = synth("tiny", "Q4_K_M")
-    cmd = [sys.executable, "-m", "cli.main", "chat", str(path), "--max-tokens", "40", "--seed", "1"]
+    # replies of up to 400 tokens: the tiny model decodes ~500 tok/s, and a 40-token reply (80 ms)
+    # could end before the Ctrl-C below reached it (CI lost that race twice in a row)
+    cmd = [sys.executable, "-m", "cli.main", "chat", str(path), "--max-tokens", "400", "--seed", "1"]
     env = {**os.environ, "COLUMNS": "160", "LINES": "40", "XDG_STATE_HOME": str(tmp_path)}  # the terminal's size
     child = pexpect.spawn(cmd[0], cmd[1:], encoding="utf-8", timeout=120, dimensions=(40, 160), env=env)
     child.expect("you>")
