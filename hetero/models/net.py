@@ -7,6 +7,7 @@ the hybrid and native steps (hybrid.py, native.py) are derived from the same blo
 
 import torch
 
+from cpu_ops.matmul import split
 from gpu_ops.staging import ExpertStream
 from hetero.kv_cache import KVCache
 from hetero.loader import OpBuilder
@@ -78,9 +79,8 @@ class Net:
             return self.decode_step(int(ids[0]), cache)
         t, chunk = ids.shape[0], self.prefill_chunk(start + ids.shape[0])
         if t > chunk:  # a long prompt goes through in chunks (bounded attention scores), in even
-            n = -(-t // chunk)  # shares: never a one-token pass, which would be summed as a decoded token
-            cuts = [t * i // n for i in range(n + 1)]
-            parts = [self.forward(ids[a:b], cache, last_only, watch) for a, b in zip(cuts, cuts[1:], strict=False)]
+            cuts = split(t, -(-t // chunk))  # shares: never a one-token pass, summed as a decoded token is
+            parts = [self.forward(ids[a:b], cache, last_only, watch) for a, b in cuts]
             return parts[-1] if last_only else torch.cat(parts)
         cos, sin = rope_tables(self.cfg, torch.arange(start, start + ids.shape[0]), self.device)
         long = ids.shape[0] >= max(2, self.stream_from)  # one token never copies every expert
